@@ -1,0 +1,146 @@
+//! What the dataplane did with each packet, counted per CPU by reason.
+//!
+//! Every verdict a program returns is counted under exactly one of these, so
+//! the sum over a program's counters is the number of packets it saw.
+
+/// Index into the per-CPU `COUNTERS` array.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// Outbound: translated and redirected to the external interface.
+    OutTranslated = 0,
+    /// Outbound: a new flow was created (also counted as translated or fallback).
+    OutNewFlow,
+    /// Outbound: not IPv4 (ARP, LLDP, IPv6...), left to the kernel.
+    OutPassNotIpv4,
+    /// Outbound: not routed out of the external interface (to the gateway
+    /// itself or another internal network), left to the kernel untranslated.
+    OutPassNotEgress,
+    /// Outbound: TTL would expire here; the kernel answers time-exceeded.
+    OutPassTtlExceeded,
+    /// Outbound: too big for the external MTU with DF set; the kernel answers
+    /// fragmentation-needed.
+    OutPassFragNeeded,
+    /// Outbound: translated, but the next hop's MAC is unknown; handed to the
+    /// TC fallback, which resolves it through the kernel.
+    OutPassNeighFallback,
+    /// Outbound: the source belongs to no tenant and the packet would leave
+    /// through the external interface.
+    OutDropUnclassified,
+    /// Outbound: every port of the chosen egress address is in use towards
+    /// this destination.
+    OutDropPortsExhausted,
+    /// Outbound: the tenant has no egress address.
+    OutDropNoEgressAddr,
+    /// Outbound: truncated or inconsistent headers.
+    OutDropMalformed,
+    /// Outbound: a protocol or packet kind the NAT cannot translate
+    /// (fragments, IP options, ICMP other than echo, ...).
+    OutDropUnsupported,
+    /// Outbound: too big for the external MTU without DF (would need
+    /// fragmenting).
+    OutDropTooBig,
+    /// Outbound: the conntrack map refused an entry.
+    OutDropConntrackFull,
+    /// Outbound: a packet that cannot start a flow (TCP RST without one).
+    OutDropInvalid,
+    /// Reply: translated back and redirected to the tenant host.
+    InTranslated,
+    /// Reply: not IPv4 (ARP, LLDP, IPv6...), left to the kernel.
+    InPassNotIpv4,
+    /// Reply: not addressed to an egress address, left to the kernel.
+    InPassNotEgress,
+    /// Reply: translated back, next hop MAC unknown; the kernel forwards it.
+    InPassNeighFallback,
+    /// Reply: addressed to an egress address but matching no flow.
+    InDropNoFlow,
+    /// Reply: truncated or inconsistent headers.
+    InDropMalformed,
+    /// Reply: a packet kind the NAT cannot translate back.
+    InDropUnsupported,
+    /// Reply: TTL would expire here (answering would reveal the tenant host).
+    InDropTtlExceeded,
+    /// Reply: too big for the internal MTU.
+    InDropTooBig,
+    /// Reply: no usable route to the tenant host, or one leading outside.
+    InDropNoRoute,
+    /// TC: a translated packet was handed to the kernel's neighbour resolution.
+    TcNeighRedirected,
+    /// TC: a translated packet could not be routed out of the external interface.
+    TcNeighDropped,
+    /// TC: a forwarded packet tried to leave with a source that is not an
+    /// egress address, and was dropped.
+    TcLeakBlocked,
+}
+
+/// Number of counters; the size of the `COUNTERS` array.
+pub const COUNTER_COUNT: u32 = Counter::TcLeakBlocked as u32 + 1;
+
+impl Counter {
+    /// Every counter, in index order.
+    pub const ALL: [Counter; COUNTER_COUNT as usize] = [
+        Counter::OutTranslated,
+        Counter::OutNewFlow,
+        Counter::OutPassNotIpv4,
+        Counter::OutPassNotEgress,
+        Counter::OutPassTtlExceeded,
+        Counter::OutPassFragNeeded,
+        Counter::OutPassNeighFallback,
+        Counter::OutDropUnclassified,
+        Counter::OutDropPortsExhausted,
+        Counter::OutDropNoEgressAddr,
+        Counter::OutDropMalformed,
+        Counter::OutDropUnsupported,
+        Counter::OutDropTooBig,
+        Counter::OutDropConntrackFull,
+        Counter::OutDropInvalid,
+        Counter::InTranslated,
+        Counter::InPassNotIpv4,
+        Counter::InPassNotEgress,
+        Counter::InPassNeighFallback,
+        Counter::InDropNoFlow,
+        Counter::InDropMalformed,
+        Counter::InDropUnsupported,
+        Counter::InDropTtlExceeded,
+        Counter::InDropTooBig,
+        Counter::InDropNoRoute,
+        Counter::TcNeighRedirected,
+        Counter::TcNeighDropped,
+        Counter::TcLeakBlocked,
+    ];
+
+    /// Stable snake_case name, used in metrics and the CLI.
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::OutTranslated => "out_translated",
+            Counter::OutNewFlow => "out_new_flow",
+            Counter::OutPassNotIpv4 => "out_pass_not_ipv4",
+            Counter::OutPassNotEgress => "out_pass_not_egress",
+            Counter::OutPassTtlExceeded => "out_pass_ttl_exceeded",
+            Counter::OutPassFragNeeded => "out_pass_frag_needed",
+            Counter::OutPassNeighFallback => "out_pass_neigh_fallback",
+            Counter::OutDropUnclassified => "out_drop_unclassified",
+            Counter::OutDropPortsExhausted => "out_drop_ports_exhausted",
+            Counter::OutDropNoEgressAddr => "out_drop_no_egress_addr",
+            Counter::OutDropMalformed => "out_drop_malformed",
+            Counter::OutDropUnsupported => "out_drop_unsupported",
+            Counter::OutDropTooBig => "out_drop_too_big",
+            Counter::OutDropConntrackFull => "out_drop_conntrack_full",
+            Counter::OutDropInvalid => "out_drop_invalid",
+            Counter::InTranslated => "in_translated",
+            Counter::InPassNotIpv4 => "in_pass_not_ipv4",
+            Counter::InPassNotEgress => "in_pass_not_egress",
+            Counter::InPassNeighFallback => "in_pass_neigh_fallback",
+            Counter::InDropNoFlow => "in_drop_no_flow",
+            Counter::InDropMalformed => "in_drop_malformed",
+            Counter::InDropUnsupported => "in_drop_unsupported",
+            Counter::InDropTtlExceeded => "in_drop_ttl_exceeded",
+            Counter::InDropTooBig => "in_drop_too_big",
+            Counter::InDropNoRoute => "in_drop_no_route",
+            Counter::TcNeighRedirected => "tc_neigh_redirected",
+            Counter::TcNeighDropped => "tc_neigh_dropped",
+            Counter::TcLeakBlocked => "tc_leak_blocked",
+        }
+    }
+}

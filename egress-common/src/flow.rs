@@ -1,0 +1,111 @@
+//! Connection tracking: one flow is two entries in `CONNTRACK_V4`.
+//!
+//! The outbound entry is keyed by the tenant's original tuple (in the tenant's
+//! zone, so tenants with overlapping addresses never share an entry) and
+//! holds the translated source. The reply entry is keyed by the tuple replies
+//! arrive with (remote -> egress address:port, zone 0) and holds the tenant
+//! host to translate back to. Either entry is enough to rebuild the other's
+//! key, which is how the agent removes both halves together.
+//!
+//! ICMP echo uses the identifier as the port: it sits in `src_port` of an
+//! outbound request key and in `dst_port` of a reply key.
+
+use crate::shared_layout;
+
+/// `FlowKeyV4::direction` of the entry keyed by the tenant's original tuple.
+pub const DIR_OUTBOUND: u8 = 0;
+/// `FlowKeyV4::direction` of the entry keyed by the reply tuple.
+pub const DIR_REPLY: u8 = 1;
+
+/// Zone of reply keys: egress address and port make them unique already.
+pub const REPLY_ZONE: u16 = 0;
+
+shared_layout! {
+    /// Key of `CONNTRACK_V4`.
+    pub struct FlowKeyV4 {
+        /// Source address, network byte order.
+        pub src: [u8; 4],
+        /// Destination address, network byte order.
+        pub dst: [u8; 4],
+        /// Source port (ICMP echo request: identifier), network byte order.
+        pub src_port: u16,
+        /// Destination port (ICMP echo reply: identifier), network byte order.
+        pub dst_port: u16,
+        /// IP protocol number.
+        pub proto: u8,
+        /// `DIR_OUTBOUND` or `DIR_REPLY`.
+        pub direction: u8,
+        /// Tenant id for outbound keys, `REPLY_ZONE` for reply keys.
+        pub zone: u16,
+    }
+}
+
+shared_layout! {
+    /// Value of `CONNTRACK_V4`. Each entry counts its own direction only, so
+    /// the hot path touches one entry per packet; the agent combines the two
+    /// into the flow's state.
+    pub struct FlowEntryV4 {
+        /// CLOCK_MONOTONIC_COARSE nanoseconds when the flow was created.
+        pub created_ns: u64,
+        /// CLOCK_MONOTONIC_COARSE nanoseconds of the last packet in this direction.
+        pub last_seen_ns: u64,
+        /// Packets seen in this direction.
+        pub packets: u64,
+        /// Bytes of IP packets seen in this direction.
+        pub bytes: u64,
+        /// Outbound entry: egress address. Reply entry: tenant host address.
+        /// Network byte order.
+        pub nat_addr: [u8; 4],
+        /// Port (or ICMP id) belonging with `nat_addr`, network byte order.
+        pub nat_port: u16,
+        /// Tenant id.
+        pub tenant: u16,
+        /// Outbound entry: interface the tenant's traffic arrived on. Reply: 0.
+        pub ifindex: u32,
+        /// `TCP_*` flags seen in this direction, accumulated.
+        pub tcp_flags: u8,
+        /// `FLOW_F_*` bits.
+        pub flags: u8,
+        pub _pad: [u8; 2],
+    }
+}
+
+/// TCP flag bits as in the header's flags byte.
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+/// Protocol numbers the dataplane translates.
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+impl FlowKeyV4 {
+    /// The key of the other half of the flow whose half `self` is, given that
+    /// half's entry.
+    #[must_use]
+    pub fn peer_key(&self, entry: &FlowEntryV4) -> Self {
+        if self.direction == DIR_OUTBOUND {
+            Self {
+                src: self.dst,
+                dst: entry.nat_addr,
+                src_port: self.dst_port,
+                dst_port: entry.nat_port,
+                proto: self.proto,
+                direction: DIR_REPLY,
+                zone: REPLY_ZONE,
+            }
+        } else {
+            Self {
+                src: entry.nat_addr,
+                dst: self.src,
+                src_port: entry.nat_port,
+                dst_port: self.src_port,
+                proto: self.proto,
+                direction: DIR_OUTBOUND,
+                zone: entry.tenant,
+            }
+        }
+    }
+}

@@ -1,0 +1,45 @@
+//! Names of the maps and programs in the BPF object.
+//!
+//! The BPF side names each map by its `static`'s identifier; these constants
+//! are the same strings for the agent, and a test checks that every one of
+//! them exists in the built object. The kernel keeps 15 characters of a name.
+
+/// LPM trie `Key<SourceKeyV4>` -> tenant id (`u32`): which tenant a source belongs to.
+pub const TENANT_SOURCES_V4: &str = "TENANT_SRC_V4";
+/// Hash `IngressPortKey` -> port id (`u32`): frames that select a tenant by where they came in.
+pub const INGRESS_PORTS: &str = "INGRESS_PORTS";
+/// Array tenant id -> `TenantInfo`.
+pub const TENANTS: &str = "TENANTS";
+/// Hash egress IPv4 address (`[u8; 4]`) -> tenant id (`u32`).
+pub const EGRESS_ADDRS_V4: &str = "EGRESS_ADDR_V4";
+/// LRU hash `FlowKeyV4` -> `FlowEntryV4`: both directions of every translated flow.
+pub const CONNTRACK_V4: &str = "CONNTRACK_V4";
+/// Hash ifindex (`u32`) -> `InterfaceInfo`: the role of each interface the agent manages.
+pub const INTERFACES: &str = "INTERFACES";
+/// Array of one `DataplaneConfig`.
+pub const CONFIG: &str = "DP_CONFIG";
+/// Per-CPU array `Counter` index -> packets (`u64`).
+pub const COUNTERS: &str = "COUNTERS";
+
+/// Every map, in the order the agent pins them.
+pub const ALL_MAPS: [&str; 8] = [
+    TENANT_SOURCES_V4,
+    INGRESS_PORTS,
+    TENANTS,
+    EGRESS_ADDRS_V4,
+    CONNTRACK_V4,
+    INTERFACES,
+    CONFIG,
+    COUNTERS,
+];
+
+/// XDP on internal interfaces: classify, track, translate, forward outbound traffic.
+pub const PROG_SNAT_OUTBOUND: &str = "snat_outbound";
+/// XDP on the external interface: translate replies back to tenant hosts.
+pub const PROG_SNAT_REPLY: &str = "snat_reply";
+/// TC ingress on internal interfaces: sends translated packets whose neighbour
+/// XDP could not resolve through the kernel's neighbour machinery.
+pub const PROG_NEIGH_FALLBACK: &str = "neigh_fallback";
+/// TC egress on the external interface: drops forwarded packets whose source is
+/// not an egress address, whatever path they took through the kernel.
+pub const PROG_LEAK_GUARD: &str = "leak_guard";

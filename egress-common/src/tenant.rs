@@ -1,0 +1,66 @@
+//! Tenants: how a packet is matched to one, and what a tenant translates to.
+//!
+//! A tenant is chosen either by source prefix alone, or by the ingress port a
+//! frame arrived on (an interface, or the per-tenant next-hop MAC a router
+//! sent it to) together with a source prefix. Both live in one LPM trie whose
+//! key starts with the port id, so one lookup answers either question.
+
+use crate::shared_layout;
+
+/// Tenant ids index `TENANTS`; 0 means "no tenant".
+pub const MAX_TENANTS: u32 = 16_384;
+/// The largest tenant id that can be used in conntrack zones.
+pub const MAX_TENANT_ID: u32 = MAX_TENANTS - 1;
+/// Egress addresses one tenant can spread its flows over.
+pub const MAX_EGRESS_ADDRS: usize = 8;
+/// Ingress port id of tenants that are chosen by their source alone.
+pub const ANY_PORT: u32 = 0;
+/// Bits of `SourceKeyV4` the trie always matches before the source prefix.
+pub const PORT_PREFIX_BITS: u32 = 32;
+
+shared_layout! {
+    /// Data part of a `TENANT_SRC_V4` trie key. The trie matches
+    /// `PORT_PREFIX_BITS + source prefix length` bits.
+    pub struct SourceKeyV4 {
+        /// Ingress port id from `INGRESS_PORTS`, or `ANY_PORT`; big-endian so
+        /// the trie's bit order is the number's.
+        pub port_be: u32,
+        /// IPv4 source address, network byte order.
+        pub addr: [u8; 4],
+    }
+}
+
+shared_layout! {
+    /// Key of `INGRESS_PORTS`: the interface a frame arrived on and the
+    /// destination MAC it was sent to (all zero: any MAC on that interface).
+    pub struct IngressPortKey {
+        /// Interface index, host byte order.
+        pub ifindex: u32,
+        /// Destination MAC of the frame, as on the wire.
+        pub mac: [u8; 6],
+        pub _pad: [u8; 2],
+    }
+}
+
+shared_layout! {
+    /// Value of `TENANTS`: what a tenant's flows are translated to.
+    pub struct TenantInfo {
+        /// Valid entries in `egress_v4`; 0 drops the tenant's new flows.
+        pub egress_v4_count: u32,
+        /// First source port (or ICMP id) handed out, host byte order.
+        pub port_min: u16,
+        /// Last source port (or ICMP id) handed out, inclusive, host byte order.
+        pub port_max: u16,
+        /// `TENANT_F_*` bits.
+        pub flags: u32,
+        /// Future use: IPv6 egress addresses will live in a parallel map.
+        pub egress_v6_count: u32,
+        /// Egress IPv4 addresses, network byte order. A flow picks one by
+        /// hashing its source and destination, so a host keeps one address
+        /// towards one server.
+        pub egress_v4: [[u8; 4]; MAX_EGRESS_ADDRS],
+    }
+}
+
+/// `TenantInfo::flags`: the tenant is configured and may create flows.
+pub const TENANT_F_ACTIVE: u32 = 1;
