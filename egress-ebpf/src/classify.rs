@@ -1,0 +1,56 @@
+//! Classify: which tenant does an outbound packet belong to?
+//!
+//! When some tenant is selected by ingress port, the frame's (ifindex,
+//! destination MAC) — or its ifindex alone — names a port, and only tenants
+//! behind that port are considered: a router that sent the frame to tenant
+//! A's next hop has decided it is tenant A's, whatever its source. Frames on
+//! no port are classified by source prefix alone.
+
+use aya_ebpf::btf_maps::lpm_trie::Key;
+use egress_common::{
+    config::CONFIG_F_INGRESS_PORTS,
+    tenant::{ANY_PORT, IngressPortKey, PORT_PREFIX_BITS, SourceKeyV4},
+};
+
+use crate::{
+    maps::{DP_CONFIG, INGRESS_PORTS, TENANT_SRC_V4},
+    parse::Ipv4Frame,
+};
+
+#[inline(always)]
+pub fn tenant_v4(frame: &Ipv4Frame, ingress_ifindex: u32) -> Option<u16> {
+    let port = ingress_port(frame, ingress_ifindex);
+    let key = Key::new(
+        PORT_PREFIX_BITS + 32,
+        SourceKeyV4 {
+            port_be: port.to_be(),
+            addr: frame.ip().src_addr,
+        },
+    );
+    // Tenant ids are checked against MAX_TENANT_ID by the agent, so they fit.
+    TENANT_SRC_V4.get(&key).map(|tenant| *tenant as u16)
+}
+
+#[inline(always)]
+fn ingress_port(frame: &Ipv4Frame, ifindex: u32) -> u32 {
+    let by_port = DP_CONFIG
+        .get(0)
+        .is_some_and(|config| config.flags & CONFIG_F_INGRESS_PORTS != 0);
+    if !by_port {
+        return ANY_PORT;
+    }
+    let mut key = IngressPortKey {
+        ifindex,
+        mac: frame.eth().dst_addr,
+        _pad: [0; 2],
+    };
+    if let Some(port) = INGRESS_PORTS.get_ptr(&key) {
+        // SAFETY: map value pointer returned by the kernel.
+        return unsafe { *port };
+    }
+    key.mac = [0; 6];
+    INGRESS_PORTS
+        .get_ptr(&key)
+        // SAFETY: map value pointer returned by the kernel.
+        .map_or(ANY_PORT, |port| unsafe { *port })
+}

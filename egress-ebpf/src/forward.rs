@@ -1,0 +1,155 @@
+//! Forward: ask the kernel's FIB where a packet goes, then rewrite the
+//! Ethernet header, decrement the TTL and redirect it there.
+//!
+//! The FIB answers with the route the kernel itself would use (policy rules
+//! included, since the lookup carries the translated source), so the
+//! dataplane never keeps its own copy of the routing table.
+
+use core::mem::{size_of, zeroed};
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+        bpf_fib_lookup,
+    },
+    helpers::{bpf_fib_lookup as fib_lookup_helper, bpf_redirect},
+    programs::XdpContext,
+};
+use egress_common::config::ROLE_EXTERNAL;
+
+use crate::{csum, maps::INTERFACES, parse::Ipv4Frame};
+
+const AF_INET: u8 = 2;
+
+/// Where the kernel would send a packet.
+pub enum Route {
+    /// Next hop resolved: send it there.
+    Resolved {
+        ifindex: u32,
+        smac: [u8; 6],
+        dmac: [u8; 6],
+    },
+    /// Route found, next hop's MAC not yet known.
+    NoNeighbour { ifindex: u32 },
+    /// Route found, but the packet exceeds its MTU.
+    TooBig { ifindex: u32 },
+    /// Local delivery, unreachable, blackhole, forwarding disabled...: the
+    /// kernel decides.
+    NotForwarded,
+}
+
+impl Route {
+    /// The interface the route leaves through, if the packet would leave.
+    #[inline(always)]
+    pub fn ifindex(&self) -> Option<u32> {
+        match *self {
+            Route::Resolved { ifindex, .. }
+            | Route::NoNeighbour { ifindex }
+            | Route::TooBig { ifindex } => Some(ifindex),
+            Route::NotForwarded => None,
+        }
+    }
+
+    #[inline(always)]
+    pub fn leaves_through(&self, role: u32) -> bool {
+        self.ifindex()
+            .is_some_and(|ifindex| role_of(ifindex) == role)
+    }
+
+    #[inline(always)]
+    pub fn leaves_external(&self) -> bool {
+        self.leaves_through(ROLE_EXTERNAL)
+    }
+}
+
+#[inline(always)]
+pub fn role_of(ifindex: u32) -> u32 {
+    // SAFETY: map value pointer returned by the kernel.
+    INTERFACES
+        .get_ptr(ifindex)
+        .map_or(0, |info| unsafe { (*info).role })
+}
+
+/// Looks up the route for the packet as it will be after translation: from
+/// `src` to `dst`, arriving on `ingress_ifindex`. `ports` (network order) only
+/// matter to policy rules that match on them.
+#[inline(always)]
+pub fn route_v4(
+    ctx: &XdpContext,
+    frame: &Ipv4Frame,
+    ingress_ifindex: u32,
+    src: [u8; 4],
+    dst: [u8; 4],
+    ports: (u16, u16),
+) -> Route {
+    let ip = frame.ip();
+    // SAFETY: plain C struct; all-zero is its documented initial state.
+    let mut params: bpf_fib_lookup = unsafe { zeroed() };
+    params.family = AF_INET;
+    params.l4_protocol = ip.proto;
+    params.sport = ports.0;
+    params.dport = ports.1;
+    params.__bindgen_anon_1.tot_len = u16::from_be_bytes(ip.tot_len);
+    params.__bindgen_anon_2.tos = ip.tos;
+    params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src);
+    params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
+    params.ifindex = ingress_ifindex;
+
+    match lookup(ctx, &mut params) {
+        BPF_FIB_LKUP_RET_SUCCESS => Route::Resolved {
+            ifindex: params.ifindex,
+            smac: params.smac,
+            dmac: params.dmac,
+        },
+        BPF_FIB_LKUP_RET_NO_NEIGH => Route::NoNeighbour {
+            ifindex: params.ifindex,
+        },
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => {
+            // The MTU check answers before the route's device is known: ask
+            // again without a length to learn where it would have gone.
+            params.__bindgen_anon_1.tot_len = 0;
+            params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src);
+            params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
+            params.ifindex = ingress_ifindex;
+            match lookup(ctx, &mut params) {
+                BPF_FIB_LKUP_RET_SUCCESS | BPF_FIB_LKUP_RET_NO_NEIGH => Route::TooBig {
+                    ifindex: params.ifindex,
+                },
+                _ => Route::NotForwarded,
+            }
+        }
+        _ => Route::NotForwarded,
+    }
+}
+
+#[inline(always)]
+fn lookup(ctx: &XdpContext, params: &mut bpf_fib_lookup) -> u32 {
+    // SAFETY: `params` is a valid, fully initialised lookup struct.
+    let ret =
+        unsafe { fib_lookup_helper(ctx.as_ptr(), params, size_of::<bpf_fib_lookup>() as i32, 0) };
+    ret as u32
+}
+
+/// One router hop: TTL down by one, IPv4 checksum adjusted. Callers have
+/// already refused packets whose TTL would expire here.
+#[inline(always)]
+pub fn decrement_ttl(frame: &Ipv4Frame) {
+    // SAFETY: header pointer bounds-checked by the parser.
+    let ip = unsafe { &mut *frame.ip };
+    let old = u16::from_ne_bytes([ip.ttl, ip.proto]);
+    ip.ttl -= 1;
+    let new = u16::from_ne_bytes([ip.ttl, ip.proto]);
+    ip.check = csum::replace16(ip.check, old, new);
+}
+
+/// Sends the frame to a resolved next hop.
+#[inline(always)]
+pub fn redirect(frame: &Ipv4Frame, ifindex: u32, smac: [u8; 6], dmac: [u8; 6]) -> u32 {
+    // SAFETY: header pointer bounds-checked by the parser.
+    let eth = unsafe { &mut *frame.eth };
+    eth.src_addr = smac;
+    eth.dst_addr = dmac;
+    // SAFETY: plain helper call.
+    unsafe { bpf_redirect(ifindex, 0) as u32 }
+}

@@ -1,0 +1,62 @@
+//! The egress dataplane. Four entry points, each a thin wrapper around the
+//! module that reads like the packet's path:
+//!
+//! - `snat_outbound` (XDP, internal interfaces): see `outbound`.
+//! - `snat_reply` (XDP, external interface): see `reply`.
+//! - `neigh_fallback` (TC ingress, internal) and `leak_guard` (TC egress,
+//!   external): see `tc`.
+//!
+//! The stages live one per module: `parse`, `classify`, `conntrack`, `nat`
+//! (translate), `forward`, with `csum` for checksum arithmetic and `verdict`
+//! for the counted outcome of every packet.
+#![no_std]
+#![no_main]
+
+mod classify;
+mod conntrack;
+mod csum;
+mod forward;
+mod maps;
+mod nat;
+mod outbound;
+mod parse;
+mod reply;
+mod tc;
+mod verdict;
+
+use aya_ebpf::{
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
+
+#[xdp]
+pub fn snat_outbound(ctx: XdpContext) -> u32 {
+    outbound::run(&ctx)
+}
+
+#[xdp]
+pub fn snat_reply(ctx: XdpContext) -> u32 {
+    reply::run(&ctx)
+}
+
+#[classifier]
+pub fn neigh_fallback(ctx: TcContext) -> i32 {
+    tc::neigh_fallback(&ctx)
+}
+
+#[classifier]
+pub fn leak_guard(ctx: TcContext) -> i32 {
+    tc::leak_guard(&ctx)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // Unreachable in a verified program: the verifier rejects any path to it.
+    loop {}
+}
+
+/// bpf_fib_lookup and bpf_redirect_neigh are GPL-only helpers.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

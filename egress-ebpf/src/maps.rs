@@ -1,0 +1,46 @@
+//! Every map of the dataplane. Layouts come from egress-common; the sizes
+//! here are defaults the agent overrides at load time from its config.
+
+use aya_ebpf::{
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    macros::btf_map,
+};
+use egress_common::{
+    config::{DataplaneConfig, InterfaceInfo},
+    counters::COUNTER_COUNT,
+    flow::{FlowEntryV4, FlowKeyV4},
+    tenant::{IngressPortKey, MAX_TENANTS, SourceKeyV4, TenantInfo},
+};
+
+/// Source prefix (behind an ingress port id) -> tenant id.
+#[btf_map]
+pub static TENANT_SRC_V4: LpmTrie<SourceKeyV4, u32, 65_536> = LpmTrie::new();
+
+/// (ifindex, destination MAC) -> ingress port id.
+#[btf_map]
+pub static INGRESS_PORTS: HashMap<IngressPortKey, u32, 4_096> = HashMap::new();
+
+/// Tenant id -> what its flows translate to.
+#[btf_map]
+pub static TENANTS: Array<TenantInfo, { MAX_TENANTS as usize }> = Array::new();
+
+/// Egress address -> tenant id; what the external side answers for.
+#[btf_map]
+pub static EGRESS_ADDR_V4: HashMap<[u8; 4], u32, 65_536> = HashMap::new();
+
+/// Both halves of every flow. LRU, so a full table evicts the coldest flows
+/// instead of refusing new ones; the agent's sweeper removes expired pairs.
+#[btf_map]
+pub static CONNTRACK_V4: LruHashMap<FlowKeyV4, FlowEntryV4, 524_288> = LruHashMap::new();
+
+/// ifindex -> role of the interface.
+#[btf_map]
+pub static INTERFACES: HashMap<u32, InterfaceInfo, 256> = HashMap::new();
+
+/// Dataplane-wide settings, one entry.
+#[btf_map]
+pub static DP_CONFIG: Array<DataplaneConfig, 1> = Array::new();
+
+/// Packets per verdict reason, per CPU.
+#[btf_map]
+pub static COUNTERS: PerCpuArray<u64, { COUNTER_COUNT as usize }> = PerCpuArray::new();

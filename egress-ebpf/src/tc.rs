@@ -1,0 +1,97 @@
+//! The two TC programs that back XDP up where only the kernel's stack can act.
+//!
+//! - `neigh_fallback` (internal ingress): XDP translated a packet but the
+//!   FIB did not know the next hop's MAC yet, so XDP passed it up. Here the
+//!   kernel's neighbour code takes it (`bpf_redirect_neigh` queues it while
+//!   ARP resolves), so even the first packet to a new next hop is delivered.
+//! - `leak_guard` (external egress): the last check before the wire. A
+//!   forwarded packet (one that came in on some interface) may leave only
+//!   with an egress address as its source, whatever path the kernel took.
+//!   Locally generated traffic (the gateway's own, BFD, ICMP errors the kernel
+//!   sends) is not forwarded and passes.
+
+use core::mem::{size_of, zeroed};
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, TC_ACT_SHOT, bpf_fib_lookup,
+    },
+    helpers::{bpf_fib_lookup as fib_lookup_helper, bpf_redirect_neigh},
+    programs::TcContext,
+};
+use egress_common::{config::ROLE_EXTERNAL, counters::Counter};
+use network_types::{
+    eth::{EthHdr, EtherType},
+    ip::Ipv4Hdr,
+};
+
+use crate::{forward::role_of, maps::EGRESS_ADDR_V4, verdict::count};
+
+const AF_INET: u8 = 2;
+
+/// The IPv4 header of an IPv4 frame, `None` for anything else.
+#[inline(always)]
+fn ipv4_header(ctx: &TcContext) -> Option<Ipv4Hdr> {
+    let eth: EthHdr = ctx.load(0).ok()?;
+    if eth.ether_type != EtherType::Ipv4 as u16 {
+        return None;
+    }
+    ctx.load(EthHdr::LEN).ok()
+}
+
+#[inline(always)]
+fn is_egress_addr(addr: [u8; 4]) -> bool {
+    EGRESS_ADDR_V4.get_ptr(addr).is_some()
+}
+
+#[inline(always)]
+pub fn neigh_fallback(ctx: &TcContext) -> i32 {
+    let Some(ip) = ipv4_header(ctx) else {
+        return TC_ACT_OK as i32;
+    };
+    if !is_egress_addr(ip.src_addr) {
+        return TC_ACT_OK as i32;
+    }
+    // A translated packet on an internal interface: XDP handed it over.
+    // SAFETY: plain C struct; all-zero is its documented initial state.
+    let mut params: bpf_fib_lookup = unsafe { zeroed() };
+    params.family = AF_INET;
+    params.l4_protocol = ip.proto;
+    params.__bindgen_anon_2.tos = ip.tos;
+    params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(ip.src_addr);
+    params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(ip.dst_addr);
+    // SAFETY: the context pointer is the program's own skb.
+    params.ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    // SAFETY: `params` is a valid, fully initialised lookup struct.
+    let ret = unsafe {
+        fib_lookup_helper(
+            ctx.as_ptr(),
+            &mut params,
+            size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    } as u32;
+    let routed = ret == BPF_FIB_LKUP_RET_SUCCESS || ret == BPF_FIB_LKUP_RET_NO_NEIGH;
+    if routed && role_of(params.ifindex) == ROLE_EXTERNAL {
+        count(Counter::TcNeighRedirected);
+        // SAFETY: plain helper call; a null nexthop lets the kernel route.
+        return unsafe { bpf_redirect_neigh(params.ifindex, core::ptr::null_mut(), 0, 0) } as i32;
+    }
+    count(Counter::TcNeighDropped);
+    TC_ACT_SHOT
+}
+
+#[inline(always)]
+pub fn leak_guard(ctx: &TcContext) -> i32 {
+    // SAFETY: the context pointer is the program's own skb.
+    let forwarded_from = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    if forwarded_from == 0 {
+        return TC_ACT_OK as i32;
+    }
+    if ipv4_header(ctx).is_some_and(|ip| is_egress_addr(ip.src_addr)) {
+        return TC_ACT_OK as i32;
+    }
+    count(Counter::TcLeakBlocked);
+    TC_ACT_SHOT
+}
