@@ -10,6 +10,8 @@ pub const TENANT_SOURCES_V4: &str = "TENANT_SRC_V4";
 pub const INGRESS_PORTS: &str = "INGRESS_PORTS";
 /// Array tenant id -> `TenantInfo`.
 pub const TENANTS: &str = "TENANTS";
+/// Array tenant id -> `TenantName`; for humans, the programs never read it.
+pub const TENANT_NAMES: &str = "TENANT_NAMES";
 /// Hash egress IPv4 address (`[u8; 4]`) -> tenant id (`u32`).
 pub const EGRESS_ADDRS_V4: &str = "EGRESS_ADDR_V4";
 /// LRU hash `FlowKeyV4` -> `FlowEntryV4`: both directions of every translated flow.
@@ -22,10 +24,11 @@ pub const CONFIG: &str = "DP_CONFIG";
 pub const COUNTERS: &str = "COUNTERS";
 
 /// Every map, in the order the agent pins them.
-pub const ALL_MAPS: [&str; 8] = [
+pub const ALL_MAPS: [&str; 9] = [
     TENANT_SOURCES_V4,
     INGRESS_PORTS,
     TENANTS,
+    TENANT_NAMES,
     EGRESS_ADDRS_V4,
     CONNTRACK_V4,
     INTERFACES,

@@ -64,3 +64,20 @@ shared_layout! {
 
 /// `TenantInfo::flags`: the tenant is configured and may create flows.
 pub const TENANT_F_ACTIVE: u32 = 1;
+
+/// Bytes of a tenant name kept in `TENANT_NAMES` (UTF-8, zero-padded).
+pub const TENANT_NAME_LEN: usize = 128;
+
+/// Value of `TENANT_NAMES`: the tenant's name, so pinned maps describe
+/// themselves to `egress-agent status` even when no agent runs. The programs
+/// never read it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct TenantName {
+    pub bytes: [u8; TENANT_NAME_LEN],
+}
+
+// SAFETY: bytemuck::Pod (derived above) already proved the type is plain old data.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for TenantName {}

@@ -9,7 +9,7 @@ use egress_common::{
     config::{DataplaneConfig, InterfaceInfo},
     counters::COUNTER_COUNT,
     flow::{FlowEntryV4, FlowKeyV4},
-    tenant::{IngressPortKey, MAX_TENANTS, SourceKeyV4, TenantInfo},
+    tenant::{IngressPortKey, MAX_TENANTS, SourceKeyV4, TenantInfo, TenantName},
 };
 
 /// Source prefix (behind an ingress port id) -> tenant id.
@@ -23,6 +23,10 @@ pub static INGRESS_PORTS: HashMap<IngressPortKey, u32, 4_096> = HashMap::new();
 /// Tenant id -> what its flows translate to.
 #[btf_map]
 pub static TENANTS: Array<TenantInfo, { MAX_TENANTS as usize }> = Array::new();
+
+/// Tenant id -> name. Only the agent and the CLI read it.
+#[btf_map]
+pub static TENANT_NAMES: Array<TenantName, { MAX_TENANTS as usize }> = Array::new();
 
 /// Egress address -> tenant id; what the external side answers for.
 #[btf_map]

@@ -1,0 +1,260 @@
+//! `egress-agent run`: validate, apply, serve, and undo on the way out.
+//!
+//! The whole configuration is validated against the machine before anything
+//! changes. Then the steps run in the order that never exposes a half state:
+//! maps first (programs see complete tenants), programs next, egress
+//! addresses last (no reply can arrive before the dataplane is ready).
+//! Whatever a later step fails on, the earlier ones are undone.
+
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::Context as _;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::{
+    addresses,
+    config::{Config, ConfigError, Resolved},
+    dataplane::{
+        Dataplane,
+        maps::{DesiredState, Maps},
+    },
+    instance::{Instance, RunState, TenantRecord},
+    sysctl,
+    system::SystemView,
+};
+
+/// Why `run` (or `check`) stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The configuration was refused; nothing was changed.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{0:#}")]
+    Failed(#[from] anyhow::Error),
+}
+
+impl RunError {
+    /// 2 for a refused configuration, 1 for everything else.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            RunError::Config(_) => 2,
+            RunError::Failed(_) => 1,
+        }
+    }
+}
+
+/// Reads, checks and resolves a configuration file without changing anything.
+pub async fn validate(
+    config_path: &Path,
+) -> Result<(Resolved, SystemView, rtnetlink::Handle), RunError> {
+    let config = Config::load(config_path)?;
+    let plan = config.plan().map_err(|problems| ConfigError::Invalid {
+        path: config_path.to_owned(),
+        problems,
+    })?;
+    let (connection, handle, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
+    tokio::spawn(connection);
+    let system = SystemView::read(&handle).await?;
+    let resolved = plan
+        .resolve(&system)
+        .map_err(|problems| ConfigError::Invalid {
+            path: config_path.to_owned(),
+            problems,
+        })?;
+    Ok((resolved, system, handle))
+}
+
+/// What has been applied so far, so it can be undone in reverse.
+struct Applied {
+    handle: rtnetlink::Handle,
+    dataplane: Option<Dataplane>,
+    pins_existed: bool,
+    external_ifindex: u32,
+    addresses: Vec<Ipv4Addr>,
+    sysctls: Vec<sysctl::Changed>,
+}
+
+impl Applied {
+    async fn undo(self, instance: &Instance) {
+        addresses::remove(&self.handle, self.external_ifindex, &self.addresses).await;
+        sysctl::restore(&self.sysctls);
+        match self.dataplane {
+            Some(dataplane) => {
+                if let Err(err) = dataplane.shutdown() {
+                    tracing::warn!(error = %format!("{err:#}"), "removing pins");
+                }
+            }
+            // Load failed: remove pins only if this attempt created them.
+            None if !self.pins_existed => {
+                let _ = crate::dataplane::remove_pins(&instance.pin_dir);
+            }
+            None => {}
+        }
+        instance.remove_state();
+    }
+}
+
+pub async fn run(instance: &Instance, config_path: &Path) -> Result<(), RunError> {
+    let (resolved, system, handle) = validate(config_path).await?;
+    let _lock = instance.lock()?;
+    let previous = instance.read_state().ok().flatten();
+    if let Some(previous) = &previous {
+        tracing::warn!(
+            pid = previous.pid,
+            "the previous agent of this instance did not shut down; adopting its pinned maps"
+        );
+    }
+    let mut applied = Applied {
+        handle: handle.clone(),
+        dataplane: None,
+        pins_existed: instance.pin_dir.exists(),
+        external_ifindex: resolved.external.index,
+        addresses: Vec::new(),
+        sysctls: Vec::new(),
+    };
+    // Addresses a crashed predecessor added are still ours to remove.
+    if let Some(previous) = &previous
+        && previous.external_ifindex == resolved.external.index
+    {
+        applied
+            .addresses
+            .extend(previous.added_addresses.iter().copied().filter(|addr| {
+                system
+                    .addresses
+                    .iter()
+                    .any(|a| a.index == resolved.external.index && a.addr == *addr)
+            }));
+        applied.sysctls.extend(previous.sysctls.iter().cloned());
+    }
+
+    let state = match apply(instance, config_path, &resolved, &system, &mut applied).await {
+        Ok(state) => state,
+        Err(err) => {
+            applied.undo(instance).await;
+            return Err(err.into());
+        }
+    };
+    tracing::info!(
+        tenants = state.tenants.len(),
+        egress = resolved.egress_addresses().count(),
+        pins = %instance.pin_dir.display(),
+        "serving"
+    );
+
+    let result = wait_for_shutdown().await;
+    tracing::info!("shutting down: detaching programs and removing what this agent added");
+    applied.undo(instance).await;
+    result.map_err(Into::into)
+}
+
+async fn apply(
+    instance: &Instance,
+    config_path: &Path,
+    resolved: &Resolved,
+    system: &SystemView,
+    applied: &mut Applied,
+) -> anyhow::Result<RunState> {
+    let dataplane = applied
+        .dataplane
+        .insert(Dataplane::load(&instance.pin_dir, resolved.max_flows)?);
+    let mut maps = Maps::open(dataplane.pin_dir())?;
+    let desired = DesiredState::build(resolved, &maps.tenant_ids()?, &maps.port_ids())?;
+    maps.sync(&desired)?;
+    dataplane.attach(resolved)?;
+
+    let interfaces = resolved
+        .internal
+        .iter()
+        .chain([&resolved.external])
+        .map(|link| link.name.as_str());
+    applied
+        .sysctls
+        .extend(sysctl::enable_forwarding(interfaces)?);
+
+    let wanted: Vec<Ipv4Addr> = resolved.egress_addresses().collect();
+    let external_mac = system
+        .link_by_index(resolved.external.index)
+        .and_then(|l| l.mac);
+    // Present addresses are skipped: either a predecessor's (already in
+    // `applied`) or someone else's, which stay untouched.
+    let added = addresses::add_missing(
+        &applied.handle,
+        resolved.external.index,
+        external_mac,
+        &wanted,
+        system,
+    )
+    .await?;
+    applied.addresses.extend(added);
+    // Owned addresses that are no longer wanted go now.
+    let unwanted: Vec<Ipv4Addr> = applied
+        .addresses
+        .iter()
+        .copied()
+        .filter(|a| !wanted.contains(a))
+        .collect();
+    addresses::remove(&applied.handle, resolved.external.index, &unwanted).await;
+    applied.addresses.retain(|a| wanted.contains(a));
+
+    let tenants = resolved
+        .tenants
+        .iter()
+        .zip(&desired.ids)
+        .map(|(tenant, id)| TenantRecord {
+            id: *id,
+            name: tenant.name.clone(),
+            sources: tenant.sources.iter().map(ToString::to_string).collect(),
+            egress: tenant.egress.clone(),
+            ports: tenant.ports,
+            ingress: tenant.ingress.clone(),
+        })
+        .collect();
+    let state = RunState {
+        pid: std::process::id(),
+        started_at: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        config: absolute(config_path),
+        attachments: dataplane.attachments().to_vec(),
+        tenants,
+        external_ifindex: resolved.external.index,
+        added_addresses: applied.addresses.clone(),
+        sysctls: applied.sysctls.clone(),
+    };
+    instance.write_state(&state)?;
+    Ok(state)
+}
+
+fn absolute(path: &Path) -> PathBuf {
+    std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned())
+}
+
+async fn wait_for_shutdown() -> anyhow::Result<()> {
+    let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    tokio::select! {
+        _ = terminate.recv() => tracing::info!("SIGTERM"),
+        _ = interrupt.recv() => tracing::info!("SIGINT"),
+    }
+    Ok(())
+}
+
+/// `egress-agent cleanup`: removes what an agent that died left behind.
+pub async fn cleanup(instance: &Instance) -> anyhow::Result<()> {
+    let _lock = instance.lock()?;
+    let state = instance.read_state()?;
+    let (connection, handle, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
+    tokio::spawn(connection);
+    if let Some(state) = &state {
+        addresses::remove(&handle, state.external_ifindex, &state.added_addresses).await;
+        sysctl::restore(&state.sysctls);
+    }
+    crate::dataplane::remove_pins(&instance.pin_dir)?;
+    instance.remove_state();
+    tracing::info!(instance = %instance.name, "cleaned up");
+    Ok(())
+}

@@ -1,0 +1,144 @@
+//! The command line: one subcommand per thing an operator does.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::{
+    agent::{self, RunError},
+    config::format_mac,
+    instance::{DEFAULT_INSTANCE, Instance},
+    status,
+};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "egress-agent",
+    version,
+    about = "Per-tenant egress IPs on an XDP SNAT dataplane",
+    long_about = "Loads the egress dataplane (XDP and TC programs) on a gateway, keeps its maps \
+                  and egress addresses in sync with the configuration, and reports what it does. \
+                  `run`, `cleanup` need root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN for bpffs); \
+                  `status` and `flows` need read access to /sys/fs/bpf."
+)]
+pub struct Cli {
+    /// Name of the dataplane instance: maps are pinned under /sys/fs/bpf/NAME,
+    /// the running agent's state lives in /run/NAME.
+    #[arg(long, global = true, env = "EGRESS_INSTANCE", default_value = DEFAULT_INSTANCE)]
+    pub instance: String,
+
+    /// Log filter (error, warn, info, debug, trace or a tracing directive).
+    #[arg(long, global = true, env = "EGRESS_LOG", default_value = "info")]
+    pub log: String,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Load and attach the dataplane, serve until SIGTERM/SIGINT, then undo everything.
+    Run {
+        /// The YAML configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a configuration against this machine and show what `run` would do.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Show the instance: programs, tenants, flow count, packet verdicts.
+    Status {
+        /// Print JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List tracked flows: original and translated tuple, state, age.
+    Flows {
+        #[arg(long)]
+        json: bool,
+        /// Only this tenant's flows.
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// Remove what an agent that did not shut down left behind: pinned maps,
+    /// egress addresses it added, sysctls it changed.
+    Cleanup,
+}
+
+/// Runs a command; returns the process exit code.
+pub async fn execute(cli: Cli) -> i32 {
+    let instance = match Instance::new(&cli.instance) {
+        Ok(instance) => instance,
+        Err(err) => {
+            eprintln!("egress-agent: {err:#}");
+            return 2;
+        }
+    };
+    let result: Result<(), RunError> = match cli.command {
+        Command::Run { config } => agent::run(&instance, &config).await,
+        Command::Check { config } => check(&config).await,
+        Command::Status { json } => print_status(&instance, json).map_err(Into::into),
+        Command::Flows { json, tenant } => {
+            print_flows(&instance, json, tenant.as_deref()).map_err(Into::into)
+        }
+        Command::Cleanup => agent::cleanup(&instance).await.map_err(Into::into),
+    };
+    match result {
+        Ok(()) => 0,
+        Err(err) => {
+            eprintln!("egress-agent: {err}");
+            err.exit_code()
+        }
+    }
+}
+
+async fn check(config: &std::path::Path) -> Result<(), RunError> {
+    let (resolved, _, _) = agent::validate(config).await?;
+    println!("{}: valid", config.display());
+    let internal: Vec<_> = resolved.internal.iter().map(|l| l.name.as_str()).collect();
+    println!("  internal: {}", internal.join(", "));
+    println!("  external: {}", resolved.external.name);
+    println!("  conntrack: up to {} flows", resolved.max_flows);
+    for tenant in &resolved.tenants {
+        let sources: Vec<_> = tenant.sources.iter().map(ToString::to_string).collect();
+        let egress: Vec<_> = tenant.egress.iter().map(ToString::to_string).collect();
+        print!(
+            "  tenant {}: {} -> {} (ports {}-{})",
+            tenant.name,
+            sources.join(","),
+            egress.join(","),
+            tenant.ports.min,
+            tenant.ports.max
+        );
+        for port in &tenant.ingress {
+            match port.mac {
+                Some(mac) => print!(" via ifindex {} mac {}", port.ifindex, format_mac(mac)),
+                None => print!(" via ifindex {}", port.ifindex),
+            }
+        }
+        println!();
+    }
+    Ok(())
+}
+
+fn print_status(instance: &Instance, json: bool) -> anyhow::Result<()> {
+    let status = status::collect(instance)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        print!("{}", status::render_status(&status));
+    }
+    Ok(())
+}
+
+fn print_flows(instance: &Instance, json: bool, tenant: Option<&str>) -> anyhow::Result<()> {
+    let rows = status::flow_rows(instance, tenant)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        print!("{}", status::render_flows(&rows));
+    }
+    Ok(())
+}

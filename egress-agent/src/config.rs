@@ -1,0 +1,811 @@
+//! Configuration: the YAML file's model and its validation.
+//!
+//! Validation runs in two steps, both before the kernel is touched.
+//! [`Config::plan`] checks everything the file alone can tell (addresses,
+//! overlaps, duplicates, limits) and reports every problem at once, each
+//! named by its field. [`Plan::resolve`] then checks the plan against a
+//! snapshot of the machine's links and addresses. Only a [`Resolved`] plan
+//! reaches the dataplane, so a bad file changes nothing.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt,
+    net::{IpAddr, Ipv4Addr},
+    path::{Path, PathBuf},
+};
+
+use egress_common::tenant::{MAX_EGRESS_ADDRS, MAX_TENANT_ID, TENANT_NAME_LEN};
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+
+use crate::system::SystemView;
+
+/// Ports handed out when a tenant names no range.
+pub const DEFAULT_PORTS: PortRange = PortRange {
+    min: 1024,
+    max: 65535,
+};
+/// Concurrent flows the conntrack map holds when the file does not say.
+pub const DEFAULT_MAX_FLOWS: u32 = 262_144;
+const MIN_MAX_FLOWS: u32 = 16;
+const MAX_MAX_FLOWS: u32 = 16 << 20;
+/// Longest interface name Linux accepts (IFNAMSIZ - 1).
+const IFNAME_MAX: usize = 15;
+
+/// The file as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Config {
+    pub interfaces: Interfaces,
+    #[serde(default)]
+    pub tenants: Vec<Tenant>,
+    #[serde(default)]
+    pub conntrack: Conntrack,
+    #[serde(default)]
+    pub xdp: Xdp,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Interfaces {
+    /// Where tenant traffic arrives (and replies leave).
+    #[serde(deserialize_with = "one_or_many")]
+    pub internal: Vec<String>,
+    /// Where translated traffic leaves (and replies arrive).
+    pub external: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Tenant {
+    pub name: String,
+    /// Source CIDRs of the tenant's hosts.
+    #[serde(default)]
+    pub sources: Vec<String>,
+    /// Addresses the tenant's traffic leaves with.
+    #[serde(rename = "egressIPs", default)]
+    pub egress_ips: Vec<String>,
+    /// Where the tenant's traffic comes in, when sources alone cannot tell
+    /// tenants apart (a router steering each tenant to its own next hop).
+    #[serde(default)]
+    pub ingress: Vec<Ingress>,
+    /// Source ports (and ICMP ids) handed out on the egress addresses.
+    #[serde(default)]
+    pub ports: Option<PortRange>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Ingress {
+    /// An internal interface, or a macvlan on one.
+    pub interface: String,
+    /// Destination MAC the router sends this tenant's frames to; without it
+    /// the whole interface (or the macvlan's own MAC) selects the tenant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PortRange {
+    pub min: u16,
+    pub max: u16,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Conntrack {
+    /// Concurrent flows held; each takes two map entries.
+    #[serde(default = "default_max_flows")]
+    pub max_flows: u32,
+}
+
+impl Default for Conntrack {
+    fn default() -> Self {
+        Self {
+            max_flows: DEFAULT_MAX_FLOWS,
+        }
+    }
+}
+
+/// `internal: eth0` reads as `internal: [eth0]`.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(deserializer)? {
+        OneOrMany::One(name) => vec![name],
+        OneOrMany::Many(names) => names,
+    })
+}
+
+fn default_max_flows() -> u32 {
+    DEFAULT_MAX_FLOWS
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Xdp {
+    #[serde(default)]
+    pub mode: XdpModeSetting,
+}
+
+/// How XDP programs attach.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpModeSetting {
+    /// Native where the driver supports it, generic (with a warning) elsewhere.
+    #[default]
+    Auto,
+    /// Native only: refuse to start on a driver without XDP support.
+    Native,
+    /// Generic (skb) mode everywhere; slower, works on any interface.
+    Generic,
+}
+
+/// One thing wrong with the file, named by its field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub field: String,
+    pub message: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: not a valid configuration: {message}", path.display())]
+    Syntax { path: PathBuf, message: String },
+    #[error("{}: {}", path.display(), ProblemList(problems))]
+    Invalid {
+        path: PathBuf,
+        problems: Vec<Problem>,
+    },
+}
+
+struct ProblemList<'a>(&'a [Problem]);
+
+impl fmt::Display for ProblemList<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let count = self.0.len();
+        write!(
+            f,
+            "{count} problem{}, nothing was changed:",
+            if count == 1 { "" } else { "s" }
+        )?;
+        for problem in self.0 {
+            write!(f, "\n  - {}: {}", problem.field, problem.message)?;
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Reads and parses a file; syntax errors carry YAML line and column.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|message| ConfigError::Syntax {
+            path: path.to_owned(),
+            message,
+        })
+    }
+
+    pub fn parse(text: &str) -> Result<Self, String> {
+        serde_saphyr::from_str(text).map_err(|err| err.to_string())
+    }
+
+    /// Checks everything the file can tell on its own.
+    pub fn plan(&self) -> Result<Plan, Vec<Problem>> {
+        let mut problems = Problems::default();
+        self.check_interfaces(&mut problems);
+        let tenants = self.plan_tenants(&mut problems);
+        let max_flows = self.conntrack.max_flows;
+        if !(MIN_MAX_FLOWS..=MAX_MAX_FLOWS).contains(&max_flows) {
+            problems.add(
+                "conntrack.maxFlows",
+                format!("{max_flows} is outside {MIN_MAX_FLOWS}..={MAX_MAX_FLOWS}"),
+            );
+        }
+        problems.into_result(Plan {
+            internal: self.interfaces.internal.clone(),
+            external: self.interfaces.external.clone(),
+            tenants,
+            max_flows,
+            xdp_mode: self.xdp.mode,
+        })
+    }
+
+    fn check_interfaces(&self, problems: &mut Problems) {
+        let interfaces = &self.interfaces;
+        if interfaces.internal.is_empty() {
+            problems.add("interfaces.internal", "must name at least one interface");
+        }
+        for (i, name) in interfaces.internal.iter().enumerate() {
+            let field = format!("interfaces.internal[{i}]");
+            check_ifname(problems, &field, name);
+            if interfaces.internal[..i].contains(name) {
+                problems.add(&field, format!("{name} is listed twice"));
+            }
+        }
+        check_ifname(problems, "interfaces.external", &interfaces.external);
+        if interfaces.internal.contains(&interfaces.external) {
+            problems.add(
+                "interfaces.external",
+                format!(
+                    "{} is also an internal interface; internal and external must differ",
+                    interfaces.external
+                ),
+            );
+        }
+    }
+
+    fn plan_tenants(&self, problems: &mut Problems) -> Vec<PlannedTenant> {
+        if self.tenants.len() > MAX_TENANT_ID as usize {
+            problems.add(
+                "tenants",
+                format!(
+                    "{} tenants, at most {MAX_TENANT_ID} are supported",
+                    self.tenants.len()
+                ),
+            );
+        }
+        let mut names: HashMap<&str, usize> = HashMap::new();
+        let mut egress_owner: BTreeMap<Ipv4Addr, String> = BTreeMap::new();
+        let mut planned = Vec::with_capacity(self.tenants.len());
+        for (index, tenant) in self.tenants.iter().enumerate() {
+            let at = TenantField::new(index, &tenant.name);
+            check_tenant_name(problems, &at, &tenant.name);
+            if let Some(first) = names.insert(tenant.name.as_str(), index) {
+                problems.add(
+                    at.field("name"),
+                    format!("{} is already the name of tenants[{first}]", tenant.name),
+                );
+            }
+            let sources = parse_sources(problems, &at, &tenant.sources);
+            let egress = parse_egress(problems, &at, &tenant.egress_ips);
+            for (i, addr) in egress.iter().enumerate() {
+                let here = at.field(&format!("egressIPs[{i}]"));
+                if let Some(owner) = egress_owner.get(addr) {
+                    problems.add(here, format!("{addr} is already claimed by {owner}"));
+                } else {
+                    egress_owner.insert(*addr, at.to_string());
+                }
+            }
+            let ports = tenant.ports.unwrap_or(DEFAULT_PORTS);
+            if ports.min == 0 || ports.min > ports.max {
+                problems.add(
+                    at.field("ports"),
+                    format!(
+                        "{}-{} is not a range of ports: need 1 <= min <= max",
+                        ports.min, ports.max
+                    ),
+                );
+            }
+            for (i, ingress) in tenant.ingress.iter().enumerate() {
+                let here = at.field(&format!("ingress[{i}]"));
+                check_ifname(problems, &format!("{here}.interface"), &ingress.interface);
+                if let Some(mac) = &ingress.mac
+                    && parse_mac(mac).is_none()
+                {
+                    problems.add(
+                        format!("{here}.mac"),
+                        format!("{mac} is not a MAC address like 02:00:00:00:00:01"),
+                    );
+                }
+            }
+            planned.push(PlannedTenant {
+                name: tenant.name.clone(),
+                sources,
+                egress,
+                ingress: tenant.ingress.clone(),
+                ports,
+            });
+        }
+        check_source_overlaps(problems, &planned);
+        check_egress_outside_sources(problems, &planned);
+        planned
+    }
+}
+
+/// The file, checked: typed addresses, defaults filled in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub internal: Vec<String>,
+    pub external: String,
+    pub tenants: Vec<PlannedTenant>,
+    pub max_flows: u32,
+    pub xdp_mode: XdpModeSetting,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedTenant {
+    pub name: String,
+    pub sources: Vec<Ipv4Net>,
+    pub egress: Vec<Ipv4Addr>,
+    pub ingress: Vec<Ingress>,
+    pub ports: PortRange,
+}
+
+/// An interface as the kernel knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkRef {
+    pub name: String,
+    pub index: u32,
+}
+
+/// Frames arriving on `ifindex` (addressed to `mac`, or to any MAC when it
+/// is `None`) belong to the tenants that name this port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct IngressPort {
+    pub ifindex: u32,
+    pub mac: Option<[u8; 6]>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolvedTenant {
+    pub name: String,
+    pub sources: Vec<Ipv4Net>,
+    pub egress: Vec<Ipv4Addr>,
+    pub ingress: Vec<IngressPort>,
+    pub ports: PortRange,
+}
+
+/// A plan checked against the machine: what the dataplane will be given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolved {
+    pub internal: Vec<LinkRef>,
+    pub external: LinkRef,
+    pub tenants: Vec<ResolvedTenant>,
+    pub max_flows: u32,
+    pub xdp_mode: XdpModeSetting,
+}
+
+impl Resolved {
+    /// Every egress address of every tenant.
+    pub fn egress_addresses(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
+        self.tenants.iter().flat_map(|t| t.egress.iter().copied())
+    }
+}
+
+impl Plan {
+    /// Checks the plan against the machine's links and addresses.
+    pub fn resolve(&self, system: &SystemView) -> Result<Resolved, Vec<Problem>> {
+        let mut problems = Problems::default();
+        let mut link = |field: String, name: &str| -> Option<LinkRef> {
+            match system.link_by_name(name) {
+                Some(facts) => Some(LinkRef {
+                    name: facts.name.clone(),
+                    index: facts.index,
+                }),
+                None => {
+                    problems.add(field, format!("no interface named {name} on this machine"));
+                    None
+                }
+            }
+        };
+        let internal: Vec<Option<LinkRef>> = self
+            .internal
+            .iter()
+            .enumerate()
+            .map(|(i, name)| link(format!("interfaces.internal[{i}]"), name))
+            .collect();
+        let external = link("interfaces.external".to_owned(), &self.external);
+        let internal: Vec<LinkRef> = internal.into_iter().flatten().collect();
+
+        let mut tenants = Vec::with_capacity(self.tenants.len());
+        for (index, tenant) in self.tenants.iter().enumerate() {
+            let at = TenantField::new(index, &tenant.name);
+            let mut ports = Vec::new();
+            for (i, ingress) in tenant.ingress.iter().enumerate() {
+                let here = at.field(&format!("ingress[{i}]"));
+                if let Some(port) =
+                    resolve_ingress(&mut problems, &here, ingress, &internal, system)
+                {
+                    ports.push(port);
+                }
+            }
+            ports.sort_unstable();
+            ports.dedup();
+            for (i, addr) in tenant.egress.iter().enumerate() {
+                if let Some(holder) = system.holder_of(IpAddr::V4(*addr))
+                    && Some(holder.index) != external.as_ref().map(|e| e.index)
+                {
+                    problems.add(
+                        at.field(&format!("egressIPs[{i}]")),
+                        format!(
+                            "{addr} is already configured on {}, not on the external interface",
+                            holder.name
+                        ),
+                    );
+                }
+            }
+            tenants.push(ResolvedTenant {
+                name: tenant.name.clone(),
+                sources: tenant.sources.clone(),
+                egress: tenant.egress.clone(),
+                ingress: ports,
+                ports: tenant.ports,
+            });
+        }
+        check_port_scoped_overlaps(&mut problems, &tenants);
+        let resolved = external.map(|external| Resolved {
+            internal,
+            external,
+            tenants,
+            max_flows: self.max_flows,
+            xdp_mode: self.xdp_mode,
+        });
+        match (problems.into_result(()), resolved) {
+            (Ok(()), Some(resolved)) => Ok(resolved),
+            (Err(problems), _) => Err(problems),
+            (Ok(()), None) => unreachable!("a missing external interface is a problem"),
+        }
+    }
+}
+
+fn resolve_ingress(
+    problems: &mut Problems,
+    field: &str,
+    ingress: &Ingress,
+    internal: &[LinkRef],
+    system: &SystemView,
+) -> Option<IngressPort> {
+    let mac = ingress.mac.as_deref().and_then(parse_mac);
+    let Some(link) = system.link_by_name(&ingress.interface) else {
+        problems.add(
+            format!("{field}.interface"),
+            format!("no interface named {} on this machine", ingress.interface),
+        );
+        return None;
+    };
+    if internal.iter().any(|i| i.index == link.index) {
+        return Some(IngressPort {
+            ifindex: link.index,
+            mac,
+        });
+    }
+    // A macvlan on an internal interface: XDP on the parent sees its frames
+    // first, addressed to the macvlan's MAC.
+    let parent = link
+        .parent
+        .filter(|_| link.kind.as_deref() == Some("macvlan"))
+        .filter(|parent| internal.iter().any(|i| i.index == *parent));
+    match (parent, link.mac) {
+        (Some(parent), Some(own_mac)) => {
+            if mac.is_some_and(|mac| mac != own_mac) {
+                problems.add(
+                    format!("{field}.mac"),
+                    format!(
+                        "{} has MAC {}; leave mac out or give that one",
+                        link.name,
+                        format_mac(own_mac)
+                    ),
+                );
+                return None;
+            }
+            Some(IngressPort {
+                ifindex: parent,
+                mac: Some(own_mac),
+            })
+        }
+        _ => {
+            problems.add(
+                format!("{field}.interface"),
+                format!(
+                    "{} is neither an internal interface nor a macvlan on one",
+                    link.name
+                ),
+            );
+            None
+        }
+    }
+}
+
+#[derive(Default)]
+struct Problems(Vec<Problem>);
+
+impl Problems {
+    fn add(&mut self, field: impl Into<String>, message: impl Into<String>) {
+        self.0.push(Problem {
+            field: field.into(),
+            message: message.into(),
+        });
+    }
+
+    fn into_result<T>(self, value: T) -> Result<T, Vec<Problem>> {
+        if self.0.is_empty() {
+            Ok(value)
+        } else {
+            Err(self.0)
+        }
+    }
+}
+
+/// `tenants[3] (tenant-b)`: the index finds the line, the name the meaning.
+struct TenantField<'a> {
+    index: usize,
+    name: &'a str,
+}
+
+impl<'a> TenantField<'a> {
+    fn new(index: usize, name: &'a str) -> Self {
+        Self { index, name }
+    }
+
+    fn field(&self, rest: &str) -> String {
+        format!("{self}.{rest}")
+    }
+}
+
+impl fmt::Display for TenantField<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.name.is_empty() {
+            write!(f, "tenants[{}]", self.index)
+        } else {
+            write!(f, "tenants[{}] ({})", self.index, self.name)
+        }
+    }
+}
+
+fn check_ifname(problems: &mut Problems, field: &str, name: &str) {
+    if name.is_empty() || name.len() > IFNAME_MAX || name.contains(['/', ' ']) {
+        problems.add(
+            field,
+            format!(
+                "{name:?} is not an interface name (1 to {IFNAME_MAX} characters, no '/' or spaces)"
+            ),
+        );
+    }
+}
+
+fn check_tenant_name(problems: &mut Problems, at: &TenantField<'_>, name: &str) {
+    if name.is_empty() {
+        problems.add(at.field("name"), "must not be empty");
+    } else if name.len() >= TENANT_NAME_LEN || name.chars().any(char::is_control) {
+        problems.add(
+            at.field("name"),
+            format!("must be under {TENANT_NAME_LEN} bytes without control characters"),
+        );
+    }
+}
+
+fn parse_sources(
+    problems: &mut Problems,
+    at: &TenantField<'_>,
+    sources: &[String],
+) -> Vec<Ipv4Net> {
+    if sources.is_empty() {
+        problems.add(at.field("sources"), "must list at least one source CIDR");
+    }
+    let mut parsed: Vec<Ipv4Net> = Vec::with_capacity(sources.len());
+    for (i, text) in sources.iter().enumerate() {
+        let field = at.field(&format!("sources[{i}]"));
+        match parse_cidr(text) {
+            Ok(net) if parsed.contains(&net) => {
+                problems.add(field, format!("{net} is listed twice"));
+            }
+            Ok(net) => parsed.push(net),
+            Err(message) => problems.add(field, message),
+        }
+    }
+    parsed
+}
+
+fn parse_egress(problems: &mut Problems, at: &TenantField<'_>, egress: &[String]) -> Vec<Ipv4Addr> {
+    if egress.is_empty() {
+        problems.add(
+            at.field("egressIPs"),
+            "must list at least one egress address",
+        );
+    }
+    if egress.len() > MAX_EGRESS_ADDRS {
+        problems.add(
+            at.field("egressIPs"),
+            format!(
+                "{} addresses, at most {MAX_EGRESS_ADDRS} per tenant",
+                egress.len()
+            ),
+        );
+    }
+    let mut parsed = Vec::with_capacity(egress.len());
+    for (i, text) in egress.iter().enumerate() {
+        let field = at.field(&format!("egressIPs[{i}]"));
+        match text.trim().parse::<IpAddr>() {
+            Ok(IpAddr::V4(addr)) if parsed.contains(&addr) => {
+                problems.add(field, format!("{addr} is listed twice"));
+            }
+            Ok(IpAddr::V4(addr))
+                if addr.is_unspecified()
+                    || addr.is_broadcast()
+                    || addr.is_multicast()
+                    || addr.is_loopback() =>
+            {
+                problems.add(field, format!("{addr} cannot be a source address"));
+            }
+            Ok(IpAddr::V4(addr)) => parsed.push(addr),
+            Ok(IpAddr::V6(addr)) => {
+                problems.add(field, format!("{addr}: IPv6 egress is not supported yet"));
+            }
+            Err(_) => problems.add(field, format!("{text:?} is not an IPv4 address")),
+        }
+    }
+    parsed
+}
+
+/// A CIDR with no host bits set; a bare address means /32.
+pub fn parse_cidr(text: &str) -> Result<Ipv4Net, String> {
+    let text = text.trim();
+    let net = if text.contains('/') {
+        match text.parse::<ipnet::IpNet>() {
+            Ok(ipnet::IpNet::V4(net)) => net,
+            Ok(ipnet::IpNet::V6(net)) => {
+                return Err(format!("{net}: IPv6 sources are not supported yet"));
+            }
+            Err(_) => return Err(format!("{text:?} is not a CIDR like 172.20.10.0/24")),
+        }
+    } else {
+        match text.parse::<IpAddr>() {
+            Ok(IpAddr::V4(addr)) => Ipv4Net::from(addr),
+            Ok(IpAddr::V6(addr)) => {
+                return Err(format!("{addr}: IPv6 sources are not supported yet"));
+            }
+            Err(_) => return Err(format!("{text:?} is not a CIDR like 172.20.10.0/24")),
+        }
+    };
+    if net.addr() != net.network() {
+        return Err(format!(
+            "{net} has host bits set; did you mean {}?",
+            net.trunc()
+        ));
+    }
+    Ok(net)
+}
+
+pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.trim().split([':', '-']);
+    for byte in &mut mac {
+        let part = parts.next()?;
+        if part.len() != 2 {
+            return None;
+        }
+        *byte = u8::from_str_radix(part, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+pub fn format_mac(mac: [u8; 6]) -> String {
+    mac.map(|b| format!("{b:02x}")).join(":")
+}
+
+/// A source prefix and where it was written.
+struct SourceAt {
+    net: Ipv4Net,
+    tenant: usize,
+    index: usize,
+}
+
+/// Sources of tenants that share no ingress port must not overlap: a
+/// packet's source would name two tenants. Sorted by network address, a
+/// prefix overlaps an earlier one exactly when it starts before the widest
+/// earlier prefix ends, so one pass finds every clash.
+fn overlaps(items: &mut [SourceAt]) -> Vec<(usize, usize)> {
+    items.sort_by_key(|s| (u32::from(s.net.network()), s.net.prefix_len()));
+    let mut clashes = Vec::new();
+    let mut widest: Option<usize> = None;
+    for i in 0..items.len() {
+        if let Some(w) = widest
+            && u32::from(items[i].net.network()) <= u32::from(items[w].net.broadcast())
+        {
+            clashes.push((w, i));
+            continue;
+        }
+        widest = Some(i);
+    }
+    clashes
+}
+
+fn report_overlaps(problems: &mut Problems, names: &[&str], items: &mut [SourceAt]) {
+    for (earlier, later) in overlaps(items) {
+        let (a, b) = (&items[earlier], &items[later]);
+        let here =
+            TenantField::new(b.tenant, names[b.tenant]).field(&format!("sources[{}]", b.index));
+        let there = TenantField::new(a.tenant, names[a.tenant]);
+        let message = if a.tenant == b.tenant {
+            format!("{} overlaps {} of the same tenant", b.net, a.net)
+        } else {
+            format!("{} overlaps {} of {there}", b.net, a.net)
+        };
+        problems.add(here, message);
+    }
+}
+
+fn check_source_overlaps(problems: &mut Problems, tenants: &[PlannedTenant]) {
+    // Tenants selected by ingress port are checked per port once ports are
+    // resolved; here only tenants chosen by source alone.
+    let names: Vec<&str> = tenants.iter().map(|t| t.name.as_str()).collect();
+    let mut items: Vec<SourceAt> = tenants
+        .iter()
+        .enumerate()
+        .filter(|(_, t)| t.ingress.is_empty())
+        .flat_map(|(tenant, t)| {
+            t.sources
+                .iter()
+                .enumerate()
+                .map(move |(index, net)| SourceAt {
+                    net: *net,
+                    tenant,
+                    index,
+                })
+        })
+        .collect();
+    report_overlaps(problems, &names, &mut items);
+}
+
+fn check_port_scoped_overlaps(problems: &mut Problems, tenants: &[ResolvedTenant]) {
+    let names: Vec<&str> = tenants.iter().map(|t| t.name.as_str()).collect();
+    let mut by_port: BTreeMap<IngressPort, Vec<SourceAt>> = BTreeMap::new();
+    for (tenant, t) in tenants.iter().enumerate() {
+        for port in &t.ingress {
+            for (index, net) in t.sources.iter().enumerate() {
+                by_port.entry(*port).or_default().push(SourceAt {
+                    net: *net,
+                    tenant,
+                    index,
+                });
+            }
+        }
+    }
+    for items in by_port.values_mut() {
+        report_overlaps(problems, &names, items);
+    }
+}
+
+/// An egress address inside a tenant's sources would be translated to
+/// itself and classified as the tenant's host at once.
+fn check_egress_outside_sources(problems: &mut Problems, tenants: &[PlannedTenant]) {
+    let mut ranges: Vec<(u32, u32)> = tenants
+        .iter()
+        .flat_map(|t| t.sources.iter())
+        .map(|n| (u32::from(n.network()), u32::from(n.broadcast())))
+        .collect();
+    ranges.sort_unstable();
+    // Merged into disjoint intervals, one binary search answers "inside any?".
+    let mut merged: Vec<(u32, u32)> = Vec::with_capacity(ranges.len());
+    for (start, end) in ranges {
+        match merged.last_mut() {
+            Some(last) if start <= last.1 => last.1 = last.1.max(end),
+            _ => merged.push((start, end)),
+        }
+    }
+    for (index, tenant) in tenants.iter().enumerate() {
+        for (i, addr) in tenant.egress.iter().enumerate() {
+            let value = u32::from(*addr);
+            let upto = merged.partition_point(|(start, _)| *start <= value);
+            if upto == 0 || merged[upto - 1].1 < value {
+                continue;
+            }
+            let owner = tenants
+                .iter()
+                .position(|t| t.sources.iter().any(|n| n.contains(addr)))
+                .unwrap_or(index);
+            let owner = TenantField::new(owner, &tenants[owner].name);
+            problems.add(
+                TenantField::new(index, &tenant.name).field(&format!("egressIPs[{i}]")),
+                format!("{addr} lies inside the sources of {owner}"),
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

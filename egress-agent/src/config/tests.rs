@@ -1,0 +1,400 @@
+use std::net::{IpAddr, Ipv4Addr};
+
+use super::*;
+use crate::system::{AddressFacts, LinkFacts, SystemView};
+
+/// The tenants of the Harvester seed: two namespaces, one egress IP each.
+const SEED: &str = "\
+interfaces:
+  internal: [eth0]
+  external: eth1
+tenants:
+  - name: tenant-a
+    sources: [172.20.10.0/24]
+    egressIPs: [192.168.31.101]
+  - name: tenant-b
+    sources: [172.20.20.0/24]
+    egressIPs: [192.168.31.150]
+";
+
+fn plan(text: &str) -> Result<Plan, Vec<Problem>> {
+    Config::parse(text).expect("valid YAML").plan()
+}
+
+fn problems(text: &str) -> Vec<Problem> {
+    plan(text).expect_err("the plan should be refused")
+}
+
+fn has_problem(problems: &[Problem], field: &str, needle: &str) -> bool {
+    problems
+        .iter()
+        .any(|p| p.field == field && p.message.contains(needle))
+}
+
+#[track_caller]
+fn assert_problem(problems: &[Problem], field: &str, needle: &str) {
+    assert!(
+        has_problem(problems, field, needle),
+        "expected a problem at {field} mentioning {needle:?}, got {problems:#?}"
+    );
+}
+
+fn link(index: u32, name: &str) -> LinkFacts {
+    LinkFacts {
+        index,
+        name: name.to_owned(),
+        mac: Some([2, 0, 0, 0, 0, index as u8]),
+        kind: Some("veth".to_owned()),
+        parent: None,
+    }
+}
+
+fn machine() -> SystemView {
+    SystemView {
+        links: vec![
+            link(1, "lo"),
+            link(2, "eth0"),
+            link(3, "eth1"),
+            link(4, "mgmt"),
+        ],
+        addresses: vec![
+            AddressFacts {
+                index: 3,
+                addr: IpAddr::V4(Ipv4Addr::new(192, 168, 31, 2)),
+                prefix_len: 24,
+            },
+            AddressFacts {
+                index: 4,
+                addr: IpAddr::V4(Ipv4Addr::new(10, 9, 9, 9)),
+                prefix_len: 24,
+            },
+        ],
+    }
+}
+
+#[test]
+fn seed_config_plans_with_defaults() {
+    let plan = plan(SEED).expect("the seed config is valid");
+    assert_eq!(plan.internal, ["eth0"]);
+    assert_eq!(plan.external, "eth1");
+    assert_eq!(plan.max_flows, DEFAULT_MAX_FLOWS);
+    assert_eq!(plan.xdp_mode, XdpModeSetting::Auto);
+    assert_eq!(plan.tenants.len(), 2);
+    let b = &plan.tenants[1];
+    assert_eq!(b.name, "tenant-b");
+    assert_eq!(b.sources, ["172.20.20.0/24".parse::<Ipv4Net>().unwrap()]);
+    assert_eq!(b.egress, [Ipv4Addr::new(192, 168, 31, 150)]);
+    assert_eq!(b.ports, DEFAULT_PORTS);
+}
+
+#[test]
+fn single_internal_interface_may_be_written_without_brackets() {
+    let text = SEED.replace("internal: [eth0]", "internal: eth0");
+    assert_eq!(plan(&text).expect("valid").internal, ["eth0"]);
+}
+
+#[test]
+fn yaml_typos_are_refused_with_line_and_field() {
+    let text = SEED.replace("egressIPs: [192.168.31.150]", "egressIP: [192.168.31.150]");
+    let err = Config::parse(&text).expect_err("typo must be refused");
+    assert!(err.contains("unknown field `egressIP`"), "{err}");
+    assert!(err.contains("line 10"), "{err}");
+}
+
+#[test]
+fn malformed_cidrs_name_their_field() {
+    let text = SEED
+        .replace("172.20.10.0/24", "172.20.10.0/33")
+        .replace("172.20.20.0/24", "172.20.20.5/24");
+    let problems = problems(&text);
+    assert_problem(&problems, "tenants[0] (tenant-a).sources[0]", "not a CIDR");
+    assert_problem(
+        &problems,
+        "tenants[1] (tenant-b).sources[0]",
+        "host bits set; did you mean 172.20.20.0/24",
+    );
+}
+
+#[test]
+fn overlapping_sources_of_two_tenants_are_refused() {
+    let text = SEED.replace("172.20.20.0/24", "172.20.10.128/25");
+    let problems = problems(&text);
+    assert_problem(
+        &problems,
+        "tenants[1] (tenant-b).sources[0]",
+        "overlaps 172.20.10.0/24 of tenants[0] (tenant-a)",
+    );
+}
+
+#[test]
+fn nested_overlap_is_found_behind_a_disjoint_neighbour() {
+    // 10.0.0.0/8 covers both later prefixes; the scan must not forget it
+    // after seeing the first.
+    let text = "\
+interfaces: {internal: [eth0], external: eth1}
+tenants:
+  - {name: wide, sources: [10.0.0.0/8], egressIPs: [192.0.2.1]}
+  - {name: one, sources: [10.1.0.0/16], egressIPs: [192.0.2.2]}
+  - {name: two, sources: [10.200.0.0/16], egressIPs: [192.0.2.3]}
+";
+    let problems = problems(text);
+    assert_problem(
+        &problems,
+        "tenants[1] (one).sources[0]",
+        "overlaps 10.0.0.0/8",
+    );
+    assert_problem(
+        &problems,
+        "tenants[2] (two).sources[0]",
+        "overlaps 10.0.0.0/8",
+    );
+}
+
+#[test]
+fn an_egress_ip_claimed_twice_is_refused() {
+    let text = SEED.replace("192.168.31.150", "192.168.31.101");
+    assert_problem(
+        &problems(&text),
+        "tenants[1] (tenant-b).egressIPs[0]",
+        "already claimed by tenants[0] (tenant-a)",
+    );
+}
+
+#[test]
+fn an_egress_ip_inside_tenant_sources_is_refused() {
+    let text = SEED.replace("192.168.31.150", "172.20.10.7");
+    assert_problem(
+        &problems(&text),
+        "tenants[1] (tenant-b).egressIPs[0]",
+        "inside the sources of tenants[0] (tenant-a)",
+    );
+}
+
+#[test]
+fn every_problem_is_reported_at_once() {
+    let text = "\
+interfaces:
+  internal: [eth0, eth0]
+  external: eth0
+tenants:
+  - name: dup
+    sources: []
+    egressIPs: [2001:db8::1, not-an-ip]
+    ports: {min: 2000, max: 1000}
+  - name: dup
+    sources: [fd00::/64]
+    egressIPs: [1.1.1.1, 1.1.1.2, 1.1.1.3, 1.1.1.4, 1.1.1.5, 1.1.1.6, 1.1.1.7, 1.1.1.8, 1.1.1.9]
+conntrack:
+  maxFlows: 1
+";
+    let problems = problems(text);
+    assert_problem(&problems, "interfaces.internal[1]", "listed twice");
+    assert_problem(
+        &problems,
+        "interfaces.external",
+        "also an internal interface",
+    );
+    assert_problem(&problems, "tenants[0] (dup).sources", "at least one source");
+    assert_problem(
+        &problems,
+        "tenants[0] (dup).egressIPs[0]",
+        "IPv6 egress is not supported",
+    );
+    assert_problem(
+        &problems,
+        "tenants[0] (dup).egressIPs[1]",
+        "not an IPv4 address",
+    );
+    assert_problem(&problems, "tenants[0] (dup).ports", "need 1 <= min <= max");
+    assert_problem(
+        &problems,
+        "tenants[1] (dup).name",
+        "already the name of tenants[0]",
+    );
+    assert_problem(
+        &problems,
+        "tenants[1] (dup).sources[0]",
+        "IPv6 sources are not supported",
+    );
+    assert_problem(
+        &problems,
+        "tenants[1] (dup).egressIPs",
+        "at most 8 per tenant",
+    );
+    assert_problem(&problems, "conntrack.maxFlows", "outside");
+    assert!(problems.len() >= 10, "{problems:#?}");
+}
+
+#[test]
+fn the_error_lists_problems_and_says_nothing_changed() {
+    let err = ConfigError::Invalid {
+        path: "/etc/egress.yaml".into(),
+        problems: problems(&SEED.replace("192.168.31.150", "192.168.31.101")),
+    };
+    let text = err.to_string();
+    assert!(
+        text.starts_with("/etc/egress.yaml: 1 problem, nothing was changed:"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "\n  - tenants[1] (tenant-b).egressIPs[0]: 192.168.31.101 is already claimed"
+        ),
+        "{text}"
+    );
+}
+
+#[test]
+fn resolving_the_seed_finds_its_interfaces() {
+    let resolved = plan(SEED).unwrap().resolve(&machine()).expect("resolves");
+    assert_eq!(
+        resolved.internal,
+        [LinkRef {
+            name: "eth0".into(),
+            index: 2
+        }]
+    );
+    assert_eq!(
+        resolved.external,
+        LinkRef {
+            name: "eth1".into(),
+            index: 3
+        }
+    );
+    assert_eq!(
+        resolved.egress_addresses().collect::<Vec<_>>(),
+        [
+            Ipv4Addr::new(192, 168, 31, 101),
+            Ipv4Addr::new(192, 168, 31, 150)
+        ]
+    );
+}
+
+#[test]
+fn unknown_interfaces_are_refused() {
+    let text = SEED
+        .replace("[eth0]", "[eth7]")
+        .replace("external: eth1", "external: eth9");
+    let problems = plan(&text)
+        .unwrap()
+        .resolve(&machine())
+        .expect_err("refused");
+    assert_problem(
+        &problems,
+        "interfaces.internal[0]",
+        "no interface named eth7",
+    );
+    assert_problem(&problems, "interfaces.external", "no interface named eth9");
+}
+
+#[test]
+fn an_egress_ip_held_by_another_interface_is_refused() {
+    let text = SEED.replace("192.168.31.150", "10.9.9.9");
+    let problems = plan(&text)
+        .unwrap()
+        .resolve(&machine())
+        .expect_err("refused");
+    assert_problem(
+        &problems,
+        "tenants[1] (tenant-b).egressIPs[0]",
+        "already configured on mgmt",
+    );
+}
+
+#[test]
+fn an_egress_ip_already_on_the_external_interface_is_accepted() {
+    let text = SEED.replace("192.168.31.150", "192.168.31.2");
+    assert!(plan(&text).unwrap().resolve(&machine()).is_ok());
+}
+
+/// Seed 002: every tenant shares the pod CIDR; the router steers each to its
+/// own macvlan next hop on the internal NIC.
+const SHARED_POD_CIDR: &str = "\
+interfaces: {internal: [eth0], external: eth1}
+tenants:
+  - name: ns-blue
+    sources: [10.128.0.0/14]
+    egressIPs: [192.168.55.113]
+    ingress: [{interface: macvlan-blue}]
+  - name: ns-red
+    sources: [10.128.0.0/14]
+    egressIPs: [192.168.55.114]
+    ingress: [{interface: eth0, mac: '02:00:00:00:00:aa'}]
+";
+
+fn machine_with_macvlan() -> SystemView {
+    let mut system = machine();
+    system.links.push(LinkFacts {
+        index: 9,
+        name: "macvlan-blue".into(),
+        mac: Some([2, 0, 0, 0, 0, 0xbb]),
+        kind: Some("macvlan".into()),
+        parent: Some(2),
+    });
+    system
+}
+
+#[test]
+fn tenants_sharing_sources_are_told_apart_by_ingress_mac() {
+    let plan = plan(SHARED_POD_CIDR).expect("shared sources behind ingress ports are fine");
+    let resolved = plan.resolve(&machine_with_macvlan()).expect("resolves");
+    assert_eq!(
+        resolved.tenants[0].ingress,
+        [IngressPort {
+            ifindex: 2,
+            mac: Some([2, 0, 0, 0, 0, 0xbb])
+        }],
+        "a macvlan resolves to its parent and its own MAC"
+    );
+    assert_eq!(
+        resolved.tenants[1].ingress,
+        [IngressPort {
+            ifindex: 2,
+            mac: Some([2, 0, 0, 0, 0, 0xaa])
+        }]
+    );
+}
+
+#[test]
+fn tenants_on_the_same_ingress_port_must_not_overlap() {
+    let text = SHARED_POD_CIDR.replace("'02:00:00:00:00:aa'", "'02:00:00:00:00:bb'");
+    let problems = plan(&text)
+        .unwrap()
+        .resolve(&machine_with_macvlan())
+        .expect_err("refused");
+    assert_problem(
+        &problems,
+        "tenants[1] (ns-red).sources[0]",
+        "overlaps 10.128.0.0/14 of tenants[0] (ns-blue)",
+    );
+}
+
+#[test]
+fn ingress_on_an_unrelated_interface_is_refused() {
+    let text = SHARED_POD_CIDR.replace("interface: macvlan-blue", "interface: mgmt");
+    let problems = plan(&text)
+        .unwrap()
+        .resolve(&machine_with_macvlan())
+        .expect_err("refused");
+    assert_problem(
+        &problems,
+        "tenants[0] (ns-blue).ingress[0].interface",
+        "neither an internal interface nor a macvlan",
+    );
+}
+
+#[test]
+fn mac_parsing() {
+    assert_eq!(
+        parse_mac("02:00:5e:00:53:01"),
+        Some([2, 0, 0x5e, 0, 0x53, 1])
+    );
+    assert_eq!(
+        parse_mac("02-00-5E-00-53-01"),
+        Some([2, 0, 0x5e, 0, 0x53, 1])
+    );
+    assert_eq!(parse_mac("02:00:5e:00:53"), None);
+    assert_eq!(parse_mac("02:00:5e:00:53:01:07"), None);
+    assert_eq!(parse_mac("2:0:5e:0:53:1"), None);
+    assert_eq!(format_mac([2, 0, 0x5e, 0, 0x53, 1]), "02:00:5e:00:53:01");
+}

@@ -1,0 +1,406 @@
+//! The dataplane's maps seen from userspace, through their pins.
+//!
+//! [`Maps::open`] works the same for the agent that just loaded the object
+//! and for `egress-agent status` reading what a running (or crashed) agent
+//! left pinned. [`Maps::sync`] writes a [`DesiredState`] so that a packet in
+//! flight never sees a half-configured tenant: new entries are added before
+//! the classifier points at them and removed only after it stops doing so.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::Path,
+};
+
+use anyhow::{Context as _, bail};
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key};
+use egress_common::{
+    config::{
+        CONFIG_F_INGRESS_PORTS, DataplaneConfig, InterfaceInfo, ROLE_EXTERNAL, ROLE_INTERNAL,
+    },
+    counters::Counter,
+    flow::{FlowEntryV4, FlowKeyV4},
+    names,
+    tenant::{
+        ANY_PORT, IngressPortKey, MAX_EGRESS_ADDRS, MAX_TENANT_ID, PORT_PREFIX_BITS, SourceKeyV4,
+        TENANT_F_ACTIVE, TENANT_NAME_LEN, TenantInfo, TenantName,
+    },
+};
+
+use crate::config::{IngressPort, Resolved};
+
+/// Typed handles on every pinned map.
+pub struct Maps {
+    pub sources: LpmTrie<MapData, SourceKeyV4, u32>,
+    pub ingress_ports: HashMap<MapData, IngressPortKey, u32>,
+    pub tenants: Array<MapData, TenantInfo>,
+    pub tenant_names: Array<MapData, TenantName>,
+    pub egress: HashMap<MapData, [u8; 4], u32>,
+    pub conntrack: HashMap<MapData, FlowKeyV4, FlowEntryV4>,
+    pub interfaces: HashMap<MapData, u32, InterfaceInfo>,
+    pub config: Array<MapData, DataplaneConfig>,
+    pub counters: PerCpuArray<MapData, u64>,
+    /// Entries the conntrack map can hold (two per flow).
+    pub conntrack_capacity: u32,
+}
+
+fn open_pinned(dir: &Path, name: &str) -> anyhow::Result<Map> {
+    let path = dir.join(name);
+    let data = MapData::from_pin(&path)
+        .with_context(|| format!("opening pinned map {}", path.display()))?;
+    Map::from_map_data(data).with_context(|| format!("pinned map {}", path.display()))
+}
+
+macro_rules! typed {
+    ($dir:expr, $name:expr) => {
+        open_pinned($dir, $name)?
+            .try_into()
+            .with_context(|| format!("pinned map {} has an unexpected type or layout", $name))?
+    };
+}
+
+impl Maps {
+    pub fn open(pin_dir: &Path) -> anyhow::Result<Self> {
+        Ok(Self {
+            sources: typed!(pin_dir, names::TENANT_SOURCES_V4),
+            ingress_ports: typed!(pin_dir, names::INGRESS_PORTS),
+            tenants: typed!(pin_dir, names::TENANTS),
+            tenant_names: typed!(pin_dir, names::TENANT_NAMES),
+            egress: typed!(pin_dir, names::EGRESS_ADDRS_V4),
+            conntrack: typed!(pin_dir, names::CONNTRACK_V4),
+            interfaces: typed!(pin_dir, names::INTERFACES),
+            config: typed!(pin_dir, names::CONFIG),
+            counters: typed!(pin_dir, names::COUNTERS),
+            conntrack_capacity: aya::maps::MapInfo::from_pin(pin_dir.join(names::CONNTRACK_V4))
+                .context("inspecting the conntrack map")?
+                .max_entries(),
+        })
+    }
+
+    /// Tenant ids in use, by name, as the maps record them.
+    pub fn tenant_ids(&self) -> anyhow::Result<BTreeMap<String, u16>> {
+        let mut ids = BTreeMap::new();
+        for id in 1..=MAX_TENANT_ID {
+            let info = self.tenants.get(&id, 0).context("reading TENANTS")?;
+            if info.flags & TENANT_F_ACTIVE == 0 {
+                continue;
+            }
+            let name = self
+                .tenant_names
+                .get(&id, 0)
+                .context("reading TENANT_NAMES")?;
+            ids.insert(decode_name(&name), id as u16);
+        }
+        Ok(ids)
+    }
+
+    /// Sums each counter over all CPUs.
+    pub fn counters(&self) -> anyhow::Result<Vec<(Counter, u64)>> {
+        Counter::ALL
+            .iter()
+            .map(|&counter| {
+                let per_cpu = self
+                    .counters
+                    .get(&(counter as u32), 0)
+                    .context("reading COUNTERS")?;
+                Ok((counter, per_cpu.iter().sum()))
+            })
+            .collect()
+    }
+
+    /// Writes `desired`, adding before removing so traffic of tenants that
+    /// did not change is never disturbed.
+    pub fn sync(&mut self, desired: &DesiredState) -> anyhow::Result<()> {
+        // 1. Everything a classified packet will look up, before the
+        //    classifier can return it.
+        for (id, info, name) in &desired.tenants {
+            let id = u32::from(*id);
+            self.tenant_names
+                .set(id, name, 0)
+                .context("writing TENANT_NAMES")?;
+            self.tenants.set(id, info, 0).context("writing TENANTS")?;
+        }
+        for (ifindex, info) in &desired.interfaces {
+            self.interfaces
+                .insert(ifindex, info, 0)
+                .context("writing INTERFACES")?;
+        }
+        for (addr, tenant) in &desired.egress {
+            self.egress
+                .insert(addr, tenant, 0)
+                .context("writing EGRESS_ADDR_V4")?;
+        }
+        for (key, port) in &desired.ingress_ports {
+            self.ingress_ports
+                .insert(key, port, 0)
+                .context("writing INGRESS_PORTS")?;
+        }
+        self.config
+            .set(0, desired.config, 0)
+            .context("writing DP_CONFIG")?;
+        // 2. Point the classifier at them.
+        for (key, tenant) in &desired.sources {
+            self.sources
+                .insert(key, tenant, 0)
+                .context("writing TENANT_SRC_V4")?;
+        }
+        // 3. Remove what is no longer wanted, classifier first.
+        let wanted: BTreeSet<_> = desired
+            .sources
+            .iter()
+            .map(|(k, _)| lpm_key_bytes(k))
+            .collect();
+        let stale: Vec<_> = self
+            .sources
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !wanted.contains(&lpm_key_bytes(k)))
+            .collect();
+        for key in stale {
+            self.sources.remove(&key).context("pruning TENANT_SRC_V4")?;
+        }
+        prune(
+            &mut self.ingress_ports,
+            desired.ingress_ports.iter().map(|(k, _)| *k),
+            "INGRESS_PORTS",
+        )?;
+        prune(
+            &mut self.egress,
+            desired.egress.iter().map(|(k, _)| *k),
+            "EGRESS_ADDR_V4",
+        )?;
+        prune(
+            &mut self.interfaces,
+            desired.interfaces.iter().map(|(k, _)| *k),
+            "INTERFACES",
+        )?;
+        let active: BTreeSet<u16> = desired.tenants.iter().map(|(id, _, _)| *id).collect();
+        for (name, id) in self.tenant_ids()? {
+            if !active.contains(&id) {
+                tracing::info!(tenant = %name, id, "tenant removed");
+                self.tenants
+                    .set(u32::from(id), TenantInfo::default(), 0)
+                    .context("clearing TENANTS")?;
+                self.tenant_names
+                    .set(u32::from(id), encode_name(""), 0)
+                    .context("clearing TENANT_NAMES")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn lpm_key_bytes(key: &Key<SourceKeyV4>) -> (u32, u32, [u8; 4]) {
+    (key.prefix_len(), key.data().port_be, key.data().addr)
+}
+
+fn prune<K, V>(
+    map: &mut HashMap<MapData, K, V>,
+    keep: impl Iterator<Item = K>,
+    name: &str,
+) -> anyhow::Result<()>
+where
+    K: aya::Pod + Ord,
+    V: aya::Pod,
+{
+    let keep: BTreeSet<K> = keep.collect();
+    let stale: Vec<K> = map
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| !keep.contains(k))
+        .collect();
+    for key in stale {
+        map.remove(&key)
+            .with_context(|| format!("pruning {name}"))?;
+    }
+    Ok(())
+}
+
+pub fn encode_name(name: &str) -> TenantName {
+    let mut bytes = [0u8; TENANT_NAME_LEN];
+    let len = name.len().min(TENANT_NAME_LEN - 1);
+    bytes[..len].copy_from_slice(&name.as_bytes()[..len]);
+    TenantName { bytes }
+}
+
+pub fn decode_name(name: &TenantName) -> String {
+    let len = name
+        .bytes
+        .iter()
+        .position(|b| *b == 0)
+        .unwrap_or(TENANT_NAME_LEN);
+    String::from_utf8_lossy(&name.bytes[..len]).into_owned()
+}
+
+/// Everything the maps should hold for one resolved configuration.
+#[derive(Default)]
+pub struct DesiredState {
+    pub config: DataplaneConfig,
+    pub interfaces: Vec<(u32, InterfaceInfo)>,
+    pub tenants: Vec<(u16, TenantInfo, TenantName)>,
+    pub sources: Vec<(Key<SourceKeyV4>, u32)>,
+    pub ingress_ports: Vec<(IngressPortKey, u32)>,
+    pub egress: Vec<([u8; 4], u32)>,
+    /// Tenant id of each tenant of the plan, in plan order.
+    pub ids: Vec<u16>,
+}
+
+impl DesiredState {
+    /// `previous_ids` keeps a tenant's id (its conntrack zone) across
+    /// restarts and reloads, so its established flows stay valid;
+    /// `previous_ports` does the same for ingress port ids.
+    pub fn build(
+        resolved: &Resolved,
+        previous_ids: &BTreeMap<String, u16>,
+        previous_ports: &BTreeMap<IngressPortKey, u32>,
+    ) -> anyhow::Result<Self> {
+        let names: Vec<&str> = resolved.tenants.iter().map(|t| t.name.as_str()).collect();
+        let ids = assign_ids(&names, previous_ids)?;
+        let port_ids = assign_port_ids(resolved, previous_ports);
+
+        let mut state = Self::default();
+        let mut interfaces: Vec<(u32, InterfaceInfo)> = resolved
+            .internal
+            .iter()
+            .map(|l| {
+                (
+                    l.index,
+                    InterfaceInfo {
+                        role: ROLE_INTERNAL,
+                        _reserved: 0,
+                    },
+                )
+            })
+            .collect();
+        interfaces.push((
+            resolved.external.index,
+            InterfaceInfo {
+                role: ROLE_EXTERNAL,
+                _reserved: 0,
+            },
+        ));
+        state.interfaces = interfaces;
+        state.ingress_ports = port_ids.iter().map(|(k, v)| (*k, *v)).collect();
+        if !state.ingress_ports.is_empty() {
+            state.config.flags |= CONFIG_F_INGRESS_PORTS;
+        }
+
+        for (tenant, &id) in resolved.tenants.iter().zip(&ids) {
+            let mut info = TenantInfo {
+                egress_v4_count: tenant.egress.len() as u32,
+                port_min: tenant.ports.min,
+                port_max: tenant.ports.max,
+                flags: TENANT_F_ACTIVE,
+                ..TenantInfo::default()
+            };
+            if tenant.egress.len() > MAX_EGRESS_ADDRS {
+                bail!(
+                    "tenant {} has more than {MAX_EGRESS_ADDRS} egress addresses",
+                    tenant.name
+                );
+            }
+            for (slot, addr) in info.egress_v4.iter_mut().zip(&tenant.egress) {
+                *slot = addr.octets();
+                state.egress.push((addr.octets(), u32::from(id)));
+            }
+            state.tenants.push((id, info, encode_name(&tenant.name)));
+
+            let ports: Vec<u32> = if tenant.ingress.is_empty() {
+                vec![ANY_PORT]
+            } else {
+                tenant
+                    .ingress
+                    .iter()
+                    .map(|p| port_ids[&port_key(p)])
+                    .collect()
+            };
+            for port in ports {
+                for net in &tenant.sources {
+                    let key = Key::new(
+                        PORT_PREFIX_BITS + u32::from(net.prefix_len()),
+                        SourceKeyV4 {
+                            port_be: port.to_be(),
+                            addr: net.network().octets(),
+                        },
+                    );
+                    state.sources.push((key, u32::from(id)));
+                }
+            }
+        }
+        state.ids = ids;
+        Ok(state)
+    }
+}
+
+fn port_key(port: &IngressPort) -> IngressPortKey {
+    IngressPortKey {
+        ifindex: port.ifindex,
+        mac: port.mac.unwrap_or([0; 6]),
+        _pad: [0; 2],
+    }
+}
+
+/// Keeps the ids of names seen before; new names take the lowest free id.
+pub fn assign_ids(names: &[&str], previous: &BTreeMap<String, u16>) -> anyhow::Result<Vec<u16>> {
+    let kept: BTreeMap<&str, u16> = names
+        .iter()
+        .filter_map(|name| previous.get(*name).map(|id| (*name, *id)))
+        .collect();
+    let mut used: BTreeSet<u16> = kept.values().copied().collect();
+    let mut next = 1u16;
+    let mut ids = Vec::with_capacity(names.len());
+    for name in names {
+        if let Some(id) = kept.get(name) {
+            ids.push(*id);
+            continue;
+        }
+        while used.contains(&next) {
+            next += 1;
+        }
+        if u32::from(next) > MAX_TENANT_ID {
+            bail!("more than {MAX_TENANT_ID} tenants");
+        }
+        used.insert(next);
+        ids.push(next);
+    }
+    Ok(ids)
+}
+
+fn assign_port_ids(
+    resolved: &Resolved,
+    previous: &BTreeMap<IngressPortKey, u32>,
+) -> BTreeMap<IngressPortKey, u32> {
+    let wanted: BTreeSet<IngressPortKey> = resolved
+        .tenants
+        .iter()
+        .flat_map(|t| t.ingress.iter().map(port_key))
+        .collect();
+    let mut ids: BTreeMap<IngressPortKey, u32> = wanted
+        .iter()
+        .filter_map(|k| previous.get(k).map(|id| (*k, *id)))
+        .collect();
+    let mut used: BTreeSet<u32> = ids.values().copied().collect();
+    let mut next = 1u32;
+    for key in wanted {
+        if ids.contains_key(&key) {
+            continue;
+        }
+        while used.contains(&next) {
+            next += 1;
+        }
+        used.insert(next);
+        ids.insert(key, next);
+    }
+    ids
+}
+
+impl Maps {
+    /// Ingress port ids in use, for `DesiredState::build`.
+    pub fn port_ids(&self) -> BTreeMap<IngressPortKey, u32> {
+        self.ingress_ports.iter().filter_map(Result::ok).collect()
+    }
+
+    /// Every conntrack entry.
+    pub fn flows(&self) -> Vec<(FlowKeyV4, FlowEntryV4)> {
+        self.conntrack.iter().filter_map(Result::ok).collect()
+    }
+}

@@ -1,0 +1,20 @@
+//! egress-agent: loads the egress dataplane, keeps its maps and egress
+//! addresses in sync with the configuration, and reports what it is doing.
+//!
+//! One module per concern: `config` (the file and its validation), `system`
+//! (what the machine has), `dataplane` (programs and maps), `addresses`
+//! (egress IPs on the external interface), `sysctl` (forwarding),
+//! `instance` (pins, lock and state file), `agent` (the run loop),
+//! `conntrack` (flows and their state), `status` (reading an instance back),
+//! `cli`.
+
+pub mod addresses;
+pub mod agent;
+pub mod cli;
+pub mod config;
+pub mod conntrack;
+pub mod dataplane;
+pub mod instance;
+pub mod status;
+pub mod sysctl;
+pub mod system;

@@ -1,0 +1,336 @@
+//! `egress-agent status` and `egress-agent flows`: what an instance is doing,
+//! read from its state file and its pinned maps. Both work while the agent
+//! runs and after it died (the pins outlive it), and say which it is.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    net::Ipv4Addr,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::bail;
+use egress_common::counters::Counter;
+use serde::Serialize;
+
+use crate::{
+    conntrack::{self, Flow, FlowState},
+    dataplane::{Attachment, maps::Maps},
+    instance::{Instance, RunState},
+};
+
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub instance: String,
+    pub running: bool,
+    pub pid: Option<u32>,
+    pub config: Option<String>,
+    pub uptime_seconds: Option<u64>,
+    pub attachments: Vec<Attachment>,
+    pub tenants: Vec<TenantStatus>,
+    pub flows: usize,
+    pub conntrack_entries: usize,
+    pub conntrack_capacity: u32,
+    pub counters: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TenantStatus {
+    pub id: u16,
+    pub name: String,
+    pub sources: Vec<String>,
+    pub egress: Vec<Ipv4Addr>,
+    pub flows: usize,
+}
+
+fn open_maps(instance: &Instance) -> anyhow::Result<Maps> {
+    if !instance.pin_dir.exists() {
+        bail!(
+            "instance {} has no pinned dataplane at {} (is the agent running with --instance {}?)",
+            instance.name,
+            instance.pin_dir.display(),
+            instance.name
+        );
+    }
+    Maps::open(&instance.pin_dir)
+}
+
+pub fn collect(instance: &Instance) -> anyhow::Result<Status> {
+    let maps = open_maps(instance)?;
+    let running = instance.is_running();
+    let state: Option<RunState> = instance.read_state()?;
+    let entries = maps.flows();
+    let conntrack_entries = entries.len();
+    let (flows, _) = conntrack::pair(entries);
+    let mut per_tenant: BTreeMap<u16, usize> = BTreeMap::new();
+    for flow in &flows {
+        *per_tenant.entry(flow.tenant()).or_default() += 1;
+    }
+    let tenants = match &state {
+        Some(state) => state
+            .tenants
+            .iter()
+            .map(|t| TenantStatus {
+                id: t.id,
+                name: t.name.clone(),
+                sources: t.sources.clone(),
+                egress: t.egress.clone(),
+                flows: per_tenant.get(&t.id).copied().unwrap_or(0),
+            })
+            .collect(),
+        // No agent: the pinned maps still know names and egress addresses.
+        None => maps
+            .tenant_ids()?
+            .into_iter()
+            .map(|(name, id)| {
+                let info = maps.tenants.get(&u32::from(id), 0).unwrap_or_default();
+                TenantStatus {
+                    id,
+                    name,
+                    sources: Vec::new(),
+                    egress: info.egress_v4
+                        [..(info.egress_v4_count as usize).min(info.egress_v4.len())]
+                        .iter()
+                        .map(|a| Ipv4Addr::from(*a))
+                        .collect(),
+                    flows: per_tenant.get(&id).copied().unwrap_or(0),
+                }
+            })
+            .collect(),
+    };
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    Ok(Status {
+        instance: instance.name.clone(),
+        running,
+        pid: state.as_ref().map(|s| s.pid),
+        config: state.as_ref().map(|s| s.config.display().to_string()),
+        uptime_seconds: state
+            .as_ref()
+            .filter(|_| running)
+            .map(|s| now.saturating_sub(s.started_at)),
+        attachments: if running {
+            state
+                .as_ref()
+                .map(|s| s.attachments.clone())
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        },
+        tenants,
+        flows: flows.len(),
+        conntrack_entries,
+        conntrack_capacity: maps.conntrack_capacity,
+        counters: maps
+            .counters()?
+            .into_iter()
+            .map(|(counter, value)| (counter.name().to_owned(), value))
+            .collect(),
+    })
+}
+
+pub fn render_status(status: &Status) -> String {
+    let mut out = String::new();
+    let state = match (status.running, status.pid) {
+        (true, Some(pid)) => format!("running (pid {pid})"),
+        (true, None) => "running".to_owned(),
+        (false, _) => "NOT RUNNING: pinned maps of a previous agent remain (`egress-agent cleanup` removes them)".to_owned(),
+    };
+    let _ = writeln!(out, "instance {}: {state}", status.instance);
+    if let Some(config) = &status.config {
+        let _ = writeln!(out, "config:   {config}");
+    }
+    if let Some(uptime) = status.uptime_seconds {
+        let _ = writeln!(
+            out,
+            "uptime:   {}",
+            human_duration(Duration::from_secs(uptime))
+        );
+    }
+    let _ = writeln!(out, "\nprograms:");
+    if status.attachments.is_empty() {
+        let _ = writeln!(out, "  none attached");
+    } else {
+        let rows = status
+            .attachments
+            .iter()
+            .map(|a| vec![a.interface.clone(), a.program.clone(), a.hook.clone()]);
+        out.push_str(&table(&["INTERFACE", "PROGRAM", "HOOK"], rows));
+    }
+    let _ = writeln!(out, "\ntenants:");
+    let rows = status.tenants.iter().map(|t| {
+        vec![
+            t.name.clone(),
+            t.id.to_string(),
+            if t.sources.is_empty() {
+                "-".to_owned()
+            } else {
+                t.sources.join(",")
+            },
+            t.egress
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
+            t.flows.to_string(),
+        ]
+    });
+    out.push_str(&table(
+        &["NAME", "ID", "SOURCES", "EGRESS IPS", "FLOWS"],
+        rows,
+    ));
+    let _ = writeln!(
+        out,
+        "\nflows: {} ({} of {} conntrack entries)",
+        status.flows, status.conntrack_entries, status.conntrack_capacity
+    );
+    let nonzero: Vec<_> = status.counters.iter().filter(|(_, v)| **v > 0).collect();
+    let _ = writeln!(out, "\npackets by verdict:");
+    if nonzero.is_empty() {
+        let _ = writeln!(out, "  none yet");
+    }
+    for (name, value) in nonzero {
+        let _ = writeln!(out, "  {name:<28} {value}");
+    }
+    out
+}
+
+#[derive(Debug, Serialize)]
+pub struct FlowRow {
+    pub tenant: String,
+    pub proto: String,
+    pub original: String,
+    pub translated: String,
+    pub state: FlowState,
+    pub age_seconds: f64,
+    pub idle_seconds: f64,
+    pub packets_out: u64,
+    pub packets_in: u64,
+    pub bytes_out: u64,
+    pub bytes_in: u64,
+}
+
+pub fn flow_rows(instance: &Instance, tenant: Option<&str>) -> anyhow::Result<Vec<FlowRow>> {
+    let maps = open_maps(instance)?;
+    let names: BTreeMap<u16, String> = maps
+        .tenant_ids()?
+        .into_iter()
+        .map(|(name, id)| (id, name))
+        .collect();
+    let (mut flows, _) = conntrack::pair(maps.flows());
+    flows.sort_by_key(|f| (f.tenant(), f.outbound.created_ns));
+    let now = conntrack::now_ns();
+    let seconds = |ns: u64| Duration::from_nanos(now.saturating_sub(ns)).as_secs_f64();
+    Ok(flows
+        .iter()
+        .map(|flow: &Flow| {
+            let key = &flow.outbound_key;
+            let proto = key.proto;
+            let original = format!(
+                "{} -> {}",
+                conntrack::endpoint(proto, key.src, key.src_port),
+                conntrack::endpoint(proto, key.dst, key.dst_port)
+            );
+            let translated = format!(
+                "{} -> {}",
+                conntrack::endpoint(proto, flow.outbound.nat_addr, flow.outbound.nat_port),
+                conntrack::endpoint(proto, key.dst, key.dst_port)
+            );
+            let (original, translated) = if proto == egress_common::flow::PROTO_ICMP {
+                (
+                    format!("{original} id {}", u16::from_be(key.src_port)),
+                    format!("{translated} id {}", u16::from_be(flow.outbound.nat_port)),
+                )
+            } else {
+                (original, translated)
+            };
+            FlowRow {
+                tenant: names
+                    .get(&flow.tenant())
+                    .cloned()
+                    .unwrap_or_else(|| format!("#{}", flow.tenant())),
+                proto: conntrack::proto_name(proto),
+                original,
+                translated,
+                state: flow.state(),
+                age_seconds: seconds(flow.outbound.created_ns),
+                idle_seconds: seconds(flow.last_seen_ns()),
+                packets_out: flow.outbound.packets,
+                packets_in: flow.reply.map_or(0, |r| r.packets),
+                bytes_out: flow.outbound.bytes,
+                bytes_in: flow.reply.map_or(0, |r| r.bytes),
+            }
+        })
+        .filter(|row| tenant.is_none_or(|t| row.tenant == t))
+        .collect())
+}
+
+pub fn render_flows(rows: &[FlowRow]) -> String {
+    if rows.is_empty() {
+        return "no flows\n".to_owned();
+    }
+    let body = rows.iter().map(|r| {
+        vec![
+            r.tenant.clone(),
+            r.proto.clone(),
+            r.original.clone(),
+            r.translated.clone(),
+            r.state.as_str().to_owned(),
+            human_duration(Duration::from_secs_f64(r.age_seconds)),
+            human_duration(Duration::from_secs_f64(r.idle_seconds)),
+            format!("{}/{}", r.packets_out, r.packets_in),
+        ]
+    });
+    table(
+        &[
+            "TENANT",
+            "PROTO",
+            "ORIGINAL",
+            "TRANSLATED",
+            "STATE",
+            "AGE",
+            "IDLE",
+            "PKTS OUT/IN",
+        ],
+        body,
+    )
+}
+
+fn human_duration(d: Duration) -> String {
+    let secs = d.as_secs();
+    match secs {
+        0..60 => format!("{secs}s"),
+        60..3600 => format!("{}m{:02}s", secs / 60, secs % 60),
+        3600..86400 => format!("{}h{:02}m", secs / 3600, (secs % 3600) / 60),
+        _ => format!("{}d{:02}h", secs / 86400, (secs % 86400) / 3600),
+    }
+}
+
+/// Left-aligned columns, two spaces apart, indented by two.
+fn table(header: &[&str], rows: impl Iterator<Item = Vec<String>>) -> String {
+    let rows: Vec<Vec<String>> = std::iter::once(header.iter().map(|h| (*h).to_owned()).collect())
+        .chain(rows)
+        .collect();
+    let mut widths = vec![0; header.len()];
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in rows {
+        let mut line = String::new();
+        for (cell, width) in row.iter().zip(&widths) {
+            let _ = write!(line, "  {cell:<width$}");
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// Counter values by name, for tests and metrics.
+pub fn counter_value(status: &Status, counter: Counter) -> u64 {
+    status.counters.get(counter.name()).copied().unwrap_or(0)
+}
