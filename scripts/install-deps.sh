@@ -8,7 +8,7 @@ log() { printf '[install-deps] %s\n' "$*" >&2; }
 
 APT_PACKAGES=(
   # Rust with library sources (build-std=core for the BPF target) and LLVM 22 for bpf-linker.
-  rustc-web cargo-web rust-web-src
+  rustc-web cargo-web rust-web-src rust-web-clippy
   llvm-22-dev libclang-22-dev libpolly-22-dev libzstd-dev zlib1g-dev
   # Network plumbing used by the agent's tests, the demo and the benchmark.
   iproute2 iputils-ping iptables nftables conntrack ethtool tcpdump iperf3 curl

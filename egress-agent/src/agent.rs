@@ -234,6 +234,16 @@ fn absolute(path: &Path) -> PathBuf {
 }
 
 async fn wait_for_shutdown() -> anyhow::Result<()> {
+    // A parent may have blocked these (and the mask is inherited): a
+    // gateway that cannot be stopped cleanly would leave addresses behind.
+    // SAFETY: adjusting this thread's signal mask with a local set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&raw mut set);
+        libc::sigaddset(&raw mut set, libc::SIGTERM);
+        libc::sigaddset(&raw mut set, libc::SIGINT);
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &raw const set, std::ptr::null_mut());
+    }
     let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     tokio::select! {

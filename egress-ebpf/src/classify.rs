@@ -44,13 +44,13 @@ fn ingress_port(frame: &Ipv4Frame, ifindex: u32) -> u32 {
         mac: frame.eth().dst_addr,
         _pad: [0; 2],
     };
-    if let Some(port) = INGRESS_PORTS.get_ptr(&key) {
+    if let Some(port) = INGRESS_PORTS.get_ptr(key) {
         // SAFETY: map value pointer returned by the kernel.
         return unsafe { *port };
     }
     key.mac = [0; 6];
     INGRESS_PORTS
-        .get_ptr(&key)
+        .get_ptr(key)
         // SAFETY: map value pointer returned by the kernel.
         .map_or(ANY_PORT, |port| unsafe { *port })
 }

@@ -63,7 +63,7 @@ pub fn reopen_if_closed(key: &FlowKeyV4, entry: *mut FlowEntryV4, tcp_flags: u8)
         }
         (*entry).tcp_flags = 0;
         let peer = key.peer_key(&*entry);
-        if let Some(peer_entry) = CONNTRACK_V4.get_ptr_mut(&peer) {
+        if let Some(peer_entry) = CONNTRACK_V4.get_ptr_mut(peer) {
             (*peer_entry).tcp_flags = 0;
         }
     }
@@ -120,7 +120,7 @@ pub fn create_outbound(
         }
         let port = u32::from(translation.port_min) + (start + attempt) % span;
         reply_key.dst_port = (port as u16).to_be();
-        match CONNTRACK_V4.insert(&reply_key, &reply_entry, u64::from(BPF_NOEXIST)) {
+        match CONNTRACK_V4.insert(reply_key, reply_entry, u64::from(BPF_NOEXIST)) {
             Ok(()) => {
                 claimed = true;
                 break;
@@ -139,12 +139,12 @@ pub fn create_outbound(
         ifindex: ingress_ifindex,
         ..reply_entry
     };
-    match CONNTRACK_V4.insert(key, &outbound_entry, u64::from(BPF_NOEXIST)) {
+    match CONNTRACK_V4.insert(key, outbound_entry, u64::from(BPF_NOEXIST)) {
         Ok(()) => {}
         Err(err) => {
             // Whether another CPU created this flow first or the map refused
             // us, the claimed port must not outlive this attempt.
-            let _ = CONNTRACK_V4.remove(&reply_key);
+            let _ = CONNTRACK_V4.remove(reply_key);
             if err != -EEXIST {
                 return Err(Counter::OutDropConntrackFull);
             }

@@ -44,6 +44,9 @@ fn process(ctx: &XdpContext) -> Result<Verdict, Counter> {
     let Some(frame) = parse::ipv4(ctx).map_err(parse_error)? else {
         return Ok(Verdict::pass(Counter::OutPassNotIpv4));
     };
+    if frame.to_group() {
+        return Ok(Verdict::pass(Counter::OutPassNotEgress));
+    }
     let ingress = ctx.ingress_ifindex() as u32;
     let (src, dst, ttl) = {
         let ip = frame.ip();

@@ -43,7 +43,9 @@ pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, ParseError> 
     Ok((start + offset) as *mut T)
 }
 
-/// An IPv4 packet in an Ethernet frame, without options or fragmentation.
+/// An IPv4 packet in an Ethernet frame whose header is consistent with the
+/// frame. Options and fragments are allowed here; whether the NAT can
+/// translate them is decided once it knows the packet is its business.
 pub struct Ipv4Frame {
     pub eth: *mut EthHdr,
     pub ip: *mut Ipv4Hdr,
@@ -66,6 +68,25 @@ impl Ipv4Frame {
     pub fn dont_fragment(&self) -> bool {
         u16::from_be_bytes(self.ip().frags) & IP_DF != 0
     }
+
+    /// Multicast or limited broadcast: link-local control traffic (IGMP,
+    /// OSPF, VRRP...) or group traffic, never a NAT candidate.
+    #[inline(always)]
+    pub fn to_group(&self) -> bool {
+        let dst = self.ip().dst_addr;
+        dst[0] & 0xf0 == 0xe0 || dst == [0xff; 4]
+    }
+
+    /// Whether the NAT can translate this packet's header as it stands:
+    /// no options, not a fragment.
+    #[inline(always)]
+    pub fn translatable(&self) -> Result<(), ParseError> {
+        let ip = self.ip();
+        if ip.vihl & 0x0f != 5 || u16::from_be_bytes(ip.frags) & (IP_MF | IP_OFFSET) != 0 {
+            return Err(ParseError::Unsupported);
+        }
+        Ok(())
+    }
 }
 
 /// `Ok(None)` for frames that do not carry IPv4.
@@ -79,18 +100,13 @@ pub fn ipv4(ctx: &XdpContext) -> Result<Option<Ipv4Frame>, ParseError> {
     let ip: *mut Ipv4Hdr = ptr_at(ctx, EthHdr::LEN)?;
     // SAFETY: bounds checked by ptr_at.
     let hdr = unsafe { &*ip };
-    if hdr.vihl >> 4 != 4 || hdr.vihl & 0x0f < 5 {
+    let header_len = usize::from(hdr.vihl & 0x0f) * 4;
+    if hdr.vihl >> 4 != 4 || header_len < Ipv4Hdr::LEN {
         return Err(ParseError::Malformed);
-    }
-    if hdr.vihl & 0x0f != 5 {
-        return Err(ParseError::Unsupported);
     }
     let tot_len = usize::from(u16::from_be_bytes(hdr.tot_len));
-    if tot_len < Ipv4Hdr::LEN || ctx.data() + EthHdr::LEN + tot_len > ctx.data_end() {
+    if tot_len < header_len || ctx.data() + EthHdr::LEN + tot_len > ctx.data_end() {
         return Err(ParseError::Malformed);
-    }
-    if u16::from_be_bytes(hdr.frags) & (IP_MF | IP_OFFSET) != 0 {
-        return Err(ParseError::Unsupported);
     }
     Ok(Some(Ipv4Frame { eth, ip }))
 }
@@ -121,6 +137,7 @@ pub fn transport(
     frame: &Ipv4Frame,
     echo_type: u8,
 ) -> Result<Transport, ParseError> {
+    frame.translatable()?;
     let ip = frame.ip();
     let payload = usize::from(u16::from_be_bytes(ip.tot_len)) - Ipv4Hdr::LEN;
     match ip.proto {

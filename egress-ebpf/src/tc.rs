@@ -48,10 +48,10 @@ fn is_egress_addr(addr: [u8; 4]) -> bool {
 #[inline(always)]
 pub fn neigh_fallback(ctx: &TcContext) -> i32 {
     let Some(ip) = ipv4_header(ctx) else {
-        return TC_ACT_OK as i32;
+        return TC_ACT_OK;
     };
     if !is_egress_addr(ip.src_addr) {
-        return TC_ACT_OK as i32;
+        return TC_ACT_OK;
     }
     // A translated packet on an internal interface: XDP handed it over.
     // SAFETY: plain C struct; all-zero is its documented initial state.
@@ -87,10 +87,10 @@ pub fn leak_guard(ctx: &TcContext) -> i32 {
     // SAFETY: the context pointer is the program's own skb.
     let forwarded_from = unsafe { (*ctx.skb.skb).ingress_ifindex };
     if forwarded_from == 0 {
-        return TC_ACT_OK as i32;
+        return TC_ACT_OK;
     }
     if ipv4_header(ctx).is_some_and(|ip| is_egress_addr(ip.src_addr)) {
-        return TC_ACT_OK as i32;
+        return TC_ACT_OK;
     }
     count(Counter::TcLeakBlocked);
     TC_ACT_SHOT

@@ -1,0 +1,239 @@
+//! The real `egress-agent` binary, run inside a namespace as a test needs it.
+
+use std::{
+    io::Read as _,
+    path::PathBuf,
+    process::{Child, Command, ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::netns::{Netns, command_in, unique_name};
+
+/// Agent processes alive in this process, for `cleanup::on_signal`.
+pub(crate) static LIVE: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+
+/// Where the agent binary is: `EGRESS_AGENT_BIN`, or next to the test
+/// binary's directory (`target/<profile>/egress-agent`).
+pub fn agent_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("EGRESS_AGENT_BIN") {
+        return path.into();
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let path = dir.join("egress-agent");
+    assert!(
+        path.exists(),
+        "{} does not exist: build it first with `cargo build -p egress-agent` (`cargo xtask test` does)",
+        path.display()
+    );
+    path
+}
+
+/// A config file that is removed on drop.
+pub struct ConfigFile {
+    pub path: PathBuf,
+}
+
+impl ConfigFile {
+    pub fn new(yaml: &str) -> Self {
+        let path = std::env::temp_dir().join(format!("{}.yaml", unique_name("config")));
+        std::fs::write(&path, yaml).expect("writing config");
+        Self { path }
+    }
+}
+
+impl Drop for ConfigFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// What a finished agent run said.
+#[derive(Debug)]
+pub struct Finished {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// A running agent; stopped with SIGTERM (and its leftovers cleaned) on drop.
+pub struct Agent {
+    pub instance: String,
+    pub config: ConfigFile,
+    ns_path: String,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Agent {
+    /// Starts `egress-agent run` in `ns` and waits until it serves.
+    pub fn start(ns: &Netns, yaml: &str) -> Self {
+        let instance = unique_name("agent");
+        let config = ConfigFile::new(yaml);
+        let log = std::env::temp_dir().join(format!("{instance}.log"));
+        let log_file = std::fs::File::create(&log).expect("agent log");
+        let child = ns
+            .command(agent_binary().to_str().expect("utf-8 path"))
+            .args(["--instance", &instance, "run", "--config"])
+            .arg(&config.path)
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().expect("log"))
+            .stderr(log_file)
+            .spawn()
+            .expect("spawning egress-agent");
+        LIVE.lock().expect("registry").push(child.id());
+        let mut agent = Self {
+            instance,
+            config,
+            ns_path: ns.path(),
+            child: Some(child),
+            log,
+        };
+        agent.wait_serving(Duration::from_secs(30));
+        agent
+    }
+
+    fn wait_serving(&mut self, timeout: Duration) {
+        let state = PathBuf::from(format!("/run/{}/state.json", self.instance));
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if state.exists() {
+                return;
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "egress-agent exited with {status} before serving:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "egress-agent did not serve within {timeout:?}:\n{}",
+            self.log()
+        );
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Runs another agent subcommand (`status`, `flows`...) on this instance.
+    pub fn cli(&self, args: &[&str]) -> Finished {
+        run_cli(&self.ns_path, &self.instance, args)
+    }
+
+    /// `status --json`, parsed.
+    pub fn status(&self) -> serde_json::Value {
+        let out = self.cli(&["status", "--json"]);
+        assert!(out.status.success(), "status failed: {}", out.stderr);
+        serde_json::from_str(&out.stdout).expect("status JSON")
+    }
+
+    /// A counter of the dataplane, by its name.
+    pub fn counter(&self, name: &str) -> u64 {
+        self.status()["counters"][name].as_u64().unwrap_or(0)
+    }
+
+    /// `flows --json`, parsed.
+    pub fn flows(&self) -> Vec<serde_json::Value> {
+        let out = self.cli(&["flows", "--json"]);
+        assert!(out.status.success(), "flows failed: {}", out.stderr);
+        serde_json::from_str(&out.stdout).expect("flows JSON")
+    }
+
+    /// Sends SIGTERM and waits; returns the exit status.
+    pub fn stop(&mut self) -> ExitStatus {
+        match self.terminate() {
+            Ok(status) => status,
+            Err(err) => panic!("{err}:\n{}", self.log()),
+        }
+    }
+
+    /// SIGTERM, then SIGKILL if the agent has not exited after 15 s.
+    fn terminate(&mut self) -> Result<ExitStatus, String> {
+        let Some(mut child) = self.child.take() else {
+            return Err("agent already stopped".to_owned());
+        };
+        LIVE.lock()
+            .expect("registry")
+            .retain(|pid| *pid != child.id());
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            match child.try_wait() {
+                Ok(Some(status)) => return Ok(status),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                _ => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err("egress-agent ignored SIGTERM and was killed".to_owned());
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if self.child.is_some()
+            && let Err(err) = self.terminate()
+        {
+            eprintln!("{err}:\n{}", self.log());
+        }
+        // Whatever the agent left (it may have been killed), remove it.
+        let _ = run_cli(&self.ns_path, &self.instance, &["cleanup"]);
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// Runs `egress-agent --instance <instance> <args>` inside a namespace.
+pub fn run_cli(ns_path: &str, instance: &str, args: &[&str]) -> Finished {
+    let mut command = command_in(ns_path, agent_binary());
+    command.args(["--instance", instance]).args(args);
+    finish(command)
+}
+
+/// Runs the agent once to completion (for configurations it must refuse).
+pub fn run_to_exit(ns: &Netns, instance: &str, args: &[&str]) -> Finished {
+    run_cli(&ns.path(), instance, args)
+}
+
+fn finish(mut command: Command) -> Finished {
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning egress-agent");
+    let mut stdout = String::new();
+    let mut stderr = String::new();
+    child
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut stdout)
+        .expect("stdout");
+    child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut stderr)
+        .expect("stderr");
+    let status = child.wait().expect("waiting");
+    Finished {
+        status,
+        stdout,
+        stderr,
+    }
+}

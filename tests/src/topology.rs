@@ -1,0 +1,130 @@
+//! The gateway topology of the seeds, built from network namespaces:
+//!
+//! ```text
+//!  tenant hosts ──┐
+//!  (one ns each)  ├─ lan (bridge) ── gw eth0 │ gw │ eth1 ── ext eth0 (server)
+//!  stranger ──────┘     internal: 172.20.x.1/24    192.168.31.2/24   192.168.31.1/24
+//! ```
+//!
+//! The gateway is the router of every host subnet; its external side shares
+//! 192.168.31.0/24 with the server, so the server reaches the egress
+//! addresses by ARP, as a partner's firewall on the same segment would.
+
+use std::net::Ipv4Addr;
+
+use crate::netns::Netns;
+
+pub const SERVER: Ipv4Addr = Ipv4Addr::new(192, 168, 31, 1);
+pub const GATEWAY_EXTERNAL: Ipv4Addr = Ipv4Addr::new(192, 168, 31, 2);
+pub const EGRESS_A: Ipv4Addr = Ipv4Addr::new(192, 168, 31, 101);
+pub const EGRESS_B: Ipv4Addr = Ipv4Addr::new(192, 168, 31, 150);
+pub const HOST_A: Ipv4Addr = Ipv4Addr::new(172, 20, 10, 10);
+pub const HOST_B: Ipv4Addr = Ipv4Addr::new(172, 20, 20, 10);
+/// A host in a subnet the gateway routes but no tenant owns.
+pub const STRANGER: Ipv4Addr = Ipv4Addr::new(172, 20, 30, 10);
+
+/// The seed's two tenants, as the YAML configuration names them.
+pub fn seed_config(max_flows: u32) -> String {
+    format!(
+        "\
+interfaces:
+  internal: [eth0]
+  external: eth1
+tenants:
+  - name: tenant-a
+    sources: [172.20.10.0/24]
+    egressIPs: [{EGRESS_A}]
+  - name: tenant-b
+    sources: [172.20.20.0/24]
+    egressIPs: [{EGRESS_B}]
+conntrack:
+  maxFlows: {max_flows}
+"
+    )
+}
+
+/// A host on the tenant LAN.
+pub struct Host {
+    pub ns: Netns,
+    pub addr: Ipv4Addr,
+}
+
+pub struct Topology {
+    pub hosts: Vec<Host>,
+    pub lan: Netns,
+    pub gateway: Netns,
+    pub external: Netns,
+}
+
+impl Topology {
+    /// Tenant A's host, tenant B's host, and a stranger, in that order.
+    pub fn seed() -> Self {
+        Self::new(&[("a", HOST_A), ("b", HOST_B), ("x", STRANGER)])
+    }
+
+    /// One host per `(role, address)`, each in its own /24 behind the gateway.
+    pub fn new(hosts: &[(&str, Ipv4Addr)]) -> Self {
+        let lan = Netns::new("lan");
+        let gateway = Netns::new("gw");
+        let external = Netns::new("ext");
+        lan.ip(&["link", "add", "br0", "type", "bridge"]);
+        lan.ip(&["link", "set", "br0", "up"]);
+
+        gateway.veth("eth0", &lan, "gw");
+        lan.ip(&["link", "set", "gw", "master", "br0"]);
+        gateway.veth("eth1", &external, "eth0");
+        gateway.ip(&[
+            "addr",
+            "add",
+            &format!("{GATEWAY_EXTERNAL}/24"),
+            "dev",
+            "eth1",
+        ]);
+        gateway.ip(&["route", "add", "default", "via", &SERVER.to_string()]);
+        external.ip(&["addr", "add", &format!("{SERVER}/24"), "dev", "eth0"]);
+
+        let mut built = Vec::new();
+        let mut routers: Vec<Ipv4Addr> = Vec::new();
+        for (i, (role, addr)) in hosts.iter().enumerate() {
+            let ns = Netns::new(&format!("host{role}"));
+            let port = format!("h{i}");
+            ns.veth("eth0", &lan, &port);
+            lan.ip(&["link", "set", &port, "master", "br0"]);
+            let router = router_of(*addr);
+            ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
+            ns.ip(&["route", "add", "default", "via", &router.to_string()]);
+            if !routers.contains(&router) {
+                gateway.ip(&["addr", "add", &format!("{router}/24"), "dev", "eth0"]);
+                routers.push(router);
+            }
+            // Senders must hand full checksums to the wire: XDP updates
+            // them incrementally and cannot finish a partial one.
+            ns.ethtool("eth0", "tx", false);
+            built.push(Host { ns, addr: *addr });
+        }
+        external.ethtool("eth0", "tx", false);
+        // A veth receiving XDP redirects needs NAPI on its peer: GRO turns
+        // it on without an XDP program there.
+        lan.ethtool("gw", "gro", true);
+        external.ethtool("eth0", "gro", true);
+        Self {
+            hosts: built,
+            lan,
+            gateway,
+            external,
+        }
+    }
+
+    pub fn host(&self, addr: Ipv4Addr) -> &Host {
+        self.hosts
+            .iter()
+            .find(|h| h.addr == addr)
+            .unwrap_or_else(|| panic!("no host {addr} in this topology"))
+    }
+}
+
+/// The .1 of a host's /24: where the gateway answers for that subnet.
+pub fn router_of(addr: Ipv4Addr) -> Ipv4Addr {
+    let [a, b, c, _] = addr.octets();
+    Ipv4Addr::new(a, b, c, 1)
+}
