@@ -9,7 +9,11 @@
 use std::{
     net::Ipv4Addr,
     path::{Path, PathBuf},
-    time::{SystemTime, UNIX_EPOCH},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::Context as _;
@@ -17,7 +21,8 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     addresses,
-    config::{Config, ConfigError, Resolved},
+    config::{Config, ConfigError, Resolved, Timeouts},
+    conntrack,
     dataplane::{
         Dataplane,
         maps::{DesiredState, Maps},
@@ -145,8 +150,14 @@ pub async fn run(instance: &Instance, config_path: &Path) -> Result<(), RunError
         "serving"
     );
 
+    let sweeper = Sweeper::start(
+        &instance.pin_dir,
+        resolved.sweep_interval,
+        resolved.timeouts,
+    )?;
     let result = wait_for_shutdown().await;
     tracing::info!("shutting down: detaching programs and removing what this agent added");
+    sweeper.stop();
     applied.undo(instance).await;
     result.map_err(Into::into)
 }
@@ -227,6 +238,57 @@ async fn apply(
     };
     instance.write_state(&state)?;
     Ok(state)
+}
+
+/// Removes expired flows every `interval`, on a thread of its own: a sweep
+/// of a large table is a few seconds of syscalls that should not hold up
+/// signals or netlink.
+struct Sweeper {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Sweeper {
+    fn start(pin_dir: &Path, interval: Duration, timeouts: Timeouts) -> anyhow::Result<Self> {
+        let mut maps = Maps::open(pin_dir)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("sweeper".into())
+            .spawn(move || {
+                let tick = Duration::from_millis(100).min(interval);
+                let mut waited = Duration::ZERO;
+                while !flag.load(Ordering::Relaxed) {
+                    std::thread::sleep(tick);
+                    waited += tick;
+                    if waited < interval {
+                        continue;
+                    }
+                    waited = Duration::ZERO;
+                    match conntrack::sweep(&mut maps, conntrack::now_ns(), &timeouts) {
+                        Ok(report)
+                            if report.flows_expired
+                                + report.halves_orphaned
+                                + report.fragments_expired
+                                > 0 =>
+                        {
+                            tracing::debug!(?report, "swept");
+                        }
+                        Ok(_) => {}
+                        Err(err) => {
+                            tracing::warn!(error = %format!("{err:#}"), "sweeping conntrack")
+                        }
+                    }
+                }
+            })
+            .context("starting the sweeper")?;
+        Ok(Self { stop, thread })
+    }
+
+    fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.thread.join();
+    }
 }
 
 fn absolute(path: &Path) -> PathBuf {

@@ -12,6 +12,7 @@ use std::{
     fmt,
     net::{IpAddr, Ipv4Addr},
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use egress_common::tenant::{MAX_EGRESS_ADDRS, MAX_TENANT_ID, TENANT_NAME_LEN};
@@ -98,14 +99,102 @@ pub struct Conntrack {
     /// Concurrent flows held; each takes two map entries.
     #[serde(default = "default_max_flows")]
     pub max_flows: u32,
+    /// How often expired flows are removed.
+    #[serde(default = "default_sweep_interval", deserialize_with = "duration")]
+    pub sweep_interval: Duration,
+    #[serde(default)]
+    pub timeouts: Timeouts,
 }
 
 impl Default for Conntrack {
     fn default() -> Self {
         Self {
             max_flows: DEFAULT_MAX_FLOWS,
+            sweep_interval: default_sweep_interval(),
+            timeouts: Timeouts::default(),
         }
     }
+}
+
+fn default_sweep_interval() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// How long a flow may stay idle in each state. The defaults are Linux's
+/// nf_conntrack ones (FIN_WAIT stands for fin_wait, close_wait and last_ack).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct Timeouts {
+    #[serde(deserialize_with = "duration", serialize_with = "as_seconds")]
+    pub tcp_syn_sent: Duration,
+    #[serde(deserialize_with = "duration", serialize_with = "as_seconds")]
+    pub tcp_established: Duration,
+    #[serde(deserialize_with = "duration", serialize_with = "as_seconds")]
+    pub tcp_fin_wait: Duration,
+    #[serde(deserialize_with = "duration", serialize_with = "as_seconds")]
+    pub tcp_time_wait: Duration,
+    #[serde(deserialize_with = "duration", serialize_with = "as_seconds")]
+    pub tcp_close: Duration,
+    /// UDP flows that have not been answered.
+    #[serde(deserialize_with = "duration", serialize_with = "as_seconds")]
+    pub udp: Duration,
+    /// UDP flows with traffic both ways.
+    #[serde(deserialize_with = "duration", serialize_with = "as_seconds")]
+    pub udp_replied: Duration,
+    #[serde(deserialize_with = "duration", serialize_with = "as_seconds")]
+    pub icmp: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            tcp_syn_sent: Duration::from_secs(120),
+            tcp_established: Duration::from_secs(432_000),
+            tcp_fin_wait: Duration::from_secs(120),
+            tcp_time_wait: Duration::from_secs(120),
+            tcp_close: Duration::from_secs(10),
+            udp: Duration::from_secs(30),
+            udp_replied: Duration::from_secs(120),
+            icmp: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Seconds as a number, or a number with a unit: `30`, `30s`, `2m`, `1h`, `5d`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 30s, 2m, 1h or 5d"))?;
+    let scale = match unit.trim() {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("{text:?}: unknown unit (use s, m, h or d)")),
+    };
+    Ok(Duration::from_secs(value.saturating_mul(scale)))
+}
+
+fn duration<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Written {
+        Seconds(u64),
+        Text(String),
+    }
+    match Written::deserialize(deserializer)? {
+        Written::Seconds(seconds) => Ok(Duration::from_secs(seconds)),
+        Written::Text(text) => parse_duration(&text).map_err(serde::de::Error::custom),
+    }
+}
+
+fn as_seconds<S: serde::Serializer>(value: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_u64(value.as_secs())
 }
 
 /// `internal: eth0` reads as `internal: [eth0]`.
@@ -215,11 +304,32 @@ impl Config {
                 format!("{max_flows} is outside {MIN_MAX_FLOWS}..={MAX_MAX_FLOWS}"),
             );
         }
+        let conntrack = &self.conntrack;
+        if conntrack.sweep_interval.is_zero() {
+            problems.add("conntrack.sweepInterval", "must be at least 1s");
+        }
+        let timeouts = conntrack.timeouts;
+        for (name, value) in [
+            ("tcpSynSent", timeouts.tcp_syn_sent),
+            ("tcpEstablished", timeouts.tcp_established),
+            ("tcpFinWait", timeouts.tcp_fin_wait),
+            ("tcpTimeWait", timeouts.tcp_time_wait),
+            ("tcpClose", timeouts.tcp_close),
+            ("udp", timeouts.udp),
+            ("udpReplied", timeouts.udp_replied),
+            ("icmp", timeouts.icmp),
+        ] {
+            if value.is_zero() {
+                problems.add(format!("conntrack.timeouts.{name}"), "must be at least 1s");
+            }
+        }
         problems.into_result(Plan {
             internal: self.interfaces.internal.clone(),
             external: self.interfaces.external.clone(),
             tenants,
             max_flows,
+            sweep_interval: conntrack.sweep_interval,
+            timeouts,
             xdp_mode: self.xdp.mode,
         })
     }
@@ -323,6 +433,8 @@ pub struct Plan {
     pub external: String,
     pub tenants: Vec<PlannedTenant>,
     pub max_flows: u32,
+    pub sweep_interval: Duration,
+    pub timeouts: Timeouts,
     pub xdp_mode: XdpModeSetting,
 }
 
@@ -366,6 +478,8 @@ pub struct Resolved {
     pub external: LinkRef,
     pub tenants: Vec<ResolvedTenant>,
     pub max_flows: u32,
+    pub sweep_interval: Duration,
+    pub timeouts: Timeouts,
     pub xdp_mode: XdpModeSetting,
 }
 
@@ -442,6 +556,8 @@ impl Plan {
             external,
             tenants,
             max_flows: self.max_flows,
+            sweep_interval: self.sweep_interval,
+            timeouts: self.timeouts,
             xdp_mode: self.xdp_mode,
         });
         match (problems.into_result(()), resolved) {

@@ -1,16 +1,24 @@
 //! The conntrack table as flows: each outbound entry paired with its reply
-//! entry, and the protocol state the two halves' flags add up to.
+//! entry, the protocol state the two halves' flags add up to, and the
+//! sweeper that removes flows idle past their state's timeout.
 //!
 //! The dataplane records only what each direction saw; the state machine
-//! lives here, where it costs nothing per packet.
+//! lives here, where it costs nothing per packet. The sweeper always removes
+//! both halves of a flow, outbound first: a packet racing the removal then
+//! starts a new flow on another port instead of leaving with a port whose
+//! replies can no longer be matched. An entry that moved since the snapshot
+//! was refreshed and stays.
 
-use std::{collections::HashMap, net::Ipv4Addr};
+use std::{collections::HashMap, net::Ipv4Addr, time::Duration};
 
+use anyhow::Context as _;
 use egress_common::flow::{
     DIR_OUTBOUND, FlowEntryV4, FlowKeyV4, PROTO_ICMP, PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_FIN,
     TCP_RST, TCP_SYN,
 };
 use serde::Serialize;
+
+use crate::{config::Timeouts, dataplane::maps::Maps};
 
 /// Protocol state of a flow, close to Linux conntrack's names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -22,8 +30,10 @@ pub enum FlowState {
     Established,
     /// TCP: one side sent FIN.
     FinWait,
-    /// TCP: both sides sent FIN, or either sent RST.
-    Closed,
+    /// TCP: both sides sent FIN.
+    TimeWait,
+    /// TCP: either side sent RST.
+    Close,
     /// UDP/ICMP: packets out, none back yet.
     Unreplied,
     /// UDP/ICMP: replies seen.
@@ -31,6 +41,22 @@ pub enum FlowState {
 }
 
 impl FlowState {
+    /// How long a flow of `proto` in this state may stay idle.
+    pub fn timeout(self, proto: u8, timeouts: &Timeouts) -> Duration {
+        if proto == PROTO_ICMP {
+            return timeouts.icmp;
+        }
+        match self {
+            Self::SynSent => timeouts.tcp_syn_sent,
+            Self::Established => timeouts.tcp_established,
+            Self::FinWait => timeouts.tcp_fin_wait,
+            Self::TimeWait => timeouts.tcp_time_wait,
+            Self::Close => timeouts.tcp_close,
+            Self::Unreplied => timeouts.udp,
+            Self::Replied => timeouts.udp_replied,
+        }
+    }
+
     pub fn of(proto: u8, outbound: &FlowEntryV4, reply: Option<&FlowEntryV4>) -> Self {
         let back = reply.map_or(0, |r| r.tcp_flags);
         let replied = reply.is_some_and(|r| r.packets > 0);
@@ -42,8 +68,10 @@ impl FlowState {
             };
         }
         let out = outbound.tcp_flags;
-        if (out | back) & TCP_RST != 0 || (out & TCP_FIN != 0 && back & TCP_FIN != 0) {
-            Self::Closed
+        if (out | back) & TCP_RST != 0 {
+            Self::Close
+        } else if out & TCP_FIN != 0 && back & TCP_FIN != 0 {
+            Self::TimeWait
         } else if (out | back) & TCP_FIN != 0 {
             Self::FinWait
         } else if back & (TCP_SYN | TCP_ACK) != 0 {
@@ -58,7 +86,8 @@ impl FlowState {
             Self::SynSent => "SYN_SENT",
             Self::Established => "ESTABLISHED",
             Self::FinWait => "FIN_WAIT",
-            Self::Closed => "CLOSED",
+            Self::TimeWait => "TIME_WAIT",
+            Self::Close => "CLOSE",
             Self::Unreplied => "UNREPLIED",
             Self::Replied => "REPLIED",
         }
@@ -80,6 +109,10 @@ impl Flow {
 
     pub fn tenant(&self) -> u16 {
         self.outbound_key.zone
+    }
+
+    pub fn timeout(&self, timeouts: &Timeouts) -> Duration {
+        self.state().timeout(self.outbound_key.proto, timeouts)
     }
 
     /// Most recent packet in either direction.
@@ -143,6 +176,97 @@ pub fn now_ns() -> u64 {
     (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// What one sweep did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct SweepReport {
+    /// Flows idle past their state's timeout, both halves removed.
+    pub flows_expired: usize,
+    /// Halves whose other half the LRU evicted, removed.
+    pub halves_orphaned: usize,
+    /// Fragment memories older than the reassembly lifetime, removed.
+    pub fragments_expired: usize,
+    /// Flows left in place (alive, or refreshed while the sweep ran).
+    pub flows_kept: usize,
+}
+
+/// A half without its other half may belong to a flow being created this
+/// very moment (the dataplane writes the reply half first): leave it alone
+/// this long.
+pub const ORPHAN_GRACE: Duration = Duration::from_secs(5);
+/// Linux keeps fragments for reassembly this long (ipfrag_time).
+pub const FRAGMENT_LIFETIME: Duration = Duration::from_secs(30);
+
+fn nanos(duration: Duration) -> u64 {
+    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// Removes expired flows (both halves), orphaned halves and stale fragment
+/// memories, judged at `now_ns` on the dataplane's clock.
+pub fn sweep(maps: &mut Maps, now_ns: u64, timeouts: &Timeouts) -> anyhow::Result<SweepReport> {
+    let mut report = SweepReport::default();
+    let (flows, orphan_replies) = pair(maps.flows());
+    for flow in flows {
+        let idle = now_ns.saturating_sub(flow.last_seen_ns());
+        let expired = idle >= nanos(flow.timeout(timeouts));
+        let orphaned = flow.reply.is_none()
+            && now_ns.saturating_sub(flow.outbound.created_ns) >= nanos(ORPHAN_GRACE);
+        if !(expired || orphaned) || refreshed(maps, &flow.outbound_key, &flow.outbound) {
+            report.flows_kept += 1;
+            continue;
+        }
+        let reply_key = flow.outbound_key.peer_key(&flow.outbound);
+        if let Some(reply) = &flow.reply
+            && refreshed(maps, &reply_key, reply)
+        {
+            report.flows_kept += 1;
+            continue;
+        }
+        remove(maps, &flow.outbound_key)?;
+        remove(maps, &reply_key)?;
+        if expired {
+            report.flows_expired += 1;
+        } else {
+            report.halves_orphaned += 1;
+        }
+    }
+    for key in orphan_replies {
+        let Ok(entry) = maps.conntrack.get(&key, 0) else {
+            continue;
+        };
+        if now_ns.saturating_sub(entry.created_ns) >= nanos(ORPHAN_GRACE) {
+            remove(maps, &key)?;
+            report.halves_orphaned += 1;
+        }
+    }
+    let stale: Vec<_> = maps
+        .frags
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(_, entry)| now_ns.saturating_sub(entry.created_ns) >= nanos(FRAGMENT_LIFETIME))
+        .map(|(key, _)| key)
+        .collect();
+    for key in stale {
+        if maps.frags.remove(&key).is_ok() {
+            report.fragments_expired += 1;
+        }
+    }
+    Ok(report)
+}
+
+/// Whether an entry saw traffic since the snapshot `seen` was taken.
+fn refreshed(maps: &Maps, key: &FlowKeyV4, seen: &FlowEntryV4) -> bool {
+    maps.conntrack
+        .get(key, 0)
+        .is_ok_and(|now| now.last_seen_ns != seen.last_seen_ns || now.created_ns != seen.created_ns)
+}
+
+fn remove(maps: &mut Maps, key: &FlowKeyV4) -> anyhow::Result<()> {
+    match maps.conntrack.remove(key) {
+        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(err) => Err(err).context("removing a conntrack entry"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use egress_common::flow::{DIR_REPLY, REPLY_ZONE};
@@ -178,9 +302,9 @@ mod tests {
         );
         assert_eq!(
             tcp(TCP_ACK | TCP_FIN, Some(TCP_ACK | TCP_FIN)),
-            FlowState::Closed
+            FlowState::TimeWait
         );
-        assert_eq!(tcp(TCP_SYN, Some(TCP_RST)), FlowState::Closed);
+        assert_eq!(tcp(TCP_SYN, Some(TCP_RST)), FlowState::Close);
     }
 
     #[test]

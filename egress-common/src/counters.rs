@@ -11,6 +11,10 @@ pub enum Counter {
     OutTranslated = 0,
     /// Outbound: a new flow was created (also counted as translated or fallback).
     OutNewFlow,
+    /// Outbound: an ICMP error from a tenant host about a reply, translated (inner header included) and forwarded.
+    OutIcmpErrorTranslated,
+    /// Outbound: a later fragment translated by its first fragment's memory.
+    OutFragmentTranslated,
     /// Outbound: not IPv4 (ARP, LLDP, IPv6...), left to the kernel.
     OutPassNotIpv4,
     /// Outbound: not routed out of the external interface (to the gateway
@@ -44,8 +48,14 @@ pub enum Counter {
     OutDropConntrackFull,
     /// Outbound: a packet that cannot start a flow (TCP RST without one).
     OutDropInvalid,
+    /// Outbound: a later fragment whose first fragment was never seen.
+    OutDropFragmentUnknown,
     /// Reply: translated back and redirected to the tenant host.
     InTranslated,
+    /// Reply: an ICMP error about a translated packet, translated back (inner header included).
+    InIcmpErrorTranslated,
+    /// Reply: a later fragment translated by its first fragment's memory.
+    InFragmentTranslated,
     /// Reply: not IPv4 (ARP, LLDP, IPv6...), left to the kernel.
     InPassNotIpv4,
     /// Reply: not addressed to an egress address, left to the kernel.
@@ -64,6 +74,8 @@ pub enum Counter {
     InDropTooBig,
     /// Reply: no usable route to the tenant host, or one leading outside.
     InDropNoRoute,
+    /// Reply: a later fragment whose first fragment was never seen.
+    InDropFragmentUnknown,
     /// TC: a translated packet was handed to the kernel's neighbour resolution.
     TcNeighRedirected,
     /// TC: a translated packet could not be routed out of the external interface.
@@ -81,6 +93,8 @@ impl Counter {
     pub const ALL: [Counter; COUNTER_COUNT as usize] = [
         Counter::OutTranslated,
         Counter::OutNewFlow,
+        Counter::OutIcmpErrorTranslated,
+        Counter::OutFragmentTranslated,
         Counter::OutPassNotIpv4,
         Counter::OutPassNotEgress,
         Counter::OutPassTtlExceeded,
@@ -94,7 +108,10 @@ impl Counter {
         Counter::OutDropTooBig,
         Counter::OutDropConntrackFull,
         Counter::OutDropInvalid,
+        Counter::OutDropFragmentUnknown,
         Counter::InTranslated,
+        Counter::InIcmpErrorTranslated,
+        Counter::InFragmentTranslated,
         Counter::InPassNotIpv4,
         Counter::InPassNotEgress,
         Counter::InPassNeighFallback,
@@ -104,6 +121,7 @@ impl Counter {
         Counter::InDropTtlExceeded,
         Counter::InDropTooBig,
         Counter::InDropNoRoute,
+        Counter::InDropFragmentUnknown,
         Counter::TcNeighRedirected,
         Counter::TcNeighDropped,
         Counter::TcLeakBlocked,
@@ -114,6 +132,8 @@ impl Counter {
     pub const fn name(self) -> &'static str {
         match self {
             Counter::OutTranslated => "out_translated",
+            Counter::OutFragmentTranslated => "out_fragment_translated",
+            Counter::OutIcmpErrorTranslated => "out_icmp_error_translated",
             Counter::OutNewFlow => "out_new_flow",
             Counter::OutPassNotIpv4 => "out_pass_not_ipv4",
             Counter::OutPassNotEgress => "out_pass_not_egress",
@@ -127,7 +147,10 @@ impl Counter {
             Counter::OutDropUnsupported => "out_drop_unsupported",
             Counter::OutDropTooBig => "out_drop_too_big",
             Counter::OutDropConntrackFull => "out_drop_conntrack_full",
+            Counter::OutDropFragmentUnknown => "out_drop_fragment_unknown",
             Counter::OutDropInvalid => "out_drop_invalid",
+            Counter::InFragmentTranslated => "in_fragment_translated",
+            Counter::InIcmpErrorTranslated => "in_icmp_error_translated",
             Counter::InTranslated => "in_translated",
             Counter::InPassNotIpv4 => "in_pass_not_ipv4",
             Counter::InPassNotEgress => "in_pass_not_egress",
@@ -137,6 +160,7 @@ impl Counter {
             Counter::InDropUnsupported => "in_drop_unsupported",
             Counter::InDropTtlExceeded => "in_drop_ttl_exceeded",
             Counter::InDropTooBig => "in_drop_too_big",
+            Counter::InDropFragmentUnknown => "in_drop_fragment_unknown",
             Counter::InDropNoRoute => "in_drop_no_route",
             Counter::TcNeighRedirected => "tc_neigh_redirected",
             Counter::TcNeighDropped => "tc_neigh_dropped",

@@ -109,3 +109,38 @@ impl FlowKeyV4 {
         }
     }
 }
+
+shared_layout! {
+    /// Key of `FRAGS_V4`: one IPv4 datagram in fragments, as it arrived
+    /// (before translation). RFC 791 makes (src, dst, id, proto) unique for
+    /// the datagram's lifetime; the zone keeps tenants apart.
+    pub struct FragKeyV4 {
+        /// Source address, network byte order.
+        pub src: [u8; 4],
+        /// Destination address, network byte order.
+        pub dst: [u8; 4],
+        /// IP identification, network byte order.
+        pub id: u16,
+        /// IP protocol number.
+        pub proto: u8,
+        /// `DIR_OUTBOUND` or `DIR_REPLY`.
+        pub direction: u8,
+        /// Tenant id for outbound datagrams, `REPLY_ZONE` for replies.
+        pub zone: u16,
+        pub _pad: [u8; 2],
+    }
+}
+
+shared_layout! {
+    /// Value of `FRAGS_V4`: what the first fragment was translated to, so
+    /// the rest (which carry no ports) follow it.
+    pub struct FragEntryV4 {
+        /// Outbound: egress address. Reply: tenant host address.
+        pub nat_addr: [u8; 4],
+        /// Tenant id.
+        pub tenant: u16,
+        pub _pad: [u8; 2],
+        /// CLOCK_MONOTONIC_COARSE nanoseconds of the first fragment.
+        pub created_ns: u64,
+    }
+}

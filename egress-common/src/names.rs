@@ -16,6 +16,9 @@ pub const TENANT_NAMES: &str = "TENANT_NAMES";
 pub const EGRESS_ADDRS_V4: &str = "EGRESS_ADDR_V4";
 /// LRU hash `FlowKeyV4` -> `FlowEntryV4`: both directions of every translated flow.
 pub const CONNTRACK_V4: &str = "CONNTRACK_V4";
+/// LRU hash `FragKeyV4` -> `FragEntryV4`: datagrams whose first fragment
+/// was translated, for the fragments that follow.
+pub const FRAGS_V4: &str = "FRAGS_V4";
 /// Hash ifindex (`u32`) -> `InterfaceInfo`: the role of each interface the agent manages.
 pub const INTERFACES: &str = "INTERFACES";
 /// Array of one `DataplaneConfig`.
@@ -24,13 +27,14 @@ pub const CONFIG: &str = "DP_CONFIG";
 pub const COUNTERS: &str = "COUNTERS";
 
 /// Every map, in the order the agent pins them.
-pub const ALL_MAPS: [&str; 9] = [
+pub const ALL_MAPS: [&str; 10] = [
     TENANT_SOURCES_V4,
     INGRESS_PORTS,
     TENANTS,
     TENANT_NAMES,
     EGRESS_ADDRS_V4,
     CONNTRACK_V4,
+    FRAGS_V4,
     INTERFACES,
     CONFIG,
     COUNTERS,

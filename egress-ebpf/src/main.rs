@@ -7,8 +7,8 @@
 //!   external): see `tc`.
 //!
 //! The stages live one per module: `parse`, `classify`, `conntrack`, `nat`
-//! (translate), `forward`, with `csum` for checksum arithmetic and `verdict`
-//! for the counted outcome of every packet.
+//! (translate), `forward`, with `frags` for fragments, `csum` for checksum
+//! arithmetic and `verdict` for the counted outcome of every packet.
 #![no_std]
 #![no_main]
 
@@ -16,6 +16,7 @@ mod classify;
 mod conntrack;
 mod csum;
 mod forward;
+mod frags;
 mod maps;
 mod nat;
 mod outbound;

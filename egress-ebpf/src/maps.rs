@@ -8,7 +8,7 @@ use aya_ebpf::{
 use egress_common::{
     config::{DataplaneConfig, InterfaceInfo},
     counters::COUNTER_COUNT,
-    flow::{FlowEntryV4, FlowKeyV4},
+    flow::{FlowEntryV4, FlowKeyV4, FragEntryV4, FragKeyV4},
     tenant::{IngressPortKey, MAX_TENANTS, SourceKeyV4, TenantInfo, TenantName},
 };
 
@@ -36,6 +36,10 @@ pub static EGRESS_ADDR_V4: HashMap<[u8; 4], u32, 65_536> = HashMap::new();
 /// instead of refusing new ones; the agent's sweeper removes expired pairs.
 #[btf_map]
 pub static CONNTRACK_V4: LruHashMap<FlowKeyV4, FlowEntryV4, 524_288> = LruHashMap::new();
+
+/// First fragments' translations, for the fragments that follow.
+#[btf_map]
+pub static FRAGS_V4: LruHashMap<FragKeyV4, FragEntryV4, 8_192> = LruHashMap::new();
 
 /// ifindex -> role of the interface.
 #[btf_map]

@@ -1,6 +1,7 @@
 //! Translate: choose a new flow's egress address, and rewrite a packet's
 //! source (outbound) or destination (reply) address and port with every
-//! checksum updated incrementally.
+//! checksum updated incrementally: whole packets, later fragments (address
+//! only) and ICMP errors (outer address and the quoted packet inside).
 
 use egress_common::{
     flow::FlowKeyV4,
@@ -9,7 +10,7 @@ use egress_common::{
 
 use crate::{
     csum,
-    parse::{Ipv4Frame, L4, Transport},
+    parse::{IcmpError, Ipv4Frame, L4, QuotedL4, Transport},
 };
 
 /// The egress address for a new flow. Hashing source and destination (not
@@ -34,6 +35,104 @@ pub fn pick_egress(tenant: &TenantInfo, key: &FlowKeyV4) -> Option<[u8; 4]> {
 pub enum Side {
     Source,
     Destination,
+}
+
+impl Side {
+    #[inline(always)]
+    fn opposite(self) -> Self {
+        match self {
+            Side::Source => Side::Destination,
+            Side::Destination => Side::Source,
+        }
+    }
+}
+
+/// Sets one address of an IPv4 header, adjusting its checksum; returns the
+/// old address.
+#[inline(always)]
+fn set_address(ip: &mut network_types::ip::Ipv4Hdr, side: Side, addr: [u8; 4]) -> [u8; 4] {
+    let field = if side == Side::Source {
+        &mut ip.src_addr
+    } else {
+        &mut ip.dst_addr
+    };
+    let old = *field;
+    *field = addr;
+    ip.check = csum::replace32(ip.check, old, addr);
+    old
+}
+
+/// A later fragment: only the address changes, the ports (and the L4
+/// checksum covering them) travelled in the first fragment.
+#[inline(always)]
+pub fn rewrite_address(frame: &Ipv4Frame, side: Side, addr: [u8; 4]) {
+    // SAFETY: header pointer bounds-checked by the parser.
+    set_address(unsafe { &mut *frame.ip }, side, addr);
+}
+
+/// An ICMP error: the outer `side` becomes `addr`, and so does the other
+/// side of the quoted packet, whose port (or echo id) becomes `port`. The
+/// ICMP checksum covers the quote, so every changed word is folded into it.
+#[inline(always)]
+pub fn rewrite_icmp_error(
+    frame: &Ipv4Frame,
+    error: &IcmpError,
+    side: Side,
+    addr: [u8; 4],
+    port: u16,
+) {
+    // SAFETY: header pointers were bounds-checked by the parser.
+    let (icmp, inner) = unsafe { (&mut *error.icmp, &mut *error.inner_ip) };
+    let inner_side = side.opposite();
+    let old_inner_check = inner.check;
+    let old_addr = set_address(inner, inner_side, addr);
+    let mut check = csum::replace32(icmp.check, old_addr, addr);
+    check = csum::replace16(check, csum::word(old_inner_check), csum::word(inner.check));
+    match error.inner_l4 {
+        QuotedL4::Ports {
+            ports,
+            check: l4_check,
+            udp,
+        } => {
+            // SAFETY: bounds-checked by the parser.
+            let ports = unsafe { &mut *ports };
+            let at = if inner_side == Side::Source { 0 } else { 2 };
+            let old_port = u16::from_ne_bytes([ports[at], ports[at + 1]]);
+            let new = port.to_ne_bytes();
+            ports[at] = new[0];
+            ports[at + 1] = new[1];
+            check = csum::replace16(check, old_port, port);
+            if let Some(l4_check) = l4_check {
+                // SAFETY: bounds-checked by the parser.
+                let l4_check = unsafe { &mut *l4_check };
+                if !(udp && csum::word(*l4_check) == 0) {
+                    let old = *l4_check;
+                    let mut updated = csum::replace32(old, old_addr, addr);
+                    updated = csum::replace16(updated, old_port, port);
+                    if udp {
+                        updated = csum::udp_nonzero(updated);
+                    }
+                    *l4_check = updated;
+                    check = csum::replace16(check, csum::word(old), csum::word(updated));
+                }
+            }
+        }
+        QuotedL4::Echo(echo) => {
+            // SAFETY: bounds-checked by the parser.
+            let echo = unsafe { &mut *echo };
+            let old_id = u16::from_ne_bytes([echo.data[0], echo.data[1]]);
+            let old_echo_check = echo.check;
+            echo.check = csum::replace16(echo.check, old_id, port);
+            let id = port.to_ne_bytes();
+            echo.data[0] = id[0];
+            echo.data[1] = id[1];
+            check = csum::replace16(check, old_id, port);
+            check = csum::replace16(check, csum::word(old_echo_check), csum::word(echo.check));
+        }
+    }
+    icmp.check = check;
+    // SAFETY: header pointer bounds-checked by the parser.
+    set_address(unsafe { &mut *frame.ip }, side, addr);
 }
 
 /// Rewrites one end of the packet to `addr`:`port` (both network order).
@@ -85,10 +184,5 @@ pub fn rewrite(frame: &Ipv4Frame, transport: &Transport, side: Side, addr: [u8; 
             icmp.data[1] = id[1];
         }
     }
-    ip.check = csum::replace32(ip.check, old_addr, addr);
-    if side == Side::Source {
-        ip.src_addr = addr;
-    } else {
-        ip.dst_addr = addr;
-    }
+    set_address(ip, side, addr);
 }

@@ -19,9 +19,10 @@ use crate::{
     classify, conntrack,
     conntrack::Translation,
     forward::{self, Route},
+    frags,
     maps::TENANTS,
     nat::{self, Side},
-    parse::{self, ICMP_ECHO_REQUEST, ParseError},
+    parse::{self, ICMP_ECHO_REQUEST, IcmpError, Ipv4Frame, ParseError, Payload, Transport},
     verdict::{Verdict, count},
 };
 
@@ -40,7 +41,7 @@ fn parse_error(err: ParseError) -> Counter {
 
 #[inline(always)]
 fn process(ctx: &XdpContext) -> Result<Verdict, Counter> {
-    // Parse.
+    // Parse, as far as needed to know whether the packet is ours.
     let Some(frame) = parse::ipv4(ctx).map_err(parse_error)? else {
         return Ok(Verdict::pass(Counter::OutPassNotIpv4));
     };
@@ -48,29 +49,40 @@ fn process(ctx: &XdpContext) -> Result<Verdict, Counter> {
         return Ok(Verdict::pass(Counter::OutPassNotEgress));
     }
     let ingress = ctx.ingress_ifindex() as u32;
-    let (src, dst, ttl) = {
-        let ip = frame.ip();
-        (ip.src_addr, ip.dst_addr, ip.ttl)
-    };
 
     // Classify.
-    let Some(tenant_id) = classify::tenant_v4(&frame, ingress) else {
-        return unclassified(ctx, &frame, ingress, src, dst);
+    let Some(tenant) = classify::tenant_v4(&frame, ingress) else {
+        return unclassified(ctx, &frame, ingress);
     };
-    let transport = parse::transport(ctx, &frame, ICMP_ECHO_REQUEST).map_err(parse_error)?;
-    if ttl <= 1 {
+    let payload = parse::payload(ctx, &frame, ICMP_ECHO_REQUEST).map_err(parse_error)?;
+    if frame.ip().ttl <= 1 {
         return Ok(Verdict::pass(Counter::OutPassTtlExceeded));
     }
+    match payload {
+        Payload::Flow(transport) => flow(ctx, &frame, &transport, tenant, ingress),
+        Payload::IcmpError(error) => icmp_error(ctx, &frame, &error, tenant, ingress),
+        Payload::LaterFragment => later_fragment(ctx, &frame, tenant, ingress),
+    }
+}
 
+/// A packet of a flow: find or create the flow, then translate and send.
+#[inline(always)]
+fn flow(
+    ctx: &XdpContext,
+    frame: &Ipv4Frame,
+    transport: &Transport,
+    tenant: u16,
+    ingress: u32,
+) -> Result<Verdict, Counter> {
     // Conntrack: an existing flow, or what a new one would translate to.
     let key = FlowKeyV4 {
-        src,
-        dst,
+        src: frame.ip().src_addr,
+        dst: frame.ip().dst_addr,
         src_port: transport.src_port,
         dst_port: transport.dst_port,
         proto: frame.ip().proto,
         direction: DIR_OUTBOUND,
-        zone: tenant_id,
+        zone: tenant,
     };
     let existing = conntrack::lookup(&key);
     let (nat_addr, new_flow) = match existing {
@@ -80,14 +92,14 @@ fn process(ctx: &XdpContext) -> Result<Verdict, Counter> {
             if transport.tcp_flags & TCP_RST != 0 {
                 return Err(Counter::OutDropInvalid);
             }
-            let tenant = TENANTS
-                .get(u32::from(tenant_id))
+            let info = TENANTS
+                .get(u32::from(tenant))
                 .ok_or(Counter::OutDropNoEgressAddr)?;
-            let addr = nat::pick_egress(tenant, &key).ok_or(Counter::OutDropNoEgressAddr)?;
+            let addr = nat::pick_egress(info, &key).ok_or(Counter::OutDropNoEgressAddr)?;
             let translation = Translation {
                 addr,
-                port_min: tenant.port_min,
-                port_max: tenant.port_max,
+                port_min: info.port_min,
+                port_max: info.port_max,
             };
             (addr, Some(translation))
         }
@@ -95,16 +107,9 @@ fn process(ctx: &XdpContext) -> Result<Verdict, Counter> {
 
     // Route, as the translated packet.
     let ports = (transport.src_port, transport.dst_port);
-    let route = forward::route_v4(ctx, &frame, ingress, nat_addr, dst, ports);
-    if !route.leaves_external() {
-        return Ok(Verdict::pass(Counter::OutPassNotEgress));
-    }
-    if let Route::TooBig { .. } = route {
-        return if frame.dont_fragment() {
-            Ok(Verdict::pass(Counter::OutPassFragNeeded))
-        } else {
-            Err(Counter::OutDropTooBig)
-        };
+    let route = forward::route_v4(ctx, frame, ingress, nat_addr, key.dst, ports);
+    if let Some(verdict) = not_leaving(frame, &route) {
+        return verdict;
     }
 
     let now = conntrack::now();
@@ -128,40 +133,121 @@ fn process(ctx: &XdpContext) -> Result<Verdict, Counter> {
         u16::from_be_bytes(frame.ip().tot_len),
         transport.tcp_flags,
     );
+    if frame.is_fragment() {
+        frags::remember(frame, DIR_OUTBOUND, tenant, nat_addr, tenant, now);
+    }
 
     // Translate and forward.
-    nat::rewrite(&frame, &transport, Side::Source, nat_addr, nat_port);
-    forward::decrement_ttl(&frame);
+    nat::rewrite(frame, transport, Side::Source, nat_addr, nat_port);
+    Ok(transmit(frame, route, Counter::OutTranslated))
+}
+
+/// An ICMP error a tenant host sends about a reply it received: the quoted
+/// reply names the flow, and both the outer source and the quoted
+/// destination become the flow's egress address and port.
+#[inline(always)]
+fn icmp_error(
+    ctx: &XdpContext,
+    frame: &Ipv4Frame,
+    error: &IcmpError,
+    tenant: u16,
+    ingress: u32,
+) -> Result<Verdict, Counter> {
+    if error.inner_dst != frame.ip().src_addr {
+        return Err(Counter::OutDropInvalid);
+    }
+    let key = FlowKeyV4 {
+        src: error.inner_dst,
+        dst: error.inner_src,
+        src_port: error.inner_dst_port,
+        dst_port: error.inner_src_port,
+        proto: error.inner_proto,
+        direction: DIR_OUTBOUND,
+        zone: tenant,
+    };
+    let entry = conntrack::lookup(&key).ok_or(Counter::OutDropInvalid)?;
+    // SAFETY: map value pointer returned by the kernel.
+    let (nat_addr, nat_port) = unsafe { ((*entry).nat_addr, (*entry).nat_port) };
+    let route = forward::route_v4(ctx, frame, ingress, nat_addr, frame.ip().dst_addr, (0, 0));
+    if let Some(verdict) = not_leaving(frame, &route) {
+        return verdict;
+    }
+    nat::rewrite_icmp_error(frame, error, Side::Source, nat_addr, nat_port);
+    Ok(transmit(frame, route, Counter::OutIcmpErrorTranslated))
+}
+
+/// A fragment after the first follows the translation its first got.
+#[inline(always)]
+fn later_fragment(
+    ctx: &XdpContext,
+    frame: &Ipv4Frame,
+    tenant: u16,
+    ingress: u32,
+) -> Result<Verdict, Counter> {
+    let first =
+        frags::recall(frame, DIR_OUTBOUND, tenant).ok_or(Counter::OutDropFragmentUnknown)?;
+    let route = forward::route_v4(
+        ctx,
+        frame,
+        ingress,
+        first.nat_addr,
+        frame.ip().dst_addr,
+        (0, 0),
+    );
+    if let Some(verdict) = not_leaving(frame, &route) {
+        return verdict;
+    }
+    nat::rewrite_address(frame, Side::Source, first.nat_addr);
+    Ok(transmit(frame, route, Counter::OutFragmentTranslated))
+}
+
+/// Traffic that will not leave through the external interface as it is,
+/// and what becomes of it; `None` when it can be translated and sent.
+#[inline(always)]
+fn not_leaving(frame: &Ipv4Frame, route: &Route) -> Option<Result<Verdict, Counter>> {
+    if !route.leaves_external() {
+        return Some(Ok(Verdict::pass(Counter::OutPassNotEgress)));
+    }
+    if let Route::TooBig { .. } = route {
+        return Some(if frame.dont_fragment() {
+            Ok(Verdict::pass(Counter::OutPassFragNeeded))
+        } else {
+            Err(Counter::OutDropTooBig)
+        });
+    }
+    None
+}
+
+/// One router hop out of the external interface, for a packet already
+/// translated.
+#[inline(always)]
+fn transmit(frame: &Ipv4Frame, route: Route, counter: Counter) -> Verdict {
+    forward::decrement_ttl(frame);
     match route {
         Route::Resolved {
             ifindex,
             smac,
             dmac,
-        } => Ok(Verdict {
-            action: forward::redirect(&frame, ifindex, smac, dmac),
-            counter: Counter::OutTranslated,
-        }),
+        } => Verdict {
+            action: forward::redirect(frame, ifindex, smac, dmac),
+            counter,
+        },
         // Translated already, so the kernel sees an egress address as the
         // source: the TC fallback sends it on, and without it the kernel
         // drops it as a martian. Either way no tenant address leaves.
-        _ => Ok(Verdict {
+        _ => Verdict {
             action: XDP_PASS,
             counter: Counter::OutPassNeighFallback,
-        }),
+        },
     }
 }
 
 /// A source that belongs to no tenant: fail closed towards the outside, but
 /// leave the gateway's own and internal traffic to the kernel.
 #[inline(always)]
-fn unclassified(
-    ctx: &XdpContext,
-    frame: &parse::Ipv4Frame,
-    ingress: u32,
-    src: [u8; 4],
-    dst: [u8; 4],
-) -> Result<Verdict, Counter> {
-    if forward::route_v4(ctx, frame, ingress, src, dst, (0, 0)).leaves_external() {
+fn unclassified(ctx: &XdpContext, frame: &Ipv4Frame, ingress: u32) -> Result<Verdict, Counter> {
+    let ip = frame.ip();
+    if forward::route_v4(ctx, frame, ingress, ip.src_addr, ip.dst_addr, (0, 0)).leaves_external() {
         Err(Counter::OutDropUnclassified)
     } else {
         Ok(Verdict::pass(Counter::OutPassNotEgress))

@@ -5,6 +5,10 @@
 //! truncated or contradicts itself is `Malformed`; one that is well formed but
 //! outside what the NAT translates is `Unsupported`. Each direction maps these
 //! to its own counters.
+//!
+//! What follows the IPv4 header is one of three things to the NAT: the L4
+//! header of a flow (whole packets and first fragments), an ICMP error that
+//! quotes a packet of a flow, or a later fragment that carries no L4 header.
 
 use core::mem::size_of;
 
@@ -26,12 +30,15 @@ pub enum ParseError {
 /// ICMP types the NAT tracks like ports.
 pub const ICMP_ECHO_REPLY: u8 = 0;
 pub const ICMP_ECHO_REQUEST: u8 = 8;
+/// ICMP errors that quote the packet they are about (RFC 792).
+const ICMP_DEST_UNREACHABLE: u8 = 3;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMP_PARAMETER_PROBLEM: u8 = 12;
 
-/// IPv4 "more fragments" flag and fragment offset, in the host-order `frags` word.
+/// IPv4 flags and fragment offset, in the host-order `frags` word.
+const IP_DF: u16 = 0x4000;
 const IP_MF: u16 = 0x2000;
 const IP_OFFSET: u16 = 0x1fff;
-/// IPv4 "don't fragment" flag.
-const IP_DF: u16 = 0x4000;
 
 #[inline(always)]
 pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, ParseError> {
@@ -44,11 +51,13 @@ pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, ParseError> 
 }
 
 /// An IPv4 packet in an Ethernet frame whose header is consistent with the
-/// frame. Options and fragments are allowed here; whether the NAT can
-/// translate them is decided once it knows the packet is its business.
+/// frame. Options and fragments are allowed.
 pub struct Ipv4Frame {
     pub eth: *mut EthHdr,
     pub ip: *mut Ipv4Hdr,
+    /// Where the L4 header starts: after Ethernet and the IPv4 header with
+    /// its options. At most 14 + 60.
+    pub l4_offset: usize,
 }
 
 impl Ipv4Frame {
@@ -65,8 +74,32 @@ impl Ipv4Frame {
     }
 
     #[inline(always)]
+    fn frags(&self) -> u16 {
+        u16::from_be_bytes(self.ip().frags)
+    }
+
+    #[inline(always)]
     pub fn dont_fragment(&self) -> bool {
-        u16::from_be_bytes(self.ip().frags) & IP_DF != 0
+        self.frags() & IP_DF != 0
+    }
+
+    /// Part of a fragmented datagram (first or later).
+    #[inline(always)]
+    pub fn is_fragment(&self) -> bool {
+        self.frags() & (IP_MF | IP_OFFSET) != 0
+    }
+
+    /// A fragment after the first: no L4 header.
+    #[inline(always)]
+    pub fn is_later_fragment(&self) -> bool {
+        self.frags() & IP_OFFSET != 0
+    }
+
+    /// Bytes after the IPv4 header (and its options).
+    #[inline(always)]
+    pub fn payload_len(&self) -> usize {
+        let ip = self.ip();
+        usize::from(u16::from_be_bytes(ip.tot_len)) - usize::from(ip.vihl & 0x0f) * 4
     }
 
     /// Multicast or limited broadcast: link-local control traffic (IGMP,
@@ -75,17 +108,6 @@ impl Ipv4Frame {
     pub fn to_group(&self) -> bool {
         let dst = self.ip().dst_addr;
         dst[0] & 0xf0 == 0xe0 || dst == [0xff; 4]
-    }
-
-    /// Whether the NAT can translate this packet's header as it stands:
-    /// no options, not a fragment.
-    #[inline(always)]
-    pub fn translatable(&self) -> Result<(), ParseError> {
-        let ip = self.ip();
-        if ip.vihl & 0x0f != 5 || u16::from_be_bytes(ip.frags) & (IP_MF | IP_OFFSET) != 0 {
-            return Err(ParseError::Unsupported);
-        }
-        Ok(())
     }
 }
 
@@ -108,7 +130,11 @@ pub fn ipv4(ctx: &XdpContext) -> Result<Option<Ipv4Frame>, ParseError> {
     if tot_len < header_len || ctx.data() + EthHdr::LEN + tot_len > ctx.data_end() {
         return Err(ParseError::Malformed);
     }
-    Ok(Some(Ipv4Frame { eth, ip }))
+    Ok(Some(Ipv4Frame {
+        eth,
+        ip,
+        l4_offset: EthHdr::LEN + header_len,
+    }))
 }
 
 /// The transport header of a flow the NAT tracks.
@@ -128,75 +154,208 @@ pub struct Transport {
     pub tcp_flags: u8,
 }
 
-const L4_OFFSET: usize = EthHdr::LEN + Ipv4Hdr::LEN;
+/// The L4 header of the packet an ICMP error quotes.
+pub enum QuotedL4 {
+    /// TCP or UDP ports; the checksum when the quote reaches it (TCP's sits
+    /// past the 8 bytes every error carries).
+    Ports {
+        ports: *mut [u8; 4],
+        check: Option<*mut [u8; 2]>,
+        udp: bool,
+    },
+    /// An ICMP echo request or reply.
+    Echo(*mut Icmpv4Hdr),
+}
 
-/// `echo_type` is the ICMP echo message this direction translates.
+/// An ICMP error (destination unreachable, time exceeded, parameter
+/// problem) and the packet it quotes. The quoted tuple uses the same port
+/// convention as `Transport`.
+pub struct IcmpError {
+    pub icmp: *mut Icmpv4Hdr,
+    pub inner_ip: *mut Ipv4Hdr,
+    pub inner_l4: QuotedL4,
+    pub inner_proto: u8,
+    pub inner_src: [u8; 4],
+    pub inner_dst: [u8; 4],
+    pub inner_src_port: u16,
+    pub inner_dst_port: u16,
+}
+
+pub enum Payload {
+    /// A packet of a flow (whole, or a datagram's first fragment).
+    Flow(Transport),
+    /// An ICMP error about a packet of a flow.
+    IcmpError(IcmpError),
+    /// A fragment after the first.
+    LaterFragment,
+}
+
+/// What follows the IPv4 header; `echo_type` is the ICMP echo message this
+/// direction starts or continues flows with.
 #[inline(always)]
-pub fn transport(
-    ctx: &XdpContext,
-    frame: &Ipv4Frame,
-    echo_type: u8,
-) -> Result<Transport, ParseError> {
-    frame.translatable()?;
-    let ip = frame.ip();
-    let payload = usize::from(u16::from_be_bytes(ip.tot_len)) - Ipv4Hdr::LEN;
-    match ip.proto {
+pub fn payload(ctx: &XdpContext, frame: &Ipv4Frame, echo_type: u8) -> Result<Payload, ParseError> {
+    if frame.is_later_fragment() {
+        return Ok(Payload::LaterFragment);
+    }
+    let fragmented = frame.is_fragment();
+    let payload = frame.payload_len();
+    let l4 = frame.l4_offset;
+    match frame.ip().proto {
         PROTO_TCP => {
-            let tcp: *mut TcpHdr = ptr_at(ctx, L4_OFFSET)?;
+            let tcp: *mut TcpHdr = ptr_at(ctx, l4)?;
             // SAFETY: bounds checked by ptr_at.
             let hdr = unsafe { &*tcp };
             let data_offset = usize::from(hdr.doff()) * 4;
+            // A first fragment must hold the whole TCP header (RFC 1858).
             if data_offset < TcpHdr::LEN || payload < data_offset {
                 return Err(ParseError::Malformed);
             }
             // The flags byte follows the data-offset byte (RFC 9293 3.1).
-            let flags_ptr: *const [u8; 14] = tcp.cast();
+            let bytes: *const [u8; 14] = tcp.cast();
             // SAFETY: inside the 20-byte header checked above.
-            let flags = unsafe { (*flags_ptr)[13] };
-            Ok(Transport {
+            let flags = unsafe { (*bytes)[13] };
+            Ok(Payload::Flow(Transport {
                 l4: L4::Tcp(tcp),
                 src_port: u16::from_ne_bytes(hdr.source),
                 dst_port: u16::from_ne_bytes(hdr.dest),
                 tcp_flags: flags,
-            })
+            }))
         }
         PROTO_UDP => {
-            let udp: *mut UdpHdr = ptr_at(ctx, L4_OFFSET)?;
+            let udp: *mut UdpHdr = ptr_at(ctx, l4)?;
             // SAFETY: bounds checked by ptr_at.
             let hdr = unsafe { &*udp };
-            if payload < UdpHdr::LEN || usize::from(u16::from_be_bytes(hdr.len)) > payload {
+            let udp_len = usize::from(u16::from_be_bytes(hdr.len));
+            // A first fragment carries part of the datagram the length names.
+            let consistent = if fragmented {
+                udp_len >= payload
+            } else {
+                udp_len >= UdpHdr::LEN && udp_len <= payload
+            };
+            if payload < UdpHdr::LEN || !consistent {
                 return Err(ParseError::Malformed);
             }
-            Ok(Transport {
+            Ok(Payload::Flow(Transport {
                 l4: L4::Udp(udp),
                 src_port: u16::from_ne_bytes(hdr.src),
                 dst_port: u16::from_ne_bytes(hdr.dst),
                 tcp_flags: 0,
-            })
+            }))
         }
         PROTO_ICMP => {
-            let icmp: *mut Icmpv4Hdr = ptr_at(ctx, L4_OFFSET)?;
+            let icmp: *mut Icmpv4Hdr = ptr_at(ctx, l4)?;
             // SAFETY: bounds checked by ptr_at.
             let hdr = unsafe { &*icmp };
             if payload < size_of::<Icmpv4Hdr>() {
                 return Err(ParseError::Malformed);
             }
-            if hdr.type_ != echo_type || hdr.code != 0 {
-                return Err(ParseError::Unsupported);
+            match hdr.type_ {
+                t if t == echo_type && hdr.code == 0 => {
+                    let (src_port, dst_port) = echo_ports(hdr);
+                    Ok(Payload::Flow(Transport {
+                        l4: L4::IcmpEcho(icmp),
+                        src_port,
+                        dst_port,
+                        tcp_flags: 0,
+                    }))
+                }
+                ICMP_DEST_UNREACHABLE | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM
+                    if !fragmented =>
+                {
+                    icmp_error(ctx, frame, icmp).map(Payload::IcmpError)
+                }
+                _ => Err(ParseError::Unsupported),
             }
-            let id = u16::from_ne_bytes([hdr.data[0], hdr.data[1]]);
-            let (src_port, dst_port) = if echo_type == ICMP_ECHO_REQUEST {
-                (id, 0)
-            } else {
-                (0, id)
-            };
-            Ok(Transport {
-                l4: L4::IcmpEcho(icmp),
-                src_port,
-                dst_port,
-                tcp_flags: 0,
-            })
         }
         _ => Err(ParseError::Unsupported),
     }
+}
+
+/// (src_port, dst_port) of an echo message: the id on the requester's side.
+#[inline(always)]
+fn echo_ports(hdr: &Icmpv4Hdr) -> (u16, u16) {
+    let id = u16::from_ne_bytes([hdr.data[0], hdr.data[1]]);
+    if hdr.type_ == ICMP_ECHO_REQUEST {
+        (id, 0)
+    } else {
+        (0, id)
+    }
+}
+
+/// Offsets of an ICMP error's parts in a frame whose outer header has no
+/// options (routers send errors without them).
+const ERR_ICMP: usize = EthHdr::LEN + Ipv4Hdr::LEN;
+const ERR_INNER_IP: usize = ERR_ICMP + size_of::<Icmpv4Hdr>();
+const ERR_INNER_L4: usize = ERR_INNER_IP + Ipv4Hdr::LEN;
+/// Where TCP's checksum sits in the quoted segment.
+const TCP_CHECK_OFFSET: usize = 16;
+const UDP_CHECK_OFFSET: usize = 6;
+
+#[inline(always)]
+fn icmp_error(
+    ctx: &XdpContext,
+    frame: &Ipv4Frame,
+    icmp: *mut Icmpv4Hdr,
+) -> Result<IcmpError, ParseError> {
+    if frame.l4_offset != ERR_ICMP {
+        return Err(ParseError::Unsupported);
+    }
+    let inner_ip: *mut Ipv4Hdr = ptr_at(ctx, ERR_INNER_IP)?;
+    // SAFETY: bounds checked by ptr_at.
+    let inner = unsafe { &*inner_ip };
+    if inner.vihl >> 4 != 4 || inner.vihl & 0x0f < 5 {
+        return Err(ParseError::Malformed);
+    }
+    // Quotes of packets with options or of later fragments do not carry
+    // the ports at a place we know: the NAT never made such packets.
+    if inner.vihl & 0x0f != 5 || u16::from_be_bytes(inner.frags) & IP_OFFSET != 0 {
+        return Err(ParseError::Unsupported);
+    }
+    // Every error quotes at least 8 bytes of the L4 header (RFC 792).
+    let quoted: *mut [u8; 8] = ptr_at(ctx, ERR_INNER_L4)?;
+    let (inner_l4, src_port, dst_port) = match inner.proto {
+        PROTO_TCP | PROTO_UDP => {
+            let udp = inner.proto == PROTO_UDP;
+            let check_at = ERR_INNER_L4
+                + if udp {
+                    UDP_CHECK_OFFSET
+                } else {
+                    TCP_CHECK_OFFSET
+                };
+            let check: Option<*mut [u8; 2]> = ptr_at(ctx, check_at).ok();
+            // SAFETY: bounds checked by ptr_at.
+            let bytes = unsafe { &*quoted };
+            let l4 = QuotedL4::Ports {
+                ports: quoted.cast(),
+                check,
+                udp,
+            };
+            (
+                l4,
+                u16::from_ne_bytes([bytes[0], bytes[1]]),
+                u16::from_ne_bytes([bytes[2], bytes[3]]),
+            )
+        }
+        PROTO_ICMP => {
+            let echo: *mut Icmpv4Hdr = quoted.cast();
+            // SAFETY: the 8 quoted bytes are exactly an ICMP header.
+            let hdr = unsafe { &*echo };
+            if hdr.type_ != ICMP_ECHO_REQUEST && hdr.type_ != ICMP_ECHO_REPLY {
+                return Err(ParseError::Unsupported);
+            }
+            let (src_port, dst_port) = echo_ports(hdr);
+            (QuotedL4::Echo(echo), src_port, dst_port)
+        }
+        _ => return Err(ParseError::Unsupported),
+    };
+    Ok(IcmpError {
+        icmp,
+        inner_ip,
+        inner_l4,
+        inner_proto: inner.proto,
+        inner_src: inner.src_addr,
+        inner_dst: inner.dst_addr,
+        inner_src_port: src_port,
+        inner_dst_port: dst_port,
+    })
 }

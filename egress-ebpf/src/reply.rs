@@ -1,10 +1,11 @@
 //! Reply: traffic arriving on the external interface.
 //!
 //! parse -> conntrack -> route -> translate -> forward. Packets addressed to
-//! an egress address are replies of a tracked flow or nothing: the gateway is
-//! not a way in, so anything else sent to an egress address is dropped.
-//! Everything addressed elsewhere (the gateway's own address, ARP) is left to
-//! the kernel.
+//! an egress address are replies of a tracked flow (or ICMP errors about
+//! one, or later fragments of one) or nothing: the gateway is not a way in,
+//! so anything else sent to an egress address is dropped. Everything
+//! addressed elsewhere (the gateway's own address, ARP) is left to the
+//! kernel.
 
 use aya_ebpf::{bindings::xdp_action::XDP_PASS, programs::XdpContext};
 use egress_common::{
@@ -16,9 +17,10 @@ use egress_common::{
 use crate::{
     conntrack,
     forward::{self, Route},
+    frags,
     maps::EGRESS_ADDR_V4,
     nat::{self, Side},
-    parse::{self, ICMP_ECHO_REPLY, ParseError},
+    parse::{self, ICMP_ECHO_REPLY, IcmpError, Ipv4Frame, ParseError, Payload, Transport},
     verdict::Verdict,
 };
 
@@ -41,19 +43,28 @@ fn process(ctx: &XdpContext) -> Result<Verdict, Counter> {
     let Some(frame) = parse::ipv4(ctx).map_err(parse_error)? else {
         return Ok(Verdict::pass(Counter::InPassNotIpv4));
     };
-    let (src, dst, ttl) = {
-        let ip = frame.ip();
-        (ip.src_addr, ip.dst_addr, ip.ttl)
-    };
-    if EGRESS_ADDR_V4.get_ptr(dst).is_none() {
+    if EGRESS_ADDR_V4.get_ptr(frame.ip().dst_addr).is_none() {
         return Ok(Verdict::pass(Counter::InPassNotEgress));
     }
-    let transport = parse::transport(ctx, &frame, ICMP_ECHO_REPLY).map_err(parse_error)?;
+    let ingress = ctx.ingress_ifindex() as u32;
+    match parse::payload(ctx, &frame, ICMP_ECHO_REPLY).map_err(parse_error)? {
+        Payload::Flow(transport) => flow(ctx, &frame, &transport, ingress),
+        Payload::IcmpError(error) => icmp_error(ctx, &frame, &error, ingress),
+        Payload::LaterFragment => later_fragment(ctx, &frame, ingress),
+    }
+}
 
-    // Conntrack.
+/// A reply of a flow: back to the tenant host it belongs to.
+#[inline(always)]
+fn flow(
+    ctx: &XdpContext,
+    frame: &Ipv4Frame,
+    transport: &Transport,
+    ingress: u32,
+) -> Result<Verdict, Counter> {
     let key = FlowKeyV4 {
-        src,
-        dst,
+        src: frame.ip().src_addr,
+        dst: frame.ip().dst_addr,
         src_port: transport.src_port,
         dst_port: transport.dst_port,
         proto: frame.ip().proto,
@@ -61,52 +72,126 @@ fn process(ctx: &XdpContext) -> Result<Verdict, Counter> {
         zone: REPLY_ZONE,
     };
     let entry = conntrack::lookup(&key).ok_or(Counter::InDropNoFlow)?;
-    // The kernel's time-exceeded would quote the translated header, naming
-    // the tenant host to the outside: drop instead.
-    if ttl <= 1 {
-        return Err(Counter::InDropTtlExceeded);
+    refuse_expiring(frame)?;
+    // SAFETY: map value pointer returned by the kernel.
+    let (host_addr, host_port, tenant) =
+        unsafe { ((*entry).nat_addr, (*entry).nat_port, (*entry).tenant) };
+
+    let ports = (transport.src_port, host_port);
+    let route = forward::route_v4(ctx, frame, ingress, key.src, host_addr, ports);
+    check_return(frame, &route)?;
+
+    let now = conntrack::now();
+    conntrack::touch(
+        entry,
+        now,
+        u16::from_be_bytes(frame.ip().tot_len),
+        transport.tcp_flags,
+    );
+    if frame.is_fragment() {
+        frags::remember(frame, DIR_REPLY, REPLY_ZONE, host_addr, tenant, now);
     }
+    nat::rewrite(frame, transport, Side::Destination, host_addr, host_port);
+    Ok(deliver(frame, route, Counter::InTranslated))
+}
+
+/// An ICMP error about a packet the gateway translated (a router's
+/// time-exceeded or fragmentation-needed): the quoted packet names the flow;
+/// the outer destination and the quoted source become the tenant host's, so
+/// the host recognises the error (path-MTU discovery works through the NAT).
+#[inline(always)]
+fn icmp_error(
+    ctx: &XdpContext,
+    frame: &Ipv4Frame,
+    error: &IcmpError,
+    ingress: u32,
+) -> Result<Verdict, Counter> {
+    if error.inner_src != frame.ip().dst_addr {
+        return Err(Counter::InDropNoFlow);
+    }
+    let key = FlowKeyV4 {
+        src: error.inner_dst,
+        dst: error.inner_src,
+        src_port: error.inner_dst_port,
+        dst_port: error.inner_src_port,
+        proto: error.inner_proto,
+        direction: DIR_REPLY,
+        zone: REPLY_ZONE,
+    };
+    let entry = conntrack::lookup(&key).ok_or(Counter::InDropNoFlow)?;
+    refuse_expiring(frame)?;
     // SAFETY: map value pointer returned by the kernel.
     let (host_addr, host_port) = unsafe { ((*entry).nat_addr, (*entry).nat_port) };
+    let route = forward::route_v4(ctx, frame, ingress, frame.ip().src_addr, host_addr, (0, 0));
+    check_return(frame, &route)?;
+    nat::rewrite_icmp_error(frame, error, Side::Destination, host_addr, host_port);
+    Ok(deliver(frame, route, Counter::InIcmpErrorTranslated))
+}
 
-    // Route, as the translated packet; it must lead back inside.
-    let ingress = ctx.ingress_ifindex() as u32;
-    let ports = (transport.src_port, host_port);
-    let route = forward::route_v4(ctx, &frame, ingress, src, host_addr, ports);
+/// A fragment after the first follows the translation its first got.
+#[inline(always)]
+fn later_fragment(ctx: &XdpContext, frame: &Ipv4Frame, ingress: u32) -> Result<Verdict, Counter> {
+    let first =
+        frags::recall(frame, DIR_REPLY, REPLY_ZONE).ok_or(Counter::InDropFragmentUnknown)?;
+    refuse_expiring(frame)?;
+    let route = forward::route_v4(
+        ctx,
+        frame,
+        ingress,
+        frame.ip().src_addr,
+        first.nat_addr,
+        (0, 0),
+    );
+    check_return(frame, &route)?;
+    nat::rewrite_address(frame, Side::Destination, first.nat_addr);
+    Ok(deliver(frame, route, Counter::InFragmentTranslated))
+}
+
+/// The kernel's time-exceeded would quote the translated header, naming the
+/// tenant host to the outside: a reply about to expire is dropped instead.
+#[inline(always)]
+fn refuse_expiring(frame: &Ipv4Frame) -> Result<(), Counter> {
+    if frame.ip().ttl <= 1 {
+        return Err(Counter::InDropTtlExceeded);
+    }
+    Ok(())
+}
+
+/// The way back must lead inside, and a DF packet must fit (the kernel's
+/// frag-needed would quote the tenant host, like time-exceeded).
+#[inline(always)]
+fn check_return(frame: &Ipv4Frame, route: &Route) -> Result<(), Counter> {
     if !route.leaves_through(ROLE_INTERNAL) {
         return Err(Counter::InDropNoRoute);
     }
-    // Same reason as TTL: frag-needed from here would quote the tenant host.
     if let Route::TooBig { .. } = route
         && frame.dont_fragment()
     {
         return Err(Counter::InDropTooBig);
     }
+    Ok(())
+}
 
-    conntrack::touch(
-        entry,
-        conntrack::now(),
-        u16::from_be_bytes(frame.ip().tot_len),
-        transport.tcp_flags,
-    );
-    nat::rewrite(&frame, &transport, Side::Destination, host_addr, host_port);
+/// One router hop towards the tenant host, for a packet already translated.
+#[inline(always)]
+fn deliver(frame: &Ipv4Frame, route: Route, counter: Counter) -> Verdict {
     match route {
         Route::Resolved {
             ifindex,
             smac,
             dmac,
         } => {
-            forward::decrement_ttl(&frame);
-            Ok(Verdict {
-                action: forward::redirect(&frame, ifindex, smac, dmac),
-                counter: Counter::InTranslated,
-            })
+            forward::decrement_ttl(frame);
+            Verdict {
+                action: forward::redirect(frame, ifindex, smac, dmac),
+                counter,
+            }
         }
         // The kernel forwards it inside (resolving the neighbour, or
         // fragmenting a packet without DF); it decrements the TTL itself.
-        _ => Ok(Verdict {
+        _ => Verdict {
             action: XDP_PASS,
             counter: Counter::InPassNeighFallback,
-        }),
+        },
     }
 }

@@ -8,9 +8,13 @@
 //! - `agent`: the real `egress-agent` binary run against a topology.
 //! - `traffic`: servers that record their peers, clients, captures.
 //! - `cleanup`: removes all of the above when a program is interrupted.
+//! - `harness`: the real programs on crafted frames via BPF_PROG_TEST_RUN.
+//! - `frames`: building those frames and checking what comes out.
 
 pub mod agent;
 pub mod cleanup;
+pub mod frames;
+pub mod harness;
 pub mod netns;
 pub mod topology;
 pub mod traffic;

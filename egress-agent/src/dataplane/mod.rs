@@ -83,6 +83,11 @@ impl Dataplane {
         &self.pin_dir
     }
 
+    /// A loaded program, for test runs.
+    pub fn program(&self, name: &str) -> Option<&aya::programs::Program> {
+        self.ebpf.program(name)
+    }
+
     pub fn attachments(&self) -> &[Attachment] {
         &self.attachments
     }

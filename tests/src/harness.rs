@@ -1,0 +1,367 @@
+//! Runs the real dataplane programs on crafted frames with
+//! BPF_PROG_TEST_RUN, without sending anything anywhere.
+//!
+//! The calling thread enters a private namespace (and returns to its own
+//! when the harness drops) holding veths whose addresses, routes and static
+//! neighbours give `bpf_fib_lookup` fixed answers:
+//!
+//! | destination | route |
+//! | --- | --- |
+//! | 198.51.100.0/24 | via 192.168.31.1 on ext0, neighbour known: the "internet" |
+//! | 198.18.0.0/24 | via 192.168.31.1, route MTU 576: a narrow path |
+//! | 203.0.113.0/24 | via 192.168.31.254, neighbour unknown |
+//! | 100.64.0.0/10 | unreachable |
+//! | 172.20.10.0/24, 172.20.20.0/24, 10.128.0.0/14 | connected on int0; hosts .10 known |
+//!
+//! The object is loaded through the agent's own `Dataplane::load` and the
+//! maps filled by its own `DesiredState`, from a YAML configuration.
+
+use std::{fs::File, os::fd::AsRawFd as _, path::PathBuf};
+
+use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp};
+use egress_agent::{
+    config::{Config, Timeouts},
+    conntrack::{self, SweepReport},
+    dataplane::{
+        Dataplane,
+        maps::{DesiredState, Maps},
+    },
+    system::SystemView,
+};
+use egress_common::{counters::Counter, flow::FlowKeyV4, names};
+
+use crate::netns::{Netns, unique_name};
+
+pub const INTERNAL: &str = "int0";
+pub const EXTERNAL: &str = "ext0";
+pub const ROUTER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x31, 0x01];
+pub const HOST_A_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x10, 0x10];
+pub const HOST_B_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x20, 0x10];
+
+/// The seed tenants plus one chosen by ingress MAC sharing a pod CIDR.
+pub const CONFIG: &str = "\
+interfaces: {internal: [int0], external: ext0}
+tenants:
+  - name: tenant-a
+    sources: [172.20.10.0/24]
+    egressIPs: [192.168.31.101]
+  - name: tenant-b
+    sources: [172.20.20.0/24]
+    egressIPs: [192.168.31.150]
+conntrack: {maxFlows: 4096}
+";
+
+/// XDP return codes.
+pub const XDP_ABORTED: u32 = 0;
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+pub const XDP_REDIRECT: u32 = 4;
+
+/// What a program did with a frame.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub action: u32,
+    pub frame: Vec<u8>,
+}
+
+/// The `xdp_md` a test run starts from: which interface the frame "arrived" on.
+#[repr(C)]
+struct XdpMd {
+    data: u32,
+    data_end: u32,
+    data_meta: u32,
+    ingress_ifindex: u32,
+    rx_queue_index: u32,
+    egress_ifindex: u32,
+}
+
+pub struct Harness {
+    pub maps: Maps,
+    pub internal: u32,
+    pub external: u32,
+    dataplane: Option<Dataplane>,
+    pin_dir: PathBuf,
+    home: File,
+    _ns: Netns,
+}
+
+impl Harness {
+    pub fn new() -> Self {
+        Self::with_config(CONFIG)
+    }
+
+    pub fn with_config(yaml: &str) -> Self {
+        let ns = Netns::new("pkt");
+        for (a, b) in [(INTERNAL, "int0p"), (EXTERNAL, "ext0p")] {
+            ns.ip(&["link", "add", a, "type", "veth", "peer", "name", b]);
+            ns.ip(&["link", "set", a, "up"]);
+            ns.ip(&["link", "set", b, "up"]);
+        }
+        for cidr in ["172.20.10.1/24", "172.20.20.1/24", "10.128.0.1/14"] {
+            ns.ip(&["addr", "add", cidr, "dev", INTERNAL]);
+        }
+        ns.ip(&["addr", "add", "192.168.31.2/24", "dev", EXTERNAL]);
+        for (dst, via) in [
+            ("198.51.100.0/24", "192.168.31.1"),
+            ("203.0.113.0/24", "192.168.31.254"),
+        ] {
+            ns.ip(&["route", "add", dst, "via", via, "dev", EXTERNAL]);
+        }
+        ns.ip(&[
+            "route",
+            "add",
+            "198.18.0.0/24",
+            "via",
+            "192.168.31.1",
+            "dev",
+            EXTERNAL,
+            "mtu",
+            "lock",
+            "576",
+        ]);
+        ns.ip(&["route", "add", "unreachable", "100.64.0.0/10"]);
+        let mac = |m: [u8; 6]| egress_agent::config::format_mac(m);
+        let neighbours = [
+            ("192.168.31.1", ROUTER_MAC, EXTERNAL),
+            ("172.20.10.10", HOST_A_MAC, INTERNAL),
+            ("172.20.20.10", HOST_B_MAC, INTERNAL),
+            ("10.128.0.10", HOST_A_MAC, INTERNAL),
+        ];
+        for (addr, lladdr, dev) in neighbours {
+            ns.ip(&[
+                "neigh",
+                "replace",
+                addr,
+                "lladdr",
+                &mac(lladdr),
+                "dev",
+                dev,
+                "nud",
+                "permanent",
+            ]);
+        }
+        for interface in [INTERNAL, EXTERNAL] {
+            ns.run(
+                "sysctl",
+                &["-qw", &format!("net.ipv4.conf.{interface}.forwarding=1")],
+            );
+        }
+
+        // The test thread itself enters the namespace: test runs resolve the
+        // ingress ifindex, and the FIB, in the caller's namespace.
+        let home = File::open("/proc/thread-self/ns/net").expect("own namespace");
+        let target = File::open(ns.path()).expect("namespace");
+        // SAFETY: setns(2) on this thread; undone in Drop.
+        assert_eq!(
+            unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) },
+            0
+        );
+
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let system = runtime.block_on(async {
+            let (connection, handle, _) = rtnetlink::new_connection().expect("rtnetlink");
+            tokio::spawn(connection);
+            SystemView::read(&handle).await.expect("reading links")
+        });
+        let plan = Config::parse(yaml)
+            .expect("test config parses")
+            .plan()
+            .expect("test config is valid");
+        let resolved = plan.resolve(&system).expect("test config resolves");
+        let pin_dir = PathBuf::from("/sys/fs/bpf").join(unique_name("pkt"));
+        let dataplane =
+            Dataplane::load(&pin_dir, resolved.max_flows).expect("loading the dataplane");
+        let mut maps = Maps::open(&pin_dir).expect("opening maps");
+        let desired = DesiredState::build(
+            &resolved,
+            &maps.tenant_ids().expect("ids"),
+            &maps.port_ids(),
+        )
+        .expect("state");
+        maps.sync(&desired).expect("filling maps");
+        Self {
+            maps,
+            internal: system.link_by_name(INTERNAL).expect("int0").index,
+            external: system.link_by_name(EXTERNAL).expect("ext0").index,
+            dataplane: Some(dataplane),
+            pin_dir,
+            home,
+            _ns: ns,
+        }
+    }
+
+    fn dataplane(&self) -> &Dataplane {
+        self.dataplane.as_ref().expect("dataplane")
+    }
+
+    fn run_xdp(&self, program: &str, ingress: u32, frame: &[u8]) -> Outcome {
+        let xdp: &Xdp = self
+            .dataplane()
+            .program(program)
+            .expect("program")
+            .try_into()
+            .expect("XDP program");
+        let md = XdpMd {
+            data: 0,
+            data_end: frame.len() as u32,
+            data_meta: 0,
+            ingress_ifindex: ingress,
+            rx_queue_index: 0,
+            egress_ifindex: 0,
+        };
+        // SAFETY: XdpMd is plain old data.
+        let ctx =
+            unsafe { std::slice::from_raw_parts((&raw const md).cast::<u8>(), size_of::<XdpMd>()) };
+        let mut out = vec![0u8; frame.len() + 256];
+        let result = xdp
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ctx_in: Some(ctx),
+                ..TestRunOptions::default()
+            })
+            .unwrap_or_else(|err| panic!("BPF_PROG_TEST_RUN {program}: {err}"));
+        out.truncate(result.data_size_out as usize);
+        Outcome {
+            action: result.return_value,
+            frame: out,
+        }
+    }
+
+    /// `snat_outbound` on a frame arriving on the internal interface.
+    pub fn outbound(&self, frame: &[u8]) -> Outcome {
+        self.run_xdp(names::PROG_SNAT_OUTBOUND, self.internal, frame)
+    }
+
+    /// `snat_reply` on a frame arriving on the external interface.
+    pub fn reply(&self, frame: &[u8]) -> Outcome {
+        self.run_xdp(names::PROG_SNAT_REPLY, self.external, frame)
+    }
+
+    /// Runs `snat_outbound` `repeat` times on one frame; the kernel's mean
+    /// time per run.
+    pub fn time_outbound(&self, frame: &[u8], repeat: u32) -> std::time::Duration {
+        self.time_xdp(names::PROG_SNAT_OUTBOUND, self.internal, frame, repeat)
+    }
+
+    pub fn time_reply(&self, frame: &[u8], repeat: u32) -> std::time::Duration {
+        self.time_xdp(names::PROG_SNAT_REPLY, self.external, frame, repeat)
+    }
+
+    fn time_xdp(
+        &self,
+        program: &str,
+        ingress: u32,
+        frame: &[u8],
+        repeat: u32,
+    ) -> std::time::Duration {
+        let xdp: &Xdp = self
+            .dataplane()
+            .program(program)
+            .expect("program")
+            .try_into()
+            .expect("XDP program");
+        let md = XdpMd {
+            data: 0,
+            data_end: frame.len() as u32,
+            data_meta: 0,
+            ingress_ifindex: ingress,
+            rx_queue_index: 0,
+            egress_ifindex: 0,
+        };
+        // SAFETY: XdpMd is plain old data.
+        let ctx =
+            unsafe { std::slice::from_raw_parts((&raw const md).cast::<u8>(), size_of::<XdpMd>()) };
+        xdp.test_run(TestRunOptions {
+            data_in: Some(frame),
+            ctx_in: Some(ctx),
+            repeat,
+            ..TestRunOptions::default()
+        })
+        .expect("timed test run")
+        .duration
+    }
+
+    /// A TC program on a frame; `ingress` is the skb's ingress ifindex (0
+    /// for locally generated traffic). Returns the TC action.
+    pub fn tc(&self, program: &str, frame: &[u8], ingress: u32) -> i32 {
+        let classifier: &SchedClassifier = self
+            .dataplane()
+            .program(program)
+            .expect("program")
+            .try_into()
+            .expect("TC program");
+        // The head of struct __sk_buff: len, pkt_type, mark, queue_mapping,
+        // protocol, vlan_present, vlan_tci, vlan_proto, priority,
+        // ingress_ifindex (9), ifindex (10). The kernel accepts a prefix.
+        let mut skb = [0u32; 11];
+        skb[9] = ingress;
+        skb[10] = if ingress == 0 { self.external } else { ingress };
+        // SAFETY: plain u32 array viewed as bytes.
+        let ctx =
+            unsafe { std::slice::from_raw_parts(skb.as_ptr().cast::<u8>(), size_of_val(&skb)) };
+        let mut out = vec![0u8; frame.len() + 256];
+        let result = classifier
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ctx_in: Some(ctx),
+                ..TestRunOptions::default()
+            })
+            .unwrap_or_else(|err| panic!("BPF_PROG_TEST_RUN {program}: {err}"));
+        result.return_value as i32
+    }
+
+    pub fn counter(&self, counter: Counter) -> u64 {
+        self.maps
+            .counters()
+            .expect("counters")
+            .into_iter()
+            .find(|(c, _)| *c == counter)
+            .map_or(0, |(_, v)| v)
+    }
+
+    /// Every conntrack entry has its other half: the invariant no packet
+    /// may break, whatever it contains.
+    #[track_caller]
+    pub fn assert_no_half_entries(&self) {
+        let entries = self.maps.flows();
+        let keys: std::collections::HashSet<FlowKeyV4> = entries.iter().map(|(k, _)| *k).collect();
+        for (key, entry) in &entries {
+            assert!(
+                keys.contains(&key.peer_key(entry)),
+                "half a flow in conntrack: {key:?} -> {entry:?}"
+            );
+        }
+    }
+
+    pub fn flow_count(&self) -> usize {
+        self.maps.flows().len() / 2
+    }
+
+    /// Runs the agent's sweeper as if the clock read `now_ns`.
+    pub fn sweep(&mut self, now_ns: u64, timeouts: &Timeouts) -> SweepReport {
+        conntrack::sweep(&mut self.maps, now_ns, timeouts).expect("sweep")
+    }
+}
+
+impl Default for Harness {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        if let Some(dataplane) = self.dataplane.take() {
+            let _ = dataplane.shutdown();
+        }
+        let _ = egress_agent::dataplane::remove_pins(&self.pin_dir);
+        // SAFETY: back to the namespace this thread started in.
+        unsafe { libc::setns(self.home.as_raw_fd(), libc::CLONE_NEWNET) };
+    }
+}
