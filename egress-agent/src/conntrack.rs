@@ -203,8 +203,20 @@ fn nanos(duration: Duration) -> u64 {
 /// Removes expired flows (both halves), orphaned halves and stale fragment
 /// memories, judged at `now_ns` on the dataplane's clock.
 pub fn sweep(maps: &mut Maps, now_ns: u64, timeouts: &Timeouts) -> anyhow::Result<SweepReport> {
+    let snapshot = maps.flows();
+    sweep_snapshot(maps, snapshot, now_ns, timeouts)
+}
+
+/// `sweep` judging a snapshot taken earlier: entries that changed since
+/// were refreshed by traffic and stay.
+pub fn sweep_snapshot(
+    maps: &mut Maps,
+    snapshot: Vec<(FlowKeyV4, FlowEntryV4)>,
+    now_ns: u64,
+    timeouts: &Timeouts,
+) -> anyhow::Result<SweepReport> {
     let mut report = SweepReport::default();
-    let (flows, orphan_replies) = pair(maps.flows());
+    let (flows, orphan_replies) = pair(snapshot);
     for flow in flows {
         let idle = now_ns.saturating_sub(flow.last_seen_ns());
         let expired = idle >= nanos(flow.timeout(timeouts));
@@ -260,9 +272,16 @@ fn refreshed(maps: &Maps, key: &FlowKeyV4, seen: &FlowEntryV4) -> bool {
         .is_ok_and(|now| now.last_seen_ns != seen.last_seen_ns || now.created_ns != seen.created_ns)
 }
 
+/// Removes an entry that may already be gone (evicted, or removed by the
+/// dataplane racing us): either way it is not there afterwards.
 fn remove(maps: &mut Maps, key: &FlowKeyV4) -> anyhow::Result<()> {
     match maps.conntrack.remove(key) {
         Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(err))
+            if err.io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(())
+        }
         Err(err) => Err(err).context("removing a conntrack entry"),
     }
 }

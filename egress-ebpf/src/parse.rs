@@ -12,7 +12,10 @@
 
 use core::mem::size_of;
 
-use aya_ebpf::programs::XdpContext;
+use aya_ebpf::{
+    helpers::{bpf_csum_diff, bpf_xdp_load_bytes},
+    programs::XdpContext,
+};
 use egress_common::flow::{PROTO_ICMP, PROTO_TCP, PROTO_UDP};
 use network_types::{
     eth::{EthHdr, EtherType},
@@ -130,11 +133,58 @@ pub fn ipv4(ctx: &XdpContext) -> Result<Option<Ipv4Frame>, ParseError> {
     if tot_len < header_len || ctx.data() + EthHdr::LEN + tot_len > ctx.data_end() {
         return Err(ParseError::Malformed);
     }
+    // A corrupted header may carry a corrupted source, which would classify
+    // into the wrong tenant: drop it, as a router's ip_rcv does.
+    if !header_checksum_ok(ctx, header_len)? {
+        return Err(ParseError::Malformed);
+    }
     Ok(Some(Ipv4Frame {
         eth,
         ip,
         l4_offset: EthHdr::LEN + header_len,
     }))
+}
+
+/// Whether the IPv4 header (options included) sums to all ones, with the
+/// `bpf_csum_diff` helper. A loop over the header's words would multiply the
+/// verifier's states by every length an IHL can have, and the verifier
+/// cannot bound a packet range through a variable length: a header with
+/// options is copied to the stack first (the copy checks its bounds at run
+/// time), the common 20-byte header is summed where it lies.
+#[inline(always)]
+fn header_checksum_ok(ctx: &XdpContext, header_len: usize) -> Result<bool, ParseError> {
+    let sum = if header_len == Ipv4Hdr::LEN {
+        let header: *mut [u32; 5] = ptr_at(ctx, EthHdr::LEN)?;
+        // SAFETY: the 20 bytes were bounds-checked by ptr_at.
+        unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, header.cast(), 20, 0) }
+    } else {
+        let mut copy = [0u32; 15];
+        // Re-read volatile: knowing the bounds, LLVM would drop the checks
+        // below, and the verifier needs them to size the copy.
+        // SAFETY: the IPv4 header was bounds-checked by the caller.
+        let vihl = unsafe { core::ptr::read_volatile(ptr_at::<u8>(ctx, EthHdr::LEN)?) };
+        let len = u32::from(vihl & 0x0f) * 4;
+        if len <= Ipv4Hdr::LEN as u32 || len > 60 || len as usize != header_len {
+            return Err(ParseError::Malformed);
+        }
+        // SAFETY: `copy` holds 60 bytes, the most an IHL can name.
+        let copied = unsafe {
+            bpf_xdp_load_bytes(ctx.ctx, EthHdr::LEN as u32, copy.as_mut_ptr().cast(), len)
+        };
+        if copied != 0 {
+            return Err(ParseError::Malformed);
+        }
+        // SAFETY: as above, `len` <= 60 bytes of an initialised buffer.
+        unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, copy.as_mut_ptr(), len, 0) }
+    };
+    if sum < 0 {
+        return Err(ParseError::Malformed);
+    }
+    let sum = sum as u64;
+    let sum = (sum & 0xffff) + (sum >> 16);
+    let sum = (sum & 0xffff) + (sum >> 16);
+    let sum = (sum & 0xffff) + (sum >> 16);
+    Ok(sum == 0xffff)
 }
 
 /// The transport header of a flow the NAT tracks.

@@ -28,7 +28,11 @@ use egress_agent::{
     },
     system::SystemView,
 };
-use egress_common::{counters::Counter, flow::FlowKeyV4, names};
+use egress_common::{
+    counters::Counter,
+    flow::{FlowEntryV4, FlowKeyV4},
+    names,
+};
 
 use crate::netns::{Netns, unique_name};
 
@@ -289,6 +293,14 @@ impl Harness {
     /// A TC program on a frame; `ingress` is the skb's ingress ifindex (0
     /// for locally generated traffic). Returns the TC action.
     pub fn tc(&self, program: &str, frame: &[u8], ingress: u32) -> i32 {
+        self.try_tc(program, frame, ingress)
+            .unwrap_or_else(|err| panic!("BPF_PROG_TEST_RUN {program}: {err}"))
+    }
+
+    /// `tc`, or the kernel's refusal to build an skb from the frame (an
+    /// IPv4 ethertype with less than an IPv4 header, for one): such a frame
+    /// never reaches a TC hook.
+    pub fn try_tc(&self, program: &str, frame: &[u8], ingress: u32) -> Result<i32, String> {
         let classifier: &SchedClassifier = self
             .dataplane()
             .program(program)
@@ -312,8 +324,8 @@ impl Harness {
                 ctx_in: Some(ctx),
                 ..TestRunOptions::default()
             })
-            .unwrap_or_else(|err| panic!("BPF_PROG_TEST_RUN {program}: {err}"));
-        result.return_value as i32
+            .map_err(|err| format!("{err:?}"))?;
+        Ok(result.return_value as i32)
     }
 
     pub fn counter(&self, counter: Counter) -> u64 {
@@ -346,6 +358,21 @@ impl Harness {
     /// Runs the agent's sweeper as if the clock read `now_ns`.
     pub fn sweep(&mut self, now_ns: u64, timeouts: &Timeouts) -> SweepReport {
         conntrack::sweep(&mut self.maps, now_ns, timeouts).expect("sweep")
+    }
+
+    /// The sweeper judging an earlier snapshot of the table.
+    pub fn sweep_snapshot(
+        &mut self,
+        snapshot: Vec<(FlowKeyV4, FlowEntryV4)>,
+        now_ns: u64,
+        timeouts: &Timeouts,
+    ) -> SweepReport {
+        conntrack::sweep_snapshot(&mut self.maps, snapshot, now_ns, timeouts).expect("sweep")
+    }
+
+    /// Flows as the agent pairs them, with their protocol states.
+    pub fn flows(&self) -> Vec<conntrack::Flow> {
+        conntrack::pair(self.maps.flows()).0
     }
 }
 

@@ -54,7 +54,12 @@ pub struct Topology {
     pub lan: Netns,
     pub gateway: Netns,
     pub external: Netns,
+    /// A server one router further out, when `add_far_server` made one.
+    pub far: Option<Netns>,
 }
+
+/// The far server's address, behind the external namespace acting as a router.
+pub const FAR_SERVER: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 2);
 
 impl Topology {
     /// Tenant A's host, tenant B's host, and a stranger, in that order.
@@ -112,7 +117,29 @@ impl Topology {
             lan,
             gateway,
             external,
+            far: None,
         }
+    }
+
+    /// Makes the external namespace a router towards a far server whose
+    /// link out of that router has MTU `mtu` (the server's own side stays at
+    /// 1500, so TCP's MSS does not hide the narrow hop: only path-MTU
+    /// discovery finds it).
+    pub fn add_far_server(&mut self, mtu: u16) -> Ipv4Addr {
+        let far = Netns::new("far");
+        self.external.veth("far0", &far, "eth0");
+        self.external
+            .ip(&["addr", "add", "10.99.0.1/24", "dev", "far0"]);
+        self.external
+            .ip(&["link", "set", "far0", "mtu", &mtu.to_string()]);
+        self.external
+            .run("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
+        far.ip(&["addr", "add", &format!("{FAR_SERVER}/24"), "dev", "eth0"]);
+        far.ip(&["route", "add", "default", "via", "10.99.0.1"]);
+        far.ethtool("eth0", "tx", false);
+        self.external.ethtool("far0", "tx", false);
+        self.far = Some(far);
+        FAR_SERVER
     }
 
     pub fn host(&self, addr: Ipv4Addr) -> &Host {

@@ -326,3 +326,110 @@ impl PacketSocket {
         }
     }
 }
+
+/// A transfer making no progress this long has failed (a black hole).
+const STALL: Duration = Duration::from_secs(30);
+
+/// The byte at `offset` of a bulk transfer: a pattern that a dropped,
+/// duplicated or reordered segment would break.
+fn pattern(offset: u64) -> u8 {
+    (offset.wrapping_mul(31) % 251) as u8
+}
+
+/// What the receiving end of a bulk transfer saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Received {
+    pub bytes: u64,
+    /// Every byte matched the pattern at its offset.
+    pub intact: bool,
+}
+
+fn receive_all(stream: &mut std::net::TcpStream) -> std::io::Result<Received> {
+    let mut buf = vec![0u8; 1 << 16];
+    let mut offset = 0u64;
+    let mut intact = true;
+    loop {
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            return Ok(Received {
+                bytes: offset,
+                intact,
+            });
+        }
+        for (i, byte) in buf[..n].iter().enumerate() {
+            intact &= *byte == pattern(offset + i as u64);
+        }
+        offset += n as u64;
+    }
+}
+
+fn send_all(stream: &mut std::net::TcpStream, bytes: u64) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 1 << 16];
+    let mut offset = 0u64;
+    while offset < bytes {
+        let n = (bytes - offset).min(buf.len() as u64) as usize;
+        for (i, byte) in buf[..n].iter_mut().enumerate() {
+            *byte = pattern(offset + i as u64);
+        }
+        stream.write_all(&buf[..n])?;
+        offset += n as u64;
+    }
+    stream.shutdown(std::net::Shutdown::Write)
+}
+
+/// Sends `bytes` over one TCP connection from `client` to `server_addr`
+/// (a listener in `server`), or the other way when `download`. The receiver
+/// checks every byte, and the sender hears back what arrived: an error or
+/// reset anywhere fails the transfer.
+pub fn bulk_transfer(
+    client: &Netns,
+    server: &Netns,
+    server_addr: SocketAddrV4,
+    bytes: u64,
+    download: bool,
+) -> Result<Received, String> {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let serving = server.enter(move || -> std::io::Result<Option<Received>> {
+        let listener = TcpListener::bind(server_addr)?;
+        ready_tx.send(()).expect("ready");
+        let (mut stream, _) = listener.accept()?;
+        stream.set_read_timeout(Some(STALL))?;
+        stream.set_write_timeout(Some(STALL))?;
+        if download {
+            send_all(&mut stream, bytes)?;
+            Ok(None)
+        } else {
+            let received = receive_all(&mut stream)?;
+            stream.write_all(&received.bytes.to_be_bytes())?;
+            stream.write_all(&[u8::from(received.intact)])?;
+            Ok(Some(received))
+        }
+    });
+    ready_rx
+        .recv()
+        .map_err(|_| "server did not start".to_owned())?;
+    let client_side = client.within(move || -> std::io::Result<Received> {
+        let mut stream =
+            std::net::TcpStream::connect_timeout(&server_addr.into(), Duration::from_secs(5))?;
+        stream.set_read_timeout(Some(STALL))?;
+        stream.set_write_timeout(Some(STALL))?;
+        if download {
+            receive_all(&mut stream)
+        } else {
+            send_all(&mut stream, bytes)?;
+            let mut answer = [0u8; 9];
+            stream.read_exact(&mut answer)?;
+            let count = u64::from_be_bytes(answer[..8].try_into().expect("8 bytes"));
+            Ok(Received {
+                bytes: count,
+                intact: answer[8] == 1,
+            })
+        }
+    });
+    let server_side = serving
+        .join()
+        .map_err(|_| "server thread panicked".to_owned())?;
+    let received = client_side.map_err(|e| format!("client: {e}"))?;
+    server_side.map_err(|e| format!("server: {e}"))?;
+    Ok(received)
+}

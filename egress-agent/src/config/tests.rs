@@ -1,4 +1,7 @@
-use std::net::{IpAddr, Ipv4Addr};
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    time::Duration,
+};
 
 use super::*;
 use crate::system::{AddressFacts, LinkFacts, SystemView};
@@ -397,4 +400,46 @@ fn mac_parsing() {
     assert_eq!(parse_mac("02:00:5e:00:53:01:07"), None);
     assert_eq!(parse_mac("2:0:5e:0:53:1"), None);
     assert_eq!(format_mac([2, 0, 0x5e, 0, 0x53, 1]), "02:00:5e:00:53:01");
+}
+
+#[test]
+fn conntrack_timeouts_default_to_linux_and_take_units() {
+    let defaults = plan(SEED).unwrap();
+    assert_eq!(defaults.timeouts, Timeouts::default());
+    assert_eq!(
+        defaults.timeouts.tcp_established,
+        Duration::from_secs(432_000)
+    );
+    assert_eq!(defaults.sweep_interval, Duration::from_secs(10));
+    let text = format!(
+        "{SEED}conntrack:\n  sweepInterval: 2s\n  timeouts:\n    udp: 45\n    tcpEstablished: 1d\n    tcpClose: 90s\n    icmp: 2m\n"
+    );
+    let set = plan(&text).expect("valid");
+    assert_eq!(set.sweep_interval, Duration::from_secs(2));
+    assert_eq!(set.timeouts.udp, Duration::from_secs(45));
+    assert_eq!(set.timeouts.tcp_established, Duration::from_secs(86_400));
+    assert_eq!(set.timeouts.tcp_close, Duration::from_secs(90));
+    assert_eq!(set.timeouts.icmp, Duration::from_secs(120));
+    assert_eq!(
+        set.timeouts.tcp_syn_sent,
+        Timeouts::default().tcp_syn_sent,
+        "unnamed ones keep defaults"
+    );
+}
+
+#[test]
+fn bad_durations_are_refused() {
+    let err = Config::parse(&format!(
+        "{SEED}conntrack:\n  timeouts:\n    udp: 5 weeks\n"
+    ))
+    .expect_err("unit");
+    assert!(err.contains("unknown unit"), "{err}");
+    let err =
+        Config::parse(&format!("{SEED}conntrack:\n  timeouts:\n    udpp: 5\n")).expect_err("typo");
+    assert!(err.contains("unknown field `udpp`"), "{err}");
+    let problems = problems(&format!(
+        "{SEED}conntrack:\n  sweepInterval: 0\n  timeouts:\n    tcpClose: 0s\n"
+    ));
+    assert_problem(&problems, "conntrack.sweepInterval", "at least 1s");
+    assert_problem(&problems, "conntrack.timeouts.tcpClose", "at least 1s");
 }
