@@ -428,3 +428,40 @@ fn sigterm_removes_everything_the_agent_added() {
     assert!(!ping(&net.host(HOST_A).ns, SERVER, 1));
     assert_no_internal_source(&capture.finish());
 }
+
+#[test]
+fn the_agent_sweeps_expired_flows() {
+    if !require_root() {
+        return;
+    }
+    let net = Topology::seed();
+    let config = format!(
+        "{}  sweepInterval: 1s\n  timeouts:\n    udp: 2s\n    udpReplied: 2s\n",
+        seed_config(4096)
+    );
+    let agent = Agent::start(&net.gateway, &config);
+    let _udp = udp_echo_server(&net.external, SocketAddrV4::new(SERVER, 9999));
+    assert!(
+        udp_request(
+            &net.host(HOST_A).ns,
+            0,
+            SocketAddrV4::new(SERVER, 9999),
+            b"x"
+        )
+        .is_some()
+    );
+    assert_eq!(agent.flows().len(), 1);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !agent.flows().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the flow outlived its 2s timeout by 8s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert_eq!(
+        agent.status()["conntrack_entries"],
+        0,
+        "both halves are gone"
+    );
+}
