@@ -66,9 +66,22 @@ shared_layout! {
         pub tcp_flags: u8,
         /// `FLOW_F_*` bits.
         pub flags: u8,
-        pub _pad: [u8; 2],
+        /// MTU of the cached route; 0: no route cached.
+        pub route_mtu: u16,
+        /// CLOCK_MONOTONIC_COARSE nanoseconds when the route was looked up.
+        pub route_checked_ns: u64,
+        /// Where this direction's packets leave: the FIB's answer for the
+        /// translated packet, reused for `ROUTE_CACHE_NS` (a FIB lookup is
+        /// the most expensive step of the hit path).
+        pub route_ifindex: u32,
+        pub route_smac: [u8; 6],
+        pub route_dmac: [u8; 6],
     }
 }
+
+/// How long a flow reuses its cached next hop before asking the FIB again:
+/// route and neighbour changes reach established flows within this time.
+pub const ROUTE_CACHE_NS: u64 = 1_000_000_000;
 
 /// TCP flag bits as in the header's flags byte.
 pub const TCP_FIN: u8 = 0x01;

@@ -16,19 +16,24 @@ use aya_ebpf::{
     helpers::{bpf_fib_lookup as fib_lookup_helper, bpf_redirect},
     programs::XdpContext,
 };
-use egress_common::config::ROLE_EXTERNAL;
+use egress_common::{
+    config::ROLE_EXTERNAL,
+    flow::{FlowEntryV4, ROUTE_CACHE_NS},
+};
 
 use crate::{csum, maps::INTERFACES, parse::Ipv4Frame};
 
 const AF_INET: u8 = 2;
 
 /// Where the kernel would send a packet.
+#[derive(Clone, Copy)]
 pub enum Route {
     /// Next hop resolved: send it there.
     Resolved {
         ifindex: u32,
         smac: [u8; 6],
         dmac: [u8; 6],
+        mtu: u16,
     },
     /// Route found, next hop's MAC not yet known.
     NoNeighbour { ifindex: u32 },
@@ -60,6 +65,48 @@ impl Route {
     #[inline(always)]
     pub fn leaves_external(&self) -> bool {
         self.leaves_through(ROLE_EXTERNAL)
+    }
+}
+
+/// The flow half's cached next hop, if it is fresh and the packet fits its
+/// MTU; otherwise the caller asks the FIB (which also answers "too big").
+#[inline(always)]
+pub fn cached_route(entry: *const FlowEntryV4, now: u64, tot_len: u16) -> Option<Route> {
+    // SAFETY: map value pointer returned by the kernel. Another CPU
+    // refreshing the cache at the same moment writes the same answer.
+    let entry = unsafe { &*entry };
+    if entry.route_mtu == 0
+        || tot_len > entry.route_mtu
+        || now.wrapping_sub(entry.route_checked_ns) >= ROUTE_CACHE_NS
+    {
+        return None;
+    }
+    Some(Route::Resolved {
+        ifindex: entry.route_ifindex,
+        smac: entry.route_smac,
+        dmac: entry.route_dmac,
+        mtu: entry.route_mtu,
+    })
+}
+
+/// Caches a resolved next hop in the flow half it was looked up for.
+#[inline(always)]
+pub fn remember_route(entry: *mut FlowEntryV4, route: &Route, now: u64) {
+    if let Route::Resolved {
+        ifindex,
+        smac,
+        dmac,
+        mtu,
+    } = *route
+    {
+        // SAFETY: as in `cached_route`.
+        unsafe {
+            (*entry).route_ifindex = ifindex;
+            (*entry).route_smac = smac;
+            (*entry).route_dmac = dmac;
+            (*entry).route_mtu = mtu;
+            (*entry).route_checked_ns = now;
+        }
     }
 }
 
@@ -101,6 +148,8 @@ pub fn route_v4(
             ifindex: params.ifindex,
             smac: params.smac,
             dmac: params.dmac,
+            // SAFETY: on success the kernel stores the route's MTU here.
+            mtu: unsafe { params.__bindgen_anon_1.mtu_result },
         },
         BPF_FIB_LKUP_RET_NO_NEIGH => Route::NoNeighbour {
             ifindex: params.ifindex,

@@ -105,14 +105,25 @@ fn flow(
         }
     };
 
-    // Route, as the translated packet.
-    let ports = (transport.src_port, transport.dst_port);
-    let route = forward::route_v4(ctx, frame, ingress, nat_addr, key.dst, ports);
+    // Route, as the translated packet: the flow's cached next hop, or the FIB.
+    let now = conntrack::now();
+    let tot_len = u16::from_be_bytes(frame.ip().tot_len);
+    let cached = existing.and_then(|entry| forward::cached_route(entry, now, tot_len));
+    let route = match cached {
+        Some(route) => route,
+        None => forward::route_v4(
+            ctx,
+            frame,
+            ingress,
+            nat_addr,
+            key.dst,
+            (transport.src_port, transport.dst_port),
+        ),
+    };
     if let Some(verdict) = not_leaving(frame, &route) {
         return verdict;
     }
 
-    let now = conntrack::now();
     let entry = match (existing, new_flow) {
         (Some(entry), _) => {
             conntrack::reopen_if_closed(&key, entry, transport.tcp_flags);
@@ -127,12 +138,10 @@ fn flow(
     };
     // SAFETY: map value pointer returned by the kernel.
     let (nat_addr, nat_port) = unsafe { ((*entry).nat_addr, (*entry).nat_port) };
-    conntrack::touch(
-        entry,
-        now,
-        u16::from_be_bytes(frame.ip().tot_len),
-        transport.tcp_flags,
-    );
+    conntrack::touch(entry, now, tot_len, transport.tcp_flags);
+    if cached.is_none() {
+        forward::remember_route(entry, &route, now);
+    }
     if frame.is_fragment() {
         frags::remember(frame, DIR_OUTBOUND, tenant, nat_addr, tenant, now);
     }
@@ -228,6 +237,7 @@ fn transmit(frame: &Ipv4Frame, route: Route, counter: Counter) -> Verdict {
             ifindex,
             smac,
             dmac,
+            ..
         } => Verdict {
             action: forward::redirect(frame, ifindex, smac, dmac),
             counter,

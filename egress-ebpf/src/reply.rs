@@ -77,17 +77,26 @@ fn flow(
     let (host_addr, host_port, tenant) =
         unsafe { ((*entry).nat_addr, (*entry).nat_port, (*entry).tenant) };
 
-    let ports = (transport.src_port, host_port);
-    let route = forward::route_v4(ctx, frame, ingress, key.src, host_addr, ports);
+    let now = conntrack::now();
+    let tot_len = u16::from_be_bytes(frame.ip().tot_len);
+    let cached = forward::cached_route(entry, now, tot_len);
+    let route = match cached {
+        Some(route) => route,
+        None => forward::route_v4(
+            ctx,
+            frame,
+            ingress,
+            key.src,
+            host_addr,
+            (transport.src_port, host_port),
+        ),
+    };
     check_return(frame, &route)?;
 
-    let now = conntrack::now();
-    conntrack::touch(
-        entry,
-        now,
-        u16::from_be_bytes(frame.ip().tot_len),
-        transport.tcp_flags,
-    );
+    conntrack::touch(entry, now, tot_len, transport.tcp_flags);
+    if cached.is_none() {
+        forward::remember_route(entry, &route, now);
+    }
     if frame.is_fragment() {
         frags::remember(frame, DIR_REPLY, REPLY_ZONE, host_addr, tenant, now);
     }
@@ -180,6 +189,7 @@ fn deliver(frame: &Ipv4Frame, route: Route, counter: Counter) -> Verdict {
             ifindex,
             smac,
             dmac,
+            ..
         } => {
             forward::decrement_ttl(frame);
             Verdict {

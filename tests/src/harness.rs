@@ -198,6 +198,11 @@ impl Harness {
         }
     }
 
+    /// The namespace the harness runs in (to add routes or neighbours).
+    pub fn netns(&self) -> &Netns {
+        &self._ns
+    }
+
     fn dataplane(&self) -> &Dataplane {
         self.dataplane.as_ref().expect("dataplane")
     }

@@ -542,3 +542,46 @@ fn two_tenants_with_one_source_port_to_one_destination() {
     assert_eq!(View::new(&back_a).dst(), HOST_A);
     assert_eq!(View::new(&back_b).dst(), HOST_B);
 }
+
+#[test]
+fn a_flow_remembers_its_next_hop_for_at_most_a_second() {
+    let Some(h) = harness() else { return };
+    let frame = frames::udp(sock(HOST_A, 44100), sock(REMOTE, 53), b"q");
+    assert_eq!(View::new(&translate_out(&h, &frame)).eth_dst(), ROUTER_MAC);
+    // The router's MAC changes: the flow keeps the answer it cached...
+    let moved = [0x02, 0, 0, 0, 0x0e, 0x0e];
+    h.netns().ip(&[
+        "neigh",
+        "replace",
+        "192.168.31.1",
+        "lladdr",
+        &egress_agent::config::format_mac(moved),
+        "dev",
+        "ext0",
+        "nud",
+        "permanent",
+    ]);
+    assert_eq!(View::new(&translate_out(&h, &frame)).eth_dst(), ROUTER_MAC);
+    // ...while a new flow asks the FIB and sees the new one at once.
+    let other = frames::udp(sock(HOST_A, 44101), sock(REMOTE, 53), b"q");
+    assert_eq!(View::new(&translate_out(&h, &other)).eth_dst(), moved);
+    // Once the cache is stale, the old flow asks again.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    assert_eq!(View::new(&translate_out(&h, &frame)).eth_dst(), moved);
+}
+
+#[test]
+fn a_packet_above_the_cached_mtu_still_gets_frag_needed() {
+    let Some(h) = harness() else { return };
+    let small = frames::udp(sock(HOST_A, 44200), sock(NARROW, 53), &[0; 100]);
+    translate_out(&h, &small);
+    let big = frames::edit_ipv4(
+        &frames::udp(sock(HOST_A, 44200), sock(NARROW, 53), &[0; 700]),
+        |ip| ip.dont_fragment = true,
+    );
+    let out = h.outbound(&big);
+    assert_eq!(out.action, XDP_PASS, "the kernel answers frag-needed");
+    assert_eq!(out.frame, big, "untranslated, to the kernel");
+    assert_eq!(h.counter(Counter::OutPassFragNeeded), 1);
+    translate_out(&h, &small);
+}
