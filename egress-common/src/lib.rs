@@ -9,6 +9,7 @@
 //! keys; IPv6 will get parallel `*V6` maps rather than widening these.
 #![no_std]
 
+pub mod bench;
 pub mod config;
 pub mod counters;
 pub mod flow;

@@ -114,20 +114,18 @@ impl Netns {
     }
 
     pub fn ifindex(&self, interface: &str) -> u32 {
-        let text = self.read_sys(&format!("/sys/class/net/{interface}/ifindex"));
-        text.trim().parse().expect("ifindex")
+        let name = std::ffi::CString::new(interface).expect("interface name");
+        let index = self.within(move || {
+            // SAFETY: a valid C string; the call only reads it.
+            unsafe { libc::if_nametoindex(name.as_ptr()) }
+        });
+        assert!(index != 0, "no interface {interface} in {}", self.name);
+        index
     }
 
     pub fn mac(&self, interface: &str) -> [u8; 6] {
         let interface = interface.to_owned();
         self.within(move || mac_of(&interface))
-    }
-
-    fn read_sys(&self, path: &str) -> String {
-        // /sys shows the namespace of whoever mounted it, so ask a process
-        // that is inside.
-        let output = self.run("cat", &[path]);
-        String::from_utf8_lossy(&output.stdout).into_owned()
     }
 
     /// Turns a veth's offloads into what a rewriting dataplane needs: full

@@ -1,0 +1,350 @@
+//! `egress-bench`: the same traffic through iptables, nftables, an nftables
+//! flowtable and the egress XDP dataplane, one after the other, on one
+//! topology, from one sender, next to the ceiling of that topology.
+//! Run it with `cargo xtask bench` (or `--short` for the CI smoke run).
+
+use std::{path::PathBuf, time::Instant};
+
+use anyhow::Context as _;
+use clap::Parser;
+use egress_bench::{
+    gateways::{self, Kind},
+    measure, progcost,
+    programs::Programs,
+    report::{Machine, Results},
+    topology::{Topology, cpus},
+};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "egress-bench",
+    about = "Benchmark egress against iptables and nftables SNAT"
+)]
+struct Args {
+    /// The CI smoke run: 1 and 40 tenants, 1000 flows, short bursts (under two minutes).
+    #[arg(long)]
+    short: bool,
+    /// Where latest.json, latest.md and pps.svg go.
+    #[arg(long, default_value = "bench/results")]
+    out: PathBuf,
+    /// Tenant counts (SNAT rules / prefixes); default 1,40,1000,10000 (short: 1,40).
+    #[arg(long, value_delimiter = ',')]
+    tenants: Vec<u32>,
+    /// Concurrent flow counts; default 1000,100000,1000000 (short: 1000).
+    #[arg(long, value_delimiter = ',')]
+    flows: Vec<u32>,
+    /// The command line to record in the results.
+    #[arg(long, default_value = "cargo xtask bench")]
+    command: String,
+    /// Only time the dataplane programs with BPF_PROG_TEST_RUN (seconds, no topology).
+    #[arg(long)]
+    prog_cost_only: bool,
+}
+
+struct Plan {
+    tenants: Vec<u32>,
+    flows: Vec<u32>,
+    /// Packets per established burst.
+    burst: u32,
+    /// Packets of the new-flow run.
+    new_flows: u32,
+    probes: u32,
+    prog_cost_singles: u16,
+}
+
+impl Plan {
+    fn from(args: &Args) -> Self {
+        let (tenants, flows, burst, new_flows, probes, singles) = if args.short {
+            (vec![1, 40], vec![1000], 1_000_000, 200_000, 200, 2000)
+        } else {
+            (
+                vec![1, 40, 1000, 10_000],
+                vec![1000, 100_000, 1_000_000],
+                5_000_000,
+                500_000,
+                2000,
+                20_000,
+            )
+        };
+        Self {
+            tenants: if args.tenants.is_empty() {
+                tenants
+            } else {
+                args.tenants.clone()
+            },
+            flows: if args.flows.is_empty() {
+                flows
+            } else {
+                args.flows.clone()
+            },
+            burst,
+            new_flows,
+            probes,
+            prog_cost_singles: singles,
+        }
+    }
+}
+
+/// Global conntrack limits set for the run and restored afterwards.
+struct ConntrackLimits {
+    saved: Vec<(PathBuf, String)>,
+}
+
+impl ConntrackLimits {
+    fn raise(entries: u64) -> Self {
+        let mut saved = Vec::new();
+        for (path, value) in [
+            ("/proc/sys/net/netfilter/nf_conntrack_max", entries),
+            (
+                "/sys/module/nf_conntrack/parameters/hashsize",
+                (entries / 4).max(16_384),
+            ),
+        ] {
+            let path = PathBuf::from(path);
+            if let Ok(old) = std::fs::read_to_string(&path)
+                && std::fs::write(&path, value.to_string()).is_ok()
+            {
+                saved.push((path, old.trim().to_owned()));
+            }
+        }
+        Self { saved }
+    }
+}
+
+impl Drop for ConntrackLimits {
+    fn drop(&mut self) {
+        for (path, old) in &self.saved {
+            let _ = std::fs::write(path, old);
+        }
+    }
+}
+
+fn machine() -> Machine {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .and_then(|r| r.split(':').nth(1))
+        })
+        .map_or_else(|| "unknown CPU".to_owned(), |m| m.trim().to_owned());
+    let memory_kib: u64 = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    let date = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    Machine {
+        kernel,
+        cpu,
+        cores: cpus(),
+        memory_gib: memory_kib.div_ceil(1 << 20),
+        date,
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    egress_tests::cleanup::on_signal();
+    let args = Args::parse();
+    anyhow::ensure!(
+        egress_tests::require_root(),
+        "the benchmark needs root (namespaces, BPF, netfilter)"
+    );
+    let plan = Plan::from(&args);
+    if args.prog_cost_only {
+        for tenants in [1, plan.tenants.iter().copied().max().unwrap_or(1)] {
+            for cost in progcost::measure(tenants, plan.prog_cost_singles) {
+                println!(
+                    "{}: {:.0} ns ({})",
+                    cost.path, cost.ns_per_packet, cost.method
+                );
+            }
+        }
+        return Ok(());
+    }
+    let started = Instant::now();
+    let max_flows = plan.flows.iter().copied().max().unwrap_or(1000);
+    // Room for every established flow plus the new-flow run, with margin.
+    let capacity = ((u64::from(max_flows) + u64::from(plan.new_flows)) * 5 / 4).max(65_536);
+    let _limits = ConntrackLimits::raise(capacity * 2);
+
+    let mut results = Results {
+        machine: machine(),
+        command: args.command.clone(),
+        mode: if args.short {
+            "short".into()
+        } else {
+            "full".into()
+        },
+        records: Vec::new(),
+        prog_cost: Vec::new(),
+        notes: Vec::new(),
+    };
+    if cpus() < 2 {
+        results.notes.push(
+            "one CPU only: sender and gateway share it, figures are not per gateway core".into(),
+        );
+    }
+    eprintln!(
+        "egress-bench ({}): tenants {:?}, flows {:?}, {} gateways; results in {}",
+        results.mode,
+        plan.tenants,
+        plan.flows,
+        Kind::ALL.len(),
+        args.out.display()
+    );
+
+    let topology = Topology::build()?;
+    let mut programs = Programs::load(&topology)?;
+    let kinds: Vec<Kind> = Kind::ALL
+        .into_iter()
+        .filter(|&kind| match gateways::unavailable(kind, &topology.gw) {
+            Some(reason) => {
+                eprintln!("{reason}");
+                results.notes.push(reason);
+                false
+            }
+            None => true,
+        })
+        .collect();
+
+    let steps = plan.tenants.len() * kinds.len();
+    let mut step = 0;
+    let mut new_flow_start: u32 = 50_000_000;
+    for &tenants in &plan.tenants {
+        for &kind in &kinds {
+            step += 1;
+            let label = format!(
+                "[{step}/{steps}] {} with {tenants} tenant{}",
+                kind.name(),
+                if tenants == 1 { "" } else { "s" }
+            );
+            eprintln!(
+                "{label}: setting up ({:.0}s elapsed)",
+                started.elapsed().as_secs_f64()
+            );
+            let active = gateways::start(kind, &topology, &mut programs, tenants, capacity as u32)
+                .with_context(|| label.clone())?;
+            for &flows in &plan.flows {
+                let t = measure::established(&topology, &mut programs, tenants, flows, plan.burst)?;
+                eprintln!(
+                    "{label}, {flows} flows: {:.2} Mpps, loss {:.1}%, {:.0} ns/packet on the gateway core",
+                    t.pps / 1e6,
+                    t.loss * 100.0,
+                    t.cpu_ns_per_packet
+                );
+                if kind.translates() && t.translated < t.received {
+                    results.notes.push(format!(
+                        "{label}, {flows} flows: {} of {} packets arrived untranslated",
+                        t.received - t.translated,
+                        t.received
+                    ));
+                }
+                results.push(kind, tenants, flows, "established_pps", t.pps);
+                results.push(kind, tenants, flows, "established_loss", t.loss);
+                results.push(
+                    kind,
+                    tenants,
+                    flows,
+                    "cpu_ns_per_packet",
+                    t.cpu_ns_per_packet,
+                );
+                if flows == max_flows && tenants == plan.tenants[0] {
+                    record_memory(&mut results, kind, &topology, &active, tenants, flows);
+                }
+            }
+            let first_flows = plan.flows[0];
+            let n = measure::new_flows(
+                &topology,
+                &mut programs,
+                tenants,
+                new_flow_start,
+                plan.new_flows,
+            )?;
+            new_flow_start += plan.new_flows;
+            eprintln!(
+                "{label}: {:.0} new flows/s (loss {:.1}%)",
+                n.pps,
+                n.loss * 100.0
+            );
+            results.push(kind, tenants, first_flows, "new_flows_per_s", n.pps);
+            if kind.translates() {
+                let low = measure::latency(&topology, &mut programs, plan.probes, None)?;
+                let high = measure::latency(
+                    &topology,
+                    &mut programs,
+                    plan.probes,
+                    Some((tenants, first_flows)),
+                )?;
+                eprintln!(
+                    "{label}: latency p50/p99 {:.0}/{:.0} us idle, {:.0}/{:.0} us under load ({} + {} probes lost)",
+                    low.p50_us, low.p99_us, high.p50_us, high.p99_us, low.lost, high.lost
+                );
+                results.push_latency(kind, tenants, first_flows, "low", low.p50_us, low.p99_us);
+                results.push_latency(kind, tenants, first_flows, "high", high.p50_us, high.p99_us);
+            }
+            gateways::stop(active, &topology, &mut programs).with_context(|| label.clone())?;
+        }
+    }
+    drop(programs);
+    drop(topology);
+
+    eprintln!(
+        "program cost with BPF_PROG_TEST_RUN ({:.0}s elapsed)",
+        started.elapsed().as_secs_f64()
+    );
+    for tenants in [1, plan.tenants.iter().copied().max().unwrap_or(1)] {
+        for cost in progcost::measure(tenants, plan.prog_cost_singles) {
+            eprintln!(
+                "  {}: {:.0} ns ({})",
+                cost.path, cost.ns_per_packet, cost.method
+            );
+            results.prog_cost.push(cost.into());
+        }
+        if plan.tenants.iter().max() == Some(&1) {
+            break;
+        }
+    }
+    results.write(&args.out)?;
+    eprintln!(
+        "done in {:.0}s: {}",
+        started.elapsed().as_secs_f64(),
+        args.out.join("latest.md").display()
+    );
+    for line in results.targets() {
+        eprintln!("  {line}");
+    }
+    Ok(())
+}
+
+fn record_memory(
+    results: &mut Results,
+    kind: Kind,
+    topology: &Topology,
+    active: &gateways::Active,
+    tenants: u32,
+    flows: u32,
+) {
+    let bytes = match (kind, active) {
+        (Kind::Xdp, gateways::Active::Xdp(agent)) => {
+            let path = PathBuf::from(format!("/sys/fs/bpf/{}/CONNTRACK_V4", agent.instance));
+            measure::map_memory(&path).ok().map(|b| b as f64)
+        }
+        (Kind::Iptables, _) => gateways::conntrack_memory(&topology.gw)
+            .ok()
+            .map(|(_, b)| b as f64),
+        _ => None,
+    };
+    if let Some(bytes) = bytes {
+        results.push(kind, tenants, flows, "memory_bytes", bytes);
+    }
+}

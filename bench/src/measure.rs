@@ -1,0 +1,204 @@
+//! One measurement each: established-flow throughput (with loss and CPU per
+//! packet), new-flow rate, round-trip latency. Every figure comes from what
+//! the sink received, never from what the sender claims it sent.
+
+use std::{
+    net::{SocketAddrV4, UdpSocket},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use serde::Serialize;
+
+use crate::{
+    programs::{Counts, Programs},
+    topology::{PROBE_HOST, PROBE_PORT, SINK_ADDR, Topology, cpu_busy_ns, pin},
+};
+
+/// How long the queues need to empty after the sender stops.
+const DRAIN: Duration = Duration::from_millis(300);
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Throughput {
+    pub offered: u64,
+    pub received: u64,
+    pub translated: u64,
+    pub seconds: f64,
+    pub pps: f64,
+    pub loss: f64,
+    /// Busy time of the gateway core per packet received.
+    pub cpu_ns_per_packet: f64,
+}
+
+/// Sends `packets` and reads what arrived.
+fn burst(topology: &Topology, programs: &Programs, packets: u32) -> anyhow::Result<Throughput> {
+    let before: Counts = programs.counts()?;
+    let busy_before = cpu_busy_ns(topology.gateway_cpu)?;
+    let elapsed = programs.send(topology, packets, topology.other_cpu)?;
+    std::thread::sleep(DRAIN);
+    let busy_after = cpu_busy_ns(topology.gateway_cpu)?;
+    let after = programs.counts()?;
+    let received = after.received - before.received;
+    let seconds = elapsed.as_secs_f64();
+    Ok(Throughput {
+        offered: u64::from(packets),
+        received,
+        translated: after.translated - before.translated,
+        seconds,
+        pps: received as f64 / seconds,
+        loss: 1.0 - received as f64 / f64::from(packets),
+        cpu_ns_per_packet: if received == 0 {
+            0.0
+        } else {
+            busy_after.saturating_sub(busy_before) as f64 / received as f64
+        },
+    })
+}
+
+/// Established flows: `flows` flows over `tenants` prefixes are created
+/// first with the gateway's work inline on the sender's core (the sender
+/// then waits for it, so no flow is lost), then blasted from one core at
+/// the gateway on the other.
+pub fn established(
+    topology: &Topology,
+    programs: &mut Programs,
+    tenants: u32,
+    flows: u32,
+    packets: u32,
+) -> anyhow::Result<Throughput> {
+    programs.cycle(topology, tenants, flows)?;
+    topology.set_napi_thread(&topology.gw, "g0", None)?;
+    programs.send(topology, flows, topology.other_cpu)?;
+    std::thread::sleep(DRAIN);
+    topology.set_napi_thread(&topology.gw, "g0", Some(topology.gateway_cpu))?;
+    burst(topology, programs, packets)
+}
+
+/// Every packet a new flow, numbered from `start`.
+pub fn new_flows(
+    topology: &Topology,
+    programs: &mut Programs,
+    tenants: u32,
+    start: u32,
+    packets: u32,
+) -> anyhow::Result<Throughput> {
+    programs.unique(topology, tenants, start)?;
+    burst(topology, programs, packets)
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Latency {
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub lost: u32,
+}
+
+/// Round trips of UDP probes from a tenant host to an echo server behind
+/// the gateway, one at a time; under load the generator runs meanwhile.
+pub fn latency(
+    topology: &Topology,
+    programs: &mut Programs,
+    probes: u32,
+    load: Option<(u32, u32)>,
+) -> anyhow::Result<Latency> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let echo = {
+        let stop = stop.clone();
+        let cpu = topology.other_cpu;
+        topology.sink.enter(move || -> anyhow::Result<()> {
+            pin(0, cpu)?;
+            let socket = UdpSocket::bind(SocketAddrV4::new(SINK_ADDR, PROBE_PORT))?;
+            socket.set_read_timeout(Some(Duration::from_millis(50)))?;
+            ready_tx.send(()).ok();
+            let mut buf = [0u8; 64];
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok((n, peer)) = socket.recv_from(&mut buf) {
+                    socket.send_to(&buf[..n], peer)?;
+                }
+            }
+            Ok(())
+        })
+    };
+    ready_rx.recv().context("echo server")?;
+    let done = Arc::new(AtomicBool::new(false));
+    let client = {
+        let done = done.clone();
+        let cpu = topology.other_cpu;
+        topology
+            .src
+            .enter(move || -> anyhow::Result<(Vec<Duration>, u32)> {
+                pin(0, cpu)?;
+                let socket = UdpSocket::bind(SocketAddrV4::new(PROBE_HOST, 0))?;
+                socket.connect(SocketAddrV4::new(SINK_ADDR, PROBE_PORT))?;
+                socket.set_read_timeout(Some(Duration::from_millis(200)))?;
+                let mut rtts = Vec::with_capacity(probes as usize);
+                let mut lost = 0;
+                let mut buf = [0u8; 64];
+                for seq in 0..probes {
+                    let sent = Instant::now();
+                    socket.send(&seq.to_be_bytes())?;
+                    loop {
+                        match socket.recv(&mut buf) {
+                            Ok(4) if buf[..4] == seq.to_be_bytes() => {
+                                rtts.push(sent.elapsed());
+                                break;
+                            }
+                            Ok(_) => {}
+                            Err(_) => {
+                                lost += 1;
+                                break;
+                            }
+                        }
+                    }
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+                done.store(true, Ordering::Relaxed);
+                Ok((rtts, lost))
+            })
+    };
+    if let Some((tenants, flows)) = load {
+        programs.cycle(topology, tenants, flows)?;
+        while !done.load(Ordering::Relaxed) {
+            programs.send(topology, 1 << 20, topology.other_cpu)?;
+        }
+    }
+    let (mut rtts, lost) = client
+        .join()
+        .map_err(|_| anyhow::anyhow!("probe thread panicked"))??;
+    stop.store(true, Ordering::Relaxed);
+    echo.join()
+        .map_err(|_| anyhow::anyhow!("echo thread panicked"))??;
+    rtts.sort_unstable();
+    let at = |q: f64| -> f64 {
+        if rtts.is_empty() {
+            return f64::NAN;
+        }
+        let index = ((rtts.len() as f64 - 1.0) * q).round() as usize;
+        rtts[index].as_secs_f64() * 1e6
+    };
+    Ok(Latency {
+        p50_us: at(0.50),
+        p99_us: at(0.99),
+        lost,
+    })
+}
+
+/// Memory the kernel charges for a pinned BPF map (its fdinfo `memlock`).
+pub fn map_memory(path: &std::path::Path) -> anyhow::Result<u64> {
+    let map = aya::maps::MapData::from_pin(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    let fd = {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        map.fd().as_fd().as_raw_fd()
+    };
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("memlock:"))
+        .and_then(|v| v.trim().parse().ok())
+        .context("no memlock in fdinfo")
+}

@@ -1,0 +1,201 @@
+//! The dataplane programs' own cost per packet, from BPF_PROG_TEST_RUN.
+//!
+//! The kernel reruns a program `repeat` times on the same buffer without
+//! restoring it, so a translating program would time its own output after
+//! the first run (an egress address, which takes another path). The hit
+//! paths are therefore timed on a flow whose translation is the identity:
+//! an egress address and port that map to themselves, with a host route
+//! sending that address inside for the reply path. TTL still drops by one
+//! per run, so each call repeats 250 times and many calls are averaged. A
+//! new flow cannot repeat at all (the second run finds it): it is timed as
+//! single runs on distinct frames, and reported as the hit cost plus what
+//! a single new-flow run costs over a single hit run.
+
+use std::{
+    fmt::Write as _,
+    net::{Ipv4Addr, SocketAddrV4},
+};
+
+use aya::maps::lpm_trie::Key;
+use egress_common::{
+    flow::{DIR_OUTBOUND, DIR_REPLY, FlowEntryV4, FlowKeyV4, PROTO_UDP, REPLY_ZONE},
+    tenant::{ANY_PORT, PORT_PREFIX_BITS, SourceKeyV4},
+};
+use egress_tests::{frames, harness::Harness};
+use serde::Serialize;
+
+use crate::topology::{egress_ip, tenant_prefix};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Cost {
+    pub path: String,
+    pub ns_per_packet: f64,
+    pub method: String,
+}
+
+const REMOTE: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
+/// The identity flow's address and port: an egress address routed inside.
+const LOOP_ADDR: Ipv4Addr = Ipv4Addr::new(192, 168, 31, 201);
+const LOOP_PORT: u16 = 40000;
+const REPEAT: u32 = 250;
+/// Each timed call with a repeat count flips a kernel static key on entry
+/// and exit (several milliseconds of wall time), so calls stay few.
+const CALLS: u32 = 400;
+
+fn config(tenants: u32) -> String {
+    let mut yaml = String::from(
+        "interfaces: {internal: [int0], external: ext0}\nconntrack: {maxFlows: 262144}\ntenants:\n",
+    );
+    for t in 0..tenants {
+        let _ = writeln!(
+            yaml,
+            "  - {{name: t{t}, sources: [{}/24], egressIPs: [{}]}}",
+            tenant_prefix(t),
+            egress_ip(t)
+        );
+    }
+    yaml
+}
+
+/// Adds the identity flow of the last tenant; returns its frames.
+fn identity_flow(h: &mut Harness, tenants: u32) -> (Vec<u8>, Vec<u8>) {
+    let ns = h.netns();
+    ns.ip(&["route", "add", &format!("{LOOP_ADDR}/32"), "dev", "int0"]);
+    ns.ip(&[
+        "neigh",
+        "replace",
+        &LOOP_ADDR.to_string(),
+        "lladdr",
+        "02:00:00:00:02:01",
+        "dev",
+        "int0",
+        "nud",
+        "permanent",
+    ]);
+    let ids = h.maps.tenant_ids().expect("tenant ids");
+    let tenant = ids[&format!("t{}", tenants - 1)];
+    let source = Key::new(
+        PORT_PREFIX_BITS + 32,
+        SourceKeyV4 {
+            port_be: ANY_PORT.to_be(),
+            addr: LOOP_ADDR.octets(),
+        },
+    );
+    h.maps
+        .sources
+        .insert(&source, u32::from(tenant), 0)
+        .expect("source");
+    h.maps
+        .egress
+        .insert(LOOP_ADDR.octets(), u32::from(tenant), 0)
+        .expect("egress");
+    let outbound = FlowKeyV4 {
+        src: LOOP_ADDR.octets(),
+        dst: REMOTE.octets(),
+        src_port: LOOP_PORT.to_be(),
+        dst_port: 53u16.to_be(),
+        proto: PROTO_UDP,
+        direction: DIR_OUTBOUND,
+        zone: tenant,
+    };
+    let entry = FlowEntryV4 {
+        nat_addr: LOOP_ADDR.octets(),
+        nat_port: LOOP_PORT.to_be(),
+        tenant,
+        ..FlowEntryV4::default()
+    };
+    h.maps
+        .conntrack
+        .insert(outbound, entry, 0)
+        .expect("outbound half");
+    let reply = FlowKeyV4 {
+        src: REMOTE.octets(),
+        dst: LOOP_ADDR.octets(),
+        src_port: 53u16.to_be(),
+        dst_port: LOOP_PORT.to_be(),
+        proto: PROTO_UDP,
+        direction: DIR_REPLY,
+        zone: REPLY_ZONE,
+    };
+    h.maps
+        .conntrack
+        .insert(reply, entry, 0)
+        .expect("reply half");
+    let sock = |ip: Ipv4Addr, port: u16| SocketAddrV4::new(ip, port);
+    let ttl = |frame: Vec<u8>| frames::edit_ipv4(&frame, |ip| ip.time_to_live = 255);
+    (
+        ttl(frames::udp(
+            sock(LOOP_ADDR, LOOP_PORT),
+            sock(REMOTE, 53),
+            &[0; 18],
+        )),
+        ttl(frames::udp(
+            sock(REMOTE, 53),
+            sock(LOOP_ADDR, LOOP_PORT),
+            &[0; 18],
+        )),
+    )
+}
+
+fn mean(calls: u32, mut run: impl FnMut() -> std::time::Duration) -> f64 {
+    (0..calls).map(|_| run().as_nanos() as f64).sum::<f64>() / f64::from(calls)
+}
+
+/// Costs with `tenants` tenants configured; `singles` distinct frames for
+/// the single-run figures.
+pub fn measure(tenants: u32, singles: u16) -> Vec<Cost> {
+    let mut h = Harness::with_config(&config(tenants));
+    let (outbound, reply) = identity_flow(&mut h, tenants);
+    let out = h.outbound(&outbound);
+    assert_eq!(
+        out.action,
+        egress_tests::harness::XDP_REDIRECT,
+        "the identity flow must be a hit"
+    );
+    assert_eq!(
+        out.frame[26..30],
+        LOOP_ADDR.octets(),
+        "and translate to itself"
+    );
+    assert_eq!(h.reply(&reply).action, egress_tests::harness::XDP_REDIRECT);
+    let hit = mean(CALLS, || h.time_outbound(&outbound, REPEAT));
+    let back = mean(CALLS, || h.time_reply(&reply, REPEAT));
+
+    let host = Ipv4Addr::from(u32::from(tenant_prefix(tenants - 1)) + 1);
+    let sock = |ip: Ipv4Addr, port: u16| SocketAddrV4::new(ip, port);
+    let hit_single = mean(u32::from(singles), || h.time_outbound(&outbound, 1));
+    let mut port = 2000u16;
+    let new_single = mean(u32::from(singles), || {
+        port += 1;
+        h.time_outbound(
+            &frames::udp(sock(host, port), sock(REMOTE, 53), &[0; 18]),
+            1,
+        )
+    });
+    let label = |path: &str| {
+        format!(
+            "{path}, {tenants} tenant{}",
+            if tenants == 1 { "" } else { "s" }
+        )
+    };
+    let repeated = format!("mean of {CALLS} calls x {REPEAT} repeats");
+    vec![
+        Cost {
+            path: label("outbound, conntrack hit"),
+            ns_per_packet: hit,
+            method: repeated.clone(),
+        },
+        Cost {
+            path: label("reply, conntrack hit"),
+            ns_per_packet: back,
+            method: repeated,
+        },
+        Cost {
+            path: label("outbound, new flow"),
+            ns_per_packet: hit + (new_single - hit_single),
+            method: format!(
+                "hit + (single new-flow run {new_single:.0} - single hit run {hit_single:.0}), {singles} runs each"
+            ),
+        },
+    ]
+}

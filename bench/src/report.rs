@@ -1,0 +1,557 @@
+//! Results: `latest.json` (every figure), and from it `latest.md` (tables,
+//! the targets met or missed) and `pps.svg` (throughput against tenants,
+//! one line per gateway).
+
+use std::{collections::BTreeSet, fmt::Write as _, path::Path};
+
+use anyhow::Context as _;
+use serde::{Deserialize, Serialize};
+
+use crate::{gateways::Kind, progcost::Cost};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Machine {
+    pub kernel: String,
+    pub cpu: String,
+    pub cores: usize,
+    pub memory_gib: u64,
+    pub date: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Record {
+    pub gateway: String,
+    pub tenants: u32,
+    pub flows: u32,
+    pub metric: String,
+    pub value: f64,
+    /// Latency records: `low` or `high` load.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub load: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Results {
+    pub machine: Machine,
+    pub command: String,
+    pub mode: String,
+    pub records: Vec<Record>,
+    pub prog_cost: Vec<ProgCostRecord>,
+    pub notes: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProgCostRecord {
+    pub path: String,
+    pub ns_per_packet: f64,
+    pub method: String,
+}
+
+impl From<Cost> for ProgCostRecord {
+    fn from(cost: Cost) -> Self {
+        Self {
+            path: cost.path,
+            ns_per_packet: cost.ns_per_packet,
+            method: cost.method,
+        }
+    }
+}
+
+impl Results {
+    pub fn push(&mut self, gateway: Kind, tenants: u32, flows: u32, metric: &str, value: f64) {
+        self.records.push(Record {
+            gateway: gateway.name().into(),
+            tenants,
+            flows,
+            metric: metric.into(),
+            value,
+            load: None,
+        });
+    }
+
+    pub fn push_latency(
+        &mut self,
+        gateway: Kind,
+        tenants: u32,
+        flows: u32,
+        load: &str,
+        p50: f64,
+        p99: f64,
+    ) {
+        for (metric, value) in [("latency_p50_us", p50), ("latency_p99_us", p99)] {
+            self.records.push(Record {
+                gateway: gateway.name().into(),
+                tenants,
+                flows,
+                metric: metric.into(),
+                value,
+                load: Some(load.into()),
+            });
+        }
+    }
+
+    fn value(
+        &self,
+        gateway: &str,
+        tenants: u32,
+        flows: Option<u32>,
+        metric: &str,
+        load: Option<&str>,
+    ) -> Option<f64> {
+        self.records
+            .iter()
+            .find(|r| {
+                r.gateway == gateway
+                    && r.tenants == tenants
+                    && flows.is_none_or(|f| r.flows == f)
+                    && r.metric == metric
+                    && r.load.as_deref() == load
+            })
+            .map(|r| r.value)
+    }
+
+    fn axis(&self, pick: impl Fn(&Record) -> u32) -> Vec<u32> {
+        self.records
+            .iter()
+            .map(pick)
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect()
+    }
+
+    pub fn write(&self, dir: &Path) -> anyhow::Result<()> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::write(
+            dir.join("latest.json"),
+            serde_json::to_string_pretty(self)? + "\n",
+        )?;
+        std::fs::write(dir.join("latest.md"), self.markdown())?;
+        std::fs::write(dir.join("pps.svg"), self.svg())?;
+        Ok(())
+    }
+
+    pub fn markdown(&self) -> String {
+        let mut md = String::new();
+        let m = &self.machine;
+        let _ = writeln!(md, "# egress benchmark, {}\n", m.date);
+        let _ = writeln!(
+            md,
+            "Machine: Linux {}, {} ({} cores), {} GiB. Mode: {}.\n",
+            m.kernel, m.cpu, m.cores, m.memory_gib, self.mode
+        );
+        let _ = writeln!(md, "Command: `{}`\n", self.command);
+        let _ = writeln!(
+            md,
+            "Every figure is what the sink received, in one run, on one topology, from one sender: a BPF_PROG_RUN \
+             live-frames generator on one core, the gateway's receive processing as a threaded NAPI kthread on the \
+             other. Percentages are of the ceiling (plain XDP forwarding, no NAT) measured the same way.\n"
+        );
+        let gateways: Vec<&str> = Kind::ALL.iter().map(|k| k.name()).collect();
+        let tenants = self.axis(|r| r.tenants);
+        let flows = self.axis(|r| r.flows);
+
+        let _ = writeln!(
+            md,
+            "## Established flows: packets per second forwarded by one gateway core (64-byte UDP)\n"
+        );
+        let _ = writeln!(
+            md,
+            "| tenants | flows | {} | xdp / iptables |",
+            gateways.join(" | ")
+        );
+        let _ = writeln!(md, "|---|---|{}---|", "---|".repeat(gateways.len()));
+        for &t in &tenants {
+            for &f in &flows {
+                let ceiling = self.value("ceiling", t, Some(f), "established_pps", None);
+                let mut row = format!("| {t} | {f} |");
+                for g in &gateways {
+                    match (self.value(g, t, Some(f), "established_pps", None), ceiling) {
+                        (Some(v), Some(c)) if *g != "ceiling" => {
+                            let _ = write!(row, " {} ({:.0}%) |", mpps(v), 100.0 * v / c);
+                        }
+                        (Some(v), _) => {
+                            let _ = write!(row, " {} |", mpps(v));
+                        }
+                        _ => row.push_str(" - |"),
+                    }
+                }
+                match (
+                    self.value("xdp", t, Some(f), "established_pps", None),
+                    self.value("iptables", t, Some(f), "established_pps", None),
+                ) {
+                    (Some(x), Some(i)) if i > 0.0 => {
+                        let _ = write!(row, " {:.1}x |", x / i);
+                    }
+                    _ => row.push_str(" - |"),
+                }
+                let _ = writeln!(md, "{row}");
+            }
+        }
+        self.simple_table(
+            &mut md,
+            "Loss at saturation (share of offered packets not forwarded)",
+            "established_loss",
+            &gateways,
+            &tenants,
+            &flows,
+            |v| format!("{:.1}%", v * 100.0),
+        );
+        self.simple_table(
+            &mut md,
+            "Gateway core busy time per forwarded packet (ns)",
+            "cpu_ns_per_packet",
+            &gateways,
+            &tenants,
+            &flows,
+            |v| format!("{v:.0}"),
+        );
+
+        let _ = writeln!(
+            md,
+            "\n## New flows per second (every packet a new 5-tuple)\n"
+        );
+        let _ = writeln!(
+            md,
+            "| tenants | {} | xdp / iptables |",
+            gateways.join(" | ")
+        );
+        let _ = writeln!(md, "|---|{}---|", "---|".repeat(gateways.len()));
+        for &t in &tenants {
+            let mut row = format!("| {t} |");
+            for g in &gateways {
+                match self.value(g, t, None, "new_flows_per_s", None) {
+                    Some(v) => {
+                        let _ = write!(row, " {} |", mpps(v).replace("pps", "/s"));
+                    }
+                    None => row.push_str(" - |"),
+                }
+            }
+            match (
+                self.value("xdp", t, None, "new_flows_per_s", None),
+                self.value("iptables", t, None, "new_flows_per_s", None),
+            ) {
+                (Some(x), Some(i)) if i > 0.0 => {
+                    let _ = write!(row, " {:.1}x |", x / i);
+                }
+                _ => row.push_str(" - |"),
+            }
+            let _ = writeln!(md, "{row}");
+        }
+
+        let _ = writeln!(
+            md,
+            "\n## Round-trip latency through the gateway, µs (p50 / p99)\n"
+        );
+        let translating: Vec<&str> = gateways
+            .iter()
+            .copied()
+            .filter(|g| *g != "ceiling")
+            .collect();
+        let _ = writeln!(md, "| tenants | load | {} |", translating.join(" | "));
+        let _ = writeln!(md, "|---|---|{}", "---|".repeat(translating.len()));
+        for &t in &tenants {
+            for load in ["low", "high"] {
+                let mut row = format!("| {t} | {load} |");
+                for g in &translating {
+                    match (
+                        self.value(g, t, None, "latency_p50_us", Some(load)),
+                        self.value(g, t, None, "latency_p99_us", Some(load)),
+                    ) {
+                        (Some(p50), Some(p99)) => {
+                            let _ = write!(row, " {p50:.0} / {p99:.0} |");
+                        }
+                        _ => row.push_str(" - |"),
+                    }
+                }
+                let _ = writeln!(md, "{row}");
+            }
+        }
+
+        let memory: Vec<&Record> = self
+            .records
+            .iter()
+            .filter(|r| r.metric == "memory_bytes")
+            .collect();
+        if !memory.is_empty() {
+            let _ = writeln!(
+                md,
+                "\n## Memory for the tracked flows\n\n| gateway | tenants | flows | memory |\n|---|---|---|---|"
+            );
+            for r in memory {
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | {} | {:.1} MiB |",
+                    r.gateway,
+                    r.tenants,
+                    r.flows,
+                    r.value / f64::from(1 << 20)
+                );
+            }
+        }
+
+        let _ = writeln!(
+            md,
+            "\n## The dataplane programs' own cost (BPF_PROG_TEST_RUN)\n\n| path | ns per packet | how |\n|---|---|---|"
+        );
+        for c in &self.prog_cost {
+            let _ = writeln!(md, "| {} | {:.0} | {} |", c.path, c.ns_per_packet, c.method);
+        }
+        let _ = writeln!(md, "\n## Targets\n");
+        for line in self.targets() {
+            let _ = writeln!(md, "- {line}");
+        }
+        if !self.notes.is_empty() {
+            let _ = writeln!(md, "\n## Notes\n");
+            for note in &self.notes {
+                let _ = writeln!(md, "- {note}");
+            }
+        }
+        md
+    }
+
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one table layout, several metrics"
+    )]
+    fn simple_table(
+        &self,
+        md: &mut String,
+        title: &str,
+        metric: &str,
+        gateways: &[&str],
+        tenants: &[u32],
+        flows: &[u32],
+        show: impl Fn(f64) -> String,
+    ) {
+        let _ = writeln!(md, "\n## {title}\n");
+        let _ = writeln!(md, "| tenants | flows | {} |", gateways.join(" | "));
+        let _ = writeln!(md, "|---|---|{}", "---|".repeat(gateways.len()));
+        for &t in tenants {
+            for &f in flows {
+                let mut row = format!("| {t} | {f} |");
+                for g in gateways {
+                    match self.value(g, t, Some(f), metric, None) {
+                        Some(v) => {
+                            let _ = write!(row, " {} |", show(v));
+                        }
+                        None => row.push_str(" - |"),
+                    }
+                }
+                let _ = writeln!(md, "{row}");
+            }
+        }
+    }
+
+    /// The issue's targets, each met or missed by how much, from this run.
+    pub fn targets(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let tenants = self.axis(|r| r.tenants);
+        let flows = self.axis(|r| r.flows);
+        let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
+        if let (Some(&t), Some(&f)) = (tenants.first(), flows.first()) {
+            if let (Some(x), Some(i), Some(c)) = (
+                self.value("xdp", t, Some(f), "established_pps", None),
+                self.value("iptables", t, Some(f), "established_pps", None),
+                self.value("ceiling", t, Some(f), "established_pps", None),
+            ) {
+                out.push(format!("established forwarding at least 3x iptables ({t} tenants, {f} flows): {:.1}x, {}", x / i, verdict(x >= 3.0 * i)));
+                out.push(format!(
+                    "XDP at or above 70% of the ceiling: {:.0}%, {}",
+                    100.0 * x / c,
+                    verdict(x >= 0.7 * c)
+                ));
+            }
+        }
+        let new_at = |g: &str, t: u32| self.value(g, t, None, "new_flows_per_s", None);
+        match (new_at("xdp", 1000), new_at("iptables", 1000)) {
+            (Some(x), Some(i)) => out.push(format!(
+                "new-flow rate with 1000 tenants at least 10x iptables: {:.1}x, {}",
+                x / i,
+                verdict(x >= 10.0 * i)
+            )),
+            _ => out.push("new-flow rate with 1000 tenants: not measured in this mode".into()),
+        }
+        let xdp_new: Vec<(u32, f64)> = tenants
+            .iter()
+            .filter_map(|&t| new_at("xdp", t).map(|v| (t, v)))
+            .collect();
+        if let (Some(lo), Some(hi)) = (xdp_new.first(), xdp_new.last())
+            && lo.0 != hi.0
+        {
+            let spread = (hi.1 - lo.1).abs() / lo.1;
+            out.push(format!(
+                "XDP new-flow rate within 10% from {} to {} tenants: {:.1}% apart, {}",
+                lo.0,
+                hi.0,
+                spread * 100.0,
+                verdict(spread <= 0.10)
+            ));
+        }
+        let cost = |path: &str| {
+            self.prog_cost
+                .iter()
+                .find(|c| c.path.starts_with(path) && c.method.starts_with("mean"))
+                .map(|c| c.ns_per_packet)
+        };
+        if let Some(hit) = cost("outbound, conntrack hit") {
+            out.push(format!(
+                "conntrack hit under 150 ns in BPF_PROG_TEST_RUN: {hit:.0} ns, {}",
+                verdict(hit < 150.0)
+            ));
+        }
+        if let Some(new) = self
+            .prog_cost
+            .iter()
+            .find(|c| c.path.starts_with("outbound, new flow"))
+            .map(|c| c.ns_per_packet)
+        {
+            out.push(format!(
+                "new flow under 600 ns: {new:.0} ns (single runs), {}",
+                verdict(new < 600.0)
+            ));
+        }
+        if let Some(max) = flows.last()
+            && *max >= 1_000_000
+        {
+            let held = self
+                .value("xdp", tenants[0], Some(*max), "established_pps", None)
+                .is_some();
+            out.push(format!(
+                "1M concurrent flows held by the XDP dataplane: {}",
+                verdict(held)
+            ));
+        }
+        out
+    }
+
+    pub fn svg(&self) -> String {
+        const W: f64 = 720.0;
+        const H: f64 = 420.0;
+        const LEFT: f64 = 70.0;
+        const BOTTOM: f64 = 50.0;
+        const TOP: f64 = 40.0;
+        const RIGHT: f64 = 170.0;
+        let flows = self.axis(|r| r.flows);
+        let tenants = self.axis(|r| r.tenants);
+        let f = flows.first().copied().unwrap_or(0);
+        let series: Vec<(&str, Vec<(u32, f64)>)> = Kind::ALL
+            .iter()
+            .map(|k| {
+                let points = tenants
+                    .iter()
+                    .filter_map(|&t| {
+                        self.value(k.name(), t, Some(f), "established_pps", None)
+                            .map(|v| (t, v))
+                    })
+                    .collect();
+                (k.name(), points)
+            })
+            .collect();
+        let max = series
+            .iter()
+            .flat_map(|(_, p)| p.iter().map(|(_, v)| *v))
+            .fold(0.0_f64, f64::max)
+            .max(1.0)
+            * 1.1;
+        let x_of = |t: u32| {
+            let span = (tenants.len().max(2) - 1) as f64;
+            let i = tenants.iter().position(|&x| x == t).unwrap_or(0) as f64;
+            LEFT + (W - LEFT - RIGHT) * i / span
+        };
+        let y_of = |v: f64| TOP + (H - TOP - BOTTOM) * (1.0 - v / max);
+        let colors = ["#888888", "#d62728", "#ff7f0e", "#9467bd", "#2ca02c"];
+        let mut svg = format!(
+            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"{H}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+             <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+             <text x=\"{LEFT}\" y=\"22\" font-size=\"14\">Established UDP forwarding, {f} flows, one gateway core ({})</text>\n",
+            self.machine.date
+        );
+        let _ = writeln!(
+            svg,
+            "<line x1=\"{LEFT}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>",
+            H - BOTTOM,
+            W - RIGHT,
+            H - BOTTOM
+        );
+        let _ = writeln!(
+            svg,
+            "<line x1=\"{LEFT}\" y1=\"{TOP}\" x2=\"{LEFT}\" y2=\"{}\" stroke=\"black\"/>",
+            H - BOTTOM
+        );
+        for step in 0..=4 {
+            let v = max * f64::from(step) / 4.0;
+            let y = y_of(v);
+            let _ = writeln!(
+                svg,
+                "<line x1=\"{LEFT}\" y1=\"{y:.1}\" x2=\"{}\" y2=\"{y:.1}\" stroke=\"#eeeeee\"/>",
+                W - RIGHT
+            );
+            let _ = writeln!(
+                svg,
+                "<text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{:.1} Mpps</text>",
+                LEFT - 6.0,
+                y + 4.0,
+                v / 1e6
+            );
+        }
+        for &t in &tenants {
+            let _ = writeln!(
+                svg,
+                "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{t}</text>",
+                x_of(t),
+                H - BOTTOM + 18.0
+            );
+        }
+        let _ = writeln!(
+            svg,
+            "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">tenants (SNAT rules / prefixes)</text>",
+            (LEFT + W - RIGHT) / 2.0,
+            H - 12.0
+        );
+        for (i, (name, points)) in series.iter().enumerate() {
+            let color = colors[i % colors.len()];
+            let path: Vec<String> = points
+                .iter()
+                .map(|(t, v)| format!("{:.1},{:.1}", x_of(*t), y_of(*v)))
+                .collect();
+            if !path.is_empty() {
+                let _ = writeln!(
+                    svg,
+                    "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2.5\" points=\"{}\"/>",
+                    path.join(" ")
+                );
+                for (t, v) in points {
+                    let _ = writeln!(
+                        svg,
+                        "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3.5\" fill=\"{color}\"/>",
+                        x_of(*t),
+                        y_of(*v)
+                    );
+                }
+            }
+            let ly = TOP + 20.0 * i as f64;
+            let _ = writeln!(
+                svg,
+                "<rect x=\"{}\" y=\"{:.1}\" width=\"14\" height=\"4\" fill=\"{color}\"/>",
+                W - RIGHT + 15.0,
+                ly
+            );
+            let _ = writeln!(
+                svg,
+                "<text x=\"{}\" y=\"{:.1}\">{name}</text>",
+                W - RIGHT + 35.0,
+                ly + 6.0
+            );
+        }
+        svg.push_str("</svg>\n");
+        svg
+    }
+}
+
+fn mpps(value: f64) -> String {
+    if value >= 1e6 {
+        format!("{:.2} Mpps", value / 1e6)
+    } else {
+        format!("{:.0} kpps", value / 1e3)
+    }
+}
