@@ -6,6 +6,7 @@
 //! - `demo`: build, then show two tenants leaving with their egress IPs.
 //! - `test`: unit tests and the privileged integration tests.
 //! - `lint`: rustfmt and clippy, the BPF crate included.
+//! - `bench`: egress against iptables and nftables, results in bench/results.
 //! - `ci`: what `.ci/run` runs.
 
 use std::{
@@ -38,6 +39,16 @@ enum Task {
     },
     /// rustfmt --check and clippy -D warnings on every crate.
     Lint,
+    /// Measure egress against iptables and nftables SNAT (needs root, a
+    /// quiet machine, and about half an hour; `--short` is a two-minute
+    /// smoke run that writes under target/ instead of bench/results).
+    Bench {
+        #[arg(long)]
+        short: bool,
+        /// Extra arguments for egress-bench (see `egress-bench --help`).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
     /// Everything CI checks: lint, then test.
     Ci,
 }
@@ -75,10 +86,15 @@ fn main() -> anyhow::Result<()> {
             setup(&root)?;
             lint(&root)
         }
+        Task::Bench { short, args } => {
+            setup(&root)?;
+            bench(&root, short, &args)
+        }
         Task::Ci => {
             setup(&root)?;
             lint(&root)?;
-            test(&root, &[])
+            test(&root, &[])?;
+            bench(&root, true, &[])
         }
     }
 }
@@ -105,6 +121,36 @@ fn test(root: &Path, args: &[String]) -> anyhow::Result<()> {
         command.arg("--").args(args);
     }
     run(&mut command)
+}
+
+fn bench(root: &Path, short: bool, args: &[String]) -> anyhow::Result<()> {
+    require_root()?;
+    cargo(
+        root,
+        &[
+            "build",
+            "--release",
+            "-p",
+            "egress-agent",
+            "-p",
+            "egress-bench",
+        ],
+    )?;
+    let mut recorded = String::from("cargo xtask bench");
+    let mut command = Command::new(root.join("target/release/egress-bench"));
+    command.current_dir(root);
+    if short {
+        recorded.push_str(" --short");
+        command.args(["--short", "--out", "target/bench-short"]);
+    }
+    for arg in args {
+        recorded.push(' ');
+        recorded.push_str(arg);
+    }
+    run(command
+        .args(args)
+        .args(["--command", &recorded])
+        .env("EGRESS_AGENT_BIN", root.join("target/release/egress-agent")))
 }
 
 fn lint(root: &Path) -> anyhow::Result<()> {
