@@ -103,14 +103,23 @@ impl Applied {
     }
 }
 
-pub async fn run(instance: &Instance, config_path: &Path) -> Result<(), RunError> {
+/// How `run` serves.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub config: PathBuf,
+    /// Leave the dataplane serving on exit, for the next agent to adopt.
+    pub keep_dataplane: bool,
+}
+
+pub async fn run(instance: &Instance, options: &RunOptions) -> Result<(), RunError> {
+    let config_path = options.config.as_path();
     let (resolved, system, handle) = validate(config_path).await?;
     let _lock = instance.lock()?;
     let previous = instance.read_state().ok().flatten();
     if let Some(previous) = &previous {
         tracing::warn!(
             pid = previous.pid,
-            "the previous agent of this instance did not shut down; adopting its pinned maps"
+            "the previous agent of this instance left its dataplane serving; adopting it"
         );
     }
     let mut applied = Applied {
@@ -136,7 +145,16 @@ pub async fn run(instance: &Instance, config_path: &Path) -> Result<(), RunError
         applied.sysctls.extend(previous.sysctls.iter().cloned());
     }
 
-    let state = match apply(instance, config_path, &resolved, &system, &mut applied).await {
+    let state = match apply(
+        instance,
+        config_path,
+        &resolved,
+        &system,
+        &mut applied,
+        previous.as_ref(),
+    )
+    .await
+    {
         Ok(state) => state,
         Err(err) => {
             applied.undo(instance).await;
@@ -156,9 +174,18 @@ pub async fn run(instance: &Instance, config_path: &Path) -> Result<(), RunError
         resolved.timeouts,
     )?;
     let result = wait_for_shutdown().await;
-    tracing::info!("shutting down: detaching programs and removing what this agent added");
     sweeper.stop();
-    applied.undo(instance).await;
+    if options.keep_dataplane {
+        tracing::info!(
+            "exiting with the dataplane left serving for the next agent \
+             (`egress-agent cleanup` removes it)"
+        );
+        // Our descriptors close; the pinned links and maps stay.
+        drop(applied.dataplane.take());
+    } else {
+        tracing::info!("shutting down: detaching programs and removing what this agent added");
+        applied.undo(instance).await;
+    }
     result.map_err(Into::into)
 }
 
@@ -168,6 +195,7 @@ async fn apply(
     resolved: &Resolved,
     system: &SystemView,
     applied: &mut Applied,
+    previous: Option<&RunState>,
 ) -> anyhow::Result<RunState> {
     let dataplane = applied
         .dataplane
@@ -176,6 +204,17 @@ async fn apply(
     let desired = DesiredState::build(resolved, &maps.tenant_ids()?, &maps.port_ids())?;
     maps.sync(&desired)?;
     dataplane.attach(resolved)?;
+    let mut attachments = dataplane.attachments().to_vec();
+    // An adopted link keeps the hook it was attached with.
+    for attachment in attachments.iter_mut().filter(|a| a.adopted) {
+        if let Some(before) = previous
+            .into_iter()
+            .flat_map(|p| &p.attachments)
+            .find(|b| b.program == attachment.program && b.ifindex == attachment.ifindex)
+        {
+            attachment.hook.clone_from(&before.hook);
+        }
+    }
 
     let interfaces = resolved
         .internal
@@ -230,7 +269,7 @@ async fn apply(
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
         config: absolute(config_path),
-        attachments: dataplane.attachments().to_vec(),
+        attachments,
         tenants,
         external_ifindex: resolved.external.index,
         added_addresses: applied.addresses.clone(),

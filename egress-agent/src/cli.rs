@@ -37,11 +37,18 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Load and attach the dataplane, serve until SIGTERM/SIGINT, then undo everything.
+    /// Load and attach the dataplane (adopting one a previous agent left
+    /// serving), serve until SIGTERM/SIGINT, then undo everything.
     Run {
         /// The YAML configuration file.
         #[arg(long, short)]
         config: PathBuf,
+        /// On SIGTERM/SIGINT leave the dataplane serving (programs attached,
+        /// maps, flows and egress addresses in place) for the next agent to
+        /// adopt: restarts and upgrades then drop no connection. `cleanup`
+        /// removes it for good. A killed agent always leaves it serving.
+        #[arg(long)]
+        keep_dataplane: bool,
     },
     /// Validate a configuration against this machine and show what `run` would do.
     Check {
@@ -77,7 +84,16 @@ pub async fn execute(cli: Cli) -> i32 {
         }
     };
     let result: Result<(), RunError> = match cli.command {
-        Command::Run { config } => agent::run(&instance, &config).await,
+        Command::Run {
+            config,
+            keep_dataplane,
+        } => {
+            let options = agent::RunOptions {
+                config,
+                keep_dataplane,
+            };
+            agent::run(&instance, &options).await
+        }
         Command::Check { config } => check(&config).await,
         Command::Status { json } => print_status(&instance, json).map_err(Into::into),
         Command::Flows { json, tenant } => {

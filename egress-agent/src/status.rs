@@ -152,11 +152,15 @@ pub fn render_status(status: &Status) -> String {
     if status.attachments.is_empty() {
         let _ = writeln!(out, "  none attached");
     } else {
-        let rows = status
-            .attachments
-            .iter()
-            .map(|a| vec![a.interface.clone(), a.program.clone(), a.hook.clone()]);
-        out.push_str(&table(&["INTERFACE", "PROGRAM", "HOOK"], rows));
+        let rows = status.attachments.iter().map(|a| {
+            vec![
+                a.interface.clone(),
+                a.program.clone(),
+                a.hook.clone(),
+                if a.adopted { "adopted" } else { "attached" }.to_owned(),
+            ]
+        });
+        out.push_str(&table(&["INTERFACE", "PROGRAM", "HOOK", "LINK"], rows));
     }
     let _ = writeln!(out, "\ntenants:");
     let rows = status.tenants.iter().map(|t| {

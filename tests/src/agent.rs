@@ -64,6 +64,8 @@ pub struct Agent {
     pub instance: String,
     pub config: ConfigFile,
     ns_path: String,
+    /// Extra arguments of `run`, kept for restarts.
+    run_args: Vec<String>,
     child: Option<Child>,
     log: PathBuf,
 }
@@ -71,36 +73,74 @@ pub struct Agent {
 impl Agent {
     /// Starts `egress-agent run` in `ns` and waits until it serves.
     pub fn start(ns: &Netns, yaml: &str) -> Self {
+        Self::start_with(ns, yaml, &[])
+    }
+
+    /// Like [`Agent::start`], with more arguments for `run`.
+    pub fn start_with(ns: &Netns, yaml: &str, run_args: &[&str]) -> Self {
         let instance = unique_name("agent");
-        let config = ConfigFile::new(yaml);
         let log = std::env::temp_dir().join(format!("{instance}.log"));
-        let log_file = std::fs::File::create(&log).expect("agent log");
-        let child = ns
-            .command(agent_binary().to_str().expect("utf-8 path"))
-            .args(["--instance", &instance, "run", "--config"])
-            .arg(&config.path)
+        let mut agent = Self {
+            instance,
+            config: ConfigFile::new(yaml),
+            ns_path: ns.path(),
+            run_args: run_args.iter().map(|a| (*a).to_owned()).collect(),
+            child: None,
+            log,
+        };
+        agent.spawn();
+        agent
+    }
+
+    fn spawn(&mut self) {
+        let log_file = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("agent log");
+        let child = crate::netns::command_in(&self.ns_path, agent_binary())
+            .args(["--instance", &self.instance, "run", "--config"])
+            .arg(&self.config.path)
+            .args(&self.run_args)
             .stdin(Stdio::null())
             .stdout(log_file.try_clone().expect("log"))
             .stderr(log_file)
             .spawn()
             .expect("spawning egress-agent");
         LIVE.lock().expect("registry").push(child.id());
-        let mut agent = Self {
-            instance,
-            config,
-            ns_path: ns.path(),
-            child: Some(child),
-            log,
-        };
-        agent.wait_serving(Duration::from_secs(30));
-        agent
+        self.child = Some(child);
+        self.wait_serving(Duration::from_secs(30));
     }
 
+    /// Stops the agent (SIGKILL when `kill`, else SIGTERM) and starts it
+    /// again on the same instance and configuration.
+    pub fn restart(&mut self, kill: bool) {
+        if kill {
+            let mut child = self.child.take().expect("a running agent");
+            LIVE.lock()
+                .expect("registry")
+                .retain(|pid| *pid != child.id());
+            child.kill().expect("SIGKILL");
+            child.wait().expect("reaping the agent");
+        } else {
+            let status = self.stop();
+            assert!(status.success(), "graceful stop: {status}\n{}", self.log());
+        }
+        self.spawn();
+    }
+
+    /// Waits until this process wrote the state file (a killed predecessor
+    /// leaves its own behind).
     fn wait_serving(&mut self, timeout: Duration) {
         let state = PathBuf::from(format!("/run/{}/state.json", self.instance));
+        let pid = self.child.as_ref().map(Child::id);
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
-            if state.exists() {
+            let written_by = std::fs::read(&state)
+                .ok()
+                .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
+                .and_then(|v| v["pid"].as_u64());
+            if written_by.is_some() && written_by == pid.map(u64::from) {
                 return;
             }
             if let Some(status) = self

@@ -2,9 +2,12 @@
 //!
 //! Maps are pinned under the instance's directory in bpffs so that
 //! `egress-agent status` can read them, and so a restarted agent finds its
-//! conntrack table again. Programs attach through bpf links the process
-//! owns: dropping a [`Dataplane`] detaches everything it attached, which is
-//! what makes a failed start leave nothing behind.
+//! conntrack table again. Programs attach through bpf links that are pinned
+//! too (`links/<program>@<ifindex>`): the kernel keeps forwarding while no
+//! agent runs, and the next agent adopts each link by swapping its own
+//! freshly verified program in atomically (BPF_LINK_UPDATE), so a restart
+//! or an upgrade drops no packet and no flow. Removing a link's pin (with
+//! the last descriptor gone) is what detaches it.
 
 pub mod maps;
 
@@ -16,7 +19,12 @@ use std::{
 use anyhow::{Context as _, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{SchedClassifier, TcAttachType, Xdp, XdpMode, tc},
+    programs::{
+        SchedClassifier, TcAttachType, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        tc::{self, SchedClassifierLink},
+        xdp::XdpLink,
+    },
 };
 use egress_common::{flow::FlowKeyV4, names};
 use serde::{Deserialize, Serialize};
@@ -34,7 +42,17 @@ pub struct Attachment {
     pub program: String,
     /// `xdp/native`, `xdp/generic`, `tc/ingress` or `tc/egress`.
     pub hook: String,
+    /// Taken over from a previous agent instead of attached anew.
+    #[serde(default)]
+    pub adopted: bool,
 }
+
+/// Where a program's link to one interface is pinned.
+pub fn link_pin(pin_dir: &Path, program: &str, ifindex: u32) -> PathBuf {
+    pin_dir.join(LINKS_DIR).join(format!("{program}@{ifindex}"))
+}
+
+const LINKS_DIR: &str = "links";
 
 pub struct Dataplane {
     ebpf: Ebpf,
@@ -92,31 +110,105 @@ impl Dataplane {
         &self.attachments
     }
 
-    /// Attaches every program where the plan says. On error, what was
-    /// attached stays owned by `self` and is detached when it is dropped.
+    /// Attaches every program where the plan says, adopting the links a
+    /// previous agent pinned (the new program replaces the old one in
+    /// place) and detaching pinned links the plan no longer names. On
+    /// error, what was attached stays owned by `self`; [`Self::shutdown`]
+    /// removes it.
     pub fn attach(&mut self, resolved: &Resolved) -> anyhow::Result<()> {
+        let links_dir = self.pin_dir.join(LINKS_DIR);
+        std::fs::create_dir_all(&links_dir)
+            .with_context(|| format!("creating {}", links_dir.display()))?;
+        let mut wanted = Vec::new();
         for link in &resolved.internal {
-            let hook = self.attach_xdp(names::PROG_SNAT_OUTBOUND, link, resolved.xdp_mode)?;
-            self.record(link, names::PROG_SNAT_OUTBOUND, hook);
+            self.attach_xdp(names::PROG_SNAT_OUTBOUND, link, resolved.xdp_mode)?;
             self.attach_tc(names::PROG_NEIGH_FALLBACK, link, TcAttachType::Ingress)?;
-            self.record(link, names::PROG_NEIGH_FALLBACK, "tc/ingress");
+            wanted.push(link_pin(
+                &self.pin_dir,
+                names::PROG_SNAT_OUTBOUND,
+                link.index,
+            ));
+            wanted.push(link_pin(
+                &self.pin_dir,
+                names::PROG_NEIGH_FALLBACK,
+                link.index,
+            ));
         }
         let external = &resolved.external;
-        let hook = self.attach_xdp(names::PROG_SNAT_REPLY, external, resolved.xdp_mode)?;
-        self.record(external, names::PROG_SNAT_REPLY, hook);
+        self.attach_xdp(names::PROG_SNAT_REPLY, external, resolved.xdp_mode)?;
         self.attach_tc(names::PROG_LEAK_GUARD, external, TcAttachType::Egress)?;
-        self.record(external, names::PROG_LEAK_GUARD, "tc/egress");
+        wanted.push(link_pin(
+            &self.pin_dir,
+            names::PROG_SNAT_REPLY,
+            external.index,
+        ));
+        wanted.push(link_pin(
+            &self.pin_dir,
+            names::PROG_LEAK_GUARD,
+            external.index,
+        ));
+        for entry in std::fs::read_dir(&links_dir)
+            .with_context(|| format!("reading {}", links_dir.display()))?
+        {
+            let path = entry?.path();
+            if !wanted.contains(&path) {
+                tracing::info!(link = %path.display(), "detaching a link the configuration no longer names");
+                remove_file(&path)?;
+            }
+        }
         Ok(())
     }
 
-    fn record(&mut self, link: &LinkRef, program: &str, hook: &str) {
-        tracing::info!(interface = %link.name, program, hook, "attached");
+    fn record(&mut self, link: &LinkRef, program: &str, hook: &str, adopted: bool) {
+        tracing::info!(interface = %link.name, program, hook, adopted, "attached");
         self.attachments.push(Attachment {
             interface: link.name.clone(),
             ifindex: link.index,
             program: program.to_owned(),
             hook: hook.to_owned(),
+            adopted,
         });
+    }
+
+    /// Opens a link a previous agent pinned for this program and interface.
+    fn pinned_link(&self, program: &str, link: &LinkRef) -> anyhow::Result<Option<FdLink>> {
+        let path = link_pin(&self.pin_dir, program, link.index);
+        match PinnedLink::from_pin(&path) {
+            Ok(pinned) => Ok(Some(pinned.into())),
+            Err(_) if !path.exists() => Ok(None),
+            Err(err) => Err(err).with_context(|| format!("opening {}", path.display())),
+        }
+    }
+
+    /// Pins a link just created, so it outlives this process. Links the
+    /// kernel made through netlink (kernels without bpf links for the hook)
+    /// cannot be pinned: they work, but a restart detaches them.
+    fn pin_link(
+        &self,
+        program: &str,
+        link: &LinkRef,
+        fd_link: Result<FdLink, impl std::fmt::Display>,
+    ) -> anyhow::Result<()> {
+        let path = link_pin(&self.pin_dir, program, link.index);
+        match fd_link {
+            Ok(fd_link) => {
+                let pinned = fd_link
+                    .pin(&path)
+                    .with_context(|| format!("pinning {}", path.display()))?;
+                // The pin holds the link; this process's descriptor can go.
+                drop(FdLink::from(pinned));
+                Ok(())
+            }
+            Err(err) => {
+                tracing::warn!(
+                    interface = %link.name,
+                    program,
+                    error = %err,
+                    "attached without a bpf link: works, but an agent restart will detach it"
+                );
+                Ok(())
+            }
+        }
     }
 
     fn attach_xdp(
@@ -124,25 +216,38 @@ impl Dataplane {
         name: &str,
         link: &LinkRef,
         setting: XdpModeSetting,
-    ) -> anyhow::Result<&'static str> {
+    ) -> anyhow::Result<()> {
+        if let Some(fd_link) = self.pinned_link(name, link)? {
+            let program: &mut Xdp = program_mut(&mut self.ebpf, name)?.try_into()?;
+            let old = XdpLink::try_from(fd_link).with_context(|| {
+                format!("{name}'s pinned link on {} is not an XDP link", link.name)
+            })?;
+            // The program keeps our descriptor; closing it later leaves the
+            // pinned link attached.
+            program
+                .attach_to_link(old)
+                .with_context(|| format!("replacing {name} on {} in place", link.name))?;
+            self.record(link, name, "xdp", true);
+            return Ok(());
+        }
         let program: &mut Xdp = program_mut(&mut self.ebpf, name)?.try_into()?;
         let native = || format!("attaching {name} to {} in native XDP mode", link.name);
         let generic = || format!("attaching {name} to {} in generic XDP mode", link.name);
-        match setting {
-            XdpModeSetting::Native => {
+        let (id, hook) = match setting {
+            XdpModeSetting::Native => (
                 program
                     .attach_to_if_index(link.index, XdpMode::Driver)
-                    .with_context(native)?;
-                Ok("xdp/native")
-            }
-            XdpModeSetting::Generic => {
+                    .with_context(native)?,
+                "xdp/native",
+            ),
+            XdpModeSetting::Generic => (
                 program
                     .attach_to_if_index(link.index, XdpMode::Skb)
-                    .with_context(generic)?;
-                Ok("xdp/generic")
-            }
+                    .with_context(generic)?,
+                "xdp/generic",
+            ),
             XdpModeSetting::Auto => match program.attach_to_if_index(link.index, XdpMode::Driver) {
-                Ok(_) => Ok("xdp/native"),
+                Ok(id) => (id, "xdp/native"),
                 Err(err) => {
                     tracing::warn!(
                         interface = %link.name,
@@ -150,30 +255,56 @@ impl Dataplane {
                         "the driver does not take native XDP; falling back to generic mode, \
                          which works everywhere but costs a socket buffer per packet"
                     );
-                    program
-                        .attach_to_if_index(link.index, XdpMode::Skb)
-                        .with_context(generic)?;
-                    Ok("xdp/generic")
+                    (
+                        program
+                            .attach_to_if_index(link.index, XdpMode::Skb)
+                            .with_context(generic)?,
+                        "xdp/generic",
+                    )
                 }
             },
-        }
+        };
+        let owned = program.take_link(id)?;
+        self.pin_link(name, link, FdLink::try_from(owned))?;
+        self.record(link, name, hook, false);
+        Ok(())
     }
 
     fn attach_tc(&mut self, name: &str, link: &LinkRef, hook: TcAttachType) -> anyhow::Result<()> {
+        let hook_name = match hook {
+            TcAttachType::Ingress => "tc/ingress",
+            _ => "tc/egress",
+        };
+        if let Some(fd_link) = self.pinned_link(name, link)? {
+            let program: &mut SchedClassifier = program_mut(&mut self.ebpf, name)?.try_into()?;
+            let old = SchedClassifierLink::try_from(fd_link).with_context(|| {
+                format!("{name}'s pinned link on {} is not a tcx link", link.name)
+            })?;
+            program
+                .attach_to_link(old)
+                .with_context(|| format!("replacing {name} on {} in place", link.name))?;
+            self.record(link, name, hook_name, true);
+            return Ok(());
+        }
         let program: &mut SchedClassifier = program_mut(&mut self.ebpf, name)?.try_into()?;
         // Kernels from 6.6 attach through tcx links; older ones need the
         // clsact qdisc for the netlink path.
-        if program.attach(&link.name, hook).is_ok() {
-            return Ok(());
-        }
-        if let Err(err) = tc::qdisc_add_clsact(&link.name)
-            && !matches!(&err, tc::TcError::IoError(e) if e.kind() == io::ErrorKind::AlreadyExists)
-        {
-            tracing::debug!(interface = %link.name, error = %err, "adding clsact");
-        }
-        program
-            .attach(&link.name, hook)
-            .with_context(|| format!("attaching {name} to {} ({hook:?})", link.name))?;
+        let id = match program.attach(&link.name, hook) {
+            Ok(id) => id,
+            Err(_) => {
+                if let Err(err) = tc::qdisc_add_clsact(&link.name)
+                    && !matches!(&err, tc::TcError::IoError(e) if e.kind() == io::ErrorKind::AlreadyExists)
+                {
+                    tracing::debug!(interface = %link.name, error = %err, "adding clsact");
+                }
+                program
+                    .attach(&link.name, hook)
+                    .with_context(|| format!("attaching {name} to {} ({hook:?})", link.name))?
+            }
+        };
+        let owned = program.take_link(id)?;
+        self.pin_link(name, link, FdLink::try_from(owned))?;
+        self.record(link, name, hook_name, false);
         Ok(())
     }
 
@@ -216,16 +347,31 @@ fn check_pinned_conntrack(pin_dir: &Path, entries: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Removes every pin of an instance. Missing pins are fine.
+/// Removes every pin of an instance, links first (which detaches the
+/// programs). Missing pins are fine.
 pub fn remove_pins(pin_dir: &Path) -> anyhow::Result<()> {
-    for name in names::ALL_MAPS {
-        let path = pin_dir.join(name);
-        match std::fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
-            Err(err) => return Err(err).with_context(|| format!("removing {}", path.display())),
+    let links_dir = pin_dir.join(LINKS_DIR);
+    if let Ok(entries) = std::fs::read_dir(&links_dir) {
+        for entry in entries {
+            remove_file(&entry?.path())?;
         }
     }
+    remove_dir(&links_dir)?;
+    for name in names::ALL_MAPS {
+        remove_file(&pin_dir.join(name))?;
+    }
+    remove_dir(pin_dir)
+}
+
+fn remove_file(path: &Path) -> anyhow::Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(err) => Err(err).with_context(|| format!("removing {}", path.display())),
+    }
+}
+
+fn remove_dir(pin_dir: &Path) -> anyhow::Result<()> {
     match std::fs::remove_dir(pin_dir) {
         Ok(()) => Ok(()),
         Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
