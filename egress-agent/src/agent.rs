@@ -17,7 +17,10 @@ use std::{
 };
 
 use anyhow::Context as _;
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::watch,
+};
 
 use crate::{
     addresses,
@@ -27,7 +30,9 @@ use crate::{
         Dataplane,
         maps::{DesiredState, Maps},
     },
+    health::Health,
     instance::{Instance, RunState, TenantRecord},
+    metrics::{self, Exporter},
     sysctl,
     system::SystemView,
 };
@@ -109,6 +114,8 @@ pub struct RunOptions {
     pub config: PathBuf,
     /// Leave the dataplane serving on exit, for the next agent to adopt.
     pub keep_dataplane: bool,
+    /// Where to serve /healthz, /readyz and /metrics.
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 pub async fn run(instance: &Instance, options: &RunOptions) -> Result<(), RunError> {
@@ -145,17 +152,25 @@ pub async fn run(instance: &Instance, options: &RunOptions) -> Result<(), RunErr
         applied.sysctls.extend(previous.sysctls.iter().cloned());
     }
 
-    let state = match apply(
-        instance,
-        config_path,
-        &resolved,
-        &system,
-        &mut applied,
-        previous.as_ref(),
-    )
-    .await
-    {
-        Ok(state) => state,
+    let (health_tx, health_rx) = watch::channel(Health::Starting);
+    let started = async {
+        let state = apply(
+            instance,
+            config_path,
+            &resolved,
+            &system,
+            &mut applied,
+            previous.as_ref(),
+        )
+        .await?;
+        let exporter = Exporter::new(health_rx.clone(), Maps::open(&instance.pin_dir)?);
+        if let Some(address) = options.listen {
+            metrics::serve(address, exporter.clone()).await?;
+        }
+        anyhow::Ok((state, exporter))
+    };
+    let (mut state, exporter) = match started.await {
+        Ok(started) => started,
         Err(err) => {
             applied.undo(instance).await;
             return Err(err.into());
@@ -172,8 +187,46 @@ pub async fn run(instance: &Instance, options: &RunOptions) -> Result<(), RunErr
         &instance.pin_dir,
         resolved.sweep_interval,
         resolved.timeouts,
+        exporter.clone(),
     )?;
-    let result = wait_for_shutdown().await;
+    let monitor = tokio::spawn(monitor_health(
+        handle.clone(),
+        state.attachments.clone(),
+        instance.pin_dir.clone(),
+        health_tx.clone(),
+    ));
+    let mut current = resolved;
+    let result = async {
+        let mut signals = Signals::install()?;
+        while signals.next().await == Event::Reload {
+            // Read the file again; only what can change live is applied.
+            match reload(config_path, &current).await {
+                Ok(Some(next)) => match reconcile(instance, &next, &mut applied, &state).await {
+                    Ok(next_state) => {
+                        tracing::info!(
+                            tenants = next_state.tenants.len(),
+                            "configuration reloaded"
+                        );
+                        state = next_state;
+                        current = next;
+                    }
+                    Err(err) => tracing::error!(
+                        error = %format!("{err:#}"),
+                        "applying the reloaded configuration"
+                    ),
+                },
+                Ok(None) => tracing::info!("configuration unchanged"),
+                Err(err) => tracing::error!(
+                    error = %err,
+                    "reload refused; still serving the previous configuration"
+                ),
+            }
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    monitor.abort();
+    let _ = health_tx.send(Health::ShuttingDown);
     sweeper.stop();
     if options.keep_dataplane {
         tracing::info!(
@@ -189,6 +242,61 @@ pub async fn run(instance: &Instance, options: &RunOptions) -> Result<(), RunErr
     result.map_err(Into::into)
 }
 
+/// Reads the configuration again. `None` when nothing changed; an error
+/// when it is invalid or changes what only a restart can (interfaces, the
+/// conntrack size, the XDP mode).
+async fn reload(config_path: &Path, current: &Resolved) -> Result<Option<Resolved>, RunError> {
+    let (next, _, _) = validate(config_path).await?;
+    if next == *current {
+        return Ok(None);
+    }
+    if next.internal != current.internal
+        || next.external != current.external
+        || next.max_flows != current.max_flows
+        || next.xdp_mode != current.xdp_mode
+    {
+        return Err(anyhow::anyhow!(
+            "interfaces, conntrack.maxFlows and xdpMode only change with a restart"
+        )
+        .into());
+    }
+    Ok(Some(next))
+}
+
+/// Follows the dataplane's health twice a second; logs every change.
+async fn monitor_health(
+    handle: rtnetlink::Handle,
+    attachments: Vec<crate::dataplane::Attachment>,
+    pin_dir: PathBuf,
+    health: watch::Sender<Health>,
+) {
+    let mut maps = None;
+    loop {
+        if maps.is_none() {
+            maps = Maps::open(&pin_dir).ok();
+        }
+        let verdict = match &maps {
+            Some(maps) => crate::health::check(&handle, &attachments, maps).await,
+            None => Health::NotServing("the pinned maps are gone".to_owned()),
+        };
+        health.send_if_modified(|current| {
+            if *current == verdict {
+                return false;
+            }
+            match &verdict {
+                Health::NotServing(reason) => {
+                    tracing::error!(%reason, "the dataplane stopped serving")
+                }
+                _ => tracing::info!(health = ?verdict, "dataplane health"),
+            }
+            *current = verdict;
+            true
+        });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Loads, attaches and applies the first configuration.
 async fn apply(
     instance: &Instance,
     config_path: &Path,
@@ -224,7 +332,87 @@ async fn apply(
     applied
         .sysctls
         .extend(sysctl::enable_forwarding(interfaces)?);
+    // Flows a predecessor translated for a configuration that changed since.
+    end_disallowed_flows(&mut maps, resolved, &desired.ids)?;
 
+    let state = RunState {
+        pid: std::process::id(),
+        started_at: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        config: absolute(config_path),
+        attachments,
+        tenants: Vec::new(),
+        external_ifindex: resolved.external.index,
+        added_addresses: Vec::new(),
+        sysctls: Vec::new(),
+    };
+    sync_addresses_and_state(instance, resolved, system, applied, &desired.ids, state).await
+}
+
+/// Applies a changed configuration to a serving dataplane: new tenants and
+/// addresses first, then what went away; flows of unchanged tenants are
+/// not touched.
+async fn reconcile(
+    instance: &Instance,
+    resolved: &Resolved,
+    applied: &mut Applied,
+    state: &RunState,
+) -> anyhow::Result<RunState> {
+    let system = SystemView::read(&applied.handle).await?;
+    let mut maps = Maps::open(&instance.pin_dir)?;
+    let desired = DesiredState::build(resolved, &maps.tenant_ids()?, &maps.port_ids())?;
+    maps.sync(&desired)?;
+    let ended = end_disallowed_flows(&mut maps, resolved, &desired.ids)?;
+    if ended > 0 {
+        tracing::info!(
+            flows = ended,
+            "ended flows the new configuration no longer allows"
+        );
+    }
+    sync_addresses_and_state(
+        instance,
+        resolved,
+        &system,
+        applied,
+        &desired.ids,
+        state.clone(),
+    )
+    .await
+}
+
+fn end_disallowed_flows(
+    maps: &mut Maps,
+    resolved: &Resolved,
+    ids: &[u16],
+) -> anyhow::Result<usize> {
+    let allowed = resolved
+        .tenants
+        .iter()
+        .zip(ids)
+        .map(|(tenant, id)| {
+            let allowed = conntrack::Allowed {
+                egress: tenant.egress.clone(),
+                sources: if tenant.ingress.is_empty() {
+                    tenant.sources.clone()
+                } else {
+                    Vec::new()
+                },
+            };
+            (*id, allowed)
+        })
+        .collect();
+    conntrack::end_flows_not_allowed(maps, &allowed)
+}
+
+async fn sync_addresses_and_state(
+    instance: &Instance,
+    resolved: &Resolved,
+    system: &SystemView,
+    applied: &mut Applied,
+    ids: &[u16],
+    mut state: RunState,
+) -> anyhow::Result<RunState> {
     let wanted: Vec<Ipv4Addr> = resolved.egress_addresses().collect();
     let external_mac = system
         .link_by_index(resolved.external.index)
@@ -250,10 +438,10 @@ async fn apply(
     addresses::remove(&applied.handle, resolved.external.index, &unwanted).await;
     applied.addresses.retain(|a| wanted.contains(a));
 
-    let tenants = resolved
+    state.tenants = resolved
         .tenants
         .iter()
-        .zip(&desired.ids)
+        .zip(ids)
         .map(|(tenant, id)| TenantRecord {
             id: *id,
             name: tenant.name.clone(),
@@ -263,18 +451,8 @@ async fn apply(
             ingress: tenant.ingress.clone(),
         })
         .collect();
-    let state = RunState {
-        pid: std::process::id(),
-        started_at: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
-        config: absolute(config_path),
-        attachments,
-        tenants,
-        external_ifindex: resolved.external.index,
-        added_addresses: applied.addresses.clone(),
-        sysctls: applied.sysctls.clone(),
-    };
+    state.added_addresses.clone_from(&applied.addresses);
+    state.sysctls.clone_from(&applied.sysctls);
     instance.write_state(&state)?;
     Ok(state)
 }
@@ -288,7 +466,12 @@ struct Sweeper {
 }
 
 impl Sweeper {
-    fn start(pin_dir: &Path, interval: Duration, timeouts: Timeouts) -> anyhow::Result<Self> {
+    fn start(
+        pin_dir: &Path,
+        interval: Duration,
+        timeouts: Timeouts,
+        exporter: Arc<Exporter>,
+    ) -> anyhow::Result<Self> {
         let mut maps = Maps::open(pin_dir)?;
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
@@ -304,7 +487,13 @@ impl Sweeper {
                         continue;
                     }
                     waited = Duration::ZERO;
-                    match conntrack::sweep(&mut maps, conntrack::now_ns(), &timeouts) {
+                    let swept = conntrack::sweep(&mut maps, conntrack::now_ns(), &timeouts);
+                    if let Ok(report) = &swept {
+                        exporter
+                            .flows_tracked
+                            .store(report.flows_kept as u64, Ordering::Relaxed);
+                    }
+                    match swept {
                         Ok(report)
                             if report.flows_expired
                                 + report.halves_orphaned
@@ -334,24 +523,57 @@ fn absolute(path: &Path) -> PathBuf {
     std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned())
 }
 
-async fn wait_for_shutdown() -> anyhow::Result<()> {
-    // A parent may have blocked these (and the mask is inherited): a
-    // gateway that cannot be stopped cleanly would leave addresses behind.
-    // SAFETY: adjusting this thread's signal mask with a local set.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&raw mut set);
-        libc::sigaddset(&raw mut set, libc::SIGTERM);
-        libc::sigaddset(&raw mut set, libc::SIGINT);
-        libc::pthread_sigmask(libc::SIG_UNBLOCK, &raw const set, std::ptr::null_mut());
+#[derive(Debug, PartialEq, Eq)]
+enum Event {
+    /// SIGTERM or SIGINT.
+    Stop,
+    /// SIGHUP.
+    Reload,
+}
+
+struct Signals {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+    hangup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Self> {
+        // A parent may have blocked these (and the mask is inherited): a
+        // gateway that cannot be stopped cleanly would leave addresses
+        // behind.
+        // SAFETY: adjusting this thread's signal mask with a local set.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&raw mut set);
+            libc::sigaddset(&raw mut set, libc::SIGTERM);
+            libc::sigaddset(&raw mut set, libc::SIGINT);
+            libc::sigaddset(&raw mut set, libc::SIGHUP);
+            libc::pthread_sigmask(libc::SIG_UNBLOCK, &raw const set, std::ptr::null_mut());
+        }
+        Ok(Self {
+            terminate: signal(SignalKind::terminate()).context("installing SIGTERM handler")?,
+            interrupt: signal(SignalKind::interrupt()).context("installing SIGINT handler")?,
+            hangup: signal(SignalKind::hangup()).context("installing SIGHUP handler")?,
+        })
     }
-    let mut terminate = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    tokio::select! {
-        _ = terminate.recv() => tracing::info!("SIGTERM"),
-        _ = interrupt.recv() => tracing::info!("SIGINT"),
+
+    async fn next(&mut self) -> Event {
+        tokio::select! {
+            _ = self.terminate.recv() => {
+                tracing::info!("SIGTERM");
+                Event::Stop
+            }
+            _ = self.interrupt.recv() => {
+                tracing::info!("SIGINT");
+                Event::Stop
+            }
+            _ = self.hangup.recv() => {
+                tracing::info!("SIGHUP: reloading the configuration");
+                Event::Reload
+            }
+        }
     }
-    Ok(())
 }
 
 /// `egress-agent cleanup`: removes what an agent that died left behind.

@@ -49,6 +49,9 @@ pub enum Command {
         /// removes it for good. A killed agent always leaves it serving.
         #[arg(long)]
         keep_dataplane: bool,
+        /// Serve /healthz, /readyz and /metrics on this address (e.g. 0.0.0.0:9477).
+        #[arg(long, env = "EGRESS_LISTEN")]
+        listen: Option<std::net::SocketAddr>,
     },
     /// Validate a configuration against this machine and show what `run` would do.
     Check {
@@ -87,10 +90,12 @@ pub async fn execute(cli: Cli) -> i32 {
         Command::Run {
             config,
             keep_dataplane,
+            listen,
         } => {
             let options = agent::RunOptions {
                 config,
                 keep_dataplane,
+                listen,
             };
             agent::run(&instance, &options).await
         }

@@ -272,6 +272,43 @@ fn refreshed(maps: &Maps, key: &FlowKeyV4, seen: &FlowEntryV4) -> bool {
         .is_ok_and(|now| now.last_seen_ns != seen.last_seen_ns || now.created_ns != seen.created_ns)
 }
 
+/// What a tenant may still translate to after a change of configuration.
+#[derive(Debug, Clone, Default)]
+pub struct Allowed {
+    pub egress: Vec<std::net::Ipv4Addr>,
+    /// The tenant's source prefixes; empty when it is chosen by where the
+    /// packet came in, so any source is its own.
+    pub sources: Vec<ipnet::Ipv4Net>,
+}
+
+/// Ends (removes both halves of) every flow whose tenant is gone, whose
+/// egress address the tenant no longer has, or whose source left the
+/// tenant: its next packet starts a new flow that follows the new
+/// configuration, instead of leaving from an address that is withdrawn.
+/// Returns how many flows ended.
+pub fn end_flows_not_allowed(
+    maps: &mut Maps,
+    allowed: &HashMap<u16, Allowed>,
+) -> anyhow::Result<usize> {
+    let (flows, _) = pair(maps.flows());
+    let mut ended = 0;
+    for flow in flows {
+        let egress = std::net::Ipv4Addr::from(flow.outbound.nat_addr);
+        let source = std::net::Ipv4Addr::from(flow.outbound_key.src);
+        let keep = allowed.get(&flow.tenant()).is_some_and(|a| {
+            a.egress.contains(&egress)
+                && (a.sources.is_empty() || a.sources.iter().any(|n| n.contains(&source)))
+        });
+        if keep {
+            continue;
+        }
+        remove(maps, &flow.outbound_key)?;
+        remove(maps, &flow.outbound_key.peer_key(&flow.outbound))?;
+        ended += 1;
+    }
+    Ok(ended)
+}
+
 /// Removes an entry that may already be gone (evicted, or removed by the
 /// dataplane racing us): either way it is not there afterwards.
 fn remove(maps: &mut Maps, key: &FlowKeyV4) -> anyhow::Result<()> {

@@ -129,6 +129,14 @@ impl Agent {
         self.spawn();
     }
 
+    /// Replaces the configuration file and sends SIGHUP.
+    pub fn reload(&self, yaml: &str) {
+        std::fs::write(&self.config.path, yaml).expect("rewriting the configuration");
+        let pid = self.child.as_ref().expect("a running agent").id();
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(pid as i32, libc::SIGHUP) };
+    }
+
     /// Waits until this process wrote the state file (a killed predecessor
     /// leaves its own behind).
     fn wait_serving(&mut self, timeout: Duration) {

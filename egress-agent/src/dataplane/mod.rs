@@ -45,6 +45,9 @@ pub struct Attachment {
     /// Taken over from a previous agent instead of attached anew.
     #[serde(default)]
     pub adopted: bool,
+    /// The kernel's id of the program, to tell ours from another one.
+    #[serde(default)]
+    pub program_id: u32,
 }
 
 /// Where a program's link to one interface is pinned.
@@ -161,7 +164,13 @@ impl Dataplane {
 
     fn record(&mut self, link: &LinkRef, program: &str, hook: &str, adopted: bool) {
         tracing::info!(interface = %link.name, program, hook, adopted, "attached");
+        let program_id = self
+            .ebpf
+            .program(program)
+            .and_then(|p| p.info().ok())
+            .map_or(0, |info| info.id());
         self.attachments.push(Attachment {
+            program_id,
             interface: link.name.clone(),
             ifindex: link.index,
             program: program.to_owned(),

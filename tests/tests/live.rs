@@ -1,0 +1,182 @@
+//! A serving agent changing under it: SIGHUP reloads, flows of a tenant
+//! that lost its egress IP end while others carry on, a bad file changes
+//! nothing, and the HTTP endpoint tells health and readiness (a detached
+//! program makes it unready). Needs root.
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    time::{Duration, Instant},
+};
+
+use egress_tests::{
+    agent::Agent,
+    netns::Netns,
+    require_root,
+    topology::{EGRESS_A, EGRESS_B, HOST_A, HOST_B, SERVER, Topology, seed_config},
+    traffic::{udp_echo_server, udp_request},
+};
+
+const LISTEN: &str = "127.0.0.1:9477";
+const NEW_EGRESS_A: Ipv4Addr = Ipv4Addr::new(192, 168, 31, 102);
+
+/// GET on the agent's endpoint from inside the gateway namespace:
+/// (HTTP status, body).
+fn get(gateway: &Netns, path: &str) -> (u16, String) {
+    let out = gateway.try_run(
+        "curl",
+        &[
+            "-s",
+            "-m",
+            "2",
+            "-w",
+            "\n%{http_code}",
+            &format!("http://{LISTEN}{path}"),
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_owned())
+}
+
+fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn gateway_has(gateway: &Netns, addr: Ipv4Addr) -> bool {
+    let out = gateway.run("ip", &["-4", "-o", "addr", "show", "dev", "eth1"]);
+    String::from_utf8_lossy(&out.stdout).contains(&format!(" {addr}/32"))
+}
+
+#[test]
+fn sighup_moves_a_tenant_to_a_new_egress_ip_and_leaves_the_other_alone() {
+    if !require_root() {
+        return;
+    }
+    let net = Topology::seed();
+    let agent = Agent::start_with(&net.gateway, &seed_config(4096), &["--listen", LISTEN]);
+    let echo = SocketAddrV4::new(SERVER, 5300);
+    let server = udp_echo_server(&net.external, echo);
+    let (a, b) = (&net.host(HOST_A).ns, &net.host(HOST_B).ns);
+    assert!(udp_request(a, 32000, echo, b"1").is_some());
+    assert!(udp_request(b, 32000, echo, b"1").is_some());
+    let tenant_b_flows = |agent: &Agent| -> Vec<String> {
+        agent
+            .flows()
+            .iter()
+            .filter(|f| f["tenant"] == "tenant-b")
+            .map(|f| format!("{} {}", f["original"], f["translated"]))
+            .collect()
+    };
+    let b_before = tenant_b_flows(&agent);
+    assert_eq!(b_before.len(), 1);
+
+    // A file with a mistake is refused; the agent serves on unchanged.
+    agent.reload("interfaces: {internal: [eth0], external: eth1}\ntenants: [{name: x, sources: [not-a-cidr]}]\n");
+    wait_until("the refusal", Duration::from_secs(10), || {
+        agent.log().contains("reload refused")
+    });
+    assert!(gateway_has(&net.gateway, EGRESS_A));
+    assert_eq!(agent.flows().len(), 2);
+
+    agent.reload(&seed_config(4096).replace(&EGRESS_A.to_string(), &NEW_EGRESS_A.to_string()));
+    wait_until("the new address", Duration::from_secs(10), || {
+        gateway_has(&net.gateway, NEW_EGRESS_A)
+    });
+    wait_until("the old address to go", Duration::from_secs(10), || {
+        !gateway_has(&net.gateway, EGRESS_A)
+    });
+    assert!(gateway_has(&net.gateway, EGRESS_B));
+    let flows = agent.flows();
+    assert!(
+        flows.iter().all(|f| f["tenant"] != "tenant-a"),
+        "tenant-a's flow through the withdrawn address ended: {flows:#?}"
+    );
+    assert_eq!(
+        tenant_b_flows(&agent),
+        b_before,
+        "tenant-b's flow untouched"
+    );
+
+    // The same host and port now leave from the new address.
+    assert_eq!(
+        udp_request(a, 32000, echo, b"2").as_deref(),
+        Some(&b"2"[..])
+    );
+    assert_eq!(
+        udp_request(b, 32000, echo, b"2").as_deref(),
+        Some(&b"2"[..])
+    );
+    let peers = server.peer_ips();
+    assert_eq!(peers.last(), Some(&EGRESS_B));
+    assert!(peers.contains(&NEW_EGRESS_A), "{peers:?}");
+    assert_eq!(tenant_b_flows(&agent), b_before, "still the same flow");
+}
+
+#[test]
+fn readiness_follows_the_dataplane() {
+    if !require_root() {
+        return;
+    }
+    let net = Topology::seed();
+    let agent = Agent::start_with(&net.gateway, &seed_config(1024), &["--listen", LISTEN]);
+    wait_until("readiness", Duration::from_secs(5), || {
+        get(&net.gateway, "/readyz").0 == 200
+    });
+    assert_eq!(get(&net.gateway, "/healthz").0, 200);
+    assert!(
+        udp_request(
+            &net.host(HOST_A).ns,
+            32001,
+            SocketAddrV4::new(SERVER, 9),
+            b"x"
+        )
+        .is_none()
+    );
+    let (code, metrics) = get(&net.gateway, "/metrics");
+    assert_eq!(code, 200);
+    assert!(metrics.contains("egress_dataplane_serving 1"), "{metrics}");
+    assert!(
+        metrics.contains("egress_packets_total{verdict=\"out_new_flow\"} 1"),
+        "{metrics}"
+    );
+
+    // Someone detaches the reply program behind the agent's back.
+    let status = agent.status();
+    let reply = status["attachments"]
+        .as_array()
+        .expect("attachments")
+        .iter()
+        .find(|a| a["program"] == "snat_reply")
+        .expect("snat_reply attached")
+        .clone();
+    let link = net.gateway.run("bpftool", &["-j", "link", "show"]);
+    let links: serde_json::Value = serde_json::from_slice(&link.stdout).expect("bpftool JSON");
+    let id = links
+        .as_array()
+        .expect("links")
+        .iter()
+        .find(|l| l["prog_id"] == reply["program_id"])
+        .and_then(|l| l["id"].as_u64())
+        .expect("the reply program's link");
+    net.gateway
+        .run("bpftool", &["link", "detach", "id", &id.to_string()]);
+    wait_until("unreadiness", Duration::from_secs(5), || {
+        get(&net.gateway, "/readyz").0 == 503
+    });
+    let (_, body) = get(&net.gateway, "/readyz");
+    assert!(body.contains("detached"), "{body}");
+    assert!(
+        get(&net.gateway, "/metrics")
+            .1
+            .contains("egress_dataplane_serving 0")
+    );
+    assert_eq!(
+        get(&net.gateway, "/healthz").0,
+        200,
+        "alive, though not ready"
+    );
+}
