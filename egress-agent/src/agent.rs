@@ -33,7 +33,7 @@ use crate::{
     health::Health,
     instance::{Instance, RunState, TenantRecord},
     metrics::{self, Exporter},
-    sysctl,
+    routes, sysctl,
     system::SystemView,
 };
 
@@ -90,6 +90,9 @@ struct Applied {
 
 impl Applied {
     async fn undo(self, instance: &Instance) {
+        if let Err(err) = routes::remove_all(&self.handle).await {
+            tracing::warn!(error = %format!("{err:#}"), "removing return routes");
+        }
         addresses::remove(&self.handle, self.external_ifindex, &self.addresses).await;
         sysctl::restore(&self.sysctls);
         match self.dataplane {
@@ -334,6 +337,7 @@ async fn apply(
         .extend(sysctl::enable_forwarding(interfaces)?);
     // Flows a predecessor translated for a configuration that changed since.
     end_disallowed_flows(&mut maps, resolved, &desired.ids)?;
+    routes::sync(&applied.handle, &resolved.return_routes).await?;
 
     let state = RunState {
         pid: std::process::id(),
@@ -364,6 +368,7 @@ async fn reconcile(
     let desired = DesiredState::build(resolved, &maps.tenant_ids()?, &maps.port_ids())?;
     maps.sync(&desired)?;
     let ended = end_disallowed_flows(&mut maps, resolved, &desired.ids)?;
+    routes::sync(&applied.handle, &resolved.return_routes).await?;
     if ended > 0 {
         tracing::info!(
             flows = ended,
@@ -582,6 +587,7 @@ pub async fn cleanup(instance: &Instance) -> anyhow::Result<()> {
     let state = instance.read_state()?;
     let (connection, handle, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
     tokio::spawn(connection);
+    routes::remove_all(&handle).await?;
     if let Some(state) = &state {
         addresses::remove(&handle, state.external_ifindex, &state.added_addresses).await;
         sysctl::restore(&state.sysctls);

@@ -44,7 +44,59 @@ pub struct Config {
     pub conntrack: Conntrack,
     #[serde(default)]
     pub xdp: Xdp,
+    /// Routes back to tenant networks behind other hosts (on a gateway VM:
+    /// each node's pod CIDR via that node); Kubernetes mode adds its own.
+    #[serde(default)]
+    pub return_routes: Vec<ReturnRouteConfig>,
+    #[serde(default)]
+    pub bfd: BfdConfig,
 }
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ReturnRouteConfig {
+    pub destination: String,
+    pub via: String,
+    /// Defaults to the first internal interface.
+    #[serde(default)]
+    pub interface: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BfdConfig {
+    #[serde(default)]
+    pub peers: Vec<BfdPeerConfig>,
+}
+
+/// A router that runs BFD with this gateway (RFC 5880/5881, single hop).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct BfdPeerConfig {
+    pub address: String,
+    #[serde(default)]
+    pub interface: Option<String>,
+    #[serde(default = "default_bfd_interval_ms")]
+    pub min_tx_ms: u32,
+    #[serde(default = "default_bfd_interval_ms")]
+    pub min_rx_ms: u32,
+    #[serde(default = "default_bfd_multiplier")]
+    pub multiplier: u8,
+}
+
+/// Kube-OVN's defaults.
+fn default_bfd_interval_ms() -> u32 {
+    1000
+}
+
+fn default_bfd_multiplier() -> u8 {
+    3
+}
+
+/// BFD intervals this agent accepts: RFC 5880 allows any, but below 10 ms a
+/// userspace agent cannot keep time, and above a minute a failure goes
+/// unnoticed too long to matter.
+const BFD_INTERVAL_MS: std::ops::RangeInclusive<u32> = 10..=60_000;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -323,6 +375,8 @@ impl Config {
                 problems.add(format!("conntrack.timeouts.{name}"), "must be at least 1s");
             }
         }
+        let return_routes = self.plan_return_routes(&mut problems);
+        let bfd_peers = self.plan_bfd(&mut problems);
         problems.into_result(Plan {
             internal: self.interfaces.internal.clone(),
             external: self.interfaces.external.clone(),
@@ -331,7 +385,103 @@ impl Config {
             sweep_interval: conntrack.sweep_interval,
             timeouts,
             xdp_mode: self.xdp.mode,
+            return_routes,
+            bfd_peers,
         })
+    }
+
+    fn plan_return_routes(&self, problems: &mut Problems) -> Vec<PlannedRoute> {
+        let mut planned: Vec<PlannedRoute> = Vec::new();
+        for (i, route) in self.return_routes.iter().enumerate() {
+            let field = format!("returnRoutes[{i}]");
+            let destination = match route.destination.parse::<Ipv4Net>() {
+                Ok(net) if net.trunc() == net => Some(net),
+                Ok(net) => {
+                    problems.add(
+                        format!("{field}.destination"),
+                        format!("{net} has host bits set; did you mean {}?", net.trunc()),
+                    );
+                    None
+                }
+                Err(_) => {
+                    problems.add(
+                        format!("{field}.destination"),
+                        format!("{:?} is not an IPv4 CIDR", route.destination),
+                    );
+                    None
+                }
+            };
+            let via = route.via.parse::<Ipv4Addr>().ok();
+            if via.is_none() {
+                problems.add(
+                    format!("{field}.via"),
+                    format!("{:?} is not an IPv4 address", route.via),
+                );
+            }
+            if let Some(interface) = &route.interface {
+                check_ifname(problems, &format!("{field}.interface"), interface);
+            }
+            if let (Some(destination), Some(via)) = (destination, via) {
+                if planned.iter().any(|p| p.destination == destination) {
+                    problems.add(
+                        format!("{field}.destination"),
+                        format!("{destination} is routed twice"),
+                    );
+                }
+                planned.push(PlannedRoute {
+                    destination,
+                    via,
+                    interface: route.interface.clone(),
+                });
+            }
+        }
+        planned
+    }
+
+    fn plan_bfd(&self, problems: &mut Problems) -> Vec<PlannedBfdPeer> {
+        let mut planned: Vec<PlannedBfdPeer> = Vec::new();
+        for (i, peer) in self.bfd.peers.iter().enumerate() {
+            let field = format!("bfd.peers[{i}]");
+            let Ok(address) = peer.address.parse::<Ipv4Addr>() else {
+                problems.add(
+                    format!("{field}.address"),
+                    format!("{:?} is not an IPv4 address", peer.address),
+                );
+                continue;
+            };
+            for (name, value) in [("minTxMs", peer.min_tx_ms), ("minRxMs", peer.min_rx_ms)] {
+                if !BFD_INTERVAL_MS.contains(&value) {
+                    problems.add(
+                        format!("{field}.{name}"),
+                        format!(
+                            "{value} is outside {}..={} ms",
+                            BFD_INTERVAL_MS.start(),
+                            BFD_INTERVAL_MS.end()
+                        ),
+                    );
+                }
+            }
+            if peer.multiplier == 0 {
+                problems.add(format!("{field}.multiplier"), "must be at least 1");
+            }
+            if let Some(interface) = &peer.interface {
+                check_ifname(problems, &format!("{field}.interface"), interface);
+            }
+            if planned.iter().any(|p| p.address == address) {
+                problems.add(
+                    format!("{field}.address"),
+                    format!("{address} is configured twice"),
+                );
+            }
+            planned.push(PlannedBfdPeer {
+                address,
+                interface: peer.interface.clone(),
+                min_tx: Duration::from_millis(u64::from(peer.min_tx_ms)),
+                min_rx: Duration::from_millis(u64::from(peer.min_rx_ms)),
+                multiplier: peer.multiplier,
+            });
+        }
+        planned
     }
 
     fn check_interfaces(&self, problems: &mut Problems) {
@@ -436,6 +586,34 @@ pub struct Plan {
     pub sweep_interval: Duration,
     pub timeouts: Timeouts,
     pub xdp_mode: XdpModeSetting,
+    pub return_routes: Vec<PlannedRoute>,
+    pub bfd_peers: Vec<PlannedBfdPeer>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedRoute {
+    pub destination: Ipv4Net,
+    pub via: Ipv4Addr,
+    pub interface: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedBfdPeer {
+    pub address: Ipv4Addr,
+    pub interface: Option<String>,
+    pub min_tx: Duration,
+    pub min_rx: Duration,
+    pub multiplier: u8,
+}
+
+/// A BFD peer checked against the machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolvedBfdPeer {
+    pub address: Ipv4Addr,
+    pub interface: Option<LinkRef>,
+    pub min_tx: Duration,
+    pub min_rx: Duration,
+    pub multiplier: u8,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -481,6 +659,8 @@ pub struct Resolved {
     pub sweep_interval: Duration,
     pub timeouts: Timeouts,
     pub xdp_mode: XdpModeSetting,
+    pub return_routes: Vec<crate::routes::ReturnRoute>,
+    pub bfd_peers: Vec<ResolvedBfdPeer>,
 }
 
 impl Resolved {
@@ -494,7 +674,7 @@ impl Plan {
     /// Checks the plan against the machine's links and addresses.
     pub fn resolve(&self, system: &SystemView) -> Result<Resolved, Vec<Problem>> {
         let mut problems = Problems::default();
-        let mut link = |field: String, name: &str| -> Option<LinkRef> {
+        let link = |problems: &mut Problems, field: String, name: &str| -> Option<LinkRef> {
             match system.link_by_name(name) {
                 Some(facts) => Some(LinkRef {
                     name: facts.name.clone(),
@@ -510,9 +690,9 @@ impl Plan {
             .internal
             .iter()
             .enumerate()
-            .map(|(i, name)| link(format!("interfaces.internal[{i}]"), name))
+            .map(|(i, name)| link(&mut problems, format!("interfaces.internal[{i}]"), name))
             .collect();
-        let external = link("interfaces.external".to_owned(), &self.external);
+        let external = link(&mut problems, "interfaces.external".to_owned(), &self.external);
         let internal: Vec<LinkRef> = internal.into_iter().flatten().collect();
 
         let mut tenants = Vec::with_capacity(self.tenants.len());
@@ -551,6 +731,40 @@ impl Plan {
             });
         }
         check_port_scoped_overlaps(&mut problems, &tenants);
+        let mut return_routes = Vec::new();
+        for (i, route) in self.return_routes.iter().enumerate() {
+            let ifindex = match &route.interface {
+                Some(name) => {
+                    link(&mut problems, format!("returnRoutes[{i}].interface"), name)
+                        .map(|l| l.index)
+                }
+                None => internal.first().map(|l| l.index),
+            };
+            if let Some(ifindex) = ifindex {
+                return_routes.push(crate::routes::ReturnRoute {
+                    destination: route.destination,
+                    via: route.via,
+                    ifindex,
+                });
+            }
+        }
+        let mut bfd_peers = Vec::new();
+        for (i, peer) in self.bfd_peers.iter().enumerate() {
+            let interface = match &peer.interface {
+                Some(name) => match link(&mut problems, format!("bfd.peers[{i}].interface"), name) {
+                    Some(link) => Some(link),
+                    None => continue,
+                },
+                None => None,
+            };
+            bfd_peers.push(ResolvedBfdPeer {
+                address: peer.address,
+                interface,
+                min_tx: peer.min_tx,
+                min_rx: peer.min_rx,
+                multiplier: peer.multiplier,
+            });
+        }
         let resolved = external.map(|external| Resolved {
             internal,
             external,
@@ -559,6 +773,8 @@ impl Plan {
             sweep_interval: self.sweep_interval,
             timeouts: self.timeouts,
             xdp_mode: self.xdp_mode,
+            return_routes,
+            bfd_peers,
         });
         match (problems.into_result(()), resolved) {
             (Ok(()), Some(resolved)) => Ok(resolved),

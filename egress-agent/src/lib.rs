@@ -17,6 +17,7 @@ pub mod dataplane;
 pub mod health;
 pub mod instance;
 pub mod metrics;
+pub mod routes;
 pub mod status;
 pub mod sysctl;
 pub mod system;

@@ -180,3 +180,59 @@ fn readiness_follows_the_dataplane() {
         "alive, though not ready"
     );
 }
+
+fn routes(gateway: &Netns) -> String {
+    String::from_utf8_lossy(&gateway.run("ip", &["-4", "route", "show"]).stdout).into_owned()
+}
+
+#[test]
+fn return_routes_are_kept_and_only_ours_are_ever_removed() {
+    if !require_root() {
+        return;
+    }
+    let net = Topology::seed();
+    // Someone else's route to a prefix the file also names.
+    net.gateway
+        .ip(&["route", "add", "10.16.9.0/24", "via", "172.20.10.10"]);
+    let with_routes = |routes: &str| format!("{}returnRoutes:\n{routes}", seed_config(1024));
+    let mut agent = Agent::start(
+        &net.gateway,
+        &with_routes(
+            "  - {destination: 10.16.1.0/24, via: 172.20.10.10}\n  - {destination: 10.16.9.0/24, via: 172.20.20.10}\n",
+        ),
+    );
+    let table = routes(&net.gateway);
+    assert!(
+        table.contains("10.16.1.0/24 via 172.20.10.10 dev eth0 proto 234"),
+        "{table}"
+    );
+    assert!(
+        table.contains("10.16.9.0/24 via 172.20.10.10 dev eth0 \n")
+            || table
+                .lines()
+                .any(|l| l.trim() == "10.16.9.0/24 via 172.20.10.10 dev eth0"),
+        "the foreign route is untouched: {table}"
+    );
+    assert!(
+        agent.log().contains("not ours; left alone"),
+        "{}",
+        agent.log()
+    );
+
+    // The node moves: the route follows; a new node's route appears.
+    agent.reload(&with_routes(
+        "  - {destination: 10.16.1.0/24, via: 172.20.20.10}\n  - {destination: 10.16.2.0/24, via: 172.20.10.10}\n",
+    ));
+    wait_until("the moved route", Duration::from_secs(10), || {
+        let table = routes(&net.gateway);
+        table.contains("10.16.1.0/24 via 172.20.20.10 dev eth0 proto 234")
+            && table.contains("10.16.2.0/24 via 172.20.10.10 dev eth0 proto 234")
+    });
+    assert!(agent.stop().success());
+    let table = routes(&net.gateway);
+    assert!(!table.contains("proto 234"), "ours are gone: {table}");
+    assert!(
+        table.contains("10.16.9.0/24 via 172.20.10.10"),
+        "theirs stays: {table}"
+    );
+}

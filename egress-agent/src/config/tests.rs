@@ -443,3 +443,75 @@ fn bad_durations_are_refused() {
     assert_problem(&problems, "conntrack.sweepInterval", "at least 1s");
     assert_problem(&problems, "conntrack.timeouts.tcpClose", "at least 1s");
 }
+
+#[test]
+fn return_routes_and_bfd_peers_plan_and_resolve() {
+    let text = format!(
+        "{SEED}returnRoutes:
+  - {{destination: 10.16.1.0/24, via: 172.20.10.2}}
+  - {{destination: 10.16.2.0/24, via: 172.20.10.3, interface: eth1}}
+bfd:
+  peers:
+    - address: 10.255.255.1
+      interface: eth0
+      minTxMs: 100
+      minRxMs: 100
+      multiplier: 3
+    - address: 10.255.255.5
+"
+    );
+    let resolved = plan(&text)
+        .expect("valid")
+        .resolve(&machine())
+        .expect("resolves");
+    assert_eq!(resolved.return_routes.len(), 2);
+    assert_eq!(
+        resolved.return_routes[0].ifindex, 2,
+        "first internal by default"
+    );
+    assert_eq!(resolved.return_routes[1].ifindex, 3);
+    let [fast, default] = &resolved.bfd_peers[..] else {
+        panic!("two peers: {:?}", resolved.bfd_peers)
+    };
+    assert_eq!(fast.min_tx, Duration::from_millis(100));
+    assert_eq!(fast.interface.as_ref().map(|l| l.index), Some(2));
+    assert_eq!(
+        (default.min_tx, default.min_rx, default.multiplier),
+        (Duration::from_secs(1), Duration::from_secs(1), 3),
+        "Kube-OVN's defaults"
+    );
+}
+
+#[test]
+fn bad_return_routes_and_bfd_peers_name_their_fields() {
+    let text = format!(
+        "{SEED}returnRoutes:
+  - {{destination: 10.16.1.7/24, via: 172.20.10.2}}
+  - {{destination: 10.16.3.0/24, via: nowhere}}
+  - {{destination: 10.16.4.0/24, via: 172.20.10.2, interface: eth9}}
+bfd:
+  peers:
+    - {{address: 10.255.255.1, minTxMs: 5, multiplier: 0}}
+    - {{address: 10.255.255.1}}
+    - {{address: router}}
+"
+    );
+    let found = problems(&text);
+    assert_problem(&found, "returnRoutes[0].destination", "host bits");
+    assert_problem(&found, "returnRoutes[1].via", "not an IPv4 address");
+    assert_problem(&found, "bfd.peers[0].minTxMs", "outside 10..=60000");
+    assert_problem(&found, "bfd.peers[0].multiplier", "at least 1");
+    assert_problem(&found, "bfd.peers[1].address", "configured twice");
+    assert_problem(&found, "bfd.peers[2].address", "not an IPv4 address");
+    let resolved = plan(&format!(
+        "{SEED}returnRoutes:\n  - {{destination: 10.16.4.0/24, via: 172.20.10.2, interface: eth9}}\n"
+    ))
+    .expect("plans")
+    .resolve(&machine())
+    .expect_err("eth9 does not exist");
+    assert_problem(
+        &resolved,
+        "returnRoutes[0].interface",
+        "no interface named eth9",
+    );
+}
