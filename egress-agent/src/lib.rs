@@ -10,6 +10,7 @@
 
 pub mod addresses;
 pub mod agent;
+pub mod bfd;
 pub mod cli;
 pub mod config;
 pub mod conntrack;

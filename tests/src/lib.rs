@@ -16,6 +16,7 @@ pub mod cleanup;
 pub mod frames;
 pub mod harness;
 pub mod netns;
+pub mod peers;
 pub mod topology;
 pub mod traffic;
 
