@@ -7,6 +7,7 @@
 //! Whatever a later step fails on, the earlier ones are undone.
 
 use std::{
+    collections::BTreeMap,
     net::Ipv4Addr,
     path::{Path, PathBuf},
     sync::{
@@ -24,6 +25,7 @@ use tokio::{
 
 use crate::{
     addresses,
+    bfd::Bfd,
     config::{Config, ConfigError, Resolved, Timeouts},
     conntrack,
     dataplane::{
@@ -32,6 +34,8 @@ use crate::{
     },
     health::Health,
     instance::{Instance, RunState, TenantRecord},
+    kubernetes::sync::{KubeOptions, KubeSource},
+    live,
     metrics::{self, Exporter},
     routes, sysctl,
     system::SystemView,
@@ -61,7 +65,22 @@ impl RunError {
 pub async fn validate(
     config_path: &Path,
 ) -> Result<(Resolved, SystemView, rtnetlink::Handle), RunError> {
-    let config = Config::load(config_path)?;
+    validate_config(Config::load(config_path)?, config_path).await
+}
+
+/// The file's configuration, with what the cluster adds in Kubernetes mode.
+fn effective_config(config_path: &Path, kube: Option<&KubeSource>) -> Result<Config, RunError> {
+    let mut config = Config::load(config_path)?;
+    if let Some(kube) = kube {
+        kube.merge_into(&mut config);
+    }
+    Ok(config)
+}
+
+async fn validate_config(
+    config: Config,
+    config_path: &Path,
+) -> Result<(Resolved, SystemView, rtnetlink::Handle), RunError> {
     let plan = config.plan().map_err(|problems| ConfigError::Invalid {
         path: config_path.to_owned(),
         problems,
@@ -119,12 +138,31 @@ pub struct RunOptions {
     pub keep_dataplane: bool,
     /// Where to serve /healthz, /readyz and /metrics.
     pub listen: Option<std::net::SocketAddr>,
+    /// Take tenants from Kubernetes too.
+    pub kubernetes: Option<KubeOptions>,
 }
 
 pub async fn run(instance: &Instance, options: &RunOptions) -> Result<(), RunError> {
     let config_path = options.config.as_path();
-    let (resolved, system, handle) = validate(config_path).await?;
     let _lock = instance.lock()?;
+    let mut kube = match &options.kubernetes {
+        Some(kube_options) => {
+            tracing::info!(node = %kube_options.node_name, "reading the cluster");
+            Some(KubeSource::start(kube_options).await?)
+        }
+        None => None,
+    };
+    let (resolved, system, handle) =
+        match validate_config(effective_config(config_path, kube.as_ref())?, config_path).await {
+            Ok(valid) => valid,
+            Err(err) => {
+                if let Some(kube) = &mut kube {
+                    kube.refuse(Some(err.to_string()));
+                    kube.publish(&BTreeMap::new()).await;
+                }
+                return Err(err);
+            }
+        };
     let previous = instance.read_state().ok().flatten();
     if let Some(previous) = &previous {
         tracing::warn!(
@@ -198,18 +236,65 @@ pub async fn run(instance: &Instance, options: &RunOptions) -> Result<(), RunErr
         instance.pin_dir.clone(),
         health_tx.clone(),
     ));
+    let bfd_health = live::follow_health(health_rx.clone());
+    let published = live::Published::default();
+    published.export(&exporter);
+    let mut bfd = start_bfd(&resolved, &bfd_health).await;
     let mut current = resolved;
     let result = async {
         let mut signals = Signals::install()?;
-        while signals.next().await == Event::Reload {
-            // Read the file again; only what can change live is applied.
-            match reload(config_path, &current).await {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut ticks = 0u64;
+        if let Some(kube) = &mut kube {
+            kube.publish(&flows_by_tenant(&instance.pin_dir)).await;
+        }
+        loop {
+            let event = tokio::select! {
+                event = signals.next() => event,
+                changed = cluster_changed(kube.as_mut()) => {
+                    if let Err(err) = changed {
+                        anyhow::bail!("the Kubernetes watchers stopped: {err:#}");
+                    }
+                    Event::Reload
+                }
+                _ = tick.tick() => {
+                    ticks += 1;
+                    let view = live::Live {
+                        health: health_rx.borrow().clone(),
+                        bfd: bfd.as_ref().map(Bfd::snapshot).unwrap_or_default(),
+                        kubernetes: kube.as_ref().map(KubeSource::view),
+                    };
+                    if let Err(err) = published.publish(instance, view) {
+                        tracing::warn!(error = %format!("{err:#}"), "publishing status");
+                    }
+                    if let Some(kube) = kube.as_mut().filter(|_| ticks % 10 == 0) {
+                        kube.publish(&flows_by_tenant(&instance.pin_dir)).await;
+                    }
+                    continue;
+                }
+            };
+            if event == Event::Stop {
+                break;
+            }
+            // Read the file (and the cluster) again; only what can change
+            // live is applied.
+            let outcome = reload(config_path, kube.as_ref(), &current).await;
+            if let Some(kube) = &mut kube {
+                kube.refuse(outcome.as_ref().err().map(ToString::to_string));
+            }
+            match outcome {
                 Ok(Some(next)) => match reconcile(instance, &next, &mut applied, &state).await {
                     Ok(next_state) => {
                         tracing::info!(
                             tenants = next_state.tenants.len(),
                             "configuration reloaded"
                         );
+                        if next.bfd_peers != current.bfd_peers {
+                            if let Some(old) = bfd.take() {
+                                old.shutdown().await;
+                            }
+                            bfd = start_bfd(&next, &bfd_health).await;
+                        }
                         state = next_state;
                         current = next;
                     }
@@ -224,6 +309,9 @@ pub async fn run(instance: &Instance, options: &RunOptions) -> Result<(), RunErr
                     "reload refused; still serving the previous configuration"
                 ),
             }
+            if let Some(kube) = &mut kube {
+                kube.publish(&flows_by_tenant(&instance.pin_dir)).await;
+            }
         }
         anyhow::Ok(())
     }
@@ -231,6 +319,16 @@ pub async fn run(instance: &Instance, options: &RunOptions) -> Result<(), RunErr
     monitor.abort();
     let _ = health_tx.send(Health::ShuttingDown);
     sweeper.stop();
+    if let Some(bfd) = bfd {
+        if options.keep_dataplane {
+            // The dataplane goes on serving: say nothing, so a restart
+            // within the peers' detection time is not taken for a failure.
+            bfd.abort();
+        } else {
+            // Routers withdraw this gateway before it stops translating.
+            bfd.shutdown().await;
+        }
+    }
     if options.keep_dataplane {
         tracing::info!(
             "exiting with the dataplane left serving for the next agent \
@@ -245,11 +343,67 @@ pub async fn run(instance: &Instance, options: &RunOptions) -> Result<(), RunErr
     result.map_err(Into::into)
 }
 
+/// Waits for the cluster to change what this gateway serves; never
+/// returns outside Kubernetes mode.
+async fn cluster_changed(kube: Option<&mut KubeSource>) -> anyhow::Result<()> {
+    match kube {
+        Some(kube) => kube.changed().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Flows per tenant name, for the objects' status.
+fn flows_by_tenant(pin_dir: &Path) -> BTreeMap<String, u64> {
+    let Ok(maps) = Maps::open(pin_dir) else {
+        return BTreeMap::new();
+    };
+    let names: BTreeMap<u16, String> = maps
+        .tenant_ids()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(name, id)| (id, name))
+        .collect();
+    let (flows, _) = conntrack::pair(maps.flows());
+    let mut counts = BTreeMap::new();
+    for flow in flows {
+        if let Some(name) = names.get(&flow.tenant()) {
+            *counts.entry(name.clone()).or_insert(0) += 1;
+        }
+    }
+    counts
+}
+
+/// Starts BFD with the configured peers. A failure (the control port taken
+/// by another daemon, say) is logged, not fatal: the dataplane serves
+/// without it, and readiness says so through the missing sessions.
+async fn start_bfd(
+    resolved: &Resolved,
+    health: &watch::Receiver<crate::bfd::Health>,
+) -> Option<Bfd> {
+    if resolved.bfd_peers.is_empty() {
+        return None;
+    }
+    match Bfd::start(live::peer_configs(resolved), health.clone()).await {
+        Ok(bfd) => {
+            tracing::info!(peers = resolved.bfd_peers.len(), "BFD started");
+            Some(bfd)
+        }
+        Err(err) => {
+            tracing::error!(error = %format!("{err:#}"), "BFD could not start");
+            None
+        }
+    }
+}
+
 /// Reads the configuration again. `None` when nothing changed; an error
 /// when it is invalid or changes what only a restart can (interfaces, the
 /// conntrack size, the XDP mode).
-async fn reload(config_path: &Path, current: &Resolved) -> Result<Option<Resolved>, RunError> {
-    let (next, _, _) = validate(config_path).await?;
+async fn reload(
+    config_path: &Path,
+    kube: Option<&KubeSource>,
+    current: &Resolved,
+) -> Result<Option<Resolved>, RunError> {
+    let (next, _, _) = validate_config(effective_config(config_path, kube)?, config_path).await?;
     if next == *current {
         return Ok(None);
     }
@@ -266,7 +420,11 @@ async fn reload(config_path: &Path, current: &Resolved) -> Result<Option<Resolve
     Ok(Some(next))
 }
 
-/// Follows the dataplane's health twice a second; logs every change.
+/// How often the dataplane's health is checked: one netlink query per XDP
+/// attachment and one map read, cheap enough to bound BFD's reaction.
+const HEALTH_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Follows the dataplane's health; logs every change.
 async fn monitor_health(
     handle: rtnetlink::Handle,
     attachments: Vec<crate::dataplane::Attachment>,
@@ -295,7 +453,7 @@ async fn monitor_health(
             *current = verdict;
             true
         });
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(HEALTH_INTERVAL).await;
     }
 }
 

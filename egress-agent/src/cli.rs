@@ -8,6 +8,7 @@ use crate::{
     agent::{self, RunError},
     config::format_mac,
     instance::{DEFAULT_INSTANCE, Instance},
+    kubernetes::sync::KubeOptions,
     status,
 };
 
@@ -52,6 +53,24 @@ pub enum Command {
         /// Serve /healthz, /readyz and /metrics on this address (e.g. 0.0.0.0:9477).
         #[arg(long, env = "EGRESS_LISTEN")]
         listen: Option<std::net::SocketAddr>,
+        /// Also take tenants from the cluster's EgressGateways (the file then
+        /// describes the machine: interfaces, conntrack, static tenants).
+        #[arg(long)]
+        kubernetes: bool,
+        /// Read the API server from this kubeconfig (a gateway VM) instead of
+        /// the in-cluster service account.
+        #[arg(long, env = "KUBECONFIG", requires = "kubernetes")]
+        kubeconfig: Option<PathBuf>,
+        /// This node's name in the cluster (the host name by default).
+        #[arg(long, env = "NODE_NAME", requires = "kubernetes")]
+        node_name: Option<String>,
+        /// Also serve Kube-OVN VpcEgressGateways (needs Kube-OVN's CRDs).
+        #[arg(long, requires = "kubernetes")]
+        kube_ovn: bool,
+        /// Namespace of the agent DaemonSet: gateways go only to nodes
+        /// where an agent pod runs.
+        #[arg(long, env = "POD_NAMESPACE", requires = "kubernetes")]
+        agent_namespace: Option<String>,
     },
     /// Validate a configuration against this machine and show what `run` would do.
     Check {
@@ -75,6 +94,14 @@ pub enum Command {
     /// Remove what an agent that did not shut down left behind: pinned maps,
     /// egress addresses it added, sysctls it changed.
     Cleanup,
+    /// Print the EgressGateway CustomResourceDefinition (deploy/crd.yaml) as YAML.
+    Crd,
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_owned())
+        .unwrap_or_default()
 }
 
 /// Runs a command; returns the process exit code.
@@ -91,11 +118,23 @@ pub async fn execute(cli: Cli) -> i32 {
             config,
             keep_dataplane,
             listen,
+            kubernetes,
+            kubeconfig,
+            node_name,
+            kube_ovn,
+            agent_namespace,
         } => {
+            let kubernetes = kubernetes.then(|| KubeOptions {
+                kubeconfig,
+                node_name: node_name.unwrap_or_else(host_name),
+                kube_ovn,
+                agent_namespace,
+            });
             let options = agent::RunOptions {
                 config,
                 keep_dataplane,
                 listen,
+                kubernetes,
             };
             agent::run(&instance, &options).await
         }
@@ -105,6 +144,7 @@ pub async fn execute(cli: Cli) -> i32 {
             print_flows(&instance, json, tenant.as_deref()).map_err(Into::into)
         }
         Command::Cleanup => agent::cleanup(&instance).await.map_err(Into::into),
+        Command::Crd => crate::kubernetes::crd::print_crd().map_err(Into::into),
     };
     match result {
         Ok(()) => 0,

@@ -108,7 +108,7 @@ pub struct Interfaces {
     pub external: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Tenant {
     pub name: String,
@@ -692,7 +692,11 @@ impl Plan {
             .enumerate()
             .map(|(i, name)| link(&mut problems, format!("interfaces.internal[{i}]"), name))
             .collect();
-        let external = link(&mut problems, "interfaces.external".to_owned(), &self.external);
+        let external = link(
+            &mut problems,
+            "interfaces.external".to_owned(),
+            &self.external,
+        );
         let internal: Vec<LinkRef> = internal.into_iter().flatten().collect();
 
         let mut tenants = Vec::with_capacity(self.tenants.len());
@@ -734,10 +738,8 @@ impl Plan {
         let mut return_routes = Vec::new();
         for (i, route) in self.return_routes.iter().enumerate() {
             let ifindex = match &route.interface {
-                Some(name) => {
-                    link(&mut problems, format!("returnRoutes[{i}].interface"), name)
-                        .map(|l| l.index)
-                }
+                Some(name) => link(&mut problems, format!("returnRoutes[{i}].interface"), name)
+                    .map(|l| l.index),
                 None => internal.first().map(|l| l.index),
             };
             if let Some(ifindex) = ifindex {
@@ -751,10 +753,12 @@ impl Plan {
         let mut bfd_peers = Vec::new();
         for (i, peer) in self.bfd_peers.iter().enumerate() {
             let interface = match &peer.interface {
-                Some(name) => match link(&mut problems, format!("bfd.peers[{i}].interface"), name) {
-                    Some(link) => Some(link),
-                    None => continue,
-                },
+                Some(name) => {
+                    match link(&mut problems, format!("bfd.peers[{i}].interface"), name) {
+                        Some(link) => Some(link),
+                        None => continue,
+                    }
+                }
                 None => None,
             };
             bfd_peers.push(ResolvedBfdPeer {

@@ -17,6 +17,8 @@ pub mod conntrack;
 pub mod dataplane;
 pub mod health;
 pub mod instance;
+pub mod kubernetes;
+pub mod live;
 pub mod metrics;
 pub mod routes;
 pub mod status;

@@ -113,12 +113,15 @@ pub async fn sync(handle: &Handle, wanted: &[ReturnRoute]) -> anyhow::Result<Rou
             .replace()
             .execute()
             .await
-            .with_context(|| format!("adding a route to {} via {}", route.destination, route.via))?;
+            .with_context(|| {
+                format!("adding a route to {} via {}", route.destination, route.via)
+            })?;
         report.added.push(*route);
     }
-    for stale in existing.iter().filter(|e| {
-        e.ours && !wanted.iter().any(|w| w.destination == e.destination)
-    }) {
+    for stale in existing
+        .iter()
+        .filter(|e| e.ours && !wanted.iter().any(|w| w.destination == e.destination))
+    {
         delete(handle, stale).await?;
         report.removed.push(ReturnRoute {
             destination: stale.destination,
@@ -156,6 +159,8 @@ async fn delete(handle: &Handle, route: &Existing) -> anyhow::Result<()> {
         {
             Ok(())
         }
-        Err(err) => Err(err).with_context(|| format!("removing the route to {}", route.destination)),
+        Err(err) => {
+            Err(err).with_context(|| format!("removing the route to {}", route.destination))
+        }
     }
 }

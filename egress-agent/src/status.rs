@@ -32,6 +32,9 @@ pub struct Status {
     pub conntrack_entries: usize,
     pub conntrack_capacity: u32,
     pub counters: BTreeMap<String, u64>,
+    /// The running agent's own view: dataplane health and BFD sessions.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub live: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Serialize)]
@@ -101,7 +104,12 @@ pub fn collect(instance: &Instance) -> anyhow::Result<Status> {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
+    let live = running
+        .then(|| std::fs::read(instance.run_dir.join("live.json")).ok())
+        .flatten()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok());
     Ok(Status {
+        live,
         instance: instance.name.clone(),
         running,
         pid: state.as_ref().map(|s| s.pid),
@@ -161,6 +169,51 @@ pub fn render_status(status: &Status) -> String {
             ]
         });
         out.push_str(&table(&["INTERFACE", "PROGRAM", "HOOK", "LINK"], rows));
+    }
+    if let Some(live) = &status.live {
+        let health = &live["health"];
+        let _ = writeln!(
+            out,
+            "\ndataplane: {}{}",
+            health["state"].as_str().unwrap_or("unknown"),
+            health["reason"]
+                .as_str()
+                .map(|r| format!(" ({r})"))
+                .unwrap_or_default()
+        );
+        if let Some(sessions) = live["bfd"].as_array().filter(|s| !s.is_empty()) {
+            let _ = writeln!(out, "\nbfd:");
+            let text = |v: &serde_json::Value| match v {
+                serde_json::Value::String(s) => s.clone(),
+                serde_json::Value::Null => "-".to_owned(),
+                other => other.to_string(),
+            };
+            let rows = sessions.iter().map(|s| {
+                vec![
+                    text(&s["address"]),
+                    text(&s["interface"]),
+                    text(&s["local_state"]),
+                    text(&s["remote_state"]),
+                    text(&s["local_diag"]),
+                    text(&s["tx_interval_ms"]),
+                    text(&s["detection_time_ms"]),
+                    text(&s["transitions"]),
+                ]
+            });
+            out.push_str(&table(
+                &[
+                    "PEER",
+                    "INTERFACE",
+                    "STATE",
+                    "REMOTE",
+                    "DIAG",
+                    "TX MS",
+                    "DETECT MS",
+                    "CHANGES",
+                ],
+                rows,
+            ));
+        }
     }
     let _ = writeln!(out, "\ntenants:");
     let rows = status.tenants.iter().map(|t| {

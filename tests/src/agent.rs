@@ -116,16 +116,27 @@ impl Agent {
     /// again on the same instance and configuration.
     pub fn restart(&mut self, kill: bool) {
         if kill {
-            let mut child = self.child.take().expect("a running agent");
-            LIVE.lock()
-                .expect("registry")
-                .retain(|pid| *pid != child.id());
-            child.kill().expect("SIGKILL");
-            child.wait().expect("reaping the agent");
+            self.kill();
         } else {
             let status = self.stop();
             assert!(status.success(), "graceful stop: {status}\n{}", self.log());
         }
+        self.respawn();
+    }
+
+    /// SIGKILL, as the OOM killer or a node failure would.
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().expect("a running agent");
+        LIVE.lock()
+            .expect("registry")
+            .retain(|pid| *pid != child.id());
+        child.kill().expect("SIGKILL");
+        child.wait().expect("reaping the agent");
+    }
+
+    /// Starts a stopped agent again on the same instance and configuration.
+    pub fn respawn(&mut self) {
+        assert!(self.child.is_none(), "the agent is still running");
         self.spawn();
     }
 
