@@ -10,8 +10,10 @@
 //! - `cleanup`: removes all of the above when a program is interrupted.
 //! - `harness`: the real programs on crafted frames via BPF_PROG_TEST_RUN.
 //! - `frames`: building those frames and checking what comes out.
+//! - `apiserver`: an in-process Kubernetes API server (needs no root).
 
 pub mod agent;
+pub mod apiserver;
 pub mod cleanup;
 pub mod frames;
 pub mod harness;

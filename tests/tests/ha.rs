@@ -102,7 +102,10 @@ fn scenario(net: &Topology, router: &dyn BfdRouter) {
         if status["live"]["bfd"][0]["local_state"] == "up" {
             break;
         }
-        assert!(Instant::now() < deadline, "status shows no Up session: {status:#}");
+        assert!(
+            Instant::now() < deadline,
+            "status shows no Up session: {status:#}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 
