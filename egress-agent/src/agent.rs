@@ -267,7 +267,7 @@ pub async fn run(instance: &Instance, options: &RunOptions) -> Result<(), RunErr
                     if let Err(err) = published.publish(instance, view) {
                         tracing::warn!(error = %format!("{err:#}"), "publishing status");
                     }
-                    if let Some(kube) = kube.as_mut().filter(|_| ticks % 10 == 0) {
+                    if let Some(kube) = kube.as_mut().filter(|_| ticks.is_multiple_of(10)) {
                         kube.publish(&flows_by_tenant(&instance.pin_dir)).await;
                     }
                     continue;
