@@ -19,8 +19,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use egress_common::bench::{
-    BENCH_COUNTERS, ForwardConfig, PKTGEN_SENT, PKTGEN_UNIQUE, PktgenConfig, SINK_RECEIVED,
-    SINK_TRANSLATED, SinkConfig,
+    BENCH_COUNTERS, ForwardConfig, PKTGEN_DST_PORTS, PKTGEN_SENT, PKTGEN_UNIQUE, PktgenConfig,
+    SINK_RECEIVED, SINK_TRANSLATED, SinkConfig,
 };
 use network_types::{
     eth::{EthHdr, EtherType},
@@ -113,6 +113,7 @@ pub fn pktgen(ctx: XdpContext) -> u32 {
     let ports = (65535 - u32::from(config.port_base)).max(1);
     let port = u32::from(config.port_base) + (rest / hosts) % ports;
     let src = config.src_base + tenant * config.tenant_stride + 1 + host;
+    let dst_port = u32::from(config.dst_port) + rest % PKTGEN_DST_PORTS;
     // SAFETY: bounds checked by `headers`.
     unsafe {
         (*eth).dst_addr = config.eth_dst;
@@ -123,7 +124,7 @@ pub fn pktgen(ctx: XdpContext) -> u32 {
         (*ip).check = [0, 0];
         (*ip).check = ip_checksum(&*ip);
         (*udp).src = (port as u16).to_be_bytes();
-        (*udp).dst = config.dst_port.to_be_bytes();
+        (*udp).dst = (dst_port as u16).to_be_bytes();
         (*udp).check = [0, 0];
     }
     count(PKTGEN_SENT);

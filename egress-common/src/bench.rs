@@ -8,6 +8,8 @@ use crate::shared_layout;
 pub const PKTGEN_CYCLE: u32 = 0;
 /// `PktgenConfig::mode`: every packet a new flow, numbered from `start`.
 pub const PKTGEN_UNIQUE: u32 = 1;
+/// Destination ports the sender spreads flows over.
+pub const PKTGEN_DST_PORTS: u32 = 64;
 
 shared_layout! {
     /// How the generator turns one template frame into many flows: flow
@@ -31,7 +33,10 @@ shared_layout! {
         pub src_base: u32,
         /// Lowest source port.
         pub port_base: u16,
-        /// UDP destination port, host order.
+        /// First UDP destination port, host order: flows spread over
+        /// `PKTGEN_DST_PORTS` ports from here, so that a million flows of one
+        /// tenant stay distinct after translation (one egress address has
+        /// 64k source ports towards each destination port).
         pub dst_port: u16,
         /// Destination address, host order.
         pub dst_addr: u32,
