@@ -109,7 +109,9 @@ impl Agent {
             .expect("spawning egress-agent");
         LIVE.lock().expect("registry").push(child.id());
         self.child = Some(child);
-        self.wait_serving(Duration::from_secs(30));
+        // Minutes, not seconds: adding ten thousand egress addresses (the
+        // benchmark's largest case) takes the kernel a while.
+        self.wait_serving(Duration::from_secs(300));
     }
 
     /// Stops the agent (SIGKILL when `kill`, else SIGTERM) and starts it
