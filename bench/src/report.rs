@@ -348,19 +348,23 @@ impl Results {
         let tenants = self.axis(|r| r.tenants);
         let flows = self.axis(|r| r.flows);
         let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
-        if let (Some(&t), Some(&f)) = (tenants.first(), flows.first()) {
-            if let (Some(x), Some(i), Some(c)) = (
+        if let (Some(&t), Some(&f)) = (tenants.first(), flows.first())
+            && let (Some(x), Some(i), Some(c)) = (
                 self.value("xdp", t, Some(f), "established_pps", None),
                 self.value("iptables", t, Some(f), "established_pps", None),
                 self.value("ceiling", t, Some(f), "established_pps", None),
-            ) {
-                out.push(format!("established forwarding at least 3x iptables ({t} tenants, {f} flows): {:.1}x, {}", x / i, verdict(x >= 3.0 * i)));
-                out.push(format!(
-                    "XDP at or above 70% of the ceiling: {:.0}%, {}",
-                    100.0 * x / c,
-                    verdict(x >= 0.7 * c)
-                ));
-            }
+            )
+        {
+            out.push(format!(
+                "established forwarding at least 3x iptables ({t} tenants, {f} flows): {:.1}x, {}",
+                x / i,
+                verdict(x >= 3.0 * i)
+            ));
+            out.push(format!(
+                "XDP at or above 70% of the ceiling: {:.0}%, {}",
+                100.0 * x / c,
+                verdict(x >= 0.7 * c)
+            ));
         }
         let new_at = |g: &str, t: u32| self.value(g, t, None, "new_flows_per_s", None);
         match (new_at("xdp", 1000), new_at("iptables", 1000)) {

@@ -156,11 +156,20 @@ fn bench(root: &Path, short: bool, args: &[String]) -> anyhow::Result<()> {
 fn lint(root: &Path) -> anyhow::Result<()> {
     cargo(root, &["fmt", "--all", "--", "--check"])?;
     cargo(root, &["clippy", "--all-targets", "--", "-D", "warnings"])?;
-    // The BPF crate only builds for the BPF target, with Debian's compiler
-    // (the one that has the library sources), as egress-agent's build does.
+    // The BPF crates only build for the BPF target, with Debian's compiler
+    // (the one that has the library sources), as the agent and bench builds do.
     run(Command::new("rustup")
         .current_dir(root)
-        .args(["run", "debian-web", "cargo", "clippy", "-p", "egress-ebpf"])
+        .args([
+            "run",
+            "debian-web",
+            "cargo",
+            "clippy",
+            "-p",
+            "egress-ebpf",
+            "-p",
+            "bench-ebpf",
+        ])
         .args([
             "--target",
             "bpfel-unknown-none",
