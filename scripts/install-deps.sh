@@ -12,8 +12,9 @@ APT_PACKAGES=(
   llvm-22-dev libclang-22-dev libpolly-22-dev libzstd-dev zlib1g-dev
   # Network plumbing used by the agent's tests, the demo and the benchmark.
   iproute2 iputils-ping iptables nftables conntrack ethtool tcpdump iperf3 curl
-  # Independent BFD peers for the HA tests; bpftool detaches links in tests.
-  frr bird2 bpftool
+  # Independent BFD peers for the HA tests; bpftool detaches links in tests;
+  # perf profiles the programs in the benchmark.
+  frr bird2 bpftool linux-perf
 )
 
 missing=()

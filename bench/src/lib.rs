@@ -4,6 +4,7 @@
 
 pub mod gateways;
 pub mod measure;
+pub mod profile;
 pub mod progcost;
 pub mod programs;
 pub mod report;

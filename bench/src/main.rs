@@ -9,9 +9,9 @@ use anyhow::Context as _;
 use clap::Parser;
 use egress_bench::{
     gateways::{self, Kind},
-    measure, progcost,
+    measure, profile, progcost,
     programs::Programs,
-    report::{Machine, Results},
+    report::{self, Machine, Results},
     topology::{Topology, cpus},
 };
 
@@ -50,6 +50,10 @@ struct Plan {
     new_flows: u32,
     probes: u32,
     prog_cost_singles: u16,
+    /// Timed calls (of 250 runs each) in the profile of the hit path.
+    profile_hit_calls: u32,
+    /// New flows in the profile of the new-flow path.
+    profile_new_flows: u32,
 }
 
 impl Plan {
@@ -81,6 +85,8 @@ impl Plan {
             new_flows,
             probes,
             prog_cost_singles: singles,
+            profile_hit_calls: if args.short { 400 } else { 6_400 },
+            profile_new_flows: if args.short { 5_000 } else { 120_000 },
         }
     }
 }
@@ -161,13 +167,18 @@ fn main() -> anyhow::Result<()> {
     );
     let plan = Plan::from(&args);
     if args.prog_cost_only {
-        for tenants in [1, plan.tenants.iter().copied().max().unwrap_or(1)] {
-            for cost in progcost::measure(tenants, plan.prog_cost_singles) {
-                println!(
-                    "{}: {:.0} ns ({})",
-                    cost.path, cost.ns_per_packet, cost.method
-                );
-            }
+        let costs = prog_costs(&plan, |cost| {
+            println!(
+                "{}: {:.0} ns ({})",
+                cost.path, cost.ns_per_packet, cost.method
+            );
+        });
+        let mut notes = Vec::new();
+        for profile in profiles(&plan, &costs, &mut notes) {
+            println!("{}", report::profile_table(&profile));
+        }
+        for note in notes {
+            println!("{note}");
         }
         return Ok(());
     }
@@ -187,6 +198,7 @@ fn main() -> anyhow::Result<()> {
         },
         records: Vec::new(),
         prog_cost: Vec::new(),
+        profiles: Vec::new(),
         notes: Vec::new(),
     };
     if cpus() < 2 {
@@ -327,18 +339,20 @@ fn main() -> anyhow::Result<()> {
         "program cost with BPF_PROG_TEST_RUN ({:.0}s elapsed)",
         started.elapsed().as_secs_f64()
     );
-    for tenants in [1, plan.tenants.iter().copied().max().unwrap_or(1)] {
-        for cost in progcost::measure(tenants, plan.prog_cost_singles) {
-            eprintln!(
-                "  {}: {:.0} ns ({})",
-                cost.path, cost.ns_per_packet, cost.method
-            );
-            results.prog_cost.push(cost.into());
-        }
-        if plan.tenants.iter().max() == Some(&1) {
-            break;
-        }
-    }
+    let costs = prog_costs(&plan, |cost| {
+        eprintln!(
+            "  {}: {:.0} ns ({})",
+            cost.path, cost.ns_per_packet, cost.method
+        );
+    });
+    results
+        .prog_cost
+        .extend(costs.iter().cloned().map(Into::into));
+    eprintln!(
+        "profiling the programs with perf ({:.0}s elapsed)",
+        started.elapsed().as_secs_f64()
+    );
+    results.profiles = profiles(&plan, &costs, &mut results.notes);
     results.write(&args.out)?;
     eprintln!(
         "done in {:.0}s: {}",
@@ -349,6 +363,45 @@ fn main() -> anyhow::Result<()> {
         eprintln!("  {line}");
     }
     Ok(())
+}
+
+/// The programs' costs with one tenant and with the most tenants.
+fn prog_costs(plan: &Plan, mut each: impl FnMut(&progcost::Cost)) -> Vec<progcost::Cost> {
+    let most = plan.tenants.iter().copied().max().unwrap_or(1);
+    let mut costs = Vec::new();
+    for tenants in if most == 1 { vec![1] } else { vec![1, most] } {
+        for cost in progcost::measure(tenants, plan.prog_cost_singles) {
+            each(&cost);
+            costs.push(cost);
+        }
+    }
+    costs
+}
+
+/// Profiles of the programs with the most tenants, or a note saying why
+/// there are none.
+fn profiles(
+    plan: &Plan,
+    costs: &[progcost::Cost],
+    notes: &mut Vec<String>,
+) -> Vec<profile::Profile> {
+    if let Some(why) = profile::unavailable() {
+        notes.push(format!("no profile: {why}"));
+        return Vec::new();
+    }
+    let tenants = plan.tenants.iter().copied().max().unwrap_or(1);
+    match progcost::profile(
+        tenants,
+        plan.profile_hit_calls,
+        plan.profile_new_flows,
+        costs,
+    ) {
+        Ok(profiles) => profiles,
+        Err(err) => {
+            notes.push(format!("no profile: {err:#}"));
+            Vec::new()
+        }
+    }
 }
 
 fn record_memory(

@@ -16,6 +16,7 @@ use std::{
     net::{Ipv4Addr, SocketAddrV4},
 };
 
+use anyhow::Context as _;
 use aya::maps::lpm_trie::Key;
 use egress_common::{
     flow::{DIR_OUTBOUND, DIR_REPLY, FlowEntryV4, FlowKeyV4, PROTO_UDP, REPLY_ZONE},
@@ -24,7 +25,10 @@ use egress_common::{
 use egress_tests::{frames, harness::Harness};
 use serde::Serialize;
 
-use crate::topology::{egress_ip, tenant_prefix};
+use crate::{
+    profile::{self, Profile},
+    topology::{egress_ip, tenant_prefix},
+};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Cost {
@@ -137,6 +141,10 @@ fn identity_flow(h: &mut Harness, tenants: u32) -> (Vec<u8>, Vec<u8>) {
     )
 }
 
+fn tenant_count(tenants: u32) -> String {
+    format!("{tenants} tenant{}", if tenants == 1 { "" } else { "s" })
+}
+
 fn mean(calls: u32, mut run: impl FnMut() -> std::time::Duration) -> f64 {
     (0..calls).map(|_| run().as_nanos() as f64).sum::<f64>() / f64::from(calls)
 }
@@ -172,12 +180,7 @@ pub fn measure(tenants: u32, singles: u16) -> Vec<Cost> {
             1,
         )
     });
-    let label = |path: &str| {
-        format!(
-            "{path}, {tenants} tenant{}",
-            if tenants == 1 { "" } else { "s" }
-        )
-    };
+    let label = |path: &str| format!("{path}, {}", tenant_count(tenants));
     let repeated = format!("mean of {CALLS} calls x {REPEAT} repeats");
     vec![
         Cost {
@@ -198,4 +201,63 @@ pub fn measure(tenants: u32, singles: u16) -> Vec<Cost> {
             ),
         },
     ]
+}
+
+/// Profiles of the outbound program with `tenants` tenants, scaled to the
+/// costs `measure` found for them: `hit_calls` calls of the hit path as
+/// timed there, and `new_flows` new flows as single runs.
+pub fn profile(
+    tenants: u32,
+    hit_calls: u32,
+    new_flows: u32,
+    costs: &[Cost],
+) -> anyhow::Result<Vec<Profile>> {
+    let cost = |path: &str| {
+        costs
+            .iter()
+            .find(|c| c.path == format!("{path}, {}", tenant_count(tenants)))
+            .map(|c| c.ns_per_packet)
+            .context("profiling needs the costs measured first")
+    };
+    let (hit_ns, new_ns) = (
+        cost("outbound, conntrack hit")?,
+        cost("outbound, new flow")?,
+    );
+    let mut h = Harness::with_config(&config(tenants));
+    let (outbound, _) = identity_flow(&mut h, tenants);
+    let host = Ipv4Addr::from(u32::from(tenant_prefix(tenants - 1)) + 2);
+    // Built before sampling starts; every frame a distinct 5-tuple towards
+    // the routed "internet".
+    let fresh: Vec<Vec<u8>> = (0..new_flows)
+        .map(|i| {
+            let port = 1024 + (i % 60_000) as u16;
+            let remote = Ipv4Addr::new(198, 51, 100, 1 + (i / 60_000) as u8);
+            frames::udp(
+                SocketAddrV4::new(host, port),
+                SocketAddrV4::new(remote, 53),
+                &[0; 18],
+            )
+        })
+        .collect();
+    let label = |path: &str| format!("{path}, {}", tenant_count(tenants));
+    Ok(vec![
+        profile::record(
+            &label("outbound, conntrack hit"),
+            hit_ns,
+            u64::from(hit_calls),
+            u64::from(REPEAT),
+            |_| {
+                h.time_outbound(&outbound, REPEAT);
+            },
+        )?,
+        profile::record(
+            &label("outbound, new flow"),
+            new_ns,
+            u64::from(new_flows),
+            1,
+            |call| {
+                h.time_outbound(&fresh[call as usize], 1);
+            },
+        )?,
+    ])
 }

@@ -49,3 +49,18 @@ fn undo_everything() {
         netns::delete(&name);
     }
 }
+
+/// Lets a child receive the signals `on_signal` blocked (a blocked mask is
+/// inherited across exec, and a child that cannot see SIGINT never stops).
+pub fn signals_unblocked(command: &mut std::process::Command) -> &mut std::process::Command {
+    use std::os::unix::process::CommandExt as _;
+    // SAFETY: sigprocmask(2) is async-signal-safe.
+    unsafe {
+        command.pre_exec(|| {
+            let mut none: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&raw mut none);
+            libc::sigprocmask(libc::SIG_SETMASK, &raw const none, std::ptr::null_mut());
+            Ok(())
+        })
+    }
+}
