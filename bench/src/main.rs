@@ -39,6 +39,9 @@ struct Args {
     /// Only time the dataplane programs with BPF_PROG_TEST_RUN (seconds, no topology).
     #[arg(long)]
     prog_cost_only: bool,
+    /// Measure nothing: rewrite latest.md and pps.svg from latest.json.
+    #[arg(long)]
+    render: bool,
 }
 
 struct Plan {
@@ -161,6 +164,9 @@ fn machine() -> Machine {
 fn main() -> anyhow::Result<()> {
     egress_tests::cleanup::on_signal();
     let args = Args::parse();
+    if args.render {
+        return Results::read(&args.out)?.write(&args.out);
+    }
     anyhow::ensure!(
         egress_tests::require_root(),
         "the benchmark needs root (namespaces, BPF, netfilter)"

@@ -133,6 +133,22 @@ impl Results {
         Ok(())
     }
 
+    /// Reads the figures of an earlier run back.
+    pub fn read(dir: &Path) -> anyhow::Result<Self> {
+        let path = dir.join("latest.json");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+    }
+
+    /// Whether any gateway has a figure for this cell (the largest flow
+    /// count is only measured with the first tenant count).
+    fn measured(&self, gateways: &[&str], tenants: u32, flows: u32, metric: &str) -> bool {
+        gateways
+            .iter()
+            .any(|g| self.value(g, tenants, Some(flows), metric, None).is_some())
+    }
+
     pub fn markdown(&self) -> String {
         let mut md = String::new();
         let m = &self.machine;
@@ -165,6 +181,9 @@ impl Results {
         let _ = writeln!(md, "|---|---|{}---|", "---|".repeat(gateways.len()));
         for &t in &tenants {
             for &f in &flows {
+                if !self.measured(&gateways, t, f, "established_pps") {
+                    continue;
+                }
                 let ceiling = self.value("ceiling", t, Some(f), "established_pps", None);
                 let mut row = format!("| {t} | {f} |");
                 for g in &gateways {
@@ -355,6 +374,9 @@ impl Results {
         let _ = writeln!(md, "|---|---|{}", "---|".repeat(gateways.len()));
         for &t in tenants {
             for &f in flows {
+                if !self.measured(gateways, t, f, metric) {
+                    continue;
+                }
                 let mut row = format!("| {t} | {f} |");
                 for g in gateways {
                     match self.value(g, t, Some(f), metric, None) {
