@@ -6,6 +6,8 @@
 //! A's next hop has decided it is tenant A's, whatever its source. Frames on
 //! no port are classified by source prefix alone.
 
+use core::mem::MaybeUninit;
+
 use aya_ebpf::btf_maps::lpm_trie::Key;
 use egress_common::{
     config::CONFIG_F_INGRESS_PORTS,
@@ -15,6 +17,7 @@ use egress_common::{
 use crate::{
     maps::{DP_CONFIG, INGRESS_PORTS, TENANT_SRC_V4},
     parse::Ipv4Frame,
+    zero,
 };
 
 #[inline(always)]
@@ -39,18 +42,21 @@ fn ingress_port(frame: &Ipv4Frame, ifindex: u32) -> u32 {
     if !by_port {
         return ANY_PORT;
     }
-    let mut key = IngressPortKey {
+    let by_mac = IngressPortKey {
         ifindex,
         mac: frame.eth().dst_addr,
         _pad: [0; 2],
     };
-    if let Some(port) = INGRESS_PORTS.get_ptr(key) {
+    if let Some(port) = INGRESS_PORTS.get_ptr(by_mac) {
         // SAFETY: map value pointer returned by the kernel.
         return unsafe { *port };
     }
-    key.mac = [0; 6];
+    let mut slot = MaybeUninit::uninit();
+    // SAFETY: a plain C struct; all-zero is a valid key (any MAC).
+    let any_mac: &mut IngressPortKey = unsafe { zero::zeroed(&mut slot) };
+    any_mac.ifindex = ifindex;
     INGRESS_PORTS
-        .get_ptr(key)
+        .get_ptr(&*any_mac)
         // SAFETY: map value pointer returned by the kernel.
         .map_or(ANY_PORT, |port| unsafe { *port })
 }

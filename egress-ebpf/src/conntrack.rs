@@ -7,13 +7,15 @@
 //! many destinations. The outbound half goes in second; if another CPU won
 //! the race for the same flow, ours is rolled back and theirs is used.
 
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_coarse_ns};
 use egress_common::{
     counters::Counter,
     flow::{DIR_REPLY, FlowEntryV4, FlowKeyV4, REPLY_ZONE, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
-use crate::maps::CONNTRACK_V4;
+use crate::{maps::CONNTRACK_V4, zero};
 
 /// Ports tried after the random start before a new flow gives up. Ranges no
 /// larger than this are searched exhaustively.
@@ -76,22 +78,41 @@ pub struct Translation {
     pub port_max: u16,
 }
 
-/// Creates both halves of the flow `key` and returns its outbound half.
+/// A fresh half of a flow, built in `slot`.
+#[inline(always)]
+fn new_entry(
+    slot: &mut MaybeUninit<FlowEntryV4>,
+    now: u64,
+    nat_addr: [u8; 4],
+    nat_port: u16,
+    tenant: u16,
+    ifindex: u32,
+) -> &mut FlowEntryV4 {
+    // SAFETY: a plain C struct of integers; all-zero is a valid entry.
+    let entry = unsafe { zero::zeroed(slot) };
+    entry.created_ns = now;
+    entry.last_seen_ns = now;
+    entry.nat_addr = nat_addr;
+    entry.nat_port = nat_port;
+    entry.tenant = tenant;
+    entry.ifindex = ifindex;
+    entry
+}
+
+/// Creates both halves of the flow `key` and returns the egress address and
+/// port it translates to. `record_first` records the packet that opens the
+/// flow on the outbound half before it is inserted, so a new flow costs two
+/// map updates and no lookup of what was just written.
 #[inline(always)]
 pub fn create_outbound(
     key: &FlowKeyV4,
     translation: &Translation,
     ingress_ifindex: u32,
     now: u64,
-) -> Result<*mut FlowEntryV4, Counter> {
-    let reply_entry = FlowEntryV4 {
-        created_ns: now,
-        last_seen_ns: now,
-        nat_addr: key.src,
-        nat_port: key.src_port,
-        tenant: key.zone,
-        ..FlowEntryV4::default()
-    };
+    record_first: impl Fn(*mut FlowEntryV4),
+) -> Result<([u8; 4], u16), Counter> {
+    let mut reply_slot = MaybeUninit::uninit();
+    let reply_entry = new_entry(&mut reply_slot, now, key.src, key.src_port, key.zone, 0);
     let mut reply_key = FlowKeyV4 {
         src: key.dst,
         dst: translation.addr,
@@ -120,7 +141,7 @@ pub fn create_outbound(
         }
         let port = u32::from(translation.port_min) + (start + attempt) % span;
         reply_key.dst_port = (port as u16).to_be();
-        match CONNTRACK_V4.insert(reply_key, reply_entry, u64::from(BPF_NOEXIST)) {
+        match CONNTRACK_V4.insert(&reply_key, &*reply_entry, u64::from(BPF_NOEXIST)) {
             Ok(()) => {
                 claimed = true;
                 break;
@@ -133,22 +154,31 @@ pub fn create_outbound(
         return Err(Counter::OutDropPortsExhausted);
     }
 
-    let outbound_entry = FlowEntryV4 {
-        nat_addr: translation.addr,
-        nat_port: reply_key.dst_port,
-        ifindex: ingress_ifindex,
-        ..reply_entry
-    };
-    match CONNTRACK_V4.insert(key, outbound_entry, u64::from(BPF_NOEXIST)) {
-        Ok(()) => {}
+    let mut outbound_slot = MaybeUninit::uninit();
+    let outbound_entry = new_entry(
+        &mut outbound_slot,
+        now,
+        translation.addr,
+        reply_key.dst_port,
+        key.zone,
+        ingress_ifindex,
+    );
+    record_first(outbound_entry);
+    let translated = (outbound_entry.nat_addr, outbound_entry.nat_port);
+    match CONNTRACK_V4.insert(key, &*outbound_entry, u64::from(BPF_NOEXIST)) {
+        Ok(()) => Ok(translated),
         Err(err) => {
             // Whether another CPU created this flow first or the map refused
             // us, the claimed port must not outlive this attempt.
-            let _ = CONNTRACK_V4.remove(reply_key);
+            let _ = CONNTRACK_V4.remove(&reply_key);
             if err != -EEXIST {
                 return Err(Counter::OutDropConntrackFull);
             }
+            // The flow the other CPU created carries this packet instead.
+            let winner = lookup(key).ok_or(Counter::OutDropConntrackFull)?;
+            record_first(winner);
+            // SAFETY: map value pointer returned by the kernel.
+            Ok(unsafe { ((*winner).nat_addr, (*winner).nat_port) })
         }
     }
-    lookup(key).ok_or(Counter::OutDropConntrackFull)
 }

@@ -5,7 +5,7 @@
 //! included, since the lookup carries the translated source), so the
 //! dataplane never keeps its own copy of the routing table.
 
-use core::mem::{size_of, zeroed};
+use core::mem::{MaybeUninit, size_of};
 
 use aya_ebpf::{
     EbpfContext as _,
@@ -21,7 +21,7 @@ use egress_common::{
     flow::{FlowEntryV4, ROUTE_CACHE_NS},
 };
 
-use crate::{csum, maps::INTERFACES, parse::Ipv4Frame};
+use crate::{csum, maps::INTERFACES, parse::Ipv4Frame, zero};
 
 const AF_INET: u8 = 2;
 
@@ -70,6 +70,8 @@ impl Route {
 
 /// The flow half's cached next hop, if it is fresh and the packet fits its
 /// MTU; otherwise the caller asks the FIB (which also answers "too big").
+/// A cached route already passed the caller's checks of where it leads, so
+/// an interface's changed role reaches it within `ROUTE_CACHE_NS` too.
 #[inline(always)]
 pub fn cached_route(entry: *const FlowEntryV4, now: u64, tot_len: u16) -> Option<Route> {
     // SAFETY: map value pointer returned by the kernel. Another CPU
@@ -131,8 +133,9 @@ pub fn route_v4(
     ports: (u16, u16),
 ) -> Route {
     let ip = frame.ip();
-    // SAFETY: plain C struct; all-zero is its documented initial state.
-    let mut params: bpf_fib_lookup = unsafe { zeroed() };
+    let mut slot = MaybeUninit::uninit();
+    // SAFETY: a plain C struct; all-zero is its documented initial state.
+    let params: &mut bpf_fib_lookup = unsafe { zero::zeroed(&mut slot) };
     params.family = AF_INET;
     params.l4_protocol = ip.proto;
     params.sport = ports.0;
@@ -143,7 +146,7 @@ pub fn route_v4(
     params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
     params.ifindex = ingress_ifindex;
 
-    match lookup(ctx, &mut params) {
+    match lookup(ctx, params) {
         BPF_FIB_LKUP_RET_SUCCESS => Route::Resolved {
             ifindex: params.ifindex,
             smac: params.smac,
@@ -161,7 +164,7 @@ pub fn route_v4(
             params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src);
             params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
             params.ifindex = ingress_ifindex;
-            match lookup(ctx, &mut params) {
+            match lookup(ctx, params) {
                 BPF_FIB_LKUP_RET_SUCCESS | BPF_FIB_LKUP_RET_NO_NEIGH => Route::TooBig {
                     ifindex: params.ifindex,
                 },

@@ -8,7 +8,8 @@
 //!
 //! The stages live one per module: `parse`, `classify`, `conntrack`, `nat`
 //! (translate), `forward`, with `frags` for fragments, `csum` for checksum
-//! arithmetic and `verdict` for the counted outcome of every packet.
+//! arithmetic, `verdict` for the counted outcome of every packet and `zero`
+//! for zeroing that stays inline.
 #![no_std]
 #![no_main]
 
@@ -24,6 +25,7 @@ mod parse;
 mod reply;
 mod tc;
 mod verdict;
+mod zero;
 
 use aya_ebpf::{
     macros::{classifier, xdp},

@@ -110,38 +110,44 @@ fn flow(
     let tot_len = u16::from_be_bytes(frame.ip().tot_len);
     let cached = existing.and_then(|entry| forward::cached_route(entry, now, tot_len));
     let route = match cached {
+        // Only routes that passed `not_leaving` are cached.
         Some(route) => route,
-        None => forward::route_v4(
-            ctx,
-            frame,
-            ingress,
-            nat_addr,
-            key.dst,
-            (transport.src_port, transport.dst_port),
-        ),
+        None => {
+            let route = forward::route_v4(
+                ctx,
+                frame,
+                ingress,
+                nat_addr,
+                key.dst,
+                (transport.src_port, transport.dst_port),
+            );
+            if let Some(verdict) = not_leaving(frame, &route) {
+                return verdict;
+            }
+            route
+        }
     };
-    if let Some(verdict) = not_leaving(frame, &route) {
-        return verdict;
-    }
 
-    let entry = match (existing, new_flow) {
+    let (nat_addr, nat_port) = match (existing, new_flow) {
         (Some(entry), _) => {
             conntrack::reopen_if_closed(&key, entry, transport.tcp_flags);
-            entry
+            conntrack::touch(entry, now, tot_len, transport.tcp_flags);
+            if cached.is_none() {
+                forward::remember_route(entry, &route, now);
+            }
+            // SAFETY: map value pointer returned by the kernel.
+            unsafe { ((*entry).nat_addr, (*entry).nat_port) }
         }
         (None, Some(translation)) => {
-            let entry = conntrack::create_outbound(&key, &translation, ingress, now)?;
+            let created = conntrack::create_outbound(&key, &translation, ingress, now, |entry| {
+                conntrack::touch(entry, now, tot_len, transport.tcp_flags);
+                forward::remember_route(entry, &route, now);
+            })?;
             count(Counter::OutNewFlow);
-            entry
+            created
         }
         (None, None) => return Err(Counter::OutDropConntrackFull),
     };
-    // SAFETY: map value pointer returned by the kernel.
-    let (nat_addr, nat_port) = unsafe { ((*entry).nat_addr, (*entry).nat_port) };
-    conntrack::touch(entry, now, tot_len, transport.tcp_flags);
-    if cached.is_none() {
-        forward::remember_route(entry, &route, now);
-    }
     if frame.is_fragment() {
         frags::remember(frame, DIR_OUTBOUND, tenant, nat_addr, tenant, now);
     }

@@ -81,17 +81,21 @@ fn flow(
     let tot_len = u16::from_be_bytes(frame.ip().tot_len);
     let cached = forward::cached_route(entry, now, tot_len);
     let route = match cached {
+        // Only routes that passed `check_return` are cached.
         Some(route) => route,
-        None => forward::route_v4(
-            ctx,
-            frame,
-            ingress,
-            key.src,
-            host_addr,
-            (transport.src_port, host_port),
-        ),
+        None => {
+            let route = forward::route_v4(
+                ctx,
+                frame,
+                ingress,
+                key.src,
+                host_addr,
+                (transport.src_port, host_port),
+            );
+            check_return(frame, &route)?;
+            route
+        }
     };
-    check_return(frame, &route)?;
 
     conntrack::touch(entry, now, tot_len, transport.tcp_flags);
     if cached.is_none() {
