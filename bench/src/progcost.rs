@@ -100,7 +100,7 @@ fn identity_flow(h: &mut Harness, tenants: u32) -> (Vec<u8>, Vec<u8>) {
         dst_port: 53u16.to_be(),
         proto: PROTO_UDP,
         direction: DIR_OUTBOUND,
-        zone: tenant,
+        zone: ANY_PORT as u16,
     };
     let entry = FlowEntryV4 {
         nat_addr: LOOP_ADDR.octets(),

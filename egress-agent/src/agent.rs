@@ -494,7 +494,7 @@ async fn apply(
         .sysctls
         .extend(sysctl::enable_forwarding(interfaces)?);
     // Flows a predecessor translated for a configuration that changed since.
-    end_disallowed_flows(&mut maps, resolved, &desired.ids)?;
+    end_disallowed_flows(&mut maps, resolved, &desired)?;
     routes::sync(&applied.handle, &resolved.return_routes).await?;
 
     let state = RunState {
@@ -525,7 +525,7 @@ async fn reconcile(
     let mut maps = Maps::open(&instance.pin_dir)?;
     let desired = DesiredState::build(resolved, &maps.tenant_ids()?, &maps.port_ids())?;
     maps.sync(&desired)?;
-    let ended = end_disallowed_flows(&mut maps, resolved, &desired.ids)?;
+    let ended = end_disallowed_flows(&mut maps, resolved, &desired)?;
     routes::sync(&applied.handle, &resolved.return_routes).await?;
     if ended > 0 {
         tracing::info!(
@@ -547,13 +547,13 @@ async fn reconcile(
 fn end_disallowed_flows(
     maps: &mut Maps,
     resolved: &Resolved,
-    ids: &[u16],
+    desired: &DesiredState,
 ) -> anyhow::Result<usize> {
     let allowed = resolved
         .tenants
         .iter()
-        .zip(ids)
-        .map(|(tenant, id)| {
+        .zip(desired.ids.iter().zip(&desired.zones))
+        .map(|(tenant, (id, zones))| {
             let allowed = conntrack::Allowed {
                 egress: tenant.egress.clone(),
                 sources: if tenant.ingress.is_empty() {
@@ -561,6 +561,7 @@ fn end_disallowed_flows(
                 } else {
                     Vec::new()
                 },
+                zones: zones.clone(),
             };
             (*id, allowed)
         })

@@ -108,7 +108,7 @@ impl Flow {
     }
 
     pub fn tenant(&self) -> u16 {
-        self.outbound_key.zone
+        self.outbound.tenant
     }
 
     pub fn timeout(&self, timeouts: &Timeouts) -> Duration {
@@ -279,12 +279,17 @@ pub struct Allowed {
     /// The tenant's source prefixes; empty when it is chosen by where the
     /// packet came in, so any source is its own.
     pub sources: Vec<ipnet::Ipv4Net>,
+    /// The conntrack zones (ingress port ids) its flows may live in:
+    /// `ANY_PORT` for a tenant chosen by source alone.
+    pub zones: Vec<u16>,
 }
 
 /// Ends (removes both halves of) every flow whose tenant is gone, whose
-/// egress address the tenant no longer has, or whose source left the
-/// tenant: its next packet starts a new flow that follows the new
-/// configuration, instead of leaving from an address that is withdrawn.
+/// egress address the tenant no longer has, or whose source or ingress port
+/// left the tenant: the dataplane finds established flows without
+/// classifying their packets, so only this makes the next packet start a
+/// new flow that follows the new configuration, instead of leaving from an
+/// address that is withdrawn or as a tenant it no longer belongs to.
 /// Returns how many flows ended.
 pub fn end_flows_not_allowed(
     maps: &mut Maps,
@@ -297,6 +302,7 @@ pub fn end_flows_not_allowed(
         let source = std::net::Ipv4Addr::from(flow.outbound_key.src);
         let keep = allowed.get(&flow.tenant()).is_some_and(|a| {
             a.egress.contains(&egress)
+                && a.zones.contains(&flow.outbound_key.zone)
                 && (a.sources.is_empty() || a.sources.iter().any(|n| n.contains(&source)))
         });
         if keep {
@@ -388,12 +394,13 @@ mod tests {
             dst_port: 80u16.to_be(),
             proto: PROTO_TCP,
             direction: DIR_OUTBOUND,
-            zone: 3,
+            zone: 2,
         };
         let out = FlowEntryV4 {
             nat_addr: [198, 51, 100, 1],
             nat_port: 40000u16.to_be(),
             tenant: 3,
+            zone: 2,
             ..FlowEntryV4::default()
         };
         let reply_key = out_key.peer_key(&out);
@@ -404,6 +411,7 @@ mod tests {
                 nat_addr: out_key.src,
                 nat_port: out_key.src_port,
                 tenant: 3,
+                zone: 2,
                 ..FlowEntryV4::default()
             }),
             out_key

@@ -1,8 +1,11 @@
 //! Connection tracking: one flow is two entries in `CONNTRACK_V4`.
 //!
-//! The outbound entry is keyed by the tenant's original tuple (in the tenant's
-//! zone, so tenants with overlapping addresses never share an entry) and
-//! holds the translated source. The reply entry is keyed by the tuple replies
+//! The outbound entry is keyed by the tenant's original tuple in the zone of
+//! the ingress port it arrived on, and holds the tenant and the translated
+//! source. Sources never overlap between the tenants of one port, so the
+//! zone and tuple name the tenant: an established flow is found without
+//! classifying its packet, and tenants that share addresses behind
+//! different next hops never share an entry. The reply entry is keyed by the tuple replies
 //! arrive with (remote -> egress address:port, zone 0) and holds the tenant
 //! host to translate back to. Either entry is enough to rebuild the other's
 //! key, which is how the agent removes both halves together.
@@ -35,7 +38,9 @@ shared_layout! {
         pub proto: u8,
         /// `DIR_OUTBOUND` or `DIR_REPLY`.
         pub direction: u8,
-        /// Tenant id for outbound keys, `REPLY_ZONE` for reply keys.
+        /// Outbound keys: the ingress port id the packet was classified
+        /// under (`ANY_PORT` for tenants chosen by source alone). Reply keys:
+        /// `REPLY_ZONE`.
         pub zone: u16,
     }
 }
@@ -76,6 +81,9 @@ shared_layout! {
         pub route_ifindex: u32,
         pub route_smac: [u8; 6],
         pub route_dmac: [u8; 6],
+        /// The outbound key's zone, so a reply entry can name its peer.
+        pub zone: u16,
+        pub _pad: [u8; 6],
     }
 }
 
@@ -117,7 +125,7 @@ impl FlowKeyV4 {
                 dst_port: self.src_port,
                 proto: self.proto,
                 direction: DIR_OUTBOUND,
-                zone: entry.tenant,
+                zone: entry.zone,
             }
         }
     }

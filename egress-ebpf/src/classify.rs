@@ -20,9 +20,9 @@ use crate::{
     zero,
 };
 
+/// The tenant of a packet that arrived on ingress port `port`.
 #[inline(always)]
-pub fn tenant_v4(frame: &Ipv4Frame, ingress_ifindex: u32) -> Option<u16> {
-    let port = ingress_port(frame, ingress_ifindex);
+pub fn tenant_v4(frame: &Ipv4Frame, port: u32) -> Option<u16> {
     let key = Key::new(
         PORT_PREFIX_BITS + 32,
         SourceKeyV4 {
@@ -34,8 +34,10 @@ pub fn tenant_v4(frame: &Ipv4Frame, ingress_ifindex: u32) -> Option<u16> {
     TENANT_SRC_V4.get(&key).map(|tenant| *tenant as u16)
 }
 
+/// The ingress port a frame arrived on: its (interface, destination MAC),
+/// its interface, or `ANY_PORT`. Also the conntrack zone of its flows.
 #[inline(always)]
-fn ingress_port(frame: &Ipv4Frame, ifindex: u32) -> u32 {
+pub fn ingress_port(frame: &Ipv4Frame, ifindex: u32) -> u32 {
     let by_port = DP_CONFIG
         .get(0)
         .is_some_and(|config| config.flags & CONFIG_F_INGRESS_PORTS != 0);
@@ -56,7 +58,7 @@ fn ingress_port(frame: &Ipv4Frame, ifindex: u32) -> u32 {
     let any_mac: &mut IngressPortKey = unsafe { zero::zeroed(&mut slot) };
     any_mac.ifindex = ifindex;
     INGRESS_PORTS
-        .get_ptr(&*any_mac)
+        .get_ptr(any_mac)
         // SAFETY: map value pointer returned by the kernel.
         .map_or(ANY_PORT, |port| unsafe { *port })
 }

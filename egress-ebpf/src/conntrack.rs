@@ -74,6 +74,7 @@ pub fn reopen_if_closed(key: &FlowKeyV4, entry: *mut FlowEntryV4, tcp_flags: u8)
 /// What a new flow translates to, before its entries exist.
 pub struct Translation {
     pub addr: [u8; 4],
+    pub tenant: u16,
     pub port_min: u16,
     pub port_max: u16,
 }
@@ -87,6 +88,7 @@ fn new_entry(
     nat_port: u16,
     tenant: u16,
     ifindex: u32,
+    zone: u16,
 ) -> &mut FlowEntryV4 {
     // SAFETY: a plain C struct of integers; all-zero is a valid entry.
     let entry = unsafe { zero::zeroed(slot) };
@@ -96,6 +98,7 @@ fn new_entry(
     entry.nat_port = nat_port;
     entry.tenant = tenant;
     entry.ifindex = ifindex;
+    entry.zone = zone;
     entry
 }
 
@@ -104,6 +107,10 @@ fn new_entry(
 /// flow on the outbound half before it is inserted, so a new flow costs two
 /// map updates and no lookup of what was just written.
 #[inline(always)]
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "the reply key is reused by every probe; passed by value it would be copied to the stack again"
+)]
 pub fn create_outbound(
     key: &FlowKeyV4,
     translation: &Translation,
@@ -112,7 +119,15 @@ pub fn create_outbound(
     record_first: impl Fn(*mut FlowEntryV4),
 ) -> Result<([u8; 4], u16), Counter> {
     let mut reply_slot = MaybeUninit::uninit();
-    let reply_entry = new_entry(&mut reply_slot, now, key.src, key.src_port, key.zone, 0);
+    let reply_entry: &FlowEntryV4 = new_entry(
+        &mut reply_slot,
+        now,
+        key.src,
+        key.src_port,
+        translation.tenant,
+        0,
+        key.zone,
+    );
     let mut reply_key = FlowKeyV4 {
         src: key.dst,
         dst: translation.addr,
@@ -141,7 +156,7 @@ pub fn create_outbound(
         }
         let port = u32::from(translation.port_min) + (start + attempt) % span;
         reply_key.dst_port = (port as u16).to_be();
-        match CONNTRACK_V4.insert(&reply_key, &*reply_entry, u64::from(BPF_NOEXIST)) {
+        match CONNTRACK_V4.insert(&reply_key, reply_entry, u64::from(BPF_NOEXIST)) {
             Ok(()) => {
                 claimed = true;
                 break;
@@ -160,12 +175,13 @@ pub fn create_outbound(
         now,
         translation.addr,
         reply_key.dst_port,
-        key.zone,
+        translation.tenant,
         ingress_ifindex,
+        key.zone,
     );
     record_first(outbound_entry);
     let translated = (outbound_entry.nat_addr, outbound_entry.nat_port);
-    match CONNTRACK_V4.insert(key, &*outbound_entry, u64::from(BPF_NOEXIST)) {
+    match CONNTRACK_V4.insert(key, outbound_entry, u64::from(BPF_NOEXIST)) {
         Ok(()) => Ok(translated),
         Err(err) => {
             // Whether another CPU created this flow first or the map refused

@@ -1,18 +1,19 @@
 //! Outbound: tenant traffic arriving on an internal interface.
 //!
-//! parse -> classify -> conntrack -> route -> translate -> forward. Whatever
-//! is not leaving through the external interface (traffic to the gateway
-//! itself, between internal networks) goes to the kernel untouched, and so
-//! does every case a router answers with an ICMP error (TTL expiring here,
-//! DF packets too big), because the kernel answers those correctly from its
-//! own address. A tenant source never reaches the external side from here:
-//! the packet is either translated first or not sent there by XDP at all, and
-//! the leak guard on the external interface stops the kernel from doing it.
+//! parse -> conntrack -> classify (first packets only) -> route -> translate
+//! -> forward. Whatever is not leaving through the external interface
+//! (traffic to the gateway itself, between internal networks) goes to the
+//! kernel untouched, and so does every case a router answers with an ICMP
+//! error (TTL expiring here, DF packets too big), because the kernel answers
+//! those correctly from its own address. A tenant source never reaches the
+//! external side from here: the packet is either translated first or not
+//! sent there by XDP at all, and the leak guard on the external interface
+//! stops the kernel from doing it.
 
 use aya_ebpf::{bindings::xdp_action::XDP_PASS, programs::XdpContext};
 use egress_common::{
     counters::Counter,
-    flow::{DIR_OUTBOUND, FlowKeyV4, TCP_RST},
+    flow::{DIR_OUTBOUND, FlowEntryV4, FlowKeyV4, TCP_RST},
 };
 
 use crate::{
@@ -49,66 +50,95 @@ fn process(ctx: &XdpContext) -> Result<Verdict, Counter> {
         return Ok(Verdict::pass(Counter::OutPassNotEgress));
     }
     let ingress = ctx.ingress_ifindex() as u32;
+    let port = classify::ingress_port(&frame, ingress);
 
-    // Classify.
-    let Some(tenant) = classify::tenant_v4(&frame, ingress) else {
-        return unclassified(ctx, &frame, ingress);
-    };
-    let payload = parse::payload(ctx, &frame, ICMP_ECHO_REQUEST).map_err(parse_error)?;
-    if frame.ip().ttl <= 1 {
-        return Ok(Verdict::pass(Counter::OutPassTtlExceeded));
-    }
-    match payload {
-        Payload::Flow(transport) => flow(ctx, &frame, &transport, tenant, ingress),
-        Payload::IcmpError(error) => icmp_error(ctx, &frame, &error, tenant, ingress),
-        Payload::LaterFragment => later_fragment(ctx, &frame, tenant, ingress),
+    // Conntrack before classification: a flow's tenant was decided by its
+    // first packet, so the packets of an established flow skip the tenant
+    // lookup and their cost does not grow with the number of tenants. The
+    // parsed payload is matched once, here: kept alive across the lookup,
+    // LLVM packs it in ways the verifier refuses.
+    match parse::payload(ctx, &frame, ICMP_ECHO_REQUEST) {
+        Ok(Payload::Flow(transport)) => {
+            let key = flow_key(&frame, &transport, port);
+            if let Some(entry) = conntrack::lookup(&key) {
+                if let Some(expiring) = expiring(&frame) {
+                    return expiring;
+                }
+                return established(ctx, &frame, &transport, &key, entry, ingress);
+            }
+            let Some(tenant) = classify::tenant_v4(&frame, port) else {
+                return unclassified(ctx, &frame, ingress);
+            };
+            if let Some(expiring) = expiring(&frame) {
+                return expiring;
+            }
+            new_flow(ctx, &frame, &transport, tenant, port, ingress)
+        }
+        Ok(Payload::IcmpError(error)) => {
+            if classify::tenant_v4(&frame, port).is_none() {
+                return unclassified(ctx, &frame, ingress);
+            }
+            if let Some(expiring) = expiring(&frame) {
+                return expiring;
+            }
+            icmp_error(ctx, &frame, &error, port, ingress)
+        }
+        Ok(Payload::LaterFragment) => {
+            let Some(tenant) = classify::tenant_v4(&frame, port) else {
+                return unclassified(ctx, &frame, ingress);
+            };
+            if let Some(expiring) = expiring(&frame) {
+                return expiring;
+            }
+            later_fragment(ctx, &frame, tenant, ingress)
+        }
+        // What no tenant sent is judged as unclassified, however malformed.
+        Err(err) => match classify::tenant_v4(&frame, port) {
+            Some(_) => Err(parse_error(err)),
+            None => unclassified(ctx, &frame, ingress),
+        },
     }
 }
 
-/// A packet of a flow: find or create the flow, then translate and send.
+/// A tenant's packet whose TTL ends here: the kernel answers it with
+/// time-exceeded from its own address, as a router does.
 #[inline(always)]
-fn flow(
-    ctx: &XdpContext,
-    frame: &Ipv4Frame,
-    transport: &Transport,
-    tenant: u16,
-    ingress: u32,
-) -> Result<Verdict, Counter> {
-    // Conntrack: an existing flow, or what a new one would translate to.
-    let key = FlowKeyV4 {
+fn expiring(frame: &Ipv4Frame) -> Option<Result<Verdict, Counter>> {
+    (frame.ip().ttl <= 1).then_some(Ok(Verdict::pass(Counter::OutPassTtlExceeded)))
+}
+
+/// The outbound key of the flow a packet belongs to.
+#[inline(always)]
+fn flow_key(frame: &Ipv4Frame, transport: &Transport, port: u32) -> FlowKeyV4 {
+    FlowKeyV4 {
         src: frame.ip().src_addr,
         dst: frame.ip().dst_addr,
         src_port: transport.src_port,
         dst_port: transport.dst_port,
         proto: frame.ip().proto,
         direction: DIR_OUTBOUND,
-        zone: tenant,
-    };
-    let existing = conntrack::lookup(&key);
-    let (nat_addr, new_flow) = match existing {
-        // SAFETY: map value pointer returned by the kernel.
-        Some(entry) => (unsafe { (*entry).nat_addr }, None),
-        None => {
-            if transport.tcp_flags & TCP_RST != 0 {
-                return Err(Counter::OutDropInvalid);
-            }
-            let info = TENANTS
-                .get(u32::from(tenant))
-                .ok_or(Counter::OutDropNoEgressAddr)?;
-            let addr = nat::pick_egress(info, &key).ok_or(Counter::OutDropNoEgressAddr)?;
-            let translation = Translation {
-                addr,
-                port_min: info.port_min,
-                port_max: info.port_max,
-            };
-            (addr, Some(translation))
-        }
-    };
+        // Port ids are kept below 2^16 by the agent.
+        zone: port as u16,
+    }
+}
 
-    // Route, as the translated packet: the flow's cached next hop, or the FIB.
+/// A packet of a tracked flow: its cached next hop (or the FIB), its
+/// translation, out.
+#[inline(always)]
+fn established(
+    ctx: &XdpContext,
+    frame: &Ipv4Frame,
+    transport: &Transport,
+    key: &FlowKeyV4,
+    entry: *mut FlowEntryV4,
+    ingress: u32,
+) -> Result<Verdict, Counter> {
+    // SAFETY: map value pointer returned by the kernel.
+    let (nat_addr, nat_port, tenant) =
+        unsafe { ((*entry).nat_addr, (*entry).nat_port, (*entry).tenant) };
     let now = conntrack::now();
     let tot_len = u16::from_be_bytes(frame.ip().tot_len);
-    let cached = existing.and_then(|entry| forward::cached_route(entry, now, tot_len));
+    let cached = forward::cached_route(entry, now, tot_len);
     let route = match cached {
         // Only routes that passed `not_leaving` are cached.
         Some(route) => route,
@@ -127,34 +157,85 @@ fn flow(
             route
         }
     };
+    conntrack::reopen_if_closed(key, entry, transport.tcp_flags);
+    conntrack::touch(entry, now, tot_len, transport.tcp_flags);
+    if cached.is_none() {
+        forward::remember_route(entry, &route, now);
+    }
+    Ok(send(
+        frame,
+        transport,
+        tenant,
+        (nat_addr, nat_port),
+        route,
+        now,
+    ))
+}
 
-    let (nat_addr, nat_port) = match (existing, new_flow) {
-        (Some(entry), _) => {
-            conntrack::reopen_if_closed(&key, entry, transport.tcp_flags);
-            conntrack::touch(entry, now, tot_len, transport.tcp_flags);
-            if cached.is_none() {
-                forward::remember_route(entry, &route, now);
-            }
-            // SAFETY: map value pointer returned by the kernel.
-            unsafe { ((*entry).nat_addr, (*entry).nat_port) }
-        }
-        (None, Some(translation)) => {
-            let created = conntrack::create_outbound(&key, &translation, ingress, now, |entry| {
-                conntrack::touch(entry, now, tot_len, transport.tcp_flags);
-                forward::remember_route(entry, &route, now);
-            })?;
-            count(Counter::OutNewFlow);
-            created
-        }
-        (None, None) => return Err(Counter::OutDropConntrackFull),
+/// The first packet of a flow: pick its egress address, route it, claim a
+/// port and create both halves, then send it like any other.
+#[inline(always)]
+fn new_flow(
+    ctx: &XdpContext,
+    frame: &Ipv4Frame,
+    transport: &Transport,
+    tenant: u16,
+    port: u32,
+    ingress: u32,
+) -> Result<Verdict, Counter> {
+    if transport.tcp_flags & TCP_RST != 0 {
+        return Err(Counter::OutDropInvalid);
+    }
+    let key = flow_key(frame, transport, port);
+    let info = TENANTS
+        .get(u32::from(tenant))
+        .ok_or(Counter::OutDropNoEgressAddr)?;
+    let addr = nat::pick_egress(info, &key).ok_or(Counter::OutDropNoEgressAddr)?;
+    let translation = Translation {
+        addr,
+        tenant,
+        port_min: info.port_min,
+        port_max: info.port_max,
     };
+
+    // Route, as the translated packet.
+    let route = forward::route_v4(
+        ctx,
+        frame,
+        ingress,
+        addr,
+        key.dst,
+        (transport.src_port, transport.dst_port),
+    );
+    if let Some(verdict) = not_leaving(frame, &route) {
+        return verdict;
+    }
+
+    let now = conntrack::now();
+    let tot_len = u16::from_be_bytes(frame.ip().tot_len);
+    let translated = conntrack::create_outbound(&key, &translation, ingress, now, |entry| {
+        conntrack::touch(entry, now, tot_len, transport.tcp_flags);
+        forward::remember_route(entry, &route, now);
+    })?;
+    count(Counter::OutNewFlow);
+    Ok(send(frame, transport, tenant, translated, route, now))
+}
+
+/// Translates a packet of a flow to `(nat_addr, nat_port)` and sends it.
+#[inline(always)]
+fn send(
+    frame: &Ipv4Frame,
+    transport: &Transport,
+    tenant: u16,
+    (nat_addr, nat_port): ([u8; 4], u16),
+    route: Route,
+    now: u64,
+) -> Verdict {
     if frame.is_fragment() {
         frags::remember(frame, DIR_OUTBOUND, tenant, nat_addr, tenant, now);
     }
-
-    // Translate and forward.
     nat::rewrite(frame, transport, Side::Source, nat_addr, nat_port);
-    Ok(transmit(frame, route, Counter::OutTranslated))
+    transmit(frame, route, Counter::OutTranslated)
 }
 
 /// An ICMP error a tenant host sends about a reply it received: the quoted
@@ -165,7 +246,7 @@ fn icmp_error(
     ctx: &XdpContext,
     frame: &Ipv4Frame,
     error: &IcmpError,
-    tenant: u16,
+    port: u32,
     ingress: u32,
 ) -> Result<Verdict, Counter> {
     if error.inner_dst != frame.ip().src_addr {
@@ -178,7 +259,7 @@ fn icmp_error(
         dst_port: error.inner_src_port,
         proto: error.inner_proto,
         direction: DIR_OUTBOUND,
-        zone: tenant,
+        zone: port as u16,
     };
     let entry = conntrack::lookup(&key).ok_or(Counter::OutDropInvalid)?;
     // SAFETY: map value pointer returned by the kernel.

@@ -11,7 +11,7 @@ use aya_ebpf::{bindings::xdp_action::XDP_PASS, programs::XdpContext};
 use egress_common::{
     config::ROLE_INTERNAL,
     counters::Counter,
-    flow::{DIR_REPLY, FlowKeyV4, REPLY_ZONE},
+    flow::{DIR_REPLY, FlowEntryV4, FlowKeyV4, REPLY_ZONE},
 };
 
 use crate::{
@@ -43,15 +43,40 @@ fn process(ctx: &XdpContext) -> Result<Verdict, Counter> {
     let Some(frame) = parse::ipv4(ctx).map_err(parse_error)? else {
         return Ok(Verdict::pass(Counter::InPassNotIpv4));
     };
-    if EGRESS_ADDR_V4.get_ptr(frame.ip().dst_addr).is_none() {
-        return Ok(Verdict::pass(Counter::InPassNotEgress));
-    }
     let ingress = ctx.ingress_ifindex() as u32;
-    match parse::payload(ctx, &frame, ICMP_ECHO_REPLY).map_err(parse_error)? {
-        Payload::Flow(transport) => flow(ctx, &frame, &transport, ingress),
-        Payload::IcmpError(error) => icmp_error(ctx, &frame, &error, ingress),
-        Payload::LaterFragment => later_fragment(ctx, &frame, ingress),
+    // A reply of a tracked flow is addressed to an egress address by
+    // construction, so it is looked up first and the egress-address lookup
+    // is left to everything else. The payload is matched once, here (see
+    // `outbound::process`).
+    match parse::payload(ctx, &frame, ICMP_ECHO_REPLY) {
+        Ok(Payload::Flow(transport)) => {
+            let key = FlowKeyV4 {
+                src: frame.ip().src_addr,
+                dst: frame.ip().dst_addr,
+                src_port: transport.src_port,
+                dst_port: transport.dst_port,
+                proto: frame.ip().proto,
+                direction: DIR_REPLY,
+                zone: REPLY_ZONE,
+            };
+            match conntrack::lookup(&key) {
+                Some(entry) => flow(ctx, &frame, &transport, &key, entry, ingress),
+                None if to_egress_address(&frame) => Err(Counter::InDropNoFlow),
+                None => Ok(Verdict::pass(Counter::InPassNotEgress)),
+            }
+        }
+        _ if !to_egress_address(&frame) => Ok(Verdict::pass(Counter::InPassNotEgress)),
+        Ok(Payload::IcmpError(error)) => icmp_error(ctx, &frame, &error, ingress),
+        Ok(Payload::LaterFragment) => later_fragment(ctx, &frame, ingress),
+        Err(err) => Err(parse_error(err)),
     }
+}
+
+/// Whether the packet is addressed to an egress address: the gateway
+/// answers for those, and is not a way in through them.
+#[inline(always)]
+fn to_egress_address(frame: &Ipv4Frame) -> bool {
+    EGRESS_ADDR_V4.get_ptr(frame.ip().dst_addr).is_some()
 }
 
 /// A reply of a flow: back to the tenant host it belongs to.
@@ -60,18 +85,10 @@ fn flow(
     ctx: &XdpContext,
     frame: &Ipv4Frame,
     transport: &Transport,
+    key: &FlowKeyV4,
+    entry: *mut FlowEntryV4,
     ingress: u32,
 ) -> Result<Verdict, Counter> {
-    let key = FlowKeyV4 {
-        src: frame.ip().src_addr,
-        dst: frame.ip().dst_addr,
-        src_port: transport.src_port,
-        dst_port: transport.dst_port,
-        proto: frame.ip().proto,
-        direction: DIR_REPLY,
-        zone: REPLY_ZONE,
-    };
-    let entry = conntrack::lookup(&key).ok_or(Counter::InDropNoFlow)?;
     refuse_expiring(frame)?;
     // SAFETY: map value pointer returned by the kernel.
     let (host_addr, host_port, tenant) =

@@ -12,7 +12,7 @@ use core::mem::{MaybeUninit, align_of, size_of};
 /// All-zero bytes must be a valid `T` (plain C structs and integers).
 #[inline(always)]
 pub unsafe fn zeroed<T>(slot: &mut MaybeUninit<T>) -> &mut T {
-    const { assert!(align_of::<T>() >= 4 && size_of::<T>() % 4 == 0) };
+    const { assert!(align_of::<T>() >= 4 && size_of::<T>().is_multiple_of(4)) };
     let words = slot.as_mut_ptr().cast::<u32>();
     for i in 0..size_of::<T>() / 4 {
         // SAFETY: `T` is at least 4-aligned and a whole number of words.

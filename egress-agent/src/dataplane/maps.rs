@@ -244,6 +244,8 @@ pub struct DesiredState {
     pub egress: Vec<([u8; 4], u32)>,
     /// Tenant id of each tenant of the plan, in plan order.
     pub ids: Vec<u16>,
+    /// Conntrack zones (ingress port ids) of each tenant, in plan order.
+    pub zones: Vec<Vec<u16>>,
 }
 
 impl DesiredState {
@@ -315,6 +317,11 @@ impl DesiredState {
                     .map(|p| port_ids[&port_key(p)])
                     .collect()
             };
+            let zones = ports
+                .iter()
+                .map(|&port| u16::try_from(port).context("more than 65535 ingress ports"))
+                .collect::<anyhow::Result<Vec<u16>>>()?;
+            state.zones.push(zones);
             for port in ports {
                 for net in &tenant.sources {
                     let key = Key::new(
