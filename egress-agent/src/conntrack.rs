@@ -221,7 +221,7 @@ pub fn sweep_snapshot(
         let idle = now_ns.saturating_sub(flow.last_seen_ns());
         let expired = idle >= nanos(flow.timeout(timeouts));
         let orphaned = flow.reply.is_none()
-            && now_ns.saturating_sub(flow.outbound.created_ns) >= nanos(ORPHAN_GRACE);
+            && now_ns.saturating_sub(flow.outbound.created_ns()) >= nanos(ORPHAN_GRACE);
         if !(expired || orphaned) || refreshed(maps, &flow.outbound_key, &flow.outbound) {
             report.flows_kept += 1;
             continue;
@@ -245,7 +245,7 @@ pub fn sweep_snapshot(
         let Ok(entry) = maps.conntrack.get(&key, 0) else {
             continue;
         };
-        if now_ns.saturating_sub(entry.created_ns) >= nanos(ORPHAN_GRACE) {
+        if now_ns.saturating_sub(entry.created_ns()) >= nanos(ORPHAN_GRACE) {
             remove(maps, &key)?;
             report.halves_orphaned += 1;
         }
@@ -269,7 +269,7 @@ pub fn sweep_snapshot(
 fn refreshed(maps: &Maps, key: &FlowKeyV4, seen: &FlowEntryV4) -> bool {
     maps.conntrack
         .get(key, 0)
-        .is_ok_and(|now| now.last_seen_ns != seen.last_seen_ns || now.created_ns != seen.created_ns)
+        .is_ok_and(|now| now.last_seen_ns != seen.last_seen_ns || now.created_s != seen.created_s)
 }
 
 /// What a tenant may still translate to after a change of configuration.

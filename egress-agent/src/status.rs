@@ -276,7 +276,7 @@ pub fn flow_rows(instance: &Instance, tenant: Option<&str>) -> anyhow::Result<Ve
         .map(|(name, id)| (id, name))
         .collect();
     let (mut flows, _) = conntrack::pair(maps.flows());
-    flows.sort_by_key(|f| (f.tenant(), f.outbound.created_ns));
+    flows.sort_by_key(|f| (f.tenant(), f.outbound.created_ns()));
     let now = conntrack::now_ns();
     let seconds = |ns: u64| Duration::from_nanos(now.saturating_sub(ns)).as_secs_f64();
     Ok(flows
@@ -311,7 +311,7 @@ pub fn flow_rows(instance: &Instance, tenant: Option<&str>) -> anyhow::Result<Ve
                 original,
                 translated,
                 state: flow.state(),
-                age_seconds: seconds(flow.outbound.created_ns),
+                age_seconds: seconds(flow.outbound.created_ns()),
                 idle_seconds: seconds(flow.last_seen_ns()),
                 packets_out: flow.outbound.packets,
                 packets_in: flow.reply.map_or(0, |r| r.packets),

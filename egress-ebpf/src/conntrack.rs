@@ -12,7 +12,10 @@ use core::mem::MaybeUninit;
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_coarse_ns};
 use egress_common::{
     counters::Counter,
-    flow::{DIR_REPLY, FlowEntryV4, FlowKeyV4, REPLY_ZONE, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    flow::{
+        DIR_REPLY, FlowEntryV4, FlowKeyV4, REPLY_ZONE, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+        seconds_of,
+    },
 };
 
 use crate::{maps::CONNTRACK_V4, zero};
@@ -87,17 +90,15 @@ fn new_entry(
     nat_addr: [u8; 4],
     nat_port: u16,
     tenant: u16,
-    ifindex: u32,
     zone: u16,
 ) -> &mut FlowEntryV4 {
     // SAFETY: a plain C struct of integers; all-zero is a valid entry.
     let entry = unsafe { zero::zeroed(slot) };
-    entry.created_ns = now;
+    entry.created_s = seconds_of(now);
     entry.last_seen_ns = now;
     entry.nat_addr = nat_addr;
     entry.nat_port = nat_port;
     entry.tenant = tenant;
-    entry.ifindex = ifindex;
     entry.zone = zone;
     entry
 }
@@ -114,7 +115,6 @@ fn new_entry(
 pub fn create_outbound(
     key: &FlowKeyV4,
     translation: &Translation,
-    ingress_ifindex: u32,
     now: u64,
     record_first: impl Fn(*mut FlowEntryV4),
 ) -> Result<([u8; 4], u16), Counter> {
@@ -125,7 +125,6 @@ pub fn create_outbound(
         key.src,
         key.src_port,
         translation.tenant,
-        0,
         key.zone,
     );
     let mut reply_key = FlowKeyV4 {
@@ -176,7 +175,6 @@ pub fn create_outbound(
         translation.addr,
         reply_key.dst_port,
         translation.tenant,
-        ingress_ifindex,
         key.zone,
     );
     record_first(outbound_entry);

@@ -18,7 +18,7 @@ use aya_ebpf::{
 };
 use egress_common::{
     config::ROLE_EXTERNAL,
-    flow::{FlowEntryV4, ROUTE_CACHE_NS},
+    flow::{FlowEntryV4, ROUTE_CACHE_TICKS, ROUTE_TICK_SHIFT},
 };
 
 use crate::{csum, maps::INTERFACES, parse::Ipv4Frame, zero};
@@ -71,7 +71,7 @@ impl Route {
 /// The flow half's cached next hop, if it is fresh and the packet fits its
 /// MTU; otherwise the caller asks the FIB (which also answers "too big").
 /// A cached route already passed the caller's checks of where it leads, so
-/// an interface's changed role reaches it within `ROUTE_CACHE_NS` too.
+/// an interface's changed role reaches it within `ROUTE_CACHE_TICKS` too.
 #[inline(always)]
 pub fn cached_route(entry: *const FlowEntryV4, now: u64, tot_len: u16) -> Option<Route> {
     // SAFETY: map value pointer returned by the kernel. Another CPU
@@ -79,7 +79,7 @@ pub fn cached_route(entry: *const FlowEntryV4, now: u64, tot_len: u16) -> Option
     let entry = unsafe { &*entry };
     if entry.route_mtu == 0
         || tot_len > entry.route_mtu
-        || now.wrapping_sub(entry.route_checked_ns) >= ROUTE_CACHE_NS
+        || route_tick(now).wrapping_sub(entry.route_checked) >= ROUTE_CACHE_TICKS
     {
         return None;
     }
@@ -89,6 +89,11 @@ pub fn cached_route(entry: *const FlowEntryV4, now: u64, tot_len: u16) -> Option
         dmac: entry.route_dmac,
         mtu: entry.route_mtu,
     })
+}
+
+#[inline(always)]
+fn route_tick(now: u64) -> u32 {
+    (now >> ROUTE_TICK_SHIFT) as u32
 }
 
 /// Caches a resolved next hop in the flow half it was looked up for.
@@ -107,7 +112,7 @@ pub fn remember_route(entry: *mut FlowEntryV4, route: &Route, now: u64) {
             (*entry).route_smac = smac;
             (*entry).route_dmac = dmac;
             (*entry).route_mtu = mtu;
-            (*entry).route_checked_ns = now;
+            (*entry).route_checked = route_tick(now);
         }
     }
 }

@@ -213,7 +213,7 @@ fn new_flow(
 
     let now = conntrack::now();
     let tot_len = u16::from_be_bytes(frame.ip().tot_len);
-    let translated = conntrack::create_outbound(&key, &translation, ingress, now, |entry| {
+    let translated = conntrack::create_outbound(&key, &translation, now, |entry| {
         conntrack::touch(entry, now, tot_len, transport.tcp_flags);
         forward::remember_route(entry, &route, now);
     })?;

@@ -26,7 +26,10 @@ use aya::{
         xdp::XdpLink,
     },
 };
-use egress_common::{flow::FlowKeyV4, names};
+use egress_common::{
+    flow::{FlowEntryV4, FlowKeyV4},
+    names,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{LinkRef, Resolved, XdpModeSetting};
@@ -343,14 +346,19 @@ fn check_pinned_conntrack(pin_dir: &Path, entries: u32) -> anyhow::Result<()> {
         Err(_) if !path.exists() => return Ok(()),
         Err(err) => return Err(err).with_context(|| format!("inspecting {}", path.display())),
     };
-    if info.max_entries() != entries || info.key_size() as usize != size_of::<FlowKeyV4>() {
+    let (key_size, value_size) = (size_of::<FlowKeyV4>(), size_of::<FlowEntryV4>());
+    if info.max_entries() != entries
+        || info.key_size() as usize != key_size
+        || info.value_size() as usize != value_size
+    {
         bail!(
-            "{} holds {} entries of {} bytes, but this configuration needs {entries} of {}; \
+            "{} holds {} entries of {}+{} bytes, but this agent needs {entries} of {key_size}+{value_size} \
+             (a changed conntrack.maxFlows, or an agent with another flow layout); \
              run `egress-agent cleanup` to start with a new table (tracked flows are lost)",
             path.display(),
             info.max_entries(),
             info.key_size(),
-            size_of::<FlowKeyV4>()
+            info.value_size(),
         );
     }
     Ok(())
