@@ -105,6 +105,10 @@ struct Applied {
     external_ifindex: u32,
     addresses: Vec<Ipv4Addr>,
     sysctls: Vec<sysctl::Changed>,
+    /// What a predecessor that left its dataplane serving had added: ours
+    /// to remove on the way out, but not if this agent fails to take over.
+    inherited_addresses: Vec<Ipv4Addr>,
+    inherited_sysctls: usize,
 }
 
 impl Applied {
@@ -127,6 +131,34 @@ impl Applied {
             None => {}
         }
         instance.remove_state();
+    }
+
+    /// A start that failed: undoes what this attempt did, except that a
+    /// dataplane it found serving (pinned by a predecessor) goes on serving
+    /// with the predecessor's addresses, forwarding and return routes, so a
+    /// bad restart costs no traffic.
+    async fn abandon(mut self, instance: &Instance) {
+        if !self.pins_existed {
+            return self.undo(instance).await;
+        }
+        tracing::warn!(
+            pins = %instance.pin_dir.display(),
+            "leaving the dataplane found at startup serving as it was"
+        );
+        let own: Vec<Ipv4Addr> = self
+            .addresses
+            .iter()
+            .copied()
+            .filter(|addr| !self.inherited_addresses.contains(addr))
+            .collect();
+        addresses::remove(&self.handle, self.external_ifindex, &own).await;
+        sysctl::restore(
+            &self
+                .sysctls
+                .split_off(self.inherited_sysctls.min(self.sysctls.len())),
+        );
+        // Our descriptors close; the pinned links and maps stay.
+        drop(self.dataplane.take());
     }
 }
 
@@ -177,6 +209,8 @@ pub async fn run(instance: &Instance, options: &RunOptions) -> Result<(), RunErr
         external_ifindex: resolved.external.index,
         addresses: Vec::new(),
         sysctls: Vec::new(),
+        inherited_addresses: Vec::new(),
+        inherited_sysctls: 0,
     };
     // Addresses a crashed predecessor added are still ours to remove.
     if let Some(previous) = &previous
@@ -191,6 +225,8 @@ pub async fn run(instance: &Instance, options: &RunOptions) -> Result<(), RunErr
                     .any(|a| a.index == resolved.external.index && a.addr == *addr)
             }));
         applied.sysctls.extend(previous.sysctls.iter().cloned());
+        applied.inherited_addresses.clone_from(&applied.addresses);
+        applied.inherited_sysctls = applied.sysctls.len();
     }
 
     let (health_tx, health_rx) = watch::channel(Health::Starting);
@@ -213,7 +249,7 @@ pub async fn run(instance: &Instance, options: &RunOptions) -> Result<(), RunErr
     let (mut state, exporter) = match started.await {
         Ok(started) => started,
         Err(err) => {
-            applied.undo(instance).await;
+            applied.abandon(instance).await;
             return Err(err.into());
         }
     };

@@ -142,3 +142,43 @@ fn without_keep_dataplane_sigterm_still_removes_everything() {
     let text = String::from_utf8_lossy(&links.stdout);
     assert!(!text.contains("prog/xdp"), "no XDP program left: {text}");
 }
+
+#[test]
+fn a_restart_that_needs_another_table_is_refused_and_the_old_dataplane_serves_on() {
+    if !require_root() {
+        return;
+    }
+    let net = Topology::seed();
+    let mut agent = Agent::start_with(&net.gateway, &seed_config(4096), &["--keep-dataplane"]);
+    let echo = SocketAddrV4::new(SERVER, 5301);
+    let _echo = udp_echo_server(&net.external, echo);
+    let host = &net.host(HOST_A).ns;
+    assert!(udp_request(host, 31010, echo, b"before").is_some());
+    let before = flow_tuples(&agent);
+    agent.kill();
+
+    // Twice the flows: the pinned table cannot hold them, and nothing may
+    // replace it behind the operator's back.
+    let bigger = egress_tests::agent::ConfigFile::new(&seed_config(8192));
+    let refused = egress_tests::agent::run_to_exit(
+        &net.gateway,
+        &agent.instance,
+        &["run", "--config", bigger.path.to_str().expect("utf-8 path")],
+    );
+    assert!(
+        !refused.status.success(),
+        "the agent must refuse: {refused:?}"
+    );
+    assert!(
+        refused.stderr.contains("egress-agent cleanup") && refused.stderr.contains("8192"),
+        "the refusal says why and what to do: {}",
+        refused.stderr
+    );
+    assert_eq!(
+        udp_request(host, 31010, echo, b"after").as_deref(),
+        Some(&b"after"[..]),
+        "the dataplane left behind still translates its flow"
+    );
+    agent.respawn();
+    assert_eq!(flow_tuples(&agent), before, "and the table is intact");
+}
