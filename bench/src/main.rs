@@ -33,6 +33,10 @@ struct Args {
     /// Concurrent flow counts; default 1000,100000,1000000 (short: 1000).
     #[arg(long, value_delimiter = ',')]
     flows: Vec<u32>,
+    /// Only these gateways (ceiling, iptables, nftables, nft-flowtable, xdp);
+    /// default all. Ratios need the ceiling and iptables in the same run.
+    #[arg(long, value_delimiter = ',', value_parser = parse_kind)]
+    gateways: Vec<Kind>,
     /// The command line to record in the results.
     #[arg(long, default_value = "cargo xtask bench")]
     command: String,
@@ -225,6 +229,7 @@ fn main() -> anyhow::Result<()> {
     let mut programs = Programs::load(&topology)?;
     let kinds: Vec<Kind> = Kind::ALL
         .into_iter()
+        .filter(|kind| args.gateways.is_empty() || args.gateways.contains(kind))
         .filter(|&kind| match gateways::unavailable(kind, &topology.gw) {
             Some(reason) => {
                 eprintln!("{reason}");
@@ -369,6 +374,16 @@ fn main() -> anyhow::Result<()> {
         eprintln!("  {line}");
     }
     Ok(())
+}
+
+fn parse_kind(name: &str) -> Result<Kind, String> {
+    Kind::ALL
+        .into_iter()
+        .find(|kind| kind.name() == name)
+        .ok_or_else(|| {
+            let names: Vec<&str> = Kind::ALL.iter().map(|k| k.name()).collect();
+            format!("unknown gateway {name:?}; one of {}", names.join(", "))
+        })
 }
 
 /// The programs' costs with one tenant and with the most tenants.

@@ -59,10 +59,17 @@ fn burst(topology: &Topology, programs: &Programs, packets: u32) -> anyhow::Resu
     })
 }
 
+/// Bursts per established measurement; the best one counts. On a small
+/// virtual machine the same burst moves 20-40% from one try to the next
+/// (the hypervisor, the other core's housekeeping), and interference only
+/// ever slows a gateway down, so the best of a few is the steadiest
+/// estimate of what it can do. Every gateway gets the same number of tries.
+pub const TRIES: usize = 3;
+
 /// Established flows: `flows` flows over `tenants` prefixes are created
 /// first with the gateway's work inline on the sender's core (the sender
 /// then waits for it, so no flow is lost), then blasted from one core at
-/// the gateway on the other.
+/// the gateway on the other, `TRIES` times.
 pub fn established(
     topology: &Topology,
     programs: &mut Programs,
@@ -75,7 +82,14 @@ pub fn established(
     programs.send(topology, flows, topology.other_cpu)?;
     std::thread::sleep(DRAIN);
     topology.set_napi_thread(&topology.gw, "g0", Some(topology.gateway_cpu))?;
-    burst(topology, programs, packets)
+    let mut best = burst(topology, programs, packets)?;
+    for _ in 1..TRIES {
+        let next = burst(topology, programs, packets)?;
+        if next.pps > best.pps {
+            best = next;
+        }
+    }
+    Ok(best)
 }
 
 /// Every packet a new flow, numbered from `start`.
