@@ -18,7 +18,11 @@ use egress_common::{
     },
 };
 
-use crate::{maps::CONNTRACK_V4, zero};
+use crate::{
+    maps::CONNTRACK_V4,
+    parse::{Ipv4Frame, Transport},
+    zero,
+};
 
 /// Ports tried after the random start before a new flow gives up. Ranges no
 /// larger than this are searched exhaustively.
@@ -80,6 +84,20 @@ pub struct Translation {
     pub tenant: u16,
     pub port_min: u16,
     pub port_max: u16,
+}
+
+/// The key of the flow half a packet belongs to, as the packet arrived.
+#[inline(always)]
+pub fn key_of(frame: &Ipv4Frame, transport: &Transport, direction: u8, zone: u16) -> FlowKeyV4 {
+    FlowKeyV4 {
+        src: frame.ip().src_addr,
+        dst: frame.ip().dst_addr,
+        src_port: transport.src_port,
+        dst_port: transport.dst_port,
+        proto: frame.ip().proto,
+        direction,
+        zone,
+    }
 }
 
 /// A fresh half of a flow, built in `slot`.

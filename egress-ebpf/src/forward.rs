@@ -73,7 +73,7 @@ impl Route {
 /// A cached route already passed the caller's checks of where it leads, so
 /// an interface's changed role reaches it within `ROUTE_CACHE_TICKS` too.
 #[inline(always)]
-pub fn cached_route(entry: *const FlowEntryV4, now: u64, tot_len: u16) -> Option<Route> {
+fn cached_route(entry: *const FlowEntryV4, now: u64, tot_len: u16) -> Option<Route> {
     // SAFETY: map value pointer returned by the kernel. Another CPU
     // refreshing the cache at the same moment writes the same answer.
     let entry = unsafe { &*entry };
@@ -94,6 +94,23 @@ pub fn cached_route(entry: *const FlowEntryV4, now: u64, tot_len: u16) -> Option
 #[inline(always)]
 fn route_tick(now: u64) -> u32 {
     (now >> ROUTE_TICK_SHIFT) as u32
+}
+
+/// A flow half's next hop: the cached one, or what `lookup` finds (and
+/// accepts), which is then cached. `lookup`'s error ends the packet.
+#[inline(always)]
+pub fn flow_route<E>(
+    entry: *mut FlowEntryV4,
+    now: u64,
+    tot_len: u16,
+    lookup: impl FnOnce() -> Result<Route, E>,
+) -> Result<Route, E> {
+    if let Some(route) = cached_route(entry, now, tot_len) {
+        return Ok(route);
+    }
+    let route = lookup()?;
+    remember_route(entry, &route, now);
+    Ok(route)
 }
 
 /// Caches a resolved next hop in the flow half it was looked up for.

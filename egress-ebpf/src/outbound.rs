@@ -110,16 +110,8 @@ fn expiring(frame: &Ipv4Frame) -> Option<Result<Verdict, Counter>> {
 /// The outbound key of the flow a packet belongs to.
 #[inline(always)]
 fn flow_key(frame: &Ipv4Frame, transport: &Transport, port: u32) -> FlowKeyV4 {
-    FlowKeyV4 {
-        src: frame.ip().src_addr,
-        dst: frame.ip().dst_addr,
-        src_port: transport.src_port,
-        dst_port: transport.dst_port,
-        proto: frame.ip().proto,
-        direction: DIR_OUTBOUND,
-        // Port ids are kept below 2^16 by the agent.
-        zone: port as u16,
-    }
+    // Port ids are kept below 2^16 by the agent.
+    conntrack::key_of(frame, transport, DIR_OUTBOUND, port as u16)
 }
 
 /// A packet of a tracked flow: its cached next hop (or the FIB), its
@@ -138,30 +130,27 @@ fn established(
         unsafe { ((*entry).nat_addr, (*entry).nat_port, (*entry).tenant) };
     let now = conntrack::now();
     let tot_len = u16::from_be_bytes(frame.ip().tot_len);
-    let cached = forward::cached_route(entry, now, tot_len);
-    let route = match cached {
-        // Only routes that passed `not_leaving` are cached.
-        Some(route) => route,
-        None => {
-            let route = forward::route_v4(
-                ctx,
-                frame,
-                ingress,
-                nat_addr,
-                key.dst,
-                (transport.src_port, transport.dst_port),
-            );
-            if let Some(verdict) = not_leaving(frame, &route) {
-                return verdict;
-            }
-            route
+    // Only routes that passed `not_leaving` are cached.
+    let route = forward::flow_route(entry, now, tot_len, || {
+        let route = forward::route_v4(
+            ctx,
+            frame,
+            ingress,
+            nat_addr,
+            key.dst,
+            (transport.src_port, transport.dst_port),
+        );
+        match not_leaving(frame, &route) {
+            Some(verdict) => Err(verdict),
+            None => Ok(route),
         }
+    });
+    let route = match route {
+        Ok(route) => route,
+        Err(verdict) => return verdict,
     };
     conntrack::reopen_if_closed(key, entry, transport.tcp_flags);
     conntrack::touch(entry, now, tot_len, transport.tcp_flags);
-    if cached.is_none() {
-        forward::remember_route(entry, &route, now);
-    }
     Ok(send(
         frame,
         transport,

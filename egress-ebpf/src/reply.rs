@@ -50,15 +50,7 @@ fn process(ctx: &XdpContext) -> Result<Verdict, Counter> {
     // `outbound::process`).
     match parse::payload(ctx, &frame, ICMP_ECHO_REPLY) {
         Ok(Payload::Flow(transport)) => {
-            let key = FlowKeyV4 {
-                src: frame.ip().src_addr,
-                dst: frame.ip().dst_addr,
-                src_port: transport.src_port,
-                dst_port: transport.dst_port,
-                proto: frame.ip().proto,
-                direction: DIR_REPLY,
-                zone: REPLY_ZONE,
-            };
+            let key = conntrack::key_of(&frame, &transport, DIR_REPLY, REPLY_ZONE);
             match conntrack::lookup(&key) {
                 Some(entry) => flow(ctx, &frame, &transport, &key, entry, ingress),
                 None if to_egress_address(&frame) => Err(Counter::InDropNoFlow),
@@ -96,28 +88,19 @@ fn flow(
 
     let now = conntrack::now();
     let tot_len = u16::from_be_bytes(frame.ip().tot_len);
-    let cached = forward::cached_route(entry, now, tot_len);
-    let route = match cached {
-        // Only routes that passed `check_return` are cached.
-        Some(route) => route,
-        None => {
-            let route = forward::route_v4(
-                ctx,
-                frame,
-                ingress,
-                key.src,
-                host_addr,
-                (transport.src_port, host_port),
-            );
-            check_return(frame, &route)?;
-            route
-        }
-    };
-
+    // Only routes that passed `check_return` are cached.
+    let route = forward::flow_route(entry, now, tot_len, || {
+        let route = forward::route_v4(
+            ctx,
+            frame,
+            ingress,
+            key.src,
+            host_addr,
+            (transport.src_port, host_port),
+        );
+        check_return(frame, &route).map(|()| route)
+    })?;
     conntrack::touch(entry, now, tot_len, transport.tcp_flags);
-    if cached.is_none() {
-        forward::remember_route(entry, &route, now);
-    }
     if frame.is_fragment() {
         frags::remember(frame, DIR_REPLY, REPLY_ZONE, host_addr, tenant, now);
     }
