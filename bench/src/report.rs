@@ -163,7 +163,7 @@ impl Results {
             md,
             "Every figure is what the sink received, in one run, on one topology, from one sender: a BPF_PROG_RUN \
              live-frames generator on one core, the gateway's receive processing as a threaded NAPI kthread on the \
-             other. Established-flow figures are the best of {} bursts per gateway (interference on a small \
+             other. Throughput figures (established and new flows) are the best of {} bursts per gateway (interference on a small \
              machine only ever slows a gateway down). Percentages are of the ceiling (plain XDP forwarding, no \
              NAT) measured the same way.\n",
             crate::measure::TRIES

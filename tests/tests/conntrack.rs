@@ -2,7 +2,8 @@
 //! (BPF_PROG_TEST_RUN) with the agent's own sweeper: TCP states and
 //! timeouts, expiry of both halves together, flows refreshed during a sweep,
 //! port exhaustion and recovery, port reuse across destinations, several
-//! egress IPs, and tenants told apart by ingress MAC. Needs root.
+//! egress IPs, tenants told apart by ingress MAC, and the batched read of
+//! the table the sweeper and `flows` use. Needs root.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -11,7 +12,10 @@ use std::{
 };
 
 use egress_agent::{config::Timeouts, conntrack::FlowState};
-use egress_common::counters::Counter;
+use egress_common::{
+    counters::Counter,
+    flow::{DIR_OUTBOUND, FlowEntryV4, FlowKeyV4, PROTO_UDP},
+};
 use egress_tests::{
     frames::{self, Tcp, View, assert_checksums},
     harness::{Harness, XDP_DROP, XDP_REDIRECT},
@@ -376,4 +380,46 @@ fn tenants_sharing_a_pod_cidr_are_told_apart_by_next_hop_mac() {
     // stale-ARP leak).
     assert_eq!(h.outbound(&to_mac([2, 0, 0, 0, 0, 0x0d])).action, XDP_DROP);
     assert_eq!(h.counter(Counter::OutDropUnclassified), 1);
+}
+
+#[test]
+fn the_batched_read_returns_exactly_the_table() {
+    if !require_root() {
+        return;
+    }
+    let mut h = Harness::new();
+    // More entries than buckets' worth of one chunk, so the read takes many
+    // calls, and some buckets hold several entries.
+    let mut written = BTreeMap::new();
+    for i in 0..5000u32 {
+        let key = FlowKeyV4 {
+            src: (0x0a00_0000 + i).to_be_bytes(),
+            dst: REMOTE.octets(),
+            src_port: 1000u16.to_be(),
+            dst_port: 53u16.to_be(),
+            proto: PROTO_UDP,
+            direction: DIR_OUTBOUND,
+            zone: 0,
+        };
+        let entry = FlowEntryV4 {
+            packets: u64::from(i),
+            ..FlowEntryV4::default()
+        };
+        h.maps.conntrack.insert(key, entry, 0).expect("insert");
+        written.insert(key, entry);
+    }
+    let walked: BTreeMap<_, _> = h.maps.conntrack.iter().map(|e| e.expect("entry")).collect();
+    assert_eq!(walked, written, "the one-key walk sees the table");
+    for chunk in [1, 7, 4096] {
+        let batched = egress_agent::dataplane::batch::entries(&h.maps.conntrack, chunk)
+            .unwrap_or_else(|err| panic!("batched read, chunk {chunk}: {err}"));
+        assert_eq!(
+            batched.len(),
+            written.len(),
+            "no entry twice, none missed (chunk {chunk})"
+        );
+        let batched: BTreeMap<_, _> = batched.into_iter().collect();
+        assert_eq!(batched, written, "chunk {chunk}");
+    }
+    assert_eq!(h.maps.flows().len(), written.len());
 }

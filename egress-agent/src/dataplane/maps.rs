@@ -26,6 +26,7 @@ use egress_common::{
     },
 };
 
+use super::batch;
 use crate::config::{IngressPort, Resolved};
 
 /// Typed handles on every pinned map.
@@ -408,8 +409,11 @@ impl Maps {
         self.ingress_ports.iter().filter_map(Result::ok).collect()
     }
 
-    /// Every conntrack entry.
+    /// Every conntrack entry, read in batches (a few system calls for a
+    /// table that one-key-at-a-time iteration takes seconds to read). A
+    /// kernel without batch reads for this map type gets the slow walk.
     pub fn flows(&self) -> Vec<(FlowKeyV4, FlowEntryV4)> {
-        self.conntrack.iter().filter_map(Result::ok).collect()
+        batch::entries(&self.conntrack, batch::DEFAULT_CHUNK)
+            .unwrap_or_else(|_| self.conntrack.iter().filter_map(Result::ok).collect())
     }
 }

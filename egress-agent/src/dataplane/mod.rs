@@ -9,6 +9,7 @@
 //! or an upgrade drops no packet and no flow. Removing a link's pin (with
 //! the last descriptor gone) is what detaches it.
 
+pub mod batch;
 pub mod maps;
 
 use std::{
