@@ -34,8 +34,45 @@ pub struct Throughput {
     pub cpu_ns_per_packet: f64,
 }
 
+/// A core counts as quiet below this share of busy time.
+const QUIET: f64 = 0.05;
+/// How long `settle` waits at most for the cores to quiet down.
+const MAX_SETTLE: Duration = Duration::from_secs(20);
+
+/// Waits until both cores have been quiet for a quarter second (at most
+/// `MAX_SETTLE`): what a previous gateway left behind (a million kernel
+/// conntrack entries being freed after a flush, RCU callbacks) must not be
+/// billed to the next one. Whatever the gateway under test does in the
+/// background while a burst runs is still counted.
+fn settle(topology: &Topology) -> anyhow::Result<()> {
+    let window = Duration::from_millis(250);
+    let started = Instant::now();
+    let cores = [topology.gateway_cpu, topology.other_cpu];
+    loop {
+        let before: Vec<u64> = cores.iter().map(|&c| cpu_busy_ns(c)).collect::<Result<_, _>>()?;
+        std::thread::sleep(window);
+        let after: Vec<u64> = cores.iter().map(|&c| cpu_busy_ns(c)).collect::<Result<_, _>>()?;
+        let busiest = before
+            .iter()
+            .zip(&after)
+            .map(|(b, a)| a.saturating_sub(*b) as f64 / window.as_nanos() as f64)
+            .fold(0.0, f64::max);
+        if busiest < QUIET {
+            return Ok(());
+        }
+        if started.elapsed() >= MAX_SETTLE {
+            eprintln!(
+                "  (a core is still {:.0}% busy after {MAX_SETTLE:?}; measuring anyway)",
+                busiest * 100.0
+            );
+            return Ok(());
+        }
+    }
+}
+
 /// Sends `packets` and reads what arrived.
 fn burst(topology: &Topology, programs: &Programs, packets: u32) -> anyhow::Result<Throughput> {
+    settle(topology)?;
     let before: Counts = programs.counts()?;
     let busy_before = cpu_busy_ns(topology.gateway_cpu)?;
     let elapsed = programs.send(topology, packets, topology.other_cpu)?;
