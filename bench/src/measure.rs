@@ -49,9 +49,15 @@ fn settle(topology: &Topology) -> anyhow::Result<()> {
     let started = Instant::now();
     let cores = [topology.gateway_cpu, topology.other_cpu];
     loop {
-        let before: Vec<u64> = cores.iter().map(|&c| cpu_busy_ns(c)).collect::<Result<_, _>>()?;
+        let before: Vec<u64> = cores
+            .iter()
+            .map(|&c| cpu_busy_ns(c))
+            .collect::<Result<_, _>>()?;
         std::thread::sleep(window);
-        let after: Vec<u64> = cores.iter().map(|&c| cpu_busy_ns(c)).collect::<Result<_, _>>()?;
+        let after: Vec<u64> = cores
+            .iter()
+            .map(|&c| cpu_busy_ns(c))
+            .collect::<Result<_, _>>()?;
         let busiest = before
             .iter()
             .zip(&after)
