@@ -10,7 +10,7 @@
 //!   Locally generated traffic (the gateway's own, BFD, ICMP errors the kernel
 //!   sends) is not forwarded and passes.
 
-use core::mem::{size_of, zeroed};
+use core::mem::{MaybeUninit, size_of};
 
 use aya_ebpf::{
     EbpfContext as _,
@@ -26,7 +26,7 @@ use network_types::{
     ip::Ipv4Hdr,
 };
 
-use crate::{forward::role_of, maps::EGRESS_ADDR_V4, verdict::count};
+use crate::{forward::role_of, maps::EGRESS_ADDR_V4, verdict::count, zero};
 
 const AF_INET: u8 = 2;
 
@@ -54,8 +54,9 @@ pub fn neigh_fallback(ctx: &TcContext) -> i32 {
         return TC_ACT_OK;
     }
     // A translated packet on an internal interface: XDP handed it over.
+    let mut slot = MaybeUninit::uninit();
     // SAFETY: plain C struct; all-zero is its documented initial state.
-    let mut params: bpf_fib_lookup = unsafe { zeroed() };
+    let params: &mut bpf_fib_lookup = unsafe { zero::zeroed(&mut slot) };
     params.family = AF_INET;
     params.l4_protocol = ip.proto;
     params.__bindgen_anon_2.tos = ip.tos;
@@ -64,14 +65,9 @@ pub fn neigh_fallback(ctx: &TcContext) -> i32 {
     // SAFETY: the context pointer is the program's own skb.
     params.ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
     // SAFETY: `params` is a valid, fully initialised lookup struct.
-    let ret = unsafe {
-        fib_lookup_helper(
-            ctx.as_ptr(),
-            &mut params,
-            size_of::<bpf_fib_lookup>() as i32,
-            0,
-        )
-    } as u32;
+    let ret =
+        unsafe { fib_lookup_helper(ctx.as_ptr(), params, size_of::<bpf_fib_lookup>() as i32, 0) }
+            as u32;
     let routed = ret == BPF_FIB_LKUP_RET_SUCCESS || ret == BPF_FIB_LKUP_RET_NO_NEIGH;
     if routed && role_of(params.ifindex) == ROLE_EXTERNAL {
         count(Counter::TcNeighRedirected);
