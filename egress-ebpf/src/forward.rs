@@ -8,7 +8,7 @@
 use core::mem::{MaybeUninit, size_of};
 
 use aya_ebpf::{
-    EbpfContext as _,
+    EbpfContext,
     bindings::{
         BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
         bpf_fib_lookup,
@@ -156,19 +156,12 @@ pub fn route_v4(
 ) -> Route {
     let ip = frame.ip();
     let mut slot = MaybeUninit::uninit();
-    // SAFETY: a plain C struct; all-zero is its documented initial state.
-    let params: &mut bpf_fib_lookup = unsafe { zero::zeroed(&mut slot) };
-    params.family = AF_INET;
-    params.l4_protocol = ip.proto;
+    let params = fib_query_v4(&mut slot, ip.proto, ip.tos, src, dst, ingress_ifindex);
     params.sport = ports.0;
     params.dport = ports.1;
     params.__bindgen_anon_1.tot_len = u16::from_be_bytes(ip.tot_len);
-    params.__bindgen_anon_2.tos = ip.tos;
-    params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src);
-    params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
-    params.ifindex = ingress_ifindex;
 
-    match lookup(ctx, params) {
+    match fib_lookup(ctx, params) {
         BPF_FIB_LKUP_RET_SUCCESS => Route::Resolved {
             ifindex: params.ifindex,
             smac: params.smac,
@@ -186,7 +179,7 @@ pub fn route_v4(
             params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src);
             params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
             params.ifindex = ingress_ifindex;
-            match lookup(ctx, params) {
+            match fib_lookup(ctx, params) {
                 BPF_FIB_LKUP_RET_SUCCESS | BPF_FIB_LKUP_RET_NO_NEIGH => Route::TooBig {
                     ifindex: params.ifindex,
                 },
@@ -197,8 +190,31 @@ pub fn route_v4(
     }
 }
 
+/// An IPv4 FIB query from `src` to `dst` arriving on `ifindex`, built in
+/// `slot` (zeroed inline: see `zero`); callers add what else they know.
 #[inline(always)]
-fn lookup(ctx: &XdpContext, params: &mut bpf_fib_lookup) -> u32 {
+pub fn fib_query_v4(
+    slot: &mut MaybeUninit<bpf_fib_lookup>,
+    proto: u8,
+    tos: u8,
+    src: [u8; 4],
+    dst: [u8; 4],
+    ifindex: u32,
+) -> &mut bpf_fib_lookup {
+    // SAFETY: a plain C struct; all-zero is its documented initial state.
+    let params = unsafe { zero::zeroed(slot) };
+    params.family = AF_INET;
+    params.l4_protocol = proto;
+    params.__bindgen_anon_2.tos = tos;
+    params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src);
+    params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
+    params.ifindex = ifindex;
+    params
+}
+
+/// Asks the FIB (from XDP or TC); returns its `BPF_FIB_LKUP_RET_*` answer.
+#[inline(always)]
+pub fn fib_lookup(ctx: &impl EbpfContext, params: &mut bpf_fib_lookup) -> u32 {
     // SAFETY: `params` is a valid, fully initialised lookup struct.
     let ret =
         unsafe { fib_lookup_helper(ctx.as_ptr(), params, size_of::<bpf_fib_lookup>() as i32, 0) };

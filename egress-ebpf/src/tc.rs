@@ -10,14 +10,11 @@
 //!   Locally generated traffic (the gateway's own, BFD, ICMP errors the kernel
 //!   sends) is not forwarded and passes.
 
-use core::mem::{MaybeUninit, size_of};
+use core::mem::MaybeUninit;
 
 use aya_ebpf::{
-    EbpfContext as _,
-    bindings::{
-        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, TC_ACT_SHOT, bpf_fib_lookup,
-    },
-    helpers::{bpf_fib_lookup as fib_lookup_helper, bpf_redirect_neigh},
+    bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, TC_ACT_SHOT},
+    helpers::bpf_redirect_neigh,
     programs::TcContext,
 };
 use egress_common::{config::ROLE_EXTERNAL, counters::Counter};
@@ -26,9 +23,11 @@ use network_types::{
     ip::Ipv4Hdr,
 };
 
-use crate::{forward::role_of, maps::EGRESS_ADDR_V4, verdict::count, zero};
-
-const AF_INET: u8 = 2;
+use crate::{
+    forward::{fib_lookup, fib_query_v4, role_of},
+    maps::EGRESS_ADDR_V4,
+    verdict::count,
+};
 
 /// The IPv4 header of an IPv4 frame, `None` for anything else.
 #[inline(always)]
@@ -55,19 +54,17 @@ pub fn neigh_fallback(ctx: &TcContext) -> i32 {
     }
     // A translated packet on an internal interface: XDP handed it over.
     let mut slot = MaybeUninit::uninit();
-    // SAFETY: plain C struct; all-zero is its documented initial state.
-    let params: &mut bpf_fib_lookup = unsafe { zero::zeroed(&mut slot) };
-    params.family = AF_INET;
-    params.l4_protocol = ip.proto;
-    params.__bindgen_anon_2.tos = ip.tos;
-    params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(ip.src_addr);
-    params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(ip.dst_addr);
     // SAFETY: the context pointer is the program's own skb.
-    params.ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
-    // SAFETY: `params` is a valid, fully initialised lookup struct.
-    let ret =
-        unsafe { fib_lookup_helper(ctx.as_ptr(), params, size_of::<bpf_fib_lookup>() as i32, 0) }
-            as u32;
+    let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    let params = fib_query_v4(
+        &mut slot,
+        ip.proto,
+        ip.tos,
+        ip.src_addr,
+        ip.dst_addr,
+        ingress,
+    );
+    let ret = fib_lookup(ctx, params);
     let routed = ret == BPF_FIB_LKUP_RET_SUCCESS || ret == BPF_FIB_LKUP_RET_NO_NEIGH;
     if routed && role_of(params.ifindex) == ROLE_EXTERNAL {
         count(Counter::TcNeighRedirected);
