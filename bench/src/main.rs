@@ -402,17 +402,13 @@ fn check_drift(
     results: &mut Results,
 ) -> anyhow::Result<()> {
     let flows = plan.flows[0];
-    let Some(before) = results
-        .records
-        .iter()
-        .find(|r| {
-            r.gateway == Kind::Ceiling.name()
-                && r.tenants == tenants
-                && r.flows == flows
-                && r.metric == "established_pps"
-        })
-        .map(|r| r.value)
-    else {
+    let Some(before) = results.value(
+        Kind::Ceiling.name(),
+        tenants,
+        Some(flows),
+        "established_pps",
+        None,
+    ) else {
         return Ok(());
     };
     let active = gateways::start(Kind::Ceiling, topology, programs, tenants, capacity as u32)?;

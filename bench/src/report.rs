@@ -112,7 +112,9 @@ impl Results {
         }
     }
 
-    fn value(
+    /// The value of `metric` for `gateway` at `tenants`, at `flows` if given
+    /// (any flow count if not), at exactly `load` (`None`: not a latency).
+    pub fn value(
         &self,
         gateway: &str,
         tenants: u32,
