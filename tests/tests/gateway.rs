@@ -420,6 +420,19 @@ fn sigterm_removes_everything_the_agent_added() {
     assert!(ping(&net.host(HOST_A).ns, SERVER, 1));
     let addrs = net.gateway.ip(&["-4", "-o", "addr", "show", "dev", "eth1"]);
     assert!(String::from_utf8_lossy(&addrs.stdout).contains("192.168.31.101/32"));
+    // Other holders of the links (a monitoring tool, a stale descriptor)
+    // must not keep the programs attached after the agent says it is gone.
+    let links_dir = std::path::Path::new("/sys/fs/bpf")
+        .join(&agent.instance)
+        .join("links");
+    let held: Vec<_> = std::fs::read_dir(&links_dir)
+        .expect("the agent pins its links")
+        .map(|entry| {
+            aya::programs::links::PinnedLink::from_pin(entry.expect("pin").path())
+                .expect("opening a pinned link")
+        })
+        .collect();
+    assert!(!held.is_empty(), "no link pins in {}", links_dir.display());
     let status = agent.stop();
     assert!(status.success(), "exit status {status}:\n{}", agent.log());
     assert_gateway_untouched(&net, &agent.instance);

@@ -3,12 +3,11 @@
 //! aya 0.14 iterates a map one key at a time, two system calls per entry:
 //! for a million flows that is seconds of CPU on every sweep, taken from
 //! the cores that forward. The batch command copies a few thousand entries
-//! per call; aya has no wrapper for it yet, so this is one, with the
-//! kernel's own `bpf_attr` layout from aya-obj.
+//! per call; aya has no wrapper for it yet, so this is one.
 
 use std::{
     io,
-    mem::{MaybeUninit, size_of},
+    mem::MaybeUninit,
     os::fd::{AsFd as _, AsRawFd as _},
 };
 
@@ -16,7 +15,9 @@ use aya::{
     Pod,
     maps::{IterableMap, MapData},
 };
-use aya_obj::generated::{bpf_attr, bpf_cmd};
+use aya_obj::generated::bpf_cmd;
+
+use super::sys;
 
 /// Entries asked for per call; grown when one hash bucket holds more.
 pub const DEFAULT_CHUNK: u32 = 4096;
@@ -46,8 +47,7 @@ fn entries_of<K: Pod, V: Pod>(map: &MapData, chunk: u32) -> io::Result<Vec<(K, V
         let mut keys: Vec<MaybeUninit<K>> = Vec::with_capacity(chunk as usize);
         let mut values: Vec<MaybeUninit<V>> = Vec::with_capacity(chunk as usize);
         let resume = next;
-        // SAFETY: all-zero is the documented initial state of bpf_attr.
-        let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+        let mut attr = sys::zeroed_attr();
         attr.batch.in_batch = if started {
             (&raw const resume) as u64
         } else {
@@ -58,17 +58,10 @@ fn entries_of<K: Pod, V: Pod>(map: &MapData, chunk: u32) -> io::Result<Vec<(K, V
         attr.batch.values = values.as_mut_ptr() as u64;
         attr.batch.count = chunk;
         attr.batch.map_fd = fd as u32;
-        // SAFETY: the buffers hold `chunk` keys and values and outlive the
-        // call; the kernel writes at most `count` of each.
-        let ret = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                bpf_cmd::BPF_MAP_LOOKUP_BATCH as libc::c_long,
-                &raw mut attr,
-                size_of::<bpf_attr>(),
-            )
-        };
-        let error = (ret < 0).then(io::Error::last_os_error);
+        // SAFETY: the buffers hold `chunk` keys and values and `resume` and
+        // `next` a token each, all alive for the call; the kernel writes at
+        // most `count` of each.
+        let error = unsafe { sys::bpf(bpf_cmd::BPF_MAP_LOOKUP_BATCH, &mut attr) }.err();
         // SAFETY: the kernel wrote back how many entries it filled.
         let filled = unsafe { attr.batch.count }.min(chunk) as usize;
         // SAFETY: the kernel initialised the first `filled` of each.

@@ -6,14 +6,16 @@
 //! too (`links/<program>@<ifindex>`): the kernel keeps forwarding while no
 //! agent runs, and the next agent adopts each link by swapping its own
 //! freshly verified program in atomically (BPF_LINK_UPDATE), so a restart
-//! or an upgrade drops no packet and no flow. Removing a link's pin (with
-//! the last descriptor gone) is what detaches it.
+//! or an upgrade drops no packet and no flow. Detaching is explicit
+//! (BPF_LINK_DETACH, then the pin goes), so it is done when the agent says so.
 
 pub mod batch;
 pub mod maps;
+mod sys;
 
 use std::{
     io,
+    os::fd::AsFd as _,
     path::{Path, PathBuf},
 };
 
@@ -160,7 +162,7 @@ impl Dataplane {
             let path = entry?.path();
             if !wanted.contains(&path) {
                 tracing::info!(link = %path.display(), "detaching a link the configuration no longer names");
-                remove_file(&path)?;
+                remove_link_pin(&path)?;
             }
         }
         Ok(())
@@ -371,7 +373,7 @@ pub fn remove_pins(pin_dir: &Path) -> anyhow::Result<()> {
     let links_dir = pin_dir.join(LINKS_DIR);
     if let Ok(entries) = std::fs::read_dir(&links_dir) {
         for entry in entries {
-            remove_file(&entry?.path())?;
+            remove_link_pin(&entry?.path())?;
         }
     }
     remove_dir(&links_dir)?;
@@ -379,6 +381,24 @@ pub fn remove_pins(pin_dir: &Path) -> anyhow::Result<()> {
         remove_file(&pin_dir.join(name))?;
     }
     remove_dir(pin_dir)
+}
+
+/// Detaches a pinned link, then removes its pin. Removing the pin alone
+/// lets the kernel drop the link only after an RCU grace period, from a
+/// workqueue: the program would still be attached for a moment after the
+/// agent reported it gone and exited. A kernel that cannot detach this link
+/// type early still detaches it that way.
+fn remove_link_pin(path: &Path) -> anyhow::Result<()> {
+    match sys::obj_get(path) {
+        Ok(link) => {
+            if let Err(err) = sys::link_detach(link.as_fd()) {
+                tracing::debug!(link = %path.display(), error = %err, "BPF_LINK_DETACH");
+            }
+        }
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(err) => tracing::debug!(link = %path.display(), error = %err, "opening a link pin"),
+    }
+    remove_file(path)
 }
 
 fn remove_file(path: &Path) -> anyhow::Result<()> {
