@@ -83,10 +83,16 @@ pub enum Counter {
     /// TC: a forwarded packet tried to leave with a source that is not an
     /// egress address, and was dropped.
     TcLeakBlocked,
+    /// Outbound (TC): translated, next hop's MAC unknown; sent through the
+    /// kernel's neighbour resolution (`bpf_redirect_neigh`).
+    OutNeighRedirected,
+    /// Reply (TC): translated back, next hop's MAC unknown; sent through the
+    /// kernel's neighbour resolution.
+    InNeighRedirected,
 }
 
 /// Number of counters; the size of the `COUNTERS` array.
-pub const COUNTER_COUNT: u32 = Counter::TcLeakBlocked as u32 + 1;
+pub const COUNTER_COUNT: u32 = Counter::InNeighRedirected as u32 + 1;
 
 impl Counter {
     /// Every counter, in index order.
@@ -125,6 +131,8 @@ impl Counter {
         Counter::TcNeighRedirected,
         Counter::TcNeighDropped,
         Counter::TcLeakBlocked,
+        Counter::OutNeighRedirected,
+        Counter::InNeighRedirected,
     ];
 
     /// Stable snake_case name, used in metrics and the CLI.
@@ -165,6 +173,8 @@ impl Counter {
             Counter::TcNeighRedirected => "tc_neigh_redirected",
             Counter::TcNeighDropped => "tc_neigh_dropped",
             Counter::TcLeakBlocked => "tc_leak_blocked",
+            Counter::OutNeighRedirected => "out_neigh_redirected",
+            Counter::InNeighRedirected => "in_neigh_redirected",
         }
     }
 }

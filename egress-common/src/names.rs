@@ -44,7 +44,13 @@ pub const ALL_MAPS: [&str; 10] = [
 pub const PROG_SNAT_OUTBOUND: &str = "snat_outbound";
 /// XDP on the external interface: translate replies back to tenant hosts.
 pub const PROG_SNAT_REPLY: &str = "snat_reply";
-/// TC ingress on internal interfaces: sends translated packets whose neighbour
+/// TC ingress on internal interfaces where XDP is not safe: `snat_outbound`'s
+/// packet path, compiled for TC.
+pub const PROG_TC_OUTBOUND: &str = "tc_outbound";
+/// TC ingress on the external interface where XDP is not safe: `snat_reply`'s
+/// packet path, compiled for TC.
+pub const PROG_TC_REPLY: &str = "tc_reply";
+/// TC ingress on internal interfaces running XDP: sends translated packets whose neighbour
 /// XDP could not resolve through the kernel's neighbour machinery.
 pub const PROG_NEIGH_FALLBACK: &str = "neigh_fallback";
 /// TC egress on the external interface: drops forwarded packets whose source is

@@ -13,15 +13,23 @@ use aya_ebpf::{
         BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
         bpf_fib_lookup,
     },
-    helpers::{bpf_fib_lookup as fib_lookup_helper, bpf_redirect},
-    programs::XdpContext,
+    helpers::bpf_fib_lookup as fib_lookup_helper,
 };
 use egress_common::{
     config::ROLE_EXTERNAL,
     flow::{FlowEntryV4, ROUTE_CACHE_TICKS, ROUTE_TICK_SHIFT},
 };
 
-use crate::{csum, maps::INTERFACES, parse::Ipv4Frame, zero};
+use egress_common::counters::Counter;
+
+use crate::{
+    csum,
+    hook::{Hook, L4Fix},
+    maps::INTERFACES,
+    parse::{Ipv4Frame, Transport},
+    verdict::Verdict,
+    zero,
+};
 
 const AF_INET: u8 = 2;
 
@@ -68,17 +76,17 @@ impl Route {
     }
 }
 
-/// The flow half's cached next hop, if it is fresh and the packet fits its
-/// MTU; otherwise the caller asks the FIB (which also answers "too big").
+/// The flow half's cached next hop, if it is fresh and the packet (each segment of a GSO packet) fits
+/// its MTU; otherwise the caller asks the FIB (which also answers "too big").
 /// A cached route already passed the caller's checks of where it leads, so
 /// an interface's changed role reaches it within `ROUTE_CACHE_TICKS` too.
 #[inline(always)]
-fn cached_route(entry: *const FlowEntryV4, now: u64, tot_len: u16) -> Option<Route> {
+fn cached_route(entry: *const FlowEntryV4, now: u64, wire_len: u16) -> Option<Route> {
     // SAFETY: map value pointer returned by the kernel. Another CPU
     // refreshing the cache at the same moment writes the same answer.
     let entry = unsafe { &*entry };
     if entry.route_mtu == 0
-        || tot_len > entry.route_mtu
+        || wire_len > entry.route_mtu
         || route_tick(now).wrapping_sub(entry.route_checked) >= ROUTE_CACHE_TICKS
     {
         return None;
@@ -102,10 +110,10 @@ fn route_tick(now: u64) -> u32 {
 pub fn flow_route<E>(
     entry: *mut FlowEntryV4,
     now: u64,
-    tot_len: u16,
+    wire_len: u16,
     lookup: impl FnOnce() -> Result<Route, E>,
 ) -> Result<Route, E> {
-    if let Some(route) = cached_route(entry, now, tot_len) {
+    if let Some(route) = cached_route(entry, now, wire_len) {
         return Ok(route);
     }
     let route = lookup()?;
@@ -144,22 +152,25 @@ pub fn role_of(ifindex: u32) -> u32 {
 
 /// Looks up the route for the packet as it will be after translation: from
 /// `src` to `dst`, arriving on `ingress_ifindex`. `ports` (network order) only
-/// matter to policy rules that match on them.
+/// matter to policy rules that match on them. `wire_len` is what the route's
+/// MTU is checked against: the packet's length, or a GSO packet's segment
+/// length (see `wire_len`).
 #[inline(always)]
-pub fn route_v4(
-    ctx: &XdpContext,
+pub fn route_v4<H: Hook>(
+    ctx: &H,
     frame: &Ipv4Frame,
     ingress_ifindex: u32,
     src: [u8; 4],
     dst: [u8; 4],
     ports: (u16, u16),
+    wire_len: u16,
 ) -> Route {
     let ip = frame.ip();
     let mut slot = MaybeUninit::uninit();
     let params = fib_query_v4(&mut slot, ip.proto, ip.tos, src, dst, ingress_ifindex);
     params.sport = ports.0;
     params.dport = ports.1;
-    params.__bindgen_anon_1.tot_len = u16::from_be_bytes(ip.tot_len);
+    params.__bindgen_anon_1.tot_len = wire_len;
 
     match fib_lookup(ctx, params) {
         BPF_FIB_LKUP_RET_SUCCESS => Route::Resolved {
@@ -233,13 +244,59 @@ pub fn decrement_ttl(frame: &Ipv4Frame) {
     ip.check = csum::replace16(ip.check, old, new);
 }
 
-/// Sends the frame to a resolved next hop.
+/// Addresses the frame to a resolved next hop.
 #[inline(always)]
-pub fn redirect(frame: &Ipv4Frame, ifindex: u32, smac: [u8; 6], dmac: [u8; 6]) -> u32 {
+pub fn set_macs(frame: &Ipv4Frame, smac: [u8; 6], dmac: [u8; 6]) {
     // SAFETY: header pointer bounds-checked by the parser.
     let eth = unsafe { &mut *frame.eth };
     eth.src_addr = smac;
     eth.dst_addr = dmac;
-    // SAFETY: plain helper call.
-    unsafe { bpf_redirect(ifindex, 0) as u32 }
+}
+
+/// The size of each packet this one becomes on the wire, for MTU checks.
+#[inline(always)]
+pub fn wire_len<H: Hook>(ctx: &H, frame: &Ipv4Frame, transport: &Transport) -> u16 {
+    let headers = frame.l4_offset - network_types::eth::EthHdr::LEN + transport.header_len;
+    ctx.wire_len(frame.tot_len(), headers)
+}
+
+/// Sends a translated packet on to its next hop: straight there when the
+/// MAC is known, through the kernel's neighbour resolution where the hook
+/// can. `None` when the kernel must take it instead. The owed checksum
+/// update is applied either way, after every other write.
+#[inline(always)]
+pub fn out<H: Hook>(
+    ctx: &H,
+    frame: &Ipv4Frame,
+    route: Route,
+    fix: Option<L4Fix>,
+    counter: Counter,
+    neigh_counter: Counter,
+) -> Option<Verdict> {
+    if let Route::Resolved { smac, dmac, .. } = route {
+        set_macs(frame, smac, dmac);
+    }
+    if let Some(fix) = fix {
+        ctx.finish_l4(&fix);
+    }
+    match route {
+        Route::Resolved { ifindex, .. } => {
+            Some(Verdict::redirected(ctx.redirect(ifindex), counter))
+        }
+        Route::NoNeighbour { ifindex } => ctx
+            .redirect_neigh(ifindex)
+            .map(|action| Verdict::redirected(action, neigh_counter)),
+        _ => None,
+    }
+}
+
+/// Whether `out` sends a packet on this route itself (so the caller
+/// decrements its TTL) rather than leaving it to the kernel.
+#[inline(always)]
+pub fn sends_itself<H: Hook>(route: &Route) -> bool {
+    match route {
+        Route::Resolved { .. } => true,
+        Route::NoNeighbour { .. } => H::RESOLVES_NEIGHBOURS,
+        _ => false,
+    }
 }

@@ -1,10 +1,14 @@
-//! The egress dataplane. Four entry points, each a thin wrapper around the
-//! module that reads like the packet's path:
+//! The egress dataplane. Each entry point is a thin wrapper around the
+//! module that reads like the packet's path; the path is written once and
+//! compiled for each hook (see `hook`), and the agent picks one hook per
+//! interface:
 //!
-//! - `snat_outbound` (XDP, internal interfaces): see `outbound`.
-//! - `snat_reply` (XDP, external interface): see `reply`.
-//! - `neigh_fallback` (TC ingress, internal) and `leak_guard` (TC egress,
-//!   external): see `tc`.
+//! - `snat_outbound` (XDP) or `tc_outbound` (TC ingress), internal
+//!   interfaces: see `outbound`.
+//! - `snat_reply` (XDP) or `tc_reply` (TC ingress), external interface:
+//!   see `reply`.
+//! - `neigh_fallback` (TC ingress, internal interfaces on XDP) and
+//!   `leak_guard` (TC egress, external): see `tc`.
 //!
 //! The stages live one per module: `parse`, `classify`, `conntrack`, `nat`
 //! (translate), `forward`, with `frags` for fragments, `csum` for checksum
@@ -18,6 +22,7 @@ mod conntrack;
 mod csum;
 mod forward;
 mod frags;
+mod hook;
 mod maps;
 mod nat;
 mod outbound;
@@ -34,11 +39,23 @@ use aya_ebpf::{
 
 #[xdp]
 pub fn snat_outbound(ctx: XdpContext) -> u32 {
-    outbound::run(&ctx)
+    outbound::run(&ctx) as u32
 }
 
 #[xdp]
 pub fn snat_reply(ctx: XdpContext) -> u32 {
+    reply::run(&ctx) as u32
+}
+
+#[classifier]
+pub fn tc_outbound(ctx: TcContext) -> i32 {
+    hook::tc_pull_headers(&ctx);
+    outbound::run(&ctx)
+}
+
+#[classifier]
+pub fn tc_reply(ctx: TcContext) -> i32 {
+    hook::tc_pull_headers(&ctx);
     reply::run(&ctx)
 }
 

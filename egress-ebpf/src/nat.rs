@@ -10,6 +10,7 @@ use egress_common::{
 
 use crate::{
     csum,
+    hook::L4Fix,
     parse::{IcmpError, Ipv4Frame, L4, QuotedL4, Transport},
 };
 
@@ -135,9 +136,21 @@ pub fn rewrite_icmp_error(
     set_address(unsafe { &mut *frame.ip }, side, addr);
 }
 
+/// Where the checksum sits in a TCP and a UDP header.
+const TCP_CHECK_AT: usize = 16;
+const UDP_CHECK_AT: usize = 6;
+
 /// Rewrites one end of the packet to `addr`:`port` (both network order).
+/// A TCP or UDP checksum update is returned for the hook to apply last
+/// (see `hook`); ICMP's, which has no pseudo-header, is done here.
 #[inline(always)]
-pub fn rewrite(frame: &Ipv4Frame, transport: &Transport, side: Side, addr: [u8; 4], port: u16) {
+pub fn rewrite(
+    frame: &Ipv4Frame,
+    transport: &Transport,
+    side: Side,
+    addr: [u8; 4],
+    port: u16,
+) -> Option<L4Fix> {
     // SAFETY: header pointers were bounds-checked by the parser.
     let ip = unsafe { &mut *frame.ip };
     let old_addr = if side == Side::Source {
@@ -145,7 +158,7 @@ pub fn rewrite(frame: &Ipv4Frame, transport: &Transport, side: Side, addr: [u8; 
     } else {
         ip.dst_addr
     };
-    match transport.l4 {
+    let fix = match transport.l4 {
         L4::Tcp(tcp) => {
             // SAFETY: as above.
             let tcp = unsafe { &mut *tcp };
@@ -154,9 +167,17 @@ pub fn rewrite(frame: &Ipv4Frame, transport: &Transport, side: Side, addr: [u8; 
             } else {
                 &mut tcp.dest
             };
-            let check = csum::replace32(tcp.check, old_addr, addr);
-            tcp.check = csum::replace16(check, u16::from_ne_bytes(*port_field), port);
+            let old_port = u16::from_ne_bytes(*port_field);
             *port_field = port.to_ne_bytes();
+            Some(L4Fix {
+                check: (&raw mut tcp.check).cast(),
+                check_offset: frame.l4_offset + TCP_CHECK_AT,
+                old_addr,
+                new_addr: addr,
+                old_port,
+                new_port: port,
+                udp: false,
+            })
         }
         L4::Udp(udp) => {
             // SAFETY: as above.
@@ -166,12 +187,17 @@ pub fn rewrite(frame: &Ipv4Frame, transport: &Transport, side: Side, addr: [u8; 
             } else {
                 &mut udp.dst
             };
-            if csum::word(udp.check) != 0 {
-                let check = csum::replace32(udp.check, old_addr, addr);
-                let check = csum::replace16(check, u16::from_ne_bytes(*port_field), port);
-                udp.check = csum::udp_nonzero(check);
-            }
+            let old_port = u16::from_ne_bytes(*port_field);
             *port_field = port.to_ne_bytes();
+            Some(L4Fix {
+                check: (&raw mut udp.check).cast(),
+                check_offset: frame.l4_offset + UDP_CHECK_AT,
+                old_addr,
+                new_addr: addr,
+                old_port,
+                new_port: port,
+                udp: true,
+            })
         }
         L4::IcmpEcho(icmp) => {
             // SAFETY: as above. ICMP's checksum has no pseudo-header: only
@@ -182,7 +208,9 @@ pub fn rewrite(frame: &Ipv4Frame, transport: &Transport, side: Side, addr: [u8; 
             let id = port.to_ne_bytes();
             icmp.data[0] = id[0];
             icmp.data[1] = id[1];
+            None
         }
-    }
+    };
     set_address(ip, side, addr);
+    fix
 }

@@ -10,7 +10,6 @@
 //! sent there by XDP at all, and the leak guard on the external interface
 //! stops the kernel from doing it.
 
-use aya_ebpf::{bindings::xdp_action::XDP_PASS, programs::XdpContext};
 use egress_common::{
     counters::Counter,
     flow::{DIR_OUTBOUND, FlowEntryV4, FlowKeyV4, TCP_RST},
@@ -21,6 +20,7 @@ use crate::{
     conntrack::Translation,
     forward::{self, Route},
     frags,
+    hook::{Hook, L4Fix},
     maps::TENANTS,
     nat::{self, Side},
     parse::{self, ICMP_ECHO_REQUEST, IcmpError, Ipv4Frame, ParseError, Payload, Transport},
@@ -28,8 +28,8 @@ use crate::{
 };
 
 #[inline(always)]
-pub fn run(ctx: &XdpContext) -> u32 {
-    Verdict::finish(process(ctx))
+pub fn run<H: Hook>(ctx: &H) -> i32 {
+    Verdict::finish::<H>(process(ctx))
 }
 
 #[inline(always)]
@@ -41,7 +41,7 @@ fn parse_error(err: ParseError) -> Counter {
 }
 
 #[inline(always)]
-fn process(ctx: &XdpContext) -> Result<Verdict, Counter> {
+fn process<H: Hook>(ctx: &H) -> Result<Verdict, Counter> {
     // Parse, as far as needed to know whether the packet is ours.
     let Some(frame) = parse::ipv4(ctx).map_err(parse_error)? else {
         return Ok(Verdict::pass(Counter::OutPassNotIpv4));
@@ -49,7 +49,7 @@ fn process(ctx: &XdpContext) -> Result<Verdict, Counter> {
     if frame.to_group() {
         return Ok(Verdict::pass(Counter::OutPassNotEgress));
     }
-    let ingress = ctx.ingress_ifindex() as u32;
+    let ingress = ctx.ingress_ifindex();
     let port = classify::ingress_port(&frame, ingress);
 
     // Conntrack before classification: a flow's tenant was decided by its
@@ -117,8 +117,8 @@ fn flow_key(frame: &Ipv4Frame, transport: &Transport, port: u32) -> FlowKeyV4 {
 /// A packet of a tracked flow: its cached next hop (or the FIB), its
 /// translation, out.
 #[inline(always)]
-fn established(
-    ctx: &XdpContext,
+fn established<H: Hook>(
+    ctx: &H,
     frame: &Ipv4Frame,
     transport: &Transport,
     key: &FlowKeyV4,
@@ -130,8 +130,9 @@ fn established(
         unsafe { ((*entry).nat_addr, (*entry).nat_port, (*entry).tenant) };
     let now = conntrack::now();
     let tot_len = u16::from_be_bytes(frame.ip().tot_len);
+    let wire_len = forward::wire_len(ctx, frame, transport);
     // Only routes that passed `not_leaving` are cached.
-    let route = forward::flow_route(entry, now, tot_len, || {
+    let route = forward::flow_route(entry, now, wire_len, || {
         let route = forward::route_v4(
             ctx,
             frame,
@@ -139,6 +140,7 @@ fn established(
             nat_addr,
             key.dst,
             (transport.src_port, transport.dst_port),
+            wire_len,
         );
         match not_leaving(frame, &route) {
             Some(verdict) => Err(verdict),
@@ -152,6 +154,7 @@ fn established(
     conntrack::reopen_if_closed(key, entry, transport.tcp_flags);
     conntrack::touch(entry, now, tot_len, transport.tcp_flags);
     Ok(send(
+        ctx,
         frame,
         transport,
         tenant,
@@ -164,8 +167,8 @@ fn established(
 /// The first packet of a flow: pick its egress address, route it, claim a
 /// port and create both halves, then send it like any other.
 #[inline(always)]
-fn new_flow(
-    ctx: &XdpContext,
+fn new_flow<H: Hook>(
+    ctx: &H,
     frame: &Ipv4Frame,
     transport: &Transport,
     tenant: u16,
@@ -195,6 +198,7 @@ fn new_flow(
         addr,
         key.dst,
         (transport.src_port, transport.dst_port),
+        forward::wire_len(ctx, frame, transport),
     );
     if let Some(verdict) = not_leaving(frame, &route) {
         return verdict;
@@ -207,12 +211,13 @@ fn new_flow(
         forward::remember_route(entry, &route, now);
     })?;
     count(Counter::OutNewFlow);
-    Ok(send(frame, transport, tenant, translated, route, now))
+    Ok(send(ctx, frame, transport, tenant, translated, route, now))
 }
 
 /// Translates a packet of a flow to `(nat_addr, nat_port)` and sends it.
 #[inline(always)]
-fn send(
+fn send<H: Hook>(
+    ctx: &H,
     frame: &Ipv4Frame,
     transport: &Transport,
     tenant: u16,
@@ -223,16 +228,16 @@ fn send(
     if frame.is_fragment() {
         frags::remember(frame, DIR_OUTBOUND, tenant, nat_addr, tenant, now);
     }
-    nat::rewrite(frame, transport, Side::Source, nat_addr, nat_port);
-    transmit(frame, route, Counter::OutTranslated)
+    let fix = nat::rewrite(frame, transport, Side::Source, nat_addr, nat_port);
+    transmit(ctx, frame, route, fix, Counter::OutTranslated)
 }
 
 /// An ICMP error a tenant host sends about a reply it received: the quoted
 /// reply names the flow, and both the outer source and the quoted
 /// destination become the flow's egress address and port.
 #[inline(always)]
-fn icmp_error(
-    ctx: &XdpContext,
+fn icmp_error<H: Hook>(
+    ctx: &H,
     frame: &Ipv4Frame,
     error: &IcmpError,
     port: u32,
@@ -253,18 +258,32 @@ fn icmp_error(
     let entry = conntrack::lookup(&key).ok_or(Counter::OutDropInvalid)?;
     // SAFETY: map value pointer returned by the kernel.
     let (nat_addr, nat_port) = unsafe { ((*entry).nat_addr, (*entry).nat_port) };
-    let route = forward::route_v4(ctx, frame, ingress, nat_addr, frame.ip().dst_addr, (0, 0));
+    let route = forward::route_v4(
+        ctx,
+        frame,
+        ingress,
+        nat_addr,
+        frame.ip().dst_addr,
+        (0, 0),
+        frame.tot_len(),
+    );
     if let Some(verdict) = not_leaving(frame, &route) {
         return verdict;
     }
     nat::rewrite_icmp_error(frame, error, Side::Source, nat_addr, nat_port);
-    Ok(transmit(frame, route, Counter::OutIcmpErrorTranslated))
+    Ok(transmit(
+        ctx,
+        frame,
+        route,
+        None,
+        Counter::OutIcmpErrorTranslated,
+    ))
 }
 
 /// A fragment after the first follows the translation its first got.
 #[inline(always)]
-fn later_fragment(
-    ctx: &XdpContext,
+fn later_fragment<H: Hook>(
+    ctx: &H,
     frame: &Ipv4Frame,
     tenant: u16,
     ingress: u32,
@@ -278,12 +297,19 @@ fn later_fragment(
         first.nat_addr,
         frame.ip().dst_addr,
         (0, 0),
+        frame.tot_len(),
     );
     if let Some(verdict) = not_leaving(frame, &route) {
         return verdict;
     }
     nat::rewrite_address(frame, Side::Source, first.nat_addr);
-    Ok(transmit(frame, route, Counter::OutFragmentTranslated))
+    Ok(transmit(
+        ctx,
+        frame,
+        route,
+        None,
+        Counter::OutFragmentTranslated,
+    ))
 }
 
 /// Traffic that will not leave through the external interface as it is,
@@ -304,36 +330,38 @@ fn not_leaving(frame: &Ipv4Frame, route: &Route) -> Option<Result<Verdict, Count
 }
 
 /// One router hop out of the external interface, for a packet already
-/// translated.
+/// translated (`fix` is its TCP/UDP checksum update, still owed).
 #[inline(always)]
-fn transmit(frame: &Ipv4Frame, route: Route, counter: Counter) -> Verdict {
+fn transmit<H: Hook>(
+    ctx: &H,
+    frame: &Ipv4Frame,
+    route: Route,
+    fix: Option<L4Fix>,
+    counter: Counter,
+) -> Verdict {
     forward::decrement_ttl(frame);
-    match route {
-        Route::Resolved {
-            ifindex,
-            smac,
-            dmac,
-            ..
-        } => Verdict {
-            action: forward::redirect(frame, ifindex, smac, dmac),
-            counter,
-        },
+    forward::out(ctx, frame, route, fix, counter, Counter::OutNeighRedirected)
         // Translated already, so the kernel sees an egress address as the
         // source: the TC fallback sends it on, and without it the kernel
         // drops it as a martian. Either way no tenant address leaves.
-        _ => Verdict {
-            action: XDP_PASS,
-            counter: Counter::OutPassNeighFallback,
-        },
-    }
+        .unwrap_or(Verdict::pass(Counter::OutPassNeighFallback))
 }
 
 /// A source that belongs to no tenant: fail closed towards the outside, but
 /// leave the gateway's own and internal traffic to the kernel.
 #[inline(always)]
-fn unclassified(ctx: &XdpContext, frame: &Ipv4Frame, ingress: u32) -> Result<Verdict, Counter> {
+fn unclassified<H: Hook>(ctx: &H, frame: &Ipv4Frame, ingress: u32) -> Result<Verdict, Counter> {
     let ip = frame.ip();
-    if forward::route_v4(ctx, frame, ingress, ip.src_addr, ip.dst_addr, (0, 0)).leaves_external() {
+    let route = forward::route_v4(
+        ctx,
+        frame,
+        ingress,
+        ip.src_addr,
+        ip.dst_addr,
+        (0, 0),
+        frame.tot_len(),
+    );
+    if route.leaves_external() {
         Err(Counter::OutDropUnclassified)
     } else {
         Ok(Verdict::pass(Counter::OutPassNotEgress))

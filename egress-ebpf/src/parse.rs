@@ -12,10 +12,7 @@
 
 use core::mem::{MaybeUninit, size_of};
 
-use aya_ebpf::{
-    helpers::{bpf_csum_diff, bpf_xdp_load_bytes},
-    programs::XdpContext,
-};
+use aya_ebpf::helpers::bpf_csum_diff;
 use egress_common::flow::{PROTO_ICMP, PROTO_TCP, PROTO_UDP};
 use network_types::{
     eth::{EthHdr, EtherType},
@@ -25,7 +22,7 @@ use network_types::{
     udp::UdpHdr,
 };
 
-use crate::zero;
+use crate::{hook::Hook, zero};
 
 pub enum ParseError {
     Malformed,
@@ -46,7 +43,7 @@ const IP_MF: u16 = 0x2000;
 const IP_OFFSET: u16 = 0x1fff;
 
 #[inline(always)]
-pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, ParseError> {
+pub fn ptr_at<T>(ctx: &impl Hook, offset: usize) -> Result<*mut T, ParseError> {
     let start = ctx.data();
     let end = ctx.data_end();
     if start + offset + size_of::<T>() > end {
@@ -100,6 +97,12 @@ impl Ipv4Frame {
         self.frags() & IP_OFFSET != 0
     }
 
+    /// The IPv4 total length.
+    #[inline(always)]
+    pub fn tot_len(&self) -> u16 {
+        u16::from_be_bytes(self.ip().tot_len)
+    }
+
     /// Bytes after the IPv4 header (and its options).
     #[inline(always)]
     pub fn payload_len(&self) -> usize {
@@ -118,10 +121,10 @@ impl Ipv4Frame {
 
 /// `Ok(None)` for frames that do not carry IPv4.
 #[inline(always)]
-pub fn ipv4(ctx: &XdpContext) -> Result<Option<Ipv4Frame>, ParseError> {
+pub fn ipv4(ctx: &impl Hook) -> Result<Option<Ipv4Frame>, ParseError> {
     let eth: *mut EthHdr = ptr_at(ctx, 0)?;
     // SAFETY: bounds checked by ptr_at.
-    if unsafe { (*eth).ether_type } != EtherType::Ipv4 as u16 {
+    if unsafe { (*eth).ether_type } != EtherType::Ipv4 as u16 || ctx.vlan_tagged() {
         return Ok(None);
     }
     let ip: *mut Ipv4Hdr = ptr_at(ctx, EthHdr::LEN)?;
@@ -132,7 +135,9 @@ pub fn ipv4(ctx: &XdpContext) -> Result<Option<Ipv4Frame>, ParseError> {
         return Err(ParseError::Malformed);
     }
     let tot_len = usize::from(u16::from_be_bytes(hdr.tot_len));
-    if tot_len < header_len || ctx.data() + EthHdr::LEN + tot_len > ctx.data_end() {
+    // Against the whole packet: a TC skb's payload may lie beyond the
+    // linear headers.
+    if tot_len < header_len || EthHdr::LEN + tot_len > ctx.len() {
         return Err(ParseError::Malformed);
     }
     // A corrupted header may carry a corrupted source, which would classify
@@ -157,7 +162,7 @@ pub fn ipv4(ctx: &XdpContext) -> Result<Option<Ipv4Frame>, ParseError> {
 /// range through a variable length, so it is copied to the stack first (the
 /// copy checks its bounds at run time).
 #[inline(always)]
-fn header_checksum_ok(ctx: &XdpContext, header_len: usize) -> Result<bool, ParseError> {
+fn header_checksum_ok(ctx: &impl Hook, header_len: usize) -> Result<bool, ParseError> {
     let sum = if header_len == Ipv4Hdr::LEN {
         let header: *const [u16; 10] = ptr_at(ctx, EthHdr::LEN)?;
         // SAFETY: the 20 bytes were bounds-checked by ptr_at. An IPv4 header
@@ -182,9 +187,7 @@ fn header_checksum_ok(ctx: &XdpContext, header_len: usize) -> Result<bool, Parse
             return Err(ParseError::Malformed);
         }
         // SAFETY: `copy` holds 60 bytes, the most an IHL can name.
-        let copied = unsafe {
-            bpf_xdp_load_bytes(ctx.ctx, EthHdr::LEN as u32, copy.as_mut_ptr().cast(), len)
-        };
+        let copied = ctx.load_bytes(EthHdr::LEN as u32, copy.as_mut_ptr().cast(), len);
         if copied != 0 {
             return Err(ParseError::Malformed);
         }
@@ -216,6 +219,8 @@ pub struct Transport {
     pub dst_port: u16,
     /// The TCP header's flags byte, 0 for other protocols.
     pub tcp_flags: u8,
+    /// The L4 header's length (TCP options included).
+    pub header_len: usize,
 }
 
 /// The L4 header of the packet an ICMP error quotes.
@@ -257,7 +262,7 @@ pub enum Payload {
 /// What follows the IPv4 header; `echo_type` is the ICMP echo message this
 /// direction starts or continues flows with.
 #[inline(always)]
-pub fn payload(ctx: &XdpContext, frame: &Ipv4Frame, echo_type: u8) -> Result<Payload, ParseError> {
+pub fn payload(ctx: &impl Hook, frame: &Ipv4Frame, echo_type: u8) -> Result<Payload, ParseError> {
     if frame.is_later_fragment() {
         return Ok(Payload::LaterFragment);
     }
@@ -283,6 +288,7 @@ pub fn payload(ctx: &XdpContext, frame: &Ipv4Frame, echo_type: u8) -> Result<Pay
                 src_port: u16::from_ne_bytes(hdr.source),
                 dst_port: u16::from_ne_bytes(hdr.dest),
                 tcp_flags: flags,
+                header_len: data_offset,
             }))
         }
         PROTO_UDP => {
@@ -304,6 +310,7 @@ pub fn payload(ctx: &XdpContext, frame: &Ipv4Frame, echo_type: u8) -> Result<Pay
                 src_port: u16::from_ne_bytes(hdr.src),
                 dst_port: u16::from_ne_bytes(hdr.dst),
                 tcp_flags: 0,
+                header_len: UdpHdr::LEN,
             }))
         }
         PROTO_ICMP => {
@@ -321,6 +328,7 @@ pub fn payload(ctx: &XdpContext, frame: &Ipv4Frame, echo_type: u8) -> Result<Pay
                         src_port,
                         dst_port,
                         tcp_flags: 0,
+                        header_len: size_of::<Icmpv4Hdr>(),
                     }))
                 }
                 ICMP_DEST_UNREACHABLE | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM
@@ -357,7 +365,7 @@ const UDP_CHECK_OFFSET: usize = 6;
 
 #[inline(always)]
 fn icmp_error(
-    ctx: &XdpContext,
+    ctx: &impl Hook,
     frame: &Ipv4Frame,
     icmp: *mut Icmpv4Hdr,
 ) -> Result<IcmpError, ParseError> {

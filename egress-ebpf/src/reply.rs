@@ -7,7 +7,6 @@
 //! addressed elsewhere (the gateway's own address, ARP) is left to the
 //! kernel.
 
-use aya_ebpf::{bindings::xdp_action::XDP_PASS, programs::XdpContext};
 use egress_common::{
     config::ROLE_INTERNAL,
     counters::Counter,
@@ -18,6 +17,7 @@ use crate::{
     conntrack,
     forward::{self, Route},
     frags,
+    hook::{Hook, L4Fix},
     maps::EGRESS_ADDR_V4,
     nat::{self, Side},
     parse::{self, ICMP_ECHO_REPLY, IcmpError, Ipv4Frame, ParseError, Payload, Transport},
@@ -25,8 +25,8 @@ use crate::{
 };
 
 #[inline(always)]
-pub fn run(ctx: &XdpContext) -> u32 {
-    Verdict::finish(process(ctx))
+pub fn run<H: Hook>(ctx: &H) -> i32 {
+    Verdict::finish::<H>(process(ctx))
 }
 
 #[inline(always)]
@@ -38,12 +38,12 @@ fn parse_error(err: ParseError) -> Counter {
 }
 
 #[inline(always)]
-fn process(ctx: &XdpContext) -> Result<Verdict, Counter> {
+fn process<H: Hook>(ctx: &H) -> Result<Verdict, Counter> {
     // Parse, as far as needed to see whether the packet is ours.
     let Some(frame) = parse::ipv4(ctx).map_err(parse_error)? else {
         return Ok(Verdict::pass(Counter::InPassNotIpv4));
     };
-    let ingress = ctx.ingress_ifindex() as u32;
+    let ingress = ctx.ingress_ifindex();
     // A reply of a tracked flow is addressed to an egress address by
     // construction, so it is looked up first and the egress-address lookup
     // is left to everything else. The payload is matched once, here (see
@@ -73,8 +73,8 @@ fn to_egress_address(frame: &Ipv4Frame) -> bool {
 
 /// A reply of a flow: back to the tenant host it belongs to.
 #[inline(always)]
-fn flow(
-    ctx: &XdpContext,
+fn flow<H: Hook>(
+    ctx: &H,
     frame: &Ipv4Frame,
     transport: &Transport,
     key: &FlowKeyV4,
@@ -88,8 +88,9 @@ fn flow(
 
     let now = conntrack::now();
     let tot_len = u16::from_be_bytes(frame.ip().tot_len);
+    let wire_len = forward::wire_len(ctx, frame, transport);
     // Only routes that passed `check_return` are cached.
-    let route = forward::flow_route(entry, now, tot_len, || {
+    let route = forward::flow_route(entry, now, wire_len, || {
         let route = forward::route_v4(
             ctx,
             frame,
@@ -97,6 +98,7 @@ fn flow(
             key.src,
             host_addr,
             (transport.src_port, host_port),
+            wire_len,
         );
         check_return(frame, &route).map(|()| route)
     })?;
@@ -104,8 +106,8 @@ fn flow(
     if frame.is_fragment() {
         frags::remember(frame, DIR_REPLY, REPLY_ZONE, host_addr, tenant, now);
     }
-    nat::rewrite(frame, transport, Side::Destination, host_addr, host_port);
-    Ok(deliver(frame, route, Counter::InTranslated))
+    let fix = nat::rewrite(frame, transport, Side::Destination, host_addr, host_port);
+    Ok(deliver(ctx, frame, route, fix, Counter::InTranslated))
 }
 
 /// An ICMP error about a packet the gateway translated (a router's
@@ -113,8 +115,8 @@ fn flow(
 /// the outer destination and the quoted source become the tenant host's, so
 /// the host recognises the error (path-MTU discovery works through the NAT).
 #[inline(always)]
-fn icmp_error(
-    ctx: &XdpContext,
+fn icmp_error<H: Hook>(
+    ctx: &H,
     frame: &Ipv4Frame,
     error: &IcmpError,
     ingress: u32,
@@ -135,15 +137,29 @@ fn icmp_error(
     refuse_expiring(frame)?;
     // SAFETY: map value pointer returned by the kernel.
     let (host_addr, host_port) = unsafe { ((*entry).nat_addr, (*entry).nat_port) };
-    let route = forward::route_v4(ctx, frame, ingress, frame.ip().src_addr, host_addr, (0, 0));
+    let route = forward::route_v4(
+        ctx,
+        frame,
+        ingress,
+        frame.ip().src_addr,
+        host_addr,
+        (0, 0),
+        frame.tot_len(),
+    );
     check_return(frame, &route)?;
     nat::rewrite_icmp_error(frame, error, Side::Destination, host_addr, host_port);
-    Ok(deliver(frame, route, Counter::InIcmpErrorTranslated))
+    Ok(deliver(
+        ctx,
+        frame,
+        route,
+        None,
+        Counter::InIcmpErrorTranslated,
+    ))
 }
 
 /// A fragment after the first follows the translation its first got.
 #[inline(always)]
-fn later_fragment(ctx: &XdpContext, frame: &Ipv4Frame, ingress: u32) -> Result<Verdict, Counter> {
+fn later_fragment<H: Hook>(ctx: &H, frame: &Ipv4Frame, ingress: u32) -> Result<Verdict, Counter> {
     let first =
         frags::recall(frame, DIR_REPLY, REPLY_ZONE).ok_or(Counter::InDropFragmentUnknown)?;
     refuse_expiring(frame)?;
@@ -154,10 +170,17 @@ fn later_fragment(ctx: &XdpContext, frame: &Ipv4Frame, ingress: u32) -> Result<V
         frame.ip().src_addr,
         first.nat_addr,
         (0, 0),
+        frame.tot_len(),
     );
     check_return(frame, &route)?;
     nat::rewrite_address(frame, Side::Destination, first.nat_addr);
-    Ok(deliver(frame, route, Counter::InFragmentTranslated))
+    Ok(deliver(
+        ctx,
+        frame,
+        route,
+        None,
+        Counter::InFragmentTranslated,
+    ))
 }
 
 /// The kernel's time-exceeded would quote the translated header, naming the
@@ -185,27 +208,21 @@ fn check_return(frame: &Ipv4Frame, route: &Route) -> Result<(), Counter> {
     Ok(())
 }
 
-/// One router hop towards the tenant host, for a packet already translated.
+/// One router hop towards the tenant host, for a packet already translated
+/// (`fix` is its TCP/UDP checksum update, still owed).
 #[inline(always)]
-fn deliver(frame: &Ipv4Frame, route: Route, counter: Counter) -> Verdict {
-    match route {
-        Route::Resolved {
-            ifindex,
-            smac,
-            dmac,
-            ..
-        } => {
-            forward::decrement_ttl(frame);
-            Verdict {
-                action: forward::redirect(frame, ifindex, smac, dmac),
-                counter,
-            }
-        }
+fn deliver<H: Hook>(
+    ctx: &H,
+    frame: &Ipv4Frame,
+    route: Route,
+    fix: Option<L4Fix>,
+    counter: Counter,
+) -> Verdict {
+    if forward::sends_itself::<H>(&route) {
+        forward::decrement_ttl(frame);
+    }
+    forward::out(ctx, frame, route, fix, counter, Counter::InNeighRedirected)
         // The kernel forwards it inside (resolving the neighbour, or
         // fragmenting a packet without DF); it decrements the TTL itself.
-        _ => Verdict {
-            action: XDP_PASS,
-            counter: Counter::InPassNeighFallback,
-        },
-    }
+        .unwrap_or(Verdict::pass(Counter::InPassNeighFallback))
 }

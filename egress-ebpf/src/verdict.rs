@@ -2,15 +2,23 @@
 //!
 //! Each program's `process` returns `Ok(Verdict)` for what it passes or
 //! forwards and `Err(Counter)` for every drop, so no path can return an
-//! action without counting it.
+//! action without counting it. Actions are the hook's own only at the end
+//! (`finish`), so the stages need not know which hook they run on.
 
-use aya_ebpf::bindings::xdp_action::{XDP_DROP, XDP_PASS};
 use egress_common::counters::Counter;
 
-use crate::maps::COUNTERS;
+use crate::{hook::Hook, maps::COUNTERS};
+
+pub enum Action {
+    /// The kernel takes the packet as it is now.
+    Pass,
+    Drop,
+    /// What a redirect helper returned.
+    Redirected(i32),
+}
 
 pub struct Verdict {
-    pub action: u32,
+    pub action: Action,
     pub counter: Counter,
 }
 
@@ -18,7 +26,7 @@ impl Verdict {
     #[inline(always)]
     pub const fn pass(counter: Counter) -> Self {
         Self {
-            action: XDP_PASS,
+            action: Action::Pass,
             counter,
         }
     }
@@ -26,17 +34,29 @@ impl Verdict {
     #[inline(always)]
     pub const fn drop(counter: Counter) -> Self {
         Self {
-            action: XDP_DROP,
+            action: Action::Drop,
             counter,
         }
     }
 
-    /// Records the verdict and returns the XDP action.
     #[inline(always)]
-    pub fn finish(result: Result<Self, Counter>) -> u32 {
+    pub const fn redirected(action: i32, counter: Counter) -> Self {
+        Self {
+            action: Action::Redirected(action),
+            counter,
+        }
+    }
+
+    /// Records the verdict and returns the hook's action.
+    #[inline(always)]
+    pub fn finish<H: Hook>(result: Result<Self, Counter>) -> i32 {
         let verdict = result.unwrap_or_else(Self::drop);
         count(verdict.counter);
-        verdict.action
+        match verdict.action {
+            Action::Pass => H::PASS,
+            Action::Drop => H::DROP,
+            Action::Redirected(action) => action,
+        }
     }
 }
 

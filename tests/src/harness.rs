@@ -55,7 +55,33 @@ tenants:
 conntrack: {maxFlows: 4096}
 ";
 
-/// XDP return codes.
+/// Which compilation of the packet path a harness runs: XDP (`snat_*`) or
+/// TC (`tc_*`). `EGRESS_TEST_HOOK=tc` selects TC for a whole test run, so
+/// every packet test proves both hooks with the same frames and the same
+/// expected bytes (`cargo xtask test` runs them both ways).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PacketHook {
+    Xdp,
+    Tc,
+}
+
+impl PacketHook {
+    pub fn from_env() -> Self {
+        match std::env::var("EGRESS_TEST_HOOK").as_deref() {
+            Ok("tc") => Self::Tc,
+            Ok("xdp") | Err(_) => Self::Xdp,
+            Ok(other) => panic!("EGRESS_TEST_HOOK={other}: expected xdp or tc"),
+        }
+    }
+}
+
+/// TC return codes.
+pub const TC_ACT_OK: i32 = 0;
+pub const TC_ACT_SHOT: i32 = 2;
+pub const TC_ACT_REDIRECT: i32 = 7;
+
+/// XDP return codes; a TC program's actions are reported as their XDP
+/// equivalents, so expectations read the same for both hooks.
 pub const XDP_ABORTED: u32 = 0;
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
@@ -81,6 +107,7 @@ struct XdpMd {
 }
 
 pub struct Harness {
+    pub hook: PacketHook,
     pub maps: Maps,
     pub internal: u32,
     pub external: u32,
@@ -188,6 +215,7 @@ impl Harness {
         .expect("state");
         maps.sync(&desired).expect("filling maps");
         Self {
+            hook: PacketHook::from_env(),
             maps,
             internal: system.link_by_name(INTERNAL).expect("int0").index,
             external: system.link_by_name(EXTERNAL).expect("ext0").index,
@@ -241,14 +269,58 @@ impl Harness {
         }
     }
 
-    /// `snat_outbound` on a frame arriving on the internal interface.
+    /// The outbound path (`snat_outbound` or `tc_outbound`) on a frame
+    /// arriving on the internal interface.
     pub fn outbound(&self, frame: &[u8]) -> Outcome {
-        self.run_xdp(names::PROG_SNAT_OUTBOUND, self.internal, frame)
+        match self.hook {
+            PacketHook::Xdp => self.run_xdp(names::PROG_SNAT_OUTBOUND, self.internal, frame),
+            PacketHook::Tc => self.run_tc(names::PROG_TC_OUTBOUND, self.internal, frame),
+        }
     }
 
-    /// `snat_reply` on a frame arriving on the external interface.
+    /// The reply path (`snat_reply` or `tc_reply`) on a frame arriving on
+    /// the external interface.
     pub fn reply(&self, frame: &[u8]) -> Outcome {
-        self.run_xdp(names::PROG_SNAT_REPLY, self.external, frame)
+        match self.hook {
+            PacketHook::Xdp => self.run_xdp(names::PROG_SNAT_REPLY, self.external, frame),
+            PacketHook::Tc => self.run_tc(names::PROG_TC_REPLY, self.external, frame),
+        }
+    }
+
+    /// `outbound`, or `None` when the kernel refuses to make a socket buffer
+    /// of the frame for a TC run (an IPv4 ethertype with less than an IPv4
+    /// header, for one): such a frame never reaches a TC program.
+    pub fn try_outbound(&self, frame: &[u8]) -> Option<Outcome> {
+        match self.hook {
+            PacketHook::Xdp => Some(self.outbound(frame)),
+            PacketHook::Tc => self.try_run_tc(names::PROG_TC_OUTBOUND, self.internal, frame),
+        }
+    }
+
+    /// `reply`, or `None` as for `try_outbound`.
+    pub fn try_reply(&self, frame: &[u8]) -> Option<Outcome> {
+        match self.hook {
+            PacketHook::Xdp => Some(self.reply(frame)),
+            PacketHook::Tc => self.try_run_tc(names::PROG_TC_REPLY, self.external, frame),
+        }
+    }
+
+    /// A TC ingress program on a frame arriving on `ingress`, its action
+    /// given as the XDP equivalent.
+    fn run_tc(&self, program: &str, ingress: u32, frame: &[u8]) -> Outcome {
+        self.try_run_tc(program, ingress, frame)
+            .unwrap_or_else(|| panic!("BPF_PROG_TEST_RUN {program}: no skb for {frame:02x?}"))
+    }
+
+    fn try_run_tc(&self, program: &str, ingress: u32, frame: &[u8]) -> Option<Outcome> {
+        let (action, frame) = self.try_tc_frame(program, frame, ingress).ok()?;
+        let action = match action {
+            TC_ACT_OK => XDP_PASS,
+            TC_ACT_SHOT => XDP_DROP,
+            TC_ACT_REDIRECT => XDP_REDIRECT,
+            other => panic!("{program} returned TC action {other}"),
+        };
+        Some(Outcome { action, frame })
     }
 
     /// Runs `snat_outbound` `repeat` times on one frame; the kernel's mean
@@ -306,18 +378,63 @@ impl Harness {
     /// IPv4 ethertype with less than an IPv4 header, for one): such a frame
     /// never reaches a TC hook.
     pub fn try_tc(&self, program: &str, frame: &[u8], ingress: u32) -> Result<i32, String> {
+        self.try_tc_frame(program, frame, ingress)
+            .map(|(action, _)| action)
+    }
+
+    /// `tc_outbound` on a GSO super-packet from a co-located sender: the
+    /// frame holds every segment's payload, `gso_size` bytes each.
+    pub fn outbound_gso(&self, frame: &[u8], gso_size: u32) -> Outcome {
+        let segments = (frame.len() as u32).div_ceil(gso_size);
+        let (action, frame) = self
+            .run_tc_skb(
+                names::PROG_TC_OUTBOUND,
+                frame,
+                self.internal,
+                (segments, gso_size),
+            )
+            .unwrap_or_else(|err| panic!("BPF_PROG_TEST_RUN tc_outbound: {err}"));
+        let action = match action {
+            TC_ACT_OK => XDP_PASS,
+            TC_ACT_SHOT => XDP_DROP,
+            TC_ACT_REDIRECT => XDP_REDIRECT,
+            other => panic!("tc_outbound returned TC action {other}"),
+        };
+        Outcome { action, frame }
+    }
+
+    /// `try_tc`, with the frame as the program left it.
+    fn try_tc_frame(
+        &self,
+        program: &str,
+        frame: &[u8],
+        ingress: u32,
+    ) -> Result<(i32, Vec<u8>), String> {
+        self.run_tc_skb(program, frame, ingress, (0, 0))
+    }
+
+    /// A TC program on a frame whose skb has `(gso_segs, gso_size)`.
+    fn run_tc_skb(
+        &self,
+        program: &str,
+        frame: &[u8],
+        ingress: u32,
+        (gso_segs, gso_size): (u32, u32),
+    ) -> Result<(i32, Vec<u8>), String> {
         let classifier: &SchedClassifier = self
             .dataplane()
             .program(program)
             .expect("program")
             .try_into()
             .expect("TC program");
-        // The head of struct __sk_buff: len, pkt_type, mark, queue_mapping,
-        // protocol, vlan_present, vlan_tci, vlan_proto, priority,
-        // ingress_ifindex (9), ifindex (10). The kernel accepts a prefix.
-        let mut skb = [0u32; 11];
+        // The head of struct __sk_buff (include/uapi/linux/bpf.h) as u32s:
+        // ingress_ifindex (9), ifindex (10), gso_segs (41, at byte 164),
+        // gso_size (44, at byte 176). The kernel accepts a prefix.
+        let mut skb = [0u32; 45];
         skb[9] = ingress;
         skb[10] = if ingress == 0 { self.external } else { ingress };
+        skb[41] = gso_segs;
+        skb[44] = gso_size;
         // SAFETY: plain u32 array viewed as bytes.
         let ctx =
             unsafe { std::slice::from_raw_parts(skb.as_ptr().cast::<u8>(), size_of_val(&skb)) };
@@ -330,7 +447,8 @@ impl Harness {
                 ..TestRunOptions::default()
             })
             .map_err(|err| format!("{err:?}"))?;
-        Ok(result.return_value as i32)
+        out.truncate(result.data_size_out as usize);
+        Ok((result.return_value as i32, out))
     }
 
     pub fn counter(&self, counter: Counter) -> u64 {

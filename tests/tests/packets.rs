@@ -8,7 +8,9 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use egress_common::counters::Counter;
 use egress_tests::{
     frames::{self, Tcp, View, assert_checksums},
-    harness::{HOST_A_MAC, HOST_B_MAC, Harness, ROUTER_MAC, XDP_DROP, XDP_PASS, XDP_REDIRECT},
+    harness::{
+        HOST_A_MAC, HOST_B_MAC, Harness, PacketHook, ROUTER_MAC, XDP_DROP, XDP_PASS, XDP_REDIRECT,
+    },
     require_root,
 };
 
@@ -441,7 +443,7 @@ fn non_ip_and_tagged_frames_go_to_the_kernel() {
 }
 
 #[test]
-fn an_unresolved_next_hop_leaves_translated_through_the_tc_fallback() {
+fn an_unresolved_next_hop_leaves_translated_through_the_kernels_neighbour_code() {
     let Some(h) = harness() else { return };
     let out = h.outbound(&frames::tcp(
         sock(HOST_A, 42000),
@@ -449,19 +451,28 @@ fn an_unresolved_next_hop_leaves_translated_through_the_tc_fallback() {
         Tcp::Syn,
         b"",
     ));
-    assert_eq!(out.action, XDP_PASS, "handed to the kernel...");
     let view = View::new(&out.frame);
-    assert_eq!(view.src(), EGRESS_A, "...already translated");
+    assert_eq!(view.src(), EGRESS_A, "translated before it goes anywhere");
     assert_eq!(view.ttl(), 63);
     assert_checksums(&out.frame);
-    assert_eq!(h.counter(Counter::OutPassNeighFallback), 1);
-    // The TC fallback on the internal interface sends it on through the
-    // kernel's neighbour resolution.
-    assert_eq!(
-        h.tc("neigh_fallback", &out.frame, h.internal),
-        TC_ACT_REDIRECT
-    );
-    assert_eq!(h.counter(Counter::TcNeighRedirected), 1);
+    match h.hook {
+        // TC hands it to the kernel's neighbour resolution itself.
+        PacketHook::Tc => {
+            assert_eq!(out.action, XDP_REDIRECT);
+            assert_eq!(h.counter(Counter::OutNeighRedirected), 1);
+        }
+        // XDP cannot: it passes the packet up, and the TC fallback on the
+        // internal interface sends it on.
+        PacketHook::Xdp => {
+            assert_eq!(out.action, XDP_PASS);
+            assert_eq!(h.counter(Counter::OutPassNeighFallback), 1);
+            assert_eq!(
+                h.tc("neigh_fallback", &out.frame, h.internal),
+                TC_ACT_REDIRECT
+            );
+            assert_eq!(h.counter(Counter::TcNeighRedirected), 1);
+        }
+    }
     // Ordinary traffic passes the fallback untouched.
     let plain = frames::tcp(sock(HOST_A, 42000), sock(UNRESOLVED, 443), Tcp::Syn, b"");
     assert_eq!(h.tc("neigh_fallback", &plain, h.internal), TC_ACT_OK);
@@ -502,6 +513,38 @@ fn packets_too_big_for_the_external_path() {
         &h,
         &frames::udp(sock(HOST_A, 44000), sock(NARROW, 53), &[0; 100]),
     );
+}
+
+/// A co-located sender with TSO hands the gateway 64 KB TCP segments; on
+/// TC they are judged by the size of the packets they become, as the
+/// kernel's own forwarding judges them.
+#[test]
+fn gso_super_packets_are_judged_by_their_segments_on_tc() {
+    let Some(h) = harness() else { return };
+    let payload = vec![0x5a; 1448 * 2];
+    let open = frames::tcp(sock(HOST_A, 45000), sock(REMOTE, 443), Tcp::Syn, b"");
+    translate_out(&h, &open);
+    let segments = frames::tcp(sock(HOST_A, 45000), sock(REMOTE, 443), Tcp::Ack, &payload);
+    let out = h.outbound_gso(&segments, 1448);
+    assert_eq!(out.action, XDP_REDIRECT, "1500-byte segments fit the route");
+    let view = View::new(&out.frame);
+    assert_eq!(view.src(), EGRESS_A);
+    assert_eq!(
+        view.total_len(),
+        segments.len() - 14,
+        "headers rewritten, nothing cut"
+    );
+    assert_checksums(&out.frame);
+    // Towards the 576-byte path the segments are too big: the kernel
+    // answers frag-needed, from its own address, untranslated.
+    let narrow = frames::tcp(sock(HOST_A, 45001), sock(NARROW, 443), Tcp::Ack, &payload);
+    let out = h.outbound_gso(&narrow, 1448);
+    assert_eq!(out.action, XDP_PASS);
+    assert_eq!(out.frame, narrow);
+    // Small segments fit it.
+    let out = h.outbound_gso(&narrow, 500);
+    assert_eq!(out.action, XDP_REDIRECT);
+    assert_eq!(View::new(&out.frame).src(), EGRESS_A);
 }
 
 #[test]

@@ -93,7 +93,12 @@ impl Dataplane {
                 .load()
                 .with_context(|| format!("verifying {name}"))?;
         }
-        for name in [names::PROG_NEIGH_FALLBACK, names::PROG_LEAK_GUARD] {
+        for name in [
+            names::PROG_TC_OUTBOUND,
+            names::PROG_TC_REPLY,
+            names::PROG_NEIGH_FALLBACK,
+            names::PROG_LEAK_GUARD,
+        ] {
             let program: &mut SchedClassifier = program_mut(&mut ebpf, name)?.try_into()?;
             program
                 .load()
