@@ -447,9 +447,10 @@ async fn reload(
         || next.external != current.external
         || next.max_flows != current.max_flows
         || next.xdp_mode != current.xdp_mode
+        || next.hooks != current.hooks
     {
         return Err(anyhow::anyhow!(
-            "interfaces, conntrack.maxFlows and xdpMode only change with a restart"
+            "interfaces, their hooks, conntrack.maxFlows and xdp.mode only change with a restart"
         )
         .into());
     }

@@ -19,7 +19,10 @@ use egress_common::tenant::{MAX_EGRESS_ADDRS, MAX_TENANT_ID, TENANT_NAME_LEN};
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
-use crate::system::SystemView;
+use crate::{
+    hook_choice::{self, Choice, Hook, HookSetting, InterfaceFacts},
+    system::SystemView,
+};
 
 /// Ports handed out when a tenant names no range.
 pub const DEFAULT_PORTS: PortRange = PortRange {
@@ -106,6 +109,13 @@ pub struct Interfaces {
     pub internal: Vec<String>,
     /// Where translated traffic leaves (and replies arrive).
     pub external: String,
+    /// Where the packet path runs on every interface: `auto` (XDP where it
+    /// is safe, TC elsewhere), `xdp` or `tc`.
+    #[serde(default)]
+    pub hook: Option<HookSetting>,
+    /// `hook` for single interfaces, by name.
+    #[serde(default)]
+    pub hooks: BTreeMap<String, HookSetting>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -377,9 +387,11 @@ impl Config {
         }
         let return_routes = self.plan_return_routes(&mut problems);
         let bfd_peers = self.plan_bfd(&mut problems);
+        let hooks = self.plan_hooks(&mut problems);
         problems.into_result(Plan {
             internal: self.interfaces.internal.clone(),
             external: self.interfaces.external.clone(),
+            hooks,
             tenants,
             max_flows,
             sweep_interval: conntrack.sweep_interval,
@@ -388,6 +400,31 @@ impl Config {
             return_routes,
             bfd_peers,
         })
+    }
+
+    /// The hook setting of each managed interface. A file from before
+    /// `interfaces.hook` that forces an XDP mode keeps getting XDP.
+    fn plan_hooks(&self, problems: &mut Problems) -> HookPlan {
+        let default = match (self.interfaces.hook, self.xdp.mode) {
+            (Some(setting), _) => setting,
+            (None, XdpModeSetting::Auto) => HookSetting::Auto,
+            (None, XdpModeSetting::Native | XdpModeSetting::Generic) => HookSetting::Xdp,
+        };
+        let managed = |name: &str| {
+            self.interfaces.external == name || self.interfaces.internal.iter().any(|i| i == name)
+        };
+        for name in self.interfaces.hooks.keys() {
+            if !managed(name) {
+                problems.add(
+                    format!("interfaces.hooks.{name}"),
+                    format!("{name} is neither an internal nor the external interface"),
+                );
+            }
+        }
+        HookPlan {
+            default,
+            per_interface: self.interfaces.hooks.clone(),
+        }
     }
 
     fn plan_return_routes(&self, problems: &mut Problems) -> Vec<PlannedRoute> {
@@ -576,11 +613,37 @@ impl Config {
     }
 }
 
+/// The hook each interface asks for.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HookPlan {
+    pub default: HookSetting,
+    pub per_interface: BTreeMap<String, HookSetting>,
+}
+
+impl HookPlan {
+    pub fn setting(&self, interface: &str) -> HookSetting {
+        self.per_interface
+            .get(interface)
+            .copied()
+            .unwrap_or(self.default)
+    }
+
+    /// The field a refusal for `interface` names.
+    fn field(&self, interface: &str) -> String {
+        if self.per_interface.contains_key(interface) {
+            format!("interfaces.hooks.{interface}")
+        } else {
+            "interfaces.hook".to_owned()
+        }
+    }
+}
+
 /// The file, checked: typed addresses, defaults filled in.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
     pub internal: Vec<String>,
     pub external: String,
+    pub hooks: HookPlan,
     pub tenants: Vec<PlannedTenant>,
     pub max_flows: u32,
     pub sweep_interval: Duration,
@@ -649,11 +712,21 @@ pub struct ResolvedTenant {
     pub ports: PortRange,
 }
 
+/// Where one interface's packet path runs, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InterfaceHook {
+    pub link: LinkRef,
+    pub hook: Hook,
+    pub reason: String,
+}
+
 /// A plan checked against the machine: what the dataplane will be given.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Resolved {
     pub internal: Vec<LinkRef>,
     pub external: LinkRef,
+    /// One per internal interface, in order, then the external one.
+    pub hooks: Vec<InterfaceHook>,
     pub tenants: Vec<ResolvedTenant>,
     pub max_flows: u32,
     pub sweep_interval: Duration,
@@ -664,6 +737,14 @@ pub struct Resolved {
 }
 
 impl Resolved {
+    /// The hook chosen for an interface; TC for one the plan never named.
+    pub fn hook_of(&self, ifindex: u32) -> Hook {
+        self.hooks
+            .iter()
+            .find(|h| h.link.index == ifindex)
+            .map_or(Hook::Tc, |h| h.hook)
+    }
+
     /// Every egress address of every tenant.
     pub fn egress_addresses(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
         self.tenants.iter().flat_map(|t| t.egress.iter().copied())
@@ -769,9 +850,14 @@ impl Plan {
                 multiplier: peer.multiplier,
             });
         }
+        let hooks = external
+            .as_ref()
+            .map(|external| self.resolve_hooks(&mut problems, &internal, external, system))
+            .unwrap_or_default();
         let resolved = external.map(|external| Resolved {
             internal,
             external,
+            hooks,
             tenants,
             max_flows: self.max_flows,
             sweep_interval: self.sweep_interval,
@@ -785,6 +871,48 @@ impl Plan {
             (Err(problems), _) => Err(problems),
             (Ok(()), None) => unreachable!("a missing external interface is a problem"),
         }
+    }
+}
+
+impl Plan {
+    /// Picks each interface's hook from what the kernel says about it and
+    /// the interfaces it redirects to: internal interfaces send to the
+    /// external one, the external one to every internal one.
+    fn resolve_hooks(
+        &self,
+        problems: &mut Problems,
+        internal: &[LinkRef],
+        external: &LinkRef,
+        system: &SystemView,
+    ) -> Vec<InterfaceHook> {
+        let facts = |link: &LinkRef| -> InterfaceFacts {
+            let known = system.link_by_index(link.index);
+            InterfaceFacts {
+                name: link.name.clone(),
+                ifindex: link.index,
+                kind: known.and_then(|l| l.kind.clone()),
+                xdp_features: known.and_then(|l| l.xdp_features),
+            }
+        };
+        let external_facts = [facts(external)];
+        let internal_facts: Vec<InterfaceFacts> = internal.iter().map(facts).collect();
+        let mut hooks = Vec::new();
+        let sides = internal
+            .iter()
+            .zip(&internal_facts)
+            .map(|(link, f)| (link, f, &external_facts[..]))
+            .chain([(external, &external_facts[0], &internal_facts[..])]);
+        for (link, ingress, targets) in sides {
+            match hook_choice::choose(self.hooks.setting(&link.name), ingress, targets) {
+                Ok(Choice { hook, reason }) => hooks.push(InterfaceHook {
+                    link: link.clone(),
+                    hook,
+                    reason,
+                }),
+                Err(refusal) => problems.add(self.hooks.field(&link.name), refusal),
+            }
+        }
+        hooks
     }
 }
 

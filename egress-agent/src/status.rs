@@ -166,9 +166,13 @@ pub fn render_status(status: &Status) -> String {
                 a.program.clone(),
                 a.hook.clone(),
                 if a.adopted { "adopted" } else { "attached" }.to_owned(),
+                if a.reason.is_empty() { "-" } else { &a.reason }.to_owned(),
             ]
         });
-        out.push_str(&table(&["INTERFACE", "PROGRAM", "HOOK", "LINK"], rows));
+        out.push_str(&table(
+            &["INTERFACE", "PROGRAM", "HOOK", "LINK", "WHY THIS HOOK"],
+            rows,
+        ));
     }
     if let Some(live) = &status.live {
         let health = &live["health"];

@@ -25,6 +25,8 @@ pub struct LinkFacts {
     pub kind: Option<String>,
     /// The lower link of stacked devices (macvlan, vlan).
     pub parent: Option<u32>,
+    /// `XDP_ACT_*` bits the kernel reports (Linux 6.3+); `None` otherwise.
+    pub xdp_features: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,6 +53,7 @@ impl SystemView {
                 mac: None,
                 kind: None,
                 parent: None,
+                xdp_features: None,
             };
             for attribute in message.attributes {
                 match attribute {
@@ -67,6 +70,9 @@ impl SystemView {
                     _ => {}
                 }
             }
+            // A kernel without the netdev family, or a refused query,
+            // leaves the features unknown, which `auto` reads as "not XDP".
+            facts.xdp_features = crate::hook_choice::xdp_features(facts.index).ok().flatten();
             links.push(facts);
         }
         let mut addresses = Vec::new();

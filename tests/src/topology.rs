@@ -102,16 +102,11 @@ impl Topology {
                 gateway.ip(&["addr", "add", &format!("{router}/24"), "dev", "eth0"]);
                 routers.push(router);
             }
-            // Senders must hand full checksums to the wire: XDP updates
-            // them incrementally and cannot finish a partial one.
-            ns.ethtool("eth0", "tx", false);
             built.push(Host { ns, addr: *addr });
         }
-        external.ethtool("eth0", "tx", false);
-        // A veth receiving XDP redirects needs NAPI on its peer: GRO turns
-        // it on without an XDP program there.
-        lan.ethtool("gw", "gro", true);
-        external.ethtool("eth0", "gro", true);
+        // Every interface keeps the kernel's defaults (veth GRO off, TX
+        // checksum offload and TSO on): the agent must cope, as it must on
+        // a real gateway pod whose peers nobody here owns.
         Self {
             hosts: built,
             lan,
@@ -136,8 +131,6 @@ impl Topology {
             .run("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
         far.ip(&["addr", "add", &format!("{FAR_SERVER}/24"), "dev", "eth0"]);
         far.ip(&["route", "add", "default", "via", "10.99.0.1"]);
-        far.ethtool("eth0", "tx", false);
-        self.external.ethtool("far0", "tx", false);
         self.far = Some(far);
         FAR_SERVER
     }

@@ -283,9 +283,8 @@ fn status_and_flows_describe_the_running_agent() {
     assert_eq!(tenants[0]["name"], "tenant-a");
     assert_eq!(tenants[0]["egress"][0], EGRESS_A.to_string());
     assert_eq!(tenants[0]["flows"], 1);
-    let hooks: Vec<(String, String)> = status["attachments"]
-        .as_array()
-        .unwrap()
+    let attachments = status["attachments"].as_array().unwrap();
+    let hooks: Vec<(String, String)> = attachments
         .iter()
         .map(|a| {
             (
@@ -294,13 +293,26 @@ fn status_and_flows_describe_the_running_agent() {
             )
         })
         .collect();
+    // Veths at kernel defaults: `auto` keeps the packet path at TC.
     assert!(
-        hooks.contains(&("snat_outbound".into(), "xdp/native".into())),
+        hooks.contains(&("tc_outbound".into(), "tc/ingress".into())),
         "{hooks:?}"
     );
     assert!(
-        hooks.contains(&("snat_reply".into(), "xdp/native".into())),
+        hooks.contains(&("tc_reply".into(), "tc/ingress".into())),
         "{hooks:?}"
+    );
+    assert!(
+        !hooks.iter().any(|(_, hook)| hook.starts_with("xdp")),
+        "{hooks:?}"
+    );
+    let outbound = attachments
+        .iter()
+        .find(|a| a["program"] == "tc_outbound")
+        .unwrap();
+    assert!(
+        outbound["reason"].as_str().unwrap().contains("veth"),
+        "the reason names what ruled XDP out: {outbound}"
     );
     assert!(
         hooks.contains(&("leak_guard".into(), "tc/egress".into())),
@@ -322,6 +334,7 @@ fn status_and_flows_describe_the_running_agent() {
     );
     let text = agent.cli(&["status"]);
     assert!(text.stdout.contains("running (pid"), "{}", text.stdout);
+    assert!(text.stdout.contains("WHY THIS HOOK"), "{}", text.stdout);
 }
 
 /// What a refused configuration must leave: nothing.

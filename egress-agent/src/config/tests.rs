@@ -49,6 +49,9 @@ fn link(index: u32, name: &str) -> LinkFacts {
         mac: Some([2, 0, 0, 0, 0, index as u8]),
         kind: Some("veth".to_owned()),
         parent: None,
+        // What a veth reports at kernel defaults: native XDP, but no
+        // `ndo_xdp_xmit` while its peer has neither GRO nor XDP.
+        xdp_features: Some(1 | 2),
     }
 }
 
@@ -333,6 +336,7 @@ fn machine_with_macvlan() -> SystemView {
         mac: Some([2, 0, 0, 0, 0, 0xbb]),
         kind: Some("macvlan".into()),
         parent: Some(2),
+        xdp_features: None,
     });
     system
 }
@@ -514,4 +518,93 @@ bfd:
         "returnRoutes[0].interface",
         "no interface named eth9",
     );
+}
+
+/// XDP_ACT_BASIC | XDP_ACT_REDIRECT | XDP_ACT_NDO_XMIT: a NIC driver with
+/// native XDP that takes redirected frames.
+const XDP_NIC: u64 = 1 | 2 | 4;
+
+fn nics() -> SystemView {
+    let mut system = machine();
+    for link in &mut system.links {
+        link.kind = None;
+        link.xdp_features = Some(XDP_NIC);
+    }
+    system
+}
+
+const TWO_INTERFACES: &str = "
+interfaces: {internal: [eth0], external: eth1}
+tenants:
+  - {name: a, sources: [172.20.10.0/24], egressIPs: [192.168.31.101]}
+";
+
+fn resolve_with(yaml: &str, system: &SystemView) -> Result<Resolved, Vec<Problem>> {
+    Config::parse(yaml)
+        .expect("parses")
+        .plan()
+        .and_then(|plan| plan.resolve(system))
+}
+
+#[test]
+fn auto_puts_veths_on_tc_and_says_why() {
+    let resolved = resolve_with(TWO_INTERFACES, &machine()).expect("valid");
+    assert_eq!(resolved.hooks.len(), 2);
+    for choice in &resolved.hooks {
+        assert_eq!(choice.hook, Hook::Tc, "{choice:?}");
+        assert!(!choice.reason.is_empty(), "{choice:?}");
+    }
+    assert_eq!(resolved.hook_of(2), Hook::Tc);
+}
+
+#[test]
+fn auto_puts_nics_that_take_redirects_on_xdp() {
+    let resolved = resolve_with(TWO_INTERFACES, &nics()).expect("valid");
+    assert!(
+        resolved.hooks.iter().all(|h| h.hook == Hook::Xdp),
+        "{:?}",
+        resolved.hooks
+    );
+}
+
+#[test]
+fn forced_xdp_towards_a_target_without_xdp_is_refused_at_its_field() {
+    let yaml = TWO_INTERFACES.replace("external: eth1}", "external: eth1, hook: xdp}");
+    let problems = resolve_with(&yaml, &machine()).expect_err("refused");
+    assert_problem(&problems, "interfaces.hook", "eth1");
+    // Per interface: only the forced one is judged, and named by its key.
+    let yaml = TWO_INTERFACES.replace("external: eth1}", "external: eth1, hooks: {eth0: xdp}}");
+    let problems = resolve_with(&yaml, &machine()).expect_err("refused");
+    assert_problem(&problems, "interfaces.hooks.eth0", "eth1");
+    assert!(
+        !has_problem(&problems, "interfaces.hook", ""),
+        "{problems:#?}"
+    );
+}
+
+#[test]
+fn a_hook_for_an_unmanaged_interface_is_a_problem() {
+    let yaml = TWO_INTERFACES.replace("external: eth1}", "external: eth1, hooks: {eth7: tc}}");
+    let problems = Config::parse(&yaml)
+        .expect("parses")
+        .plan()
+        .expect_err("refused");
+    assert_problem(&problems, "interfaces.hooks.eth7", "neither");
+}
+
+#[test]
+fn a_forced_xdp_mode_from_older_files_still_means_xdp() {
+    let yaml = format!("{TWO_INTERFACES}xdp: {{mode: native}}\n");
+    let plan = Config::parse(&yaml).expect("parses").plan().expect("valid");
+    assert_eq!(plan.hooks.setting("eth0"), HookSetting::Xdp);
+    let resolved = plan.resolve(&nics()).expect("valid on NICs");
+    assert!(resolved.hooks.iter().all(|h| h.hook == Hook::Xdp));
+    // `tc` on one interface overrides it there.
+    let yaml = format!(
+        "{}xdp: {{mode: native}}\n",
+        TWO_INTERFACES.replace("external: eth1}", "external: eth1, hooks: {eth1: tc}}")
+    );
+    let resolved = resolve_with(&yaml, &nics()).expect("valid");
+    assert_eq!(resolved.hook_of(3), Hook::Tc);
+    assert_eq!(resolved.hook_of(2), Hook::Xdp);
 }

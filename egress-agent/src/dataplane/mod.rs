@@ -35,7 +35,10 @@ use egress_common::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::config::{LinkRef, Resolved, XdpModeSetting};
+use crate::{
+    config::{LinkRef, Resolved, XdpModeSetting},
+    hook_choice::Hook,
+};
 
 /// The BPF object built from egress-ebpf by build.rs.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/egress"));
@@ -54,6 +57,9 @@ pub struct Attachment {
     /// The kernel's id of the program, to tell ours from another one.
     #[serde(default)]
     pub program_id: u32,
+    /// Why the interface runs this hook (see `hook_choice`).
+    #[serde(default)]
+    pub reason: String,
 }
 
 /// Where a program's link to one interface is pinned.
@@ -133,34 +139,42 @@ impl Dataplane {
         let links_dir = self.pin_dir.join(LINKS_DIR);
         std::fs::create_dir_all(&links_dir)
             .with_context(|| format!("creating {}", links_dir.display()))?;
-        let mut wanted = Vec::new();
-        for link in &resolved.internal {
-            self.attach_xdp(names::PROG_SNAT_OUTBOUND, link, resolved.xdp_mode)?;
-            self.attach_tc(names::PROG_NEIGH_FALLBACK, link, TcAttachType::Ingress)?;
-            wanted.push(link_pin(
-                &self.pin_dir,
-                names::PROG_SNAT_OUTBOUND,
-                link.index,
-            ));
-            wanted.push(link_pin(
-                &self.pin_dir,
-                names::PROG_NEIGH_FALLBACK,
-                link.index,
-            ));
+        for choice in &resolved.hooks {
+            let link = &choice.link;
+            let internal = link.index != resolved.external.index;
+            tracing::info!(interface = %link.name, hook = %choice.hook, reason = %choice.reason, "hook chosen");
+            match (choice.hook, internal) {
+                (Hook::Xdp, true) => {
+                    self.attach_xdp(names::PROG_SNAT_OUTBOUND, link, resolved.xdp_mode)?;
+                    // XDP cannot resolve a neighbour; this sends on what it
+                    // translated but had to pass up.
+                    self.attach_tc(names::PROG_NEIGH_FALLBACK, link, TcAttachType::Ingress)?;
+                }
+                (Hook::Tc, true) => {
+                    self.attach_tc(names::PROG_TC_OUTBOUND, link, TcAttachType::Ingress)?;
+                }
+                (Hook::Xdp, false) => {
+                    self.attach_xdp(names::PROG_SNAT_REPLY, link, resolved.xdp_mode)?;
+                }
+                (Hook::Tc, false) => {
+                    self.attach_tc(names::PROG_TC_REPLY, link, TcAttachType::Ingress)?;
+                }
+            }
+            for attachment in self
+                .attachments
+                .iter_mut()
+                .filter(|a| a.ifindex == link.index)
+            {
+                attachment.reason.clone_from(&choice.reason);
+            }
         }
         let external = &resolved.external;
-        self.attach_xdp(names::PROG_SNAT_REPLY, external, resolved.xdp_mode)?;
         self.attach_tc(names::PROG_LEAK_GUARD, external, TcAttachType::Egress)?;
-        wanted.push(link_pin(
-            &self.pin_dir,
-            names::PROG_SNAT_REPLY,
-            external.index,
-        ));
-        wanted.push(link_pin(
-            &self.pin_dir,
-            names::PROG_LEAK_GUARD,
-            external.index,
-        ));
+        let wanted: Vec<PathBuf> = self
+            .attachments
+            .iter()
+            .map(|a| link_pin(&self.pin_dir, &a.program, a.ifindex))
+            .collect();
         for entry in std::fs::read_dir(&links_dir)
             .with_context(|| format!("reading {}", links_dir.display()))?
         {
@@ -187,6 +201,7 @@ impl Dataplane {
             program: program.to_owned(),
             hook: hook.to_owned(),
             adopted,
+            reason: String::new(),
         });
     }
 
