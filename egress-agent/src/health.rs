@@ -1,8 +1,9 @@
-//! Whether the dataplane is serving: every XDP program still attached where
-//! the agent put it, and the pinned maps readable. BFD and `/readyz` follow
+//! Whether the dataplane is serving: every program still attached where
+//! the agent put it (XDP and TC alike), and the pinned maps readable. BFD and `/readyz` follow
 //! this verdict, so a router withdraws the gateway as soon as packets would
 //! no longer be translated, not when a timeout notices.
 
+use aya::programs::{SchedClassifier, TcAttachType};
 use futures::TryStreamExt as _;
 use rtnetlink::packet_route::link::{LinkAttribute, LinkXdp};
 
@@ -52,7 +53,38 @@ pub async fn check(handle: &rtnetlink::Handle, attachments: &[Attachment], maps:
             }
         }
     }
+    for attachment in attachments.iter().filter(|a| a.hook.starts_with("tc/")) {
+        if let Some(problem) = tc_problem(attachment) {
+            return Health::NotServing(problem);
+        }
+    }
     Health::Serving
+}
+
+/// Why a TC attachment no longer runs, if it does not. Kernels before 6.6
+/// attach through netlink, whose filters tcx cannot list: those are taken
+/// on trust.
+fn tc_problem(attachment: &Attachment) -> Option<String> {
+    let direction = if attachment.hook == "tc/egress" {
+        TcAttachType::Egress
+    } else {
+        TcAttachType::Ingress
+    };
+    let programs = match SchedClassifier::query_tcx(&attachment.interface, direction) {
+        Ok((_, programs)) => programs,
+        Err(err) => {
+            tracing::debug!(interface = %attachment.interface, error = %err, "querying tcx");
+            return None;
+        }
+    };
+    let ours = |id: u32| attachment.program_id == 0 || id == attachment.program_id;
+    if programs.iter().any(|program| ours(program.id())) {
+        return None;
+    }
+    Some(format!(
+        "{} was detached from {} ({})",
+        attachment.program, attachment.interface, attachment.hook
+    ))
 }
 
 /// The id of the XDP program attached to a link, if any.

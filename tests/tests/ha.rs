@@ -76,8 +76,8 @@ fn detach_reply_program(gateway: &Netns, agent: &Agent) {
         .as_array()
         .expect("attachments")
         .iter()
-        .find(|a| a["program"] == "snat_reply")
-        .expect("snat_reply attached")["program_id"]
+        .find(|a| a["program"] == "tc_reply")
+        .expect("tc_reply attached")["program_id"]
         .clone();
     let links = gateway.run("bpftool", &["-j", "link", "show"]);
     let links: serde_json::Value = serde_json::from_slice(&links.stdout).expect("bpftool JSON");

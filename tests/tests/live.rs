@@ -150,8 +150,8 @@ fn readiness_follows_the_dataplane() {
         .as_array()
         .expect("attachments")
         .iter()
-        .find(|a| a["program"] == "snat_reply")
-        .expect("snat_reply attached")
+        .find(|a| a["program"] == "tc_reply")
+        .expect("tc_reply attached")
         .clone();
     let link = net.gateway.run("bpftool", &["-j", "link", "show"]);
     let links: serde_json::Value = serde_json::from_slice(&link.stdout).expect("bpftool JSON");

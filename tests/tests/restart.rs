@@ -135,12 +135,18 @@ fn without_keep_dataplane_sigterm_still_removes_everything() {
     let net = Topology::seed();
     let mut agent = Agent::start(&net.gateway, &seed_config(1024));
     let pins = std::path::PathBuf::from(format!("/sys/fs/bpf/{}", agent.instance));
-    assert!(pins.join("links").read_dir().expect("pinned links").count() == 4);
+    // tc_outbound, tc_reply and leak_guard: veths at defaults run TC.
+    assert!(pins.join("links").read_dir().expect("pinned links").count() == 3);
     assert!(agent.stop().success());
     assert!(!pins.exists(), "no pin is left: {}", pins.display());
     let links = net.gateway.run("ip", &["-d", "link", "show"]);
     let text = String::from_utf8_lossy(&links.stdout);
     assert!(!text.contains("prog/xdp"), "no XDP program left: {text}");
+    let tc = net.gateway.run("bpftool", &["net", "show"]);
+    let text = String::from_utf8_lossy(&tc.stdout);
+    for program in ["tc_outbound", "tc_reply", "leak_guard"] {
+        assert!(!text.contains(program), "no TC program left: {text}");
+    }
 }
 
 #[test]
