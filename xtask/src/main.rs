@@ -120,8 +120,23 @@ fn test(root: &Path, args: &[String]) -> anyhow::Result<()> {
     if !args.is_empty() {
         command.arg("--").args(args);
     }
+    run(&mut command)?;
+    // The packet tests once more on the TC compilation of the packet path:
+    // the same frames and expected bytes prove both hooks.
+    let mut command = cargo_command(root);
+    command
+        .args(["test", "-p", "egress-tests"])
+        .args(PACKET_TESTS.iter().flat_map(|name| ["--test", name]))
+        .env("EGRESS_TEST_HOOK", "tc");
+    if !args.is_empty() {
+        command.arg("--").args(args);
+    }
+    eprintln!("packet tests again, on the TC hook (EGRESS_TEST_HOOK=tc)");
     run(&mut command)
 }
+
+/// The test files that run the programs through BPF_PROG_TEST_RUN.
+const PACKET_TESTS: [&str; 3] = ["packets", "conntrack", "malformed"];
 
 fn bench(root: &Path, short: bool, args: &[String]) -> anyhow::Result<()> {
     require_root()?;
