@@ -2,7 +2,8 @@
 //! addresses in sync with the configuration, and reports what it is doing.
 //!
 //! One module per concern: `config` (the file and its validation), `system`
-//! (what the machine has), `dataplane` (programs and maps), `addresses`
+//! (what the machine has), `hook_choice` (XDP or TC per interface, from
+//! what the kernel reports), `dataplane` (programs and maps), `addresses`
 //! (egress IPs on the external interface), `sysctl` (forwarding),
 //! `instance` (pins, lock and state file), `agent` (the run loop),
 //! `conntrack` (flows and their state), `status` (reading an instance back),
@@ -16,6 +17,7 @@ pub mod config;
 pub mod conntrack;
 pub mod dataplane;
 pub mod health;
+pub mod hook_choice;
 pub mod instance;
 pub mod kubernetes;
 pub mod live;
