@@ -10,6 +10,11 @@
 //! gather those facts, and [`still_safe`] re-judges a running XDP choice,
 //! because a veth's redirect support changes with its peer's settings.
 //!
+//! The kernel's answers describe the present, not the device's ability:
+//! a veth accepts redirects only while its peer has GRO or an XDP program
+//! and both ends are up, and many NIC drivers only while an XDP program is
+//! attached to the NIC itself. Facts are read when that state is in place.
+//!
 //! [`choose`] judges native XDP. Generic (skb) XDP redirects through the
 //! normal transmit path and needs no `ndo_xdp_xmit`; the caller decides
 //! whether that mode applies before asking.
@@ -372,6 +377,15 @@ fn concerns(ingress: &InterfaceFacts, targets: &[InterfaceFacts]) -> Vec<Concern
                 ),
                 fix: " (ethtool -K <peer> gro on), or use hook: tc",
             }),
+            Some(false) if target.software_kind().is_none() => found.push(Concern {
+                refuses_forced_xdp: true,
+                text: format!(
+                    "{} cannot receive XDP redirects: its driver offers ndo_xdp_xmit only \
+                     while an XDP program runs on it, if at all",
+                    target.name
+                ),
+                fix: "; use hook: tc",
+            }),
             Some(false) => found.push(Concern {
                 refuses_forced_xdp: true,
                 text: format!(
@@ -390,6 +404,11 @@ fn concerns(ingress: &InterfaceFacts, targets: &[InterfaceFacts]) -> Vec<Concern
 /// `targets` are every interface its programs may redirect to, the ingress
 /// itself included when traffic can leave where it came in. `Err` only when
 /// XDP is forced onto interfaces where it would drop packets.
+///
+/// Read the targets' facts after the XDP program is attached to those that
+/// get one: many NIC drivers (virtio_net, bnxt, igb, ice) report
+/// `ndo_xdp_xmit` only while an XDP program runs on the device itself, so
+/// facts read before make every such target look unable to take redirects.
 pub fn choose(
     setting: HookSetting,
     ingress: &InterfaceFacts,
@@ -566,6 +585,19 @@ mod tests {
         assert_eq!(
             choice.reason,
             "net1 (macvlan) cannot receive XDP redirects (no ndo_xdp_xmit)"
+        );
+    }
+
+    #[test]
+    fn auto_explains_a_nic_target_without_ndo_xmit() {
+        // What virtio_net reports while no XDP program runs on it.
+        let idle_virtio = facts("eth1", None, Some(XDP_ACT_BASIC | XDP_ACT_REDIRECT));
+        let choice = choose(HookSetting::Auto, &nic("eth0"), &[idle_virtio]).expect("auto");
+        assert_eq!(choice.hook, Hook::Tc);
+        assert_eq!(
+            choice.reason,
+            "eth1 cannot receive XDP redirects: its driver offers ndo_xdp_xmit only while an \
+             XDP program runs on it, if at all"
         );
     }
 
