@@ -894,14 +894,32 @@ impl Plan {
                 xdp_features: known.and_then(|l| l.xdp_features),
             }
         };
-        let external_facts = [facts(external)];
+        // A NIC driver offers ndo_xdp_xmit only while an XDP program runs on
+        // the NIC itself: a hardware target that will run ours is judged as
+        // it will be then (and checked again once attached).
+        let as_target = |link: &LinkRef| -> InterfaceFacts {
+            let mut target = facts(link);
+            let will_run_xdp = self.hooks.setting(&link.name) != HookSetting::Tc;
+            if let Some(features) = target.xdp_features.as_mut()
+                && hook_choice::is_hardware(&target)
+                && *features & (hook_choice::XDP_ACT_BASIC | hook_choice::XDP_ACT_REDIRECT)
+                    == hook_choice::XDP_ACT_BASIC | hook_choice::XDP_ACT_REDIRECT
+                && will_run_xdp
+            {
+                *features |= hook_choice::XDP_ACT_NDO_XMIT;
+            }
+            target
+        };
+        let external_facts = [as_target(external)];
+        let internal_targets: Vec<InterfaceFacts> = internal.iter().map(as_target).collect();
         let internal_facts: Vec<InterfaceFacts> = internal.iter().map(facts).collect();
         let mut hooks = Vec::new();
+        let external_ingress = facts(external);
         let sides = internal
             .iter()
             .zip(&internal_facts)
             .map(|(link, f)| (link, f, &external_facts[..]))
-            .chain([(external, &external_facts[0], &internal_facts[..])]);
+            .chain([(external, &external_ingress, &internal_targets[..])]);
         for (link, ingress, targets) in sides {
             match hook_choice::choose(self.hooks.setting(&link.name), ingress, targets) {
                 Ok(Choice { hook, reason }) => hooks.push(InterfaceHook {

@@ -7,7 +7,12 @@ use aya::programs::{SchedClassifier, TcAttachType};
 use futures::TryStreamExt as _;
 use rtnetlink::packet_route::link::{LinkAttribute, LinkXdp};
 
-use crate::dataplane::{Attachment, maps::Maps};
+use egress_common::names;
+
+use crate::{
+    dataplane::{Attachment, maps::Maps},
+    hook_choice::{self, Hook, InterfaceFacts},
+};
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[serde(tag = "state", content = "reason", rename_all = "snake_case")]
@@ -53,12 +58,47 @@ pub async fn check(handle: &rtnetlink::Handle, attachments: &[Attachment], maps:
             }
         }
     }
+    if let Some(problem) = xdp_targets_problem(attachments) {
+        return Health::NotServing(problem);
+    }
     for attachment in attachments.iter().filter(|a| a.hook.starts_with("tc/")) {
         if let Some(problem) = tc_problem(attachment) {
             return Health::NotServing(problem);
         }
     }
     Health::Serving
+}
+
+/// Why an XDP program's redirects would now be dropped, if they would: a
+/// target lost `ndo_xdp_xmit` since the choice was made (a veth whose peer
+/// switched GRO off, an XDP program removed from a NIC).
+fn xdp_targets_problem(attachments: &[Attachment]) -> Option<String> {
+    let outbound = [names::PROG_SNAT_REPLY, names::PROG_TC_REPLY];
+    let reply = [names::PROG_SNAT_OUTBOUND, names::PROG_TC_OUTBOUND];
+    for attachment in attachments.iter().filter(|a| a.hook.starts_with("xdp/native")) {
+        let target_programs: &[&str] = if attachment.program == names::PROG_SNAT_OUTBOUND {
+            &outbound
+        } else {
+            &reply
+        };
+        let targets: Vec<InterfaceFacts> = attachments
+            .iter()
+            .filter(|a| target_programs.contains(&a.program.as_str()))
+            .map(|a| InterfaceFacts {
+                name: a.interface.clone(),
+                ifindex: a.ifindex,
+                kind: None,
+                xdp_features: hook_choice::xdp_features(a.ifindex).ok().flatten(),
+            })
+            .collect();
+        if let Some(reason) = hook_choice::still_safe(Hook::Xdp, &targets) {
+            return Some(format!(
+                "{} on {} redirects where the kernel would drop: {reason}",
+                attachment.program, attachment.interface
+            ));
+        }
+    }
+    None
 }
 
 /// Why a TC attachment no longer runs, if it does not. Kernels before 6.6

@@ -220,7 +220,7 @@ impl InterfaceFacts {
     /// for XDP. "virtio" is the driver of a real (virtual) NIC that receives
     /// complete checksums, so it counts as hardware should a caller fill
     /// the kind from somewhere other than IFLA_INFO_KIND.
-    fn software_kind(&self) -> Option<&str> {
+    pub fn software_kind(&self) -> Option<&str> {
         self.kind.as_deref().filter(|kind| *kind != "virtio")
     }
 
@@ -230,6 +230,11 @@ impl InterfaceFacts {
             None => self.name.clone(),
         }
     }
+}
+
+/// A NIC (physical or virtio), not a software device.
+pub fn is_hardware(facts: &InterfaceFacts) -> bool {
+    facts.software_kind().is_none()
 }
 
 /// Reads an interface's name, kind and XDP features.

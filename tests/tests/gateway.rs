@@ -395,6 +395,17 @@ fn bad_configurations_are_refused_before_anything_changes() {
             good.replace("egressIPs: [192.168.31.150]", "egressIP: [192.168.31.150]"),
             "unknown field `egressIP`",
         ),
+        // XDP forced onto veths whose peers have no NAPI (kernel defaults):
+        // its redirects would be dropped, so the agent refuses, naming the
+        // interface and the way out.
+        (
+            good.replace("external: eth1", "external: eth1\n  hook: xdp"),
+            "interfaces.hook: eth1 cannot receive XDP redirects",
+        ),
+        (
+            good.replace("external: eth1", "external: eth1\n  hooks: {eth0: xdp}"),
+            "interfaces.hooks.eth0: eth1 cannot receive XDP redirects",
+        ),
     ];
     for (yaml, expected) in cases {
         let instance = unique_name("bad");

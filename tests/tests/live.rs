@@ -236,3 +236,48 @@ fn return_routes_are_kept_and_only_ours_are_ever_removed() {
         "theirs stays: {table}"
     );
 }
+
+/// XDP chosen where it is safe stays safe only while its redirect targets
+/// take XDP frames. This test is about that setting: it switches GRO on at
+/// the veth peers the gateway redirects into (which gives them NAPI, so
+/// they accept XDP frames), forces XDP, then switches one peer's GRO off
+/// as a careless operator might. The dataplane must stop claiming to serve
+/// and say why.
+#[test]
+fn an_xdp_target_that_stops_taking_redirects_makes_the_gateway_unready() {
+    if !require_root() {
+        return;
+    }
+    let net = Topology::seed();
+    net.lan.ethtool("gw", "gro", true);
+    net.external.ethtool("eth0", "gro", true);
+    let config = seed_config(1024).replace("external: eth1", "external: eth1\n  hook: xdp");
+    let agent = Agent::start_with(&net.gateway, &config, &["--listen", LISTEN]);
+    wait_until("readiness", Duration::from_secs(5), || {
+        get(&net.gateway, "/readyz").0 == 200
+    });
+    let hooks: Vec<String> = agent.status()["attachments"]
+        .as_array()
+        .expect("attachments")
+        .iter()
+        .map(|a| format!("{} {}", a["program"], a["hook"]))
+        .collect();
+    assert!(
+        hooks.iter().any(|h| h.contains("snat_outbound") && h.contains("xdp")),
+        "{hooks:?}"
+    );
+    net.external.ethtool("eth0", "gro", false);
+    wait_until("unreadiness", Duration::from_secs(5), || {
+        get(&net.gateway, "/readyz").0 == 503
+    });
+    let (_, body) = get(&net.gateway, "/readyz");
+    assert!(
+        body.contains("eth1") && body.contains("no longer accepts XDP redirects"),
+        "{body}"
+    );
+    // Back on: serving again.
+    net.external.ethtool("eth0", "gro", true);
+    wait_until("readiness again", Duration::from_secs(5), || {
+        get(&net.gateway, "/readyz").0 == 200
+    });
+}

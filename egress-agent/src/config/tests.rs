@@ -608,3 +608,27 @@ fn a_forced_xdp_mode_from_older_files_still_means_xdp() {
     assert_eq!(resolved.hook_of(3), Hook::Tc);
     assert_eq!(resolved.hook_of(2), Hook::Xdp);
 }
+
+/// What virtio_net reports before an XDP program runs on it (seen on this
+/// project's build machine): native XDP and redirects, no ndo_xdp_xmit yet.
+const VIRTIO_BEFORE_XDP: u64 = 0x2b;
+
+#[test]
+fn nics_that_gain_ndo_xdp_xmit_with_our_program_are_judged_as_they_will_be() {
+    let mut system = nics();
+    for link in &mut system.links {
+        link.xdp_features = Some(VIRTIO_BEFORE_XDP);
+    }
+    let resolved = resolve_with(TWO_INTERFACES, &system).expect("valid");
+    assert!(
+        resolved.hooks.iter().all(|h| h.hook == Hook::Xdp),
+        "{:?}",
+        resolved.hooks
+    );
+    // A target kept on TC never runs our XDP program, so it never takes
+    // redirects: whoever sends to it stays on TC too.
+    let yaml = TWO_INTERFACES.replace("external: eth1}", "external: eth1, hooks: {eth1: tc}}");
+    let resolved = resolve_with(&yaml, &system).expect("valid");
+    assert_eq!(resolved.hook_of(2), Hook::Tc, "{:?}", resolved.hooks);
+    assert_eq!(resolved.hook_of(3), Hook::Tc);
+}

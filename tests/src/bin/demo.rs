@@ -101,7 +101,10 @@ fn main() -> ExitCode {
     if !egress_tests::require_root() {
         return ExitCode::FAILURE;
     }
-    println!("egress demo: per-tenant egress IPs on an XDP SNAT gateway, in network namespaces\n");
+    println!(
+        "egress demo: per-tenant egress IPs on an eBPF SNAT gateway, in network namespaces\n\
+         (every interface at the kernel's defaults: the agent picks XDP or TC per interface)\n"
+    );
     println!("  tenant-a host {HOST_A}  ─┐");
     println!(
         "  tenant-b host {HOST_B}  ─┼─ lan ── eth0 [gateway: egress-agent] eth1 ── server {SERVER}"
@@ -126,6 +129,9 @@ fn main() -> ExitCode {
             attachment["interface"].as_str().unwrap_or("?"),
             attachment["hook"].as_str().unwrap_or("?")
         );
+        if let Some(reason) = attachment["reason"].as_str().filter(|r| !r.is_empty()) {
+            println!("  why: {reason}");
+        }
     }
     println!();
 
