@@ -529,6 +529,9 @@ async fn apply(
     applied
         .sysctls
         .extend(sysctl::enable_forwarding(interfaces)?);
+    applied.sysctls.extend(sysctl::isolate_arp(
+        resolved.arp_isolated.iter().map(|l| l.name.as_str()),
+    )?);
     // Flows a predecessor translated for a configuration that changed since.
     end_disallowed_flows(&mut maps, resolved, &desired)?;
     routes::sync(&applied.handle, &resolved.return_routes).await?;
@@ -563,6 +566,10 @@ async fn reconcile(
     maps.sync(&desired)?;
     let ended = end_disallowed_flows(&mut maps, resolved, &desired)?;
     routes::sync(&applied.handle, &resolved.return_routes).await?;
+    // New ingress ports; ones that went keep the setting until exit.
+    applied.sysctls.extend(sysctl::isolate_arp(
+        resolved.arp_isolated.iter().map(|l| l.name.as_str()),
+    )?);
     if ended > 0 {
         tracing::info!(
             flows = ended,

@@ -3,7 +3,8 @@
 //!
 //! One module per concern: `config` (the file and its validation), `system`
 //! (what the machine has), `dataplane` (programs and maps), `addresses`
-//! (egress IPs on the external interface), `sysctl` (forwarding),
+//! (egress IPs on the external interface), `sysctl` (forwarding, ARP
+//! isolation),
 //! `instance` (pins, lock and state file), `agent` (the run loop),
 //! `conntrack` (flows and their state), `status` (reading an instance back),
 //! `cli`.

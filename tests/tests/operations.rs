@@ -1,0 +1,198 @@
+//! ARP isolation for tenants selected by their macvlan next hop (the
+//! seeds' gateway VM): the real agent in namespaces of its own, no offload
+//! tuning. Needs root.
+
+use egress_tests::{agent::Agent, netns::Netns, require_root};
+
+/// The seeds' gateway VM: the router reaches each tenant's next hop, a
+/// macvlan with a /32 in the parent NIC's subnet, by ARP.
+const MACVLAN_CONFIG: &str = "\
+interfaces: {internal: [eth0], external: eth1}
+tenants:
+  - name: blue
+    sources: [10.128.0.0/14]
+    egressIPs: [192.168.31.101]
+    ingress: [{interface: mv-a}]
+  - name: red
+    sources: [10.128.0.0/14]
+    egressIPs: [192.168.31.102]
+    ingress: [{interface: mv-b}]
+conntrack: {maxFlows: 1024}
+";
+
+const NEXT_HOPS: [(&str, &str); 2] = [("mv-a", "10.70.0.11"), ("mv-b", "10.70.0.12")];
+
+fn read_sysctl(ns: &Netns, interface: &str, name: &str) -> String {
+    let out = ns.run(
+        "cat",
+        &[&format!("/proc/sys/net/ipv4/conf/{interface}/{name}")],
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+fn format_mac(mac: [u8; 6]) -> String {
+    mac.map(|b| format!("{b:02x}")).join(":")
+}
+
+/// Every MAC that answers the router's ARP request for `addr`.
+fn arp_answers(router: &Netns, addr: &str) -> Vec<String> {
+    let out = router.try_run("arping", &["-c", "1", "-I", "eth0", addr]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut macs: Vec<String> = text
+        .lines()
+        .filter(|line| line.contains("reply from"))
+        .filter_map(|line| {
+            let start = line.find('[')?;
+            let end = line.find(']')?;
+            Some(line.get(start + 1..end)?.to_ascii_lowercase())
+        })
+        .collect();
+    macs.sort();
+    macs.dedup();
+    macs
+}
+
+/// The MAC the router's kernel resolved `addr` to, after a ping.
+fn resolved_by_router(router: &Netns, addr: &str) -> String {
+    router.ip(&["neigh", "flush", "dev", "eth0"]);
+    router.try_run("ping", &["-c", "1", "-W", "1", "-n", addr]);
+    let out = router.ip(&["neigh", "show", addr, "dev", "eth0"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.split_whitespace()
+        .skip_while(|word| *word != "lladdr")
+        .nth(1)
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[test]
+fn macvlan_next_hops_answer_arp_with_their_own_mac_while_the_agent_runs() {
+    if !require_root() {
+        return;
+    }
+    let gateway = Netns::new("gw");
+    let router = Netns::new("rtr");
+    let external = Netns::new("ext");
+    router.veth("eth0", &gateway, "eth0");
+    gateway.veth("eth1", &external, "eth0");
+    router.ip(&["addr", "add", "10.70.0.254/24", "dev", "eth0"]);
+    gateway.ip(&["addr", "add", "10.70.0.1/24", "dev", "eth0"]);
+    gateway.ip(&["addr", "add", "192.168.31.2/24", "dev", "eth1"]);
+    external.ip(&["addr", "add", "192.168.31.1/24", "dev", "eth0"]);
+    for (macvlan, addr) in NEXT_HOPS {
+        gateway.ip(&[
+            "link", "add", macvlan, "link", "eth0", "type", "macvlan", "mode", "bridge",
+        ]);
+        gateway.ip(&["addr", "add", &format!("{addr}/32"), "dev", macvlan]);
+        gateway.ip(&["link", "set", macvlan, "up"]);
+    }
+    // A value the agent must put back as it found it, not as the default.
+    gateway.run("sysctl", &["-qw", "net.ipv4.conf.mv-b.arp_announce=1"]);
+    let parent_mac = format_mac(gateway.mac("eth0"));
+    let own_mac = |macvlan: &str| format_mac(gateway.mac(macvlan));
+
+    // Premise: with the defaults the parent answers for the macvlans'
+    // addresses with its own MAC, and the router believes it.
+    for (_, addr) in NEXT_HOPS {
+        assert!(
+            arp_answers(&router, addr).contains(&parent_mac),
+            "premise: the parent answers for {addr} by default"
+        );
+    }
+    assert_eq!(
+        resolved_by_router(&router, NEXT_HOPS[0].1),
+        parent_mac,
+        "premise: the router sends the tenant to the parent's MAC by default"
+    );
+
+    let mut agent = Agent::start(&gateway, MACVLAN_CONFIG);
+    for interface in ["eth0", "mv-a", "mv-b"] {
+        assert_eq!(
+            read_sysctl(&gateway, interface, "arp_ignore"),
+            "1",
+            "{interface}"
+        );
+        assert_eq!(
+            read_sysctl(&gateway, interface, "arp_announce"),
+            "2",
+            "{interface}"
+        );
+    }
+    assert_eq!(
+        read_sysctl(&gateway, "eth1", "arp_ignore"),
+        "0",
+        "the external interface carries no ingress port"
+    );
+    assert!(
+        agent.log().contains("net.ipv4.conf.mv-a.arp_ignore"),
+        "the agent logs what it set:\n{}",
+        agent.log()
+    );
+    for (macvlan, addr) in NEXT_HOPS {
+        assert_eq!(
+            arp_answers(&router, addr),
+            [own_mac(macvlan)],
+            "only {macvlan} answers for {addr}"
+        );
+        assert_eq!(
+            resolved_by_router(&router, addr),
+            own_mac(macvlan),
+            "the router resolves {addr} to {macvlan}"
+        );
+    }
+
+    assert!(agent.stop().success(), "{}", agent.log());
+    for interface in ["eth0", "mv-a", "mv-b"] {
+        assert_eq!(
+            read_sysctl(&gateway, interface, "arp_ignore"),
+            "0",
+            "{interface}"
+        );
+    }
+    assert_eq!(read_sysctl(&gateway, "eth0", "arp_announce"), "0");
+    assert_eq!(read_sysctl(&gateway, "mv-a", "arp_announce"), "0");
+    assert_eq!(
+        read_sysctl(&gateway, "mv-b", "arp_announce"),
+        "1",
+        "restored to what it was before the agent"
+    );
+}
+
+#[test]
+fn an_ingress_macvlan_without_an_address_is_refused_by_name() {
+    if !require_root() {
+        return;
+    }
+    let gateway = Netns::new("gw");
+    let peer = Netns::new("peer");
+    peer.veth("eth0", &gateway, "eth0");
+    gateway.veth("eth1", &peer, "eth1");
+    gateway.ip(&[
+        "link", "add", "mv-a", "link", "eth0", "type", "macvlan", "mode", "bridge",
+    ]);
+    gateway.ip(&[
+        "link", "add", "mv-b", "link", "eth0", "type", "macvlan", "mode", "bridge",
+    ]);
+    gateway.ip(&["addr", "add", "10.70.0.12/32", "dev", "mv-b"]);
+    let config = egress_tests::agent::ConfigFile::new(MACVLAN_CONFIG);
+    let path = config.path.to_str().expect("utf-8 path");
+    let instance = egress_tests::netns::unique_name("agent");
+    for command in ["check", "run"] {
+        let out =
+            egress_tests::agent::run_to_exit(&gateway, &instance, &[command, "--config", path]);
+        assert_eq!(out.status.code(), Some(2), "{command}: {out:?}");
+        assert!(
+            out.stderr
+                .contains("tenants[0] (blue).ingress[0].interface: mv-a has no IPv4 address"),
+            "{command}: {}",
+            out.stderr
+        );
+    }
+    // `run` took the instance's lock before it read the file.
+    egress_tests::agent::run_to_exit(&gateway, &instance, &["cleanup"]);
+    assert_eq!(
+        read_sysctl(&gateway, "eth0", "arp_ignore"),
+        "0",
+        "a refused configuration changes nothing"
+    );
+}
