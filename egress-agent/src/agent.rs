@@ -159,6 +159,10 @@ impl Applied {
         );
         // Our descriptors close; the pinned links and maps stay.
         drop(self.dataplane.take());
+        live::publish_stopped(
+            instance,
+            "a new agent failed to start; the dataplane it found serves on unattended",
+        );
     }
 }
 
@@ -296,6 +300,7 @@ pub async fn run(instance: &Instance, options: &RunOptions) -> Result<(), RunErr
                 _ = tick.tick() => {
                     ticks += 1;
                     let view = live::Live {
+                        pid: std::process::id(),
                         health: health_rx.borrow().clone(),
                         bfd: bfd.as_ref().map(Bfd::snapshot).unwrap_or_default(),
                         kubernetes: kube.as_ref().map(KubeSource::view),
@@ -354,6 +359,15 @@ pub async fn run(instance: &Instance, options: &RunOptions) -> Result<(), RunErr
     .await;
     monitor.abort();
     let _ = health_tx.send(Health::ShuttingDown);
+    let stopping = live::Live {
+        pid: std::process::id(),
+        health: Health::ShuttingDown,
+        bfd: Vec::new(),
+        kubernetes: None,
+    };
+    if let Err(err) = published.publish(instance, stopping) {
+        tracing::warn!(error = %format!("{err:#}"), "publishing status");
+    }
     sweeper.stop();
     if let Some(bfd) = bfd {
         if options.keep_dataplane {
@@ -372,6 +386,11 @@ pub async fn run(instance: &Instance, options: &RunOptions) -> Result<(), RunErr
         );
         // Our descriptors close; the pinned links and maps stay.
         drop(applied.dataplane.take());
+        live::publish_stopped(
+            instance,
+            "the agent stopped with --keep-dataplane; the dataplane serves on unattended \
+             until the next agent adopts it (`egress-agent cleanup` removes it)",
+        );
     } else {
         tracing::info!("shutting down: detaching programs and removing what this agent added");
         applied.undo(instance).await;

@@ -16,7 +16,7 @@ use serde::Serialize;
 use crate::{
     conntrack::{self, Flow, FlowState},
     dataplane::{Attachment, maps::Maps},
-    instance::{Instance, RunState},
+    instance::{Instance, RunState, process_alive},
 };
 
 #[derive(Debug, Serialize)]
@@ -104,10 +104,7 @@ pub fn collect(instance: &Instance) -> anyhow::Result<Status> {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let live = running
-        .then(|| std::fs::read(instance.run_dir.join("live.json")).ok())
-        .flatten()
-        .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+    let live = read_live(instance, running);
     Ok(Status {
         live,
         instance: instance.name.clone(),
@@ -136,6 +133,21 @@ pub fn collect(instance: &Instance) -> anyhow::Result<Status> {
             .map(|(counter, value)| (counter.name().to_owned(), value))
             .collect(),
     })
+}
+
+/// The running agent's view, if it can be believed: written by the agent
+/// that holds the instance's lock and still lives, or saying that the agent
+/// stopped. A file left by an agent that died (SIGKILL, a crash) says what
+/// was true then, `serving` included, and is not shown.
+fn read_live(instance: &Instance, running: bool) -> Option<serde_json::Value> {
+    let bytes = std::fs::read(instance.run_dir.join("live.json")).ok()?;
+    let live: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    let stopped = live["health"]["state"] == "agent_stopped";
+    let writer_alive = live["pid"]
+        .as_u64()
+        .and_then(|pid| u32::try_from(pid).ok())
+        .is_some_and(process_alive);
+    (stopped || (running && writer_alive)).then_some(live)
 }
 
 pub fn render_status(status: &Status) -> String {

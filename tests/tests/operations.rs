@@ -1,8 +1,185 @@
-//! ARP isolation for tenants selected by their macvlan next hop (the
-//! seeds' gateway VM): the real agent in namespaces of its own, no offload
-//! tuning. Needs root.
+//! The agent as operators run it: state files that never claim `serving`
+//! for a dataplane nobody serves, and ARP isolation for tenants selected by
+//! their macvlan next hop (the seeds' gateway VM). Real agent binary,
+//! namespaces of their own, no offload tuning. Needs root.
 
-use egress_tests::{agent::Agent, netns::Netns, require_root};
+use std::{
+    fs::File,
+    net::Ipv4Addr,
+    os::fd::AsRawFd as _,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use egress_tests::{agent::Agent, netns::Netns, require_root, traffic::ping};
+
+const HOST: Ipv4Addr = Ipv4Addr::new(172, 20, 10, 10);
+const SERVER: Ipv4Addr = Ipv4Addr::new(192, 168, 31, 1);
+
+/// Generic XDP and ICMP only: nothing here needs the veth offload tuning
+/// native redirects between veths would.
+const CONFIG: &str = "\
+interfaces: {internal: [eth0], external: eth1}
+tenants:
+  - name: tenant-a
+    sources: [172.20.10.0/24]
+    egressIPs: [192.168.31.101]
+conntrack: {maxFlows: 1024}
+xdp: {mode: generic}
+";
+
+/// host (172.20.10.10) ── eth0 [gateway] eth1 ── server (192.168.31.1);
+/// the server has no route back to the host's network.
+struct Small {
+    host: Netns,
+    gateway: Netns,
+    /// Kept for its life: the far end of the external link.
+    _server: Netns,
+}
+
+fn small() -> Small {
+    let host = Netns::new("host");
+    let gateway = Netns::new("gw");
+    let server = Netns::new("srv");
+    host.veth("eth0", &gateway, "eth0");
+    gateway.veth("eth1", &server, "eth0");
+    host.ip(&["addr", "add", &format!("{HOST}/24"), "dev", "eth0"]);
+    host.ip(&["route", "add", "default", "via", "172.20.10.1"]);
+    gateway.ip(&["addr", "add", "172.20.10.1/24", "dev", "eth0"]);
+    gateway.ip(&["addr", "add", "192.168.31.2/24", "dev", "eth1"]);
+    gateway.ip(&["route", "add", "default", "via", &SERVER.to_string()]);
+    server.ip(&["addr", "add", &format!("{SERVER}/24"), "dev", "eth0"]);
+    Small {
+        host,
+        gateway,
+        _server: server,
+    }
+}
+
+fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn run_dir(agent: &Agent) -> PathBuf {
+    PathBuf::from(format!("/run/{}", agent.instance))
+}
+
+fn live_json(agent: &Agent) -> Option<serde_json::Value> {
+    let bytes = std::fs::read(run_dir(agent).join("live.json")).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// Waits until the agent's live view says it serves, written by it.
+fn wait_live_serving(agent: &Agent) {
+    let pid = agent.pid().map(u64::from);
+    wait_until("live.json saying serving", Duration::from_secs(15), || {
+        live_json(agent)
+            .is_some_and(|live| live["health"]["state"] == "serving" && live["pid"].as_u64() == pid)
+    });
+}
+
+#[test]
+fn sigterm_removes_the_live_view_with_the_dataplane() {
+    if !require_root() {
+        return;
+    }
+    let net = small();
+    let mut agent = Agent::start(&net.gateway, CONFIG);
+    wait_live_serving(&agent);
+    assert!(agent.stop().success(), "{}", agent.log());
+    assert_eq!(
+        live_json(&agent),
+        None,
+        "no live view is left for a dataplane that is gone"
+    );
+    assert!(
+        !run_dir(&agent).exists(),
+        "the run directory is removed: {:?}",
+        std::fs::read_dir(run_dir(&agent))
+            .map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>())
+    );
+}
+
+#[test]
+fn sigterm_with_keep_dataplane_says_the_agent_stopped() {
+    if !require_root() {
+        return;
+    }
+    let net = small();
+    let mut agent = Agent::start_with(&net.gateway, CONFIG, &["--keep-dataplane"]);
+    wait_live_serving(&agent);
+    let pid = agent.pid().map(u64::from);
+    assert!(agent.stop().success(), "{}", agent.log());
+
+    let live = live_json(&agent).expect("live.json stays, saying what happened");
+    assert_eq!(live["health"]["state"], "agent_stopped", "{live:#}");
+    assert_eq!(live["pid"].as_u64(), pid, "{live:#}");
+    let status = agent.status();
+    assert_eq!(status["running"], false, "{status:#}");
+    assert_eq!(
+        status["live"]["health"]["state"], "agent_stopped",
+        "{status:#}"
+    );
+    let text = agent.cli(&["status"]);
+    assert!(text.status.success(), "{}", text.stderr);
+    assert!(
+        text.stdout.contains("NOT RUNNING") && text.stdout.contains("dataplane: agent_stopped"),
+        "{}",
+        text.stdout
+    );
+    assert!(
+        !text.stdout.contains("dataplane: serving"),
+        "{}",
+        text.stdout
+    );
+    // The dataplane itself was left serving, as asked.
+    assert!(
+        ping(&net.host, SERVER, 2),
+        "the unattended dataplane serves"
+    );
+}
+
+#[test]
+fn status_does_not_believe_the_live_view_of_a_dead_agent() {
+    if !require_root() {
+        return;
+    }
+    let net = small();
+    let mut agent = Agent::start(&net.gateway, CONFIG);
+    wait_live_serving(&agent);
+    agent.kill();
+    // A killed agent cannot correct its file: it still says `serving`.
+    let stale = live_json(&agent).expect("the killed agent's live.json");
+    assert_eq!(stale["health"]["state"], "serving", "premise: {stale:#}");
+
+    let status = agent.status();
+    assert_eq!(status["running"], false, "{status:#}");
+    assert!(status.get("live").is_none(), "{status:#}");
+
+    // A new agent that holds the lock but has not published yet (it is
+    // still loading) must not lend the dead one's file credibility.
+    let lock = File::open(run_dir(&agent).join("lock")).expect("the lock file");
+    // SAFETY: flock on a descriptor we own; released when `lock` drops.
+    let locked = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    assert_eq!(locked, 0, "taking the instance lock");
+    let status = agent.status();
+    assert_eq!(status["running"], true, "the lock is held: {status:#}");
+    assert!(
+        status.get("live").is_none(),
+        "the dead writer's `serving` is not reported: {status:#}"
+    );
+    let text = agent.cli(&["status"]);
+    assert!(
+        !text.stdout.contains("dataplane: serving"),
+        "{}",
+        text.stdout
+    );
+    drop(lock);
+}
 
 /// The seeds' gateway VM: the router reaches each tenant's next hop, a
 /// macvlan with a /32 in the parent NIC's subnet, by ARP.
