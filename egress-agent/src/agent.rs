@@ -199,6 +199,19 @@ pub async fn run(instance: &Instance, options: &RunOptions) -> Result<(), RunErr
                 return Err(err);
             }
         };
+    // Once the file is valid, before anything looks at the pins: `ip netns
+    // exec` and some pods have no bpffs at /sys/fs/bpf.
+    let own_bpffs = crate::bpffs::ensure_mounted()?;
+    // Pins in a bpffs this agent mounted go with its mount namespace, and
+    // the programs with them: what it leaves (addresses, forwarding)
+    // would then serve untranslated.
+    let keep_dataplane = options.keep_dataplane && !own_bpffs;
+    if options.keep_dataplane && own_bpffs {
+        tracing::warn!(
+            "--keep-dataplane cannot keep this dataplane: its pins are in the bpffs this agent \
+             mounted, which goes with this mount namespace; a stop removes everything"
+        );
+    }
     let previous = instance.read_state().ok().flatten();
     if let Some(previous) = &previous {
         tracing::warn!(
@@ -370,7 +383,7 @@ pub async fn run(instance: &Instance, options: &RunOptions) -> Result<(), RunErr
     }
     sweeper.stop();
     if let Some(bfd) = bfd {
-        if options.keep_dataplane {
+        if keep_dataplane {
             // The dataplane goes on serving: say nothing, so a restart
             // within the peers' detection time is not taken for a failure.
             bfd.abort();
@@ -379,7 +392,7 @@ pub async fn run(instance: &Instance, options: &RunOptions) -> Result<(), RunErr
             bfd.shutdown().await;
         }
     }
-    if options.keep_dataplane {
+    if keep_dataplane {
         tracing::info!(
             "exiting with the dataplane left serving for the next agent \
              (`egress-agent cleanup` removes it)"

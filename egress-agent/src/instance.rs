@@ -43,7 +43,7 @@ impl Instance {
         }
         Ok(Self {
             name: name.to_owned(),
-            pin_dir: Path::new("/sys/fs/bpf").join(name),
+            pin_dir: Path::new(crate::bpffs::ROOT).join(name),
             run_dir: Path::new("/run").join(name),
         })
     }

@@ -4,7 +4,7 @@
 //! One module per concern: `config` (the file and its validation), `system`
 //! (what the machine has), `dataplane` (programs and maps), `addresses`
 //! (egress IPs on the external interface), `sysctl` (forwarding, ARP
-//! isolation),
+//! isolation), `bpffs` (mounting it where it is missing),
 //! `instance` (pins, lock and state file), `agent` (the run loop),
 //! `conntrack` (flows and their state), `status` (reading an instance back),
 //! `cli`.
@@ -12,6 +12,7 @@
 pub mod addresses;
 pub mod agent;
 pub mod bfd;
+pub mod bpffs;
 pub mod cli;
 pub mod config;
 pub mod conntrack;

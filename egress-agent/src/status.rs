@@ -6,6 +6,7 @@ use std::{
     collections::BTreeMap,
     fmt::Write as _,
     net::Ipv4Addr,
+    path::PathBuf,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -46,16 +47,30 @@ pub struct TenantStatus {
     pub flows: usize,
 }
 
+/// The instance's pins: in this mount namespace's bpffs, or else in the
+/// running agent's (an agent started with `ip netns exec` mounted its own).
 fn open_maps(instance: &Instance) -> anyhow::Result<Maps> {
-    if !instance.pin_dir.exists() {
-        bail!(
-            "instance {} has no pinned dataplane at {} (is the agent running with --instance {}?)",
-            instance.name,
-            instance.pin_dir.display(),
-            instance.name
-        );
+    if instance.pin_dir.exists() {
+        return Maps::open(&instance.pin_dir);
     }
-    Maps::open(&instance.pin_dir)
+    if let Some(pins) = pins_of_running_agent(instance) {
+        return Maps::open(&pins);
+    }
+    bail!(
+        "instance {} has no pinned dataplane at {} (is the agent running with --instance {}?)",
+        instance.name,
+        instance.pin_dir.display(),
+        instance.name
+    );
+}
+
+/// The pin directory as the running agent sees it, through its root in
+/// /proc: in another mount namespace it may be another bpffs.
+fn pins_of_running_agent(instance: &Instance) -> Option<PathBuf> {
+    let pid = instance.read_state().ok().flatten()?.pid;
+    let relative = instance.pin_dir.strip_prefix("/").ok()?;
+    let pins = PathBuf::from(format!("/proc/{pid}/root")).join(relative);
+    (process_alive(pid) && pins.exists()).then_some(pins)
 }
 
 pub fn collect(instance: &Instance) -> anyhow::Result<Status> {

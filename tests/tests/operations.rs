@@ -1,5 +1,6 @@
-//! The agent as operators run it: state files that never claim `serving`
-//! for a dataplane nobody serves, and ARP isolation for tenants selected by
+//! The agent where and as operators run it: under `ip netns exec` (no
+//! bpffs at /sys/fs/bpf), state files that never claim `serving` for a
+//! dataplane nobody serves, and ARP isolation for tenants selected by
 //! their macvlan next hop (the seeds' gateway VM). Real agent binary,
 //! namespaces of their own, no offload tuning. Needs root.
 
@@ -8,13 +9,20 @@ use std::{
     net::Ipv4Addr,
     os::fd::AsRawFd as _,
     path::PathBuf,
+    process::Command,
     time::{Duration, Instant},
 };
 
-use egress_tests::{agent::Agent, netns::Netns, require_root, traffic::ping};
+use egress_tests::{
+    agent::Agent,
+    netns::{Netns, run_ok},
+    require_root,
+    traffic::{Capture, ping},
+};
 
 const HOST: Ipv4Addr = Ipv4Addr::new(172, 20, 10, 10);
 const SERVER: Ipv4Addr = Ipv4Addr::new(192, 168, 31, 1);
+const EGRESS: Ipv4Addr = Ipv4Addr::new(192, 168, 31, 101);
 
 /// Generic XDP and ICMP only: nothing here needs the veth offload tuning
 /// native redirects between veths would.
@@ -33,8 +41,7 @@ xdp: {mode: generic}
 struct Small {
     host: Netns,
     gateway: Netns,
-    /// Kept for its life: the far end of the external link.
-    _server: Netns,
+    server: Netns,
 }
 
 fn small() -> Small {
@@ -52,7 +59,7 @@ fn small() -> Small {
     Small {
         host,
         gateway,
-        _server: server,
+        server,
     }
 }
 
@@ -80,6 +87,114 @@ fn wait_live_serving(agent: &Agent) {
         live_json(agent)
             .is_some_and(|live| live["health"]["state"] == "serving" && live["pid"].as_u64() == pid)
     });
+}
+
+/// `stat -f` of /sys/fs/bpf as a command run through `ip netns exec` sees it.
+fn fs_type_under_ip_netns_exec(ns: &Netns) -> String {
+    let out = run_ok(Command::new("ip").args([
+        "netns",
+        "exec",
+        ns.name(),
+        "stat",
+        "-f",
+        "-c",
+        "%t",
+        "/sys/fs/bpf",
+    ]));
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[test]
+fn under_ip_netns_exec_the_agent_mounts_bpffs_and_serves() {
+    if !require_root() {
+        return;
+    }
+    let net = small();
+    assert_ne!(
+        fs_type_under_ip_netns_exec(&net.gateway),
+        "cafe4a11",
+        "premise: `ip netns exec` leaves no bpffs at /sys/fs/bpf"
+    );
+    let mut agent = Agent::start_with_ip_netns_exec(&net.gateway, CONFIG, &[]);
+    assert!(
+        agent.log().contains("mounted bpffs"),
+        "the agent says it mounted bpffs:\n{}",
+        agent.log()
+    );
+    assert!(
+        !PathBuf::from(format!("/sys/fs/bpf/{}", agent.instance)).exists(),
+        "the pins are in the agent's own bpffs, not the host's"
+    );
+
+    // It serves: the host's echo requests leave from the egress address,
+    // and the replies (the server has no route to the host) come back.
+    let capture = Capture::start(&net.server, "eth0");
+    assert!(ping(&net.host, SERVER, 3), "ping through the gateway");
+    let seen = capture.finish();
+    assert!(
+        seen.iter()
+            .any(|s| !s.outgoing && s.proto == 1 && s.src == EGRESS),
+        "the server saw the egress address: {seen:#?}"
+    );
+    assert!(
+        seen.iter().all(|s| s.src != HOST),
+        "the host's address never left: {seen:#?}"
+    );
+
+    // `status` finds the pins through the agent, from the host's mount
+    // namespace and from another `ip netns exec`.
+    wait_live_serving(&agent);
+    let status = agent.status();
+    assert_eq!(status["running"], true, "{status:#}");
+    assert_eq!(status["live"]["health"]["state"], "serving", "{status:#}");
+    assert!(status["counters"]["out_translated"].as_u64() > Some(0));
+    let out = run_ok(
+        Command::new("ip")
+            .args(["netns", "exec", net.gateway.name()])
+            .arg(egress_tests::agent::agent_binary())
+            .args(["--instance", &agent.instance, "status", "--json"]),
+    );
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+    assert_eq!(status["live"]["health"]["state"], "serving", "{status:#}");
+
+    assert!(agent.stop().success(), "{}", agent.log());
+    let links = net.gateway.run("ip", &["-d", "link", "show"]);
+    let text = String::from_utf8_lossy(&links.stdout);
+    assert!(!text.contains("prog/xdp"), "no XDP program left: {text}");
+}
+
+#[test]
+fn under_ip_netns_exec_keep_dataplane_cannot_keep_it_and_a_stop_removes_everything() {
+    if !require_root() {
+        return;
+    }
+    let net = small();
+    let mut agent = Agent::start_with_ip_netns_exec(&net.gateway, CONFIG, &["--keep-dataplane"]);
+    assert!(
+        agent
+            .log()
+            .contains("--keep-dataplane cannot keep this dataplane"),
+        "{}",
+        agent.log()
+    );
+    wait_live_serving(&agent);
+    assert!(agent.stop().success(), "{}", agent.log());
+    // The pins went with the agent's mount namespace, and the programs with
+    // them: nothing may stay that would forward tenant traffic untranslated.
+    let links = net.gateway.run("ip", &["-d", "link", "show"]);
+    let text = String::from_utf8_lossy(&links.stdout);
+    assert!(!text.contains("prog/xdp"), "no XDP program left: {text}");
+    let addrs = net.gateway.ip(&["-4", "-o", "addr", "show", "dev", "eth1"]);
+    let text = String::from_utf8_lossy(&addrs.stdout);
+    assert!(
+        !text.contains(&EGRESS.to_string()),
+        "egress address left: {text}"
+    );
+    let forwarding = net
+        .gateway
+        .run("cat", &["/proc/sys/net/ipv4/conf/eth0/forwarding"]);
+    assert_eq!(String::from_utf8_lossy(&forwarding.stdout).trim(), "0");
+    assert_eq!(live_json(&agent), None, "no live view claims anything");
 }
 
 #[test]
