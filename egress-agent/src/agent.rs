@@ -159,6 +159,10 @@ impl Applied {
         );
         // Our descriptors close; the pinned links and maps stay.
         drop(self.dataplane.take());
+        live::publish_stopped(
+            instance,
+            "a new agent failed to start; the dataplane it found serves on unattended",
+        );
     }
 }
 
@@ -195,6 +199,19 @@ pub async fn run(instance: &Instance, options: &RunOptions) -> Result<(), RunErr
                 return Err(err);
             }
         };
+    // Once the file is valid, before anything looks at the pins: `ip netns
+    // exec` and some pods have no bpffs at /sys/fs/bpf.
+    let own_bpffs = crate::bpffs::ensure_mounted()?;
+    // Pins in a bpffs this agent mounted go with its mount namespace, and
+    // the programs with them: what it leaves (addresses, forwarding)
+    // would then serve untranslated.
+    let keep_dataplane = options.keep_dataplane && !own_bpffs;
+    if options.keep_dataplane && own_bpffs {
+        tracing::warn!(
+            "--keep-dataplane cannot keep this dataplane: its pins are in the bpffs this agent \
+             mounted, which goes with this mount namespace; a stop removes everything"
+        );
+    }
     let previous = instance.read_state().ok().flatten();
     if let Some(previous) = &previous {
         tracing::warn!(
@@ -296,6 +313,7 @@ pub async fn run(instance: &Instance, options: &RunOptions) -> Result<(), RunErr
                 _ = tick.tick() => {
                     ticks += 1;
                     let view = live::Live {
+                        pid: std::process::id(),
                         health: health_rx.borrow().clone(),
                         bfd: bfd.as_ref().map(Bfd::snapshot).unwrap_or_default(),
                         kubernetes: kube.as_ref().map(KubeSource::view),
@@ -354,9 +372,18 @@ pub async fn run(instance: &Instance, options: &RunOptions) -> Result<(), RunErr
     .await;
     monitor.abort();
     let _ = health_tx.send(Health::ShuttingDown);
+    let stopping = live::Live {
+        pid: std::process::id(),
+        health: Health::ShuttingDown,
+        bfd: Vec::new(),
+        kubernetes: None,
+    };
+    if let Err(err) = published.publish(instance, stopping) {
+        tracing::warn!(error = %format!("{err:#}"), "publishing status");
+    }
     sweeper.stop();
     if let Some(bfd) = bfd {
-        if options.keep_dataplane {
+        if keep_dataplane {
             // The dataplane goes on serving: say nothing, so a restart
             // within the peers' detection time is not taken for a failure.
             bfd.abort();
@@ -365,13 +392,18 @@ pub async fn run(instance: &Instance, options: &RunOptions) -> Result<(), RunErr
             bfd.shutdown().await;
         }
     }
-    if options.keep_dataplane {
+    if keep_dataplane {
         tracing::info!(
             "exiting with the dataplane left serving for the next agent \
              (`egress-agent cleanup` removes it)"
         );
         // Our descriptors close; the pinned links and maps stay.
         drop(applied.dataplane.take());
+        live::publish_stopped(
+            instance,
+            "the agent stopped with --keep-dataplane; the dataplane serves on unattended \
+             until the next agent adopts it (`egress-agent cleanup` removes it)",
+        );
     } else {
         tracing::info!("shutting down: detaching programs and removing what this agent added");
         applied.undo(instance).await;
@@ -530,6 +562,9 @@ async fn apply(
     applied
         .sysctls
         .extend(sysctl::enable_forwarding(interfaces)?);
+    applied.sysctls.extend(sysctl::isolate_arp(
+        resolved.arp_isolated.iter().map(|l| l.name.as_str()),
+    )?);
     // Flows a predecessor translated for a configuration that changed since.
     end_disallowed_flows(&mut maps, resolved, &desired)?;
     routes::sync(&applied.handle, &resolved.return_routes).await?;
@@ -564,6 +599,10 @@ async fn reconcile(
     maps.sync(&desired)?;
     let ended = end_disallowed_flows(&mut maps, resolved, &desired)?;
     routes::sync(&applied.handle, &resolved.return_routes).await?;
+    // New ingress ports; ones that went keep the setting until exit.
+    applied.sysctls.extend(sysctl::isolate_arp(
+        resolved.arp_isolated.iter().map(|l| l.name.as_str()),
+    )?);
     if ended > 0 {
         tracing::info!(
             flows = ended,

@@ -8,7 +8,7 @@
 //! reaches the dataplane, so a bad file changes nothing.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     fmt,
     net::{IpAddr, Ipv4Addr},
     path::{Path, PathBuf},
@@ -734,6 +734,9 @@ pub struct Resolved {
     pub xdp_mode: XdpModeSetting,
     pub return_routes: Vec<crate::routes::ReturnRoute>,
     pub bfd_peers: Vec<ResolvedBfdPeer>,
+    /// Interfaces that must answer ARP only for their own addresses: each
+    /// ingress port's interface and the internal one it is on.
+    pub arp_isolated: Vec<LinkRef>,
 }
 
 impl Resolved {
@@ -781,6 +784,7 @@ impl Plan {
         let internal: Vec<LinkRef> = internal.into_iter().flatten().collect();
 
         let mut tenants = Vec::with_capacity(self.tenants.len());
+        let mut arp_isolated = BTreeSet::new();
         for (index, tenant) in self.tenants.iter().enumerate() {
             let at = TenantField::new(index, &tenant.name);
             let mut ports = Vec::new();
@@ -789,6 +793,8 @@ impl Plan {
                 if let Some(port) =
                     resolve_ingress(&mut problems, &here, ingress, &internal, system)
                 {
+                    arp_isolated.insert(port.ifindex);
+                    arp_isolated.extend(system.link_by_name(&ingress.interface).map(|l| l.index));
                     ports.push(port);
                 }
             }
@@ -865,6 +871,14 @@ impl Plan {
             xdp_mode: self.xdp_mode,
             return_routes,
             bfd_peers,
+            arp_isolated: arp_isolated
+                .into_iter()
+                .filter_map(|index| system.link_by_index(index))
+                .map(|facts| LinkRef {
+                    name: facts.name.clone(),
+                    index: facts.index,
+                })
+                .collect(),
         });
         match (problems.into_result(()), resolved) {
             (Ok(()), Some(resolved)) => Ok(resolved),
@@ -957,11 +971,42 @@ fn resolve_ingress(
     }
     // A macvlan on an internal interface: XDP on the parent sees its frames
     // first, addressed to the macvlan's MAC.
-    let parent = link
+    let macvlan_parent = link
         .parent
-        .filter(|_| link.kind.as_deref() == Some("macvlan"))
-        .filter(|parent| internal.iter().any(|i| i.index == *parent));
-    match (parent, link.mac) {
+        .filter(|_| link.kind.as_deref() == Some("macvlan"));
+    if let Some(parent) = macvlan_parent
+        && !internal.iter().any(|i| i.index == parent)
+    {
+        let parent = system
+            .link_by_index(parent)
+            .map_or_else(|| format!("ifindex {parent}"), |l| l.name.clone());
+        problems.add(
+            format!("{field}.interface"),
+            format!(
+                "{} is a macvlan on {parent}, which is not an internal interface \
+                 (XDP on the internal interface is what sees its frames)",
+                link.name
+            ),
+        );
+        return None;
+    }
+    if macvlan_parent.is_some()
+        && !system
+            .addresses
+            .iter()
+            .any(|a| a.index == link.index && a.addr.is_ipv4())
+    {
+        problems.add(
+            format!("{field}.interface"),
+            format!(
+                "{} has no IPv4 address: the router finds a macvlan next hop by ARP for \
+                 its address (give it one, e.g. a /32 in the parent's subnet)",
+                link.name
+            ),
+        );
+        return None;
+    }
+    match (macvlan_parent, link.mac) {
         (Some(parent), Some(own_mac)) => {
             if mac.is_some_and(|mac| mac != own_mac) {
                 problems.add(

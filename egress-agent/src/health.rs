@@ -22,6 +22,10 @@ pub enum Health {
     Serving,
     NotServing(String),
     ShuttingDown,
+    /// The agent stopped and left the dataplane as it was, unattended
+    /// (`--keep-dataplane`, or a start that failed over a serving one):
+    /// nothing checks or reconfigures it until the next agent adopts it.
+    AgentStopped(String),
 }
 
 impl Health {

@@ -43,7 +43,7 @@ impl Instance {
         }
         Ok(Self {
             name: name.to_owned(),
-            pin_dir: Path::new("/sys/fs/bpf").join(name),
+            pin_dir: Path::new(crate::bpffs::ROOT).join(name),
             run_dir: Path::new("/run").join(name),
         })
     }
@@ -108,12 +108,24 @@ impl Instance {
         std::fs::rename(&temporary, &path).with_context(|| format!("writing {}", path.display()))
     }
 
+    /// Removes the state files (the live view too: nothing serves any more).
     pub fn remove_state(&self) {
-        for name in ["state.json", "lock"] {
+        for name in ["state.json", "live.json", "live.json.new", "lock"] {
             let _ = std::fs::remove_file(self.run_dir.join(name));
         }
         let _ = std::fs::remove_dir(&self.run_dir);
     }
+}
+
+/// Whether a process with this id exists (in this PID namespace).
+pub fn process_alive(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    // SAFETY: signal 0 only checks that the process exists.
+    pid > 0
+        && (unsafe { libc::kill(pid, 0) } == 0
+            || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM))
 }
 
 /// What a running agent set up; enough for `status` to describe it and

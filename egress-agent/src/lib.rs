@@ -4,7 +4,8 @@
 //! One module per concern: `config` (the file and its validation), `system`
 //! (what the machine has), `hook_choice` (XDP or TC per interface, from
 //! what the kernel reports), `dataplane` (programs and maps), `addresses`
-//! (egress IPs on the external interface), `sysctl` (forwarding),
+//! (egress IPs on the external interface), `sysctl` (forwarding, ARP
+//! isolation), `bpffs` (mounting it where it is missing),
 //! `instance` (pins, lock and state file), `agent` (the run loop),
 //! `conntrack` (flows and their state), `status` (reading an instance back),
 //! `cli`.
@@ -12,6 +13,7 @@
 pub mod addresses;
 pub mod agent;
 pub mod bfd;
+pub mod bpffs;
 pub mod cli;
 pub mod config;
 pub mod conntrack;

@@ -20,6 +20,9 @@ use crate::{
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Live {
+    /// The agent that wrote this: `status` trusts the file only while that
+    /// process lives (or when it says the agent stopped).
+    pub pid: u32,
     pub health: Health,
     pub bfd: Vec<PeerStatus>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -78,14 +81,31 @@ impl Published {
 
     /// Writes the view for `status` (atomically: status may read any time).
     pub fn publish(&self, instance: &Instance, live: Live) -> anyhow::Result<()> {
-        let path = instance.run_dir.join("live.json");
-        let temporary = instance.run_dir.join("live.json.new");
-        std::fs::write(&temporary, serde_json::to_vec_pretty(&live)?)
-            .with_context(|| format!("writing {}", temporary.display()))?;
-        std::fs::rename(&temporary, &path)
-            .with_context(|| format!("replacing {}", path.display()))?;
+        write(instance, &live)?;
         *self.0.lock().unwrap_or_else(PoisonError::into_inner) = live.bfd;
         Ok(())
+    }
+}
+
+fn write(instance: &Instance, live: &Live) -> anyhow::Result<()> {
+    let path = instance.run_dir.join("live.json");
+    let temporary = instance.run_dir.join("live.json.new");
+    std::fs::write(&temporary, serde_json::to_vec_pretty(live)?)
+        .with_context(|| format!("writing {}", temporary.display()))?;
+    std::fs::rename(&temporary, &path).with_context(|| format!("replacing {}", path.display()))
+}
+
+/// Says, as this agent exits, that it leaves the dataplane unattended, so
+/// the file never claims `serving` for a dataplane nobody watches.
+pub fn publish_stopped(instance: &Instance, reason: &str) {
+    let live = Live {
+        pid: std::process::id(),
+        health: Health::AgentStopped(reason.to_owned()),
+        bfd: Vec::new(),
+        kubernetes: None,
+    };
+    if let Err(err) = write(instance, &live) {
+        tracing::warn!(error = %format!("{err:#}"), "publishing that the agent stopped");
     }
 }
 

@@ -6,6 +6,7 @@ use std::{
     collections::BTreeMap,
     fmt::Write as _,
     net::Ipv4Addr,
+    path::PathBuf,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -16,7 +17,7 @@ use serde::Serialize;
 use crate::{
     conntrack::{self, Flow, FlowState},
     dataplane::{Attachment, maps::Maps},
-    instance::{Instance, RunState},
+    instance::{Instance, RunState, process_alive},
 };
 
 #[derive(Debug, Serialize)]
@@ -46,16 +47,30 @@ pub struct TenantStatus {
     pub flows: usize,
 }
 
+/// The instance's pins: in this mount namespace's bpffs, or else in the
+/// running agent's (an agent started with `ip netns exec` mounted its own).
 fn open_maps(instance: &Instance) -> anyhow::Result<Maps> {
-    if !instance.pin_dir.exists() {
-        bail!(
-            "instance {} has no pinned dataplane at {} (is the agent running with --instance {}?)",
-            instance.name,
-            instance.pin_dir.display(),
-            instance.name
-        );
+    if instance.pin_dir.exists() {
+        return Maps::open(&instance.pin_dir);
     }
-    Maps::open(&instance.pin_dir)
+    if let Some(pins) = pins_of_running_agent(instance) {
+        return Maps::open(&pins);
+    }
+    bail!(
+        "instance {} has no pinned dataplane at {} (is the agent running with --instance {}?)",
+        instance.name,
+        instance.pin_dir.display(),
+        instance.name
+    );
+}
+
+/// The pin directory as the running agent sees it, through its root in
+/// /proc: in another mount namespace it may be another bpffs.
+fn pins_of_running_agent(instance: &Instance) -> Option<PathBuf> {
+    let pid = instance.read_state().ok().flatten()?.pid;
+    let relative = instance.pin_dir.strip_prefix("/").ok()?;
+    let pins = PathBuf::from(format!("/proc/{pid}/root")).join(relative);
+    (process_alive(pid) && pins.exists()).then_some(pins)
 }
 
 pub fn collect(instance: &Instance) -> anyhow::Result<Status> {
@@ -104,10 +119,7 @@ pub fn collect(instance: &Instance) -> anyhow::Result<Status> {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let live = running
-        .then(|| std::fs::read(instance.run_dir.join("live.json")).ok())
-        .flatten()
-        .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+    let live = read_live(instance, running);
     Ok(Status {
         live,
         instance: instance.name.clone(),
@@ -136,6 +148,21 @@ pub fn collect(instance: &Instance) -> anyhow::Result<Status> {
             .map(|(counter, value)| (counter.name().to_owned(), value))
             .collect(),
     })
+}
+
+/// The running agent's view, if it can be believed: written by the agent
+/// that holds the instance's lock and still lives, or saying that the agent
+/// stopped. A file left by an agent that died (SIGKILL, a crash) says what
+/// was true then, `serving` included, and is not shown.
+fn read_live(instance: &Instance, running: bool) -> Option<serde_json::Value> {
+    let bytes = std::fs::read(instance.run_dir.join("live.json")).ok()?;
+    let live: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    let stopped = live["health"]["state"] == "agent_stopped";
+    let writer_alive = live["pid"]
+        .as_u64()
+        .and_then(|pid| u32::try_from(pid).ok())
+        .is_some_and(process_alive);
+    (stopped || (running && writer_alive)).then_some(live)
 }
 
 pub fn render_status(status: &Status) -> String {

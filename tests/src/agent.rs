@@ -64,6 +64,9 @@ pub struct Agent {
     pub instance: String,
     pub config: ConfigFile,
     ns_path: String,
+    /// Started through `ip netns exec <this namespace>`, as operators do,
+    /// instead of entering the namespace directly.
+    netns_exec: Option<String>,
     /// Extra arguments of `run`, kept for restarts.
     run_args: Vec<String>,
     child: Option<Child>,
@@ -78,12 +81,24 @@ impl Agent {
 
     /// Like [`Agent::start`], with more arguments for `run`.
     pub fn start_with(ns: &Netns, yaml: &str, run_args: &[&str]) -> Self {
+        Self::start_as(ns, yaml, run_args, false)
+    }
+
+    /// Like [`Agent::start_with`], through `ip netns exec`, which gives the
+    /// agent a mount namespace of its own with a fresh /sys (so no bpffs at
+    /// /sys/fs/bpf).
+    pub fn start_with_ip_netns_exec(ns: &Netns, yaml: &str, run_args: &[&str]) -> Self {
+        Self::start_as(ns, yaml, run_args, true)
+    }
+
+    fn start_as(ns: &Netns, yaml: &str, run_args: &[&str], ip_netns_exec: bool) -> Self {
         let instance = unique_name("agent");
         let log = std::env::temp_dir().join(format!("{instance}.log"));
         let mut agent = Self {
             instance,
             config: ConfigFile::new(yaml),
             ns_path: ns.path(),
+            netns_exec: ip_netns_exec.then(|| ns.name().to_owned()),
             run_args: run_args.iter().map(|a| (*a).to_owned()).collect(),
             child: None,
             log,
@@ -98,7 +113,16 @@ impl Agent {
             .append(true)
             .open(&self.log)
             .expect("agent log");
-        let child = crate::netns::command_in(&self.ns_path, agent_binary())
+        let mut command = match &self.netns_exec {
+            Some(name) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", name]).arg(agent_binary());
+                crate::cleanup::signals_unblocked(&mut command);
+                command
+            }
+            None => crate::netns::command_in(&self.ns_path, agent_binary()),
+        };
+        let child = command
             .args(["--instance", &self.instance, "run", "--config"])
             .arg(&self.config.path)
             .args(&self.run_args)
@@ -180,6 +204,11 @@ impl Agent {
             "egress-agent did not serve within {timeout:?}:\n{}",
             self.log()
         );
+    }
+
+    /// The running agent's process id (`ip netns exec` execs the agent).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     pub fn log(&self) -> String {

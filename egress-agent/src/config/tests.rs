@@ -338,6 +338,12 @@ fn machine_with_macvlan() -> SystemView {
         parent: Some(2),
         xdp_features: None,
     });
+    // The next-hop address the router resolves by ARP.
+    system.addresses.push(AddressFacts {
+        index: 9,
+        addr: IpAddr::V4(Ipv4Addr::new(10, 70, 0, 11)),
+        prefix_len: 32,
+    });
     system
 }
 
@@ -359,6 +365,57 @@ fn tenants_sharing_sources_are_told_apart_by_ingress_mac() {
             ifindex: 2,
             mac: Some([2, 0, 0, 0, 0, 0xaa])
         }]
+    );
+}
+
+#[test]
+fn ingress_ports_and_their_parents_get_arp_isolation() {
+    let resolved = plan(SHARED_POD_CIDR)
+        .unwrap()
+        .resolve(&machine_with_macvlan())
+        .expect("resolves");
+    let names: Vec<&str> = resolved
+        .arp_isolated
+        .iter()
+        .map(|l| l.name.as_str())
+        .collect();
+    assert_eq!(names, ["eth0", "macvlan-blue"]);
+    let plain = plan(SEED).unwrap().resolve(&machine()).expect("resolves");
+    assert!(
+        plain.arp_isolated.is_empty(),
+        "no ingress ports, no ARP changes"
+    );
+}
+
+#[test]
+fn an_ingress_macvlan_without_an_ipv4_address_is_refused() {
+    let mut system = machine_with_macvlan();
+    system.addresses.retain(|a| a.index != 9);
+    let problems = plan(SHARED_POD_CIDR)
+        .unwrap()
+        .resolve(&system)
+        .expect_err("refused");
+    assert_problem(
+        &problems,
+        "tenants[0] (ns-blue).ingress[0].interface",
+        "macvlan-blue has no IPv4 address",
+    );
+}
+
+#[test]
+fn an_ingress_macvlan_on_a_non_internal_interface_is_refused() {
+    let mut system = machine_with_macvlan();
+    if let Some(macvlan) = system.links.iter_mut().find(|l| l.index == 9) {
+        macvlan.parent = Some(4);
+    }
+    let problems = plan(SHARED_POD_CIDR)
+        .unwrap()
+        .resolve(&system)
+        .expect_err("refused");
+    assert_problem(
+        &problems,
+        "tenants[0] (ns-blue).ingress[0].interface",
+        "macvlan-blue is a macvlan on mgmt, which is not an internal interface",
     );
 }
 
