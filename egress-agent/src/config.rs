@@ -914,11 +914,12 @@ impl Plan {
         let as_target = |link: &LinkRef| -> InterfaceFacts {
             let mut target = facts(link);
             let will_run_xdp = self.hooks.setting(&link.name) != HookSetting::Tc;
+            let forwards = hook_choice::XDP_ACT_BASIC | hook_choice::XDP_ACT_REDIRECT;
+            let hardware = hook_choice::is_hardware(&target);
             if let Some(features) = target.xdp_features.as_mut()
-                && hook_choice::is_hardware(&target)
-                && *features & (hook_choice::XDP_ACT_BASIC | hook_choice::XDP_ACT_REDIRECT)
-                    == hook_choice::XDP_ACT_BASIC | hook_choice::XDP_ACT_REDIRECT
+                && hardware
                 && will_run_xdp
+                && *features & forwards == forwards
             {
                 *features |= hook_choice::XDP_ACT_NDO_XMIT;
             }

@@ -79,7 +79,10 @@ pub async fn check(handle: &rtnetlink::Handle, attachments: &[Attachment], maps:
 fn xdp_targets_problem(attachments: &[Attachment]) -> Option<String> {
     let outbound = [names::PROG_SNAT_REPLY, names::PROG_TC_REPLY];
     let reply = [names::PROG_SNAT_OUTBOUND, names::PROG_TC_OUTBOUND];
-    for attachment in attachments.iter().filter(|a| a.hook.starts_with("xdp/native")) {
+    for attachment in attachments
+        .iter()
+        .filter(|a| a.hook.starts_with("xdp/native"))
+    {
         let target_programs: &[&str] = if attachment.program == names::PROG_SNAT_OUTBOUND {
             &outbound
         } else {

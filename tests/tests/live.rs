@@ -263,7 +263,9 @@ fn an_xdp_target_that_stops_taking_redirects_makes_the_gateway_unready() {
         .map(|a| format!("{} {}", a["program"], a["hook"]))
         .collect();
     assert!(
-        hooks.iter().any(|h| h.contains("snat_outbound") && h.contains("xdp")),
+        hooks
+            .iter()
+            .any(|h| h.contains("snat_outbound") && h.contains("xdp")),
         "{hooks:?}"
     );
     net.external.ethtool("eth0", "gro", false);
