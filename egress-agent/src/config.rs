@@ -613,6 +613,10 @@ impl Config {
     }
 }
 
+const GENERIC_XDP_REASON: &str = "set by configuration (xdp.mode: generic): a socket buffer per \
+     packet like TC, but partial checksums and GSO packets from co-located senders are not \
+     handled; hook: tc does everything this does";
+
 /// The hook each interface asks for.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HookPlan {
@@ -936,7 +940,18 @@ impl Plan {
             .map(|(link, f)| (link, f, &external_facts[..]))
             .chain([(external, &external_ingress, &internal_targets[..])]);
         for (link, ingress, targets) in sides {
-            match hook_choice::choose(self.hooks.setting(&link.name), ingress, targets) {
+            let setting = self.hooks.setting(&link.name);
+            // Generic XDP redirects through the kernel's stack, which takes
+            // any target; only what XDP cannot see remains to warn about.
+            if setting == HookSetting::Xdp && self.xdp_mode == XdpModeSetting::Generic {
+                hooks.push(InterfaceHook {
+                    link: link.clone(),
+                    hook: Hook::Xdp,
+                    reason: GENERIC_XDP_REASON.to_owned(),
+                });
+                continue;
+            }
+            match hook_choice::choose(setting, ingress, targets) {
                 Ok(Choice { hook, reason }) => hooks.push(InterfaceHook {
                     link: link.clone(),
                     hook,

@@ -7,6 +7,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use egress_common::names;
+
 use crate::netns::{Netns, command_in, unique_name};
 
 /// Agent processes alive in this process, for `cleanup::on_signal`.
@@ -325,5 +327,24 @@ fn finish(mut command: Command) -> Finished {
         status,
         stdout,
         stderr,
+    }
+}
+
+/// Fails unless no program of the dataplane is attached in `ns`: neither
+/// XDP (`ip -d link`) nor TC (`bpftool net show`, which lists tcx links).
+#[track_caller]
+pub fn assert_no_dataplane_left(ns: &Netns) {
+    let links = ns.run("ip", &["-d", "link", "show"]);
+    let text = String::from_utf8_lossy(&links.stdout);
+    assert!(!text.contains("prog/xdp"), "no XDP program left: {text}");
+    let tc = ns.run("bpftool", &["net", "show"]);
+    let text = String::from_utf8_lossy(&tc.stdout);
+    for program in [
+        names::PROG_TC_OUTBOUND,
+        names::PROG_TC_REPLY,
+        names::PROG_NEIGH_FALLBACK,
+        names::PROG_LEAK_GUARD,
+    ] {
+        assert!(!text.contains(program), "no TC program left: {text}");
     }
 }

@@ -14,7 +14,7 @@ use std::{
 };
 
 use egress_tests::{
-    agent::Agent,
+    agent::{Agent, assert_no_dataplane_left},
     netns::{Netns, run_ok},
     require_root,
     traffic::{Capture, ping},
@@ -24,8 +24,7 @@ const HOST: Ipv4Addr = Ipv4Addr::new(172, 20, 10, 10);
 const SERVER: Ipv4Addr = Ipv4Addr::new(192, 168, 31, 1);
 const EGRESS: Ipv4Addr = Ipv4Addr::new(192, 168, 31, 101);
 
-/// Generic XDP and ICMP only: nothing here needs the veth offload tuning
-/// native redirects between veths would.
+/// Veths at kernel defaults: `auto` runs the packet path at TC.
 const CONFIG: &str = "\
 interfaces: {internal: [eth0], external: eth1}
 tenants:
@@ -33,7 +32,6 @@ tenants:
     sources: [172.20.10.0/24]
     egressIPs: [192.168.31.101]
 conntrack: {maxFlows: 1024}
-xdp: {mode: generic}
 ";
 
 /// host (172.20.10.10) ── eth0 [gateway] eth1 ── server (192.168.31.1);
@@ -158,9 +156,7 @@ fn under_ip_netns_exec_the_agent_mounts_bpffs_and_serves() {
     assert_eq!(status["live"]["health"]["state"], "serving", "{status:#}");
 
     assert!(agent.stop().success(), "{}", agent.log());
-    let links = net.gateway.run("ip", &["-d", "link", "show"]);
-    let text = String::from_utf8_lossy(&links.stdout);
-    assert!(!text.contains("prog/xdp"), "no XDP program left: {text}");
+    assert_no_dataplane_left(&net.gateway);
 }
 
 #[test]
@@ -181,9 +177,7 @@ fn under_ip_netns_exec_keep_dataplane_cannot_keep_it_and_a_stop_removes_everythi
     assert!(agent.stop().success(), "{}", agent.log());
     // The pins went with the agent's mount namespace, and the programs with
     // them: nothing may stay that would forward tenant traffic untranslated.
-    let links = net.gateway.run("ip", &["-d", "link", "show"]);
-    let text = String::from_utf8_lossy(&links.stdout);
-    assert!(!text.contains("prog/xdp"), "no XDP program left: {text}");
+    assert_no_dataplane_left(&net.gateway);
     let addrs = net.gateway.ip(&["-4", "-o", "addr", "show", "dev", "eth1"]);
     let text = String::from_utf8_lossy(&addrs.stdout);
     assert!(

@@ -11,7 +11,7 @@ use std::{
 };
 
 use egress_tests::{
-    agent::Agent,
+    agent::{Agent, assert_no_dataplane_left},
     require_root,
     topology::{HOST_A, HOST_B, SERVER, Topology, seed_config},
     traffic::{Received, bulk_transfer, udp_echo_server, udp_request},
@@ -139,14 +139,7 @@ fn without_keep_dataplane_sigterm_still_removes_everything() {
     assert!(pins.join("links").read_dir().expect("pinned links").count() == 3);
     assert!(agent.stop().success());
     assert!(!pins.exists(), "no pin is left: {}", pins.display());
-    let links = net.gateway.run("ip", &["-d", "link", "show"]);
-    let text = String::from_utf8_lossy(&links.stdout);
-    assert!(!text.contains("prog/xdp"), "no XDP program left: {text}");
-    let tc = net.gateway.run("bpftool", &["net", "show"]);
-    let text = String::from_utf8_lossy(&tc.stdout);
-    for program in ["tc_outbound", "tc_reply", "leak_guard"] {
-        assert!(!text.contains(program), "no TC program left: {text}");
-    }
+    assert_no_dataplane_left(&net.gateway);
 }
 
 #[test]
