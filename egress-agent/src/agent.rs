@@ -292,6 +292,14 @@ pub async fn run(instance: &Instance, options: &RunOptions) -> Result<(), RunErr
     let bfd_health = live::follow_health(health_rx.clone());
     let published = live::Published::default();
     published.export(&exporter);
+    crate::redirects::export(
+        &exporter,
+        &instance.pin_dir,
+        applied
+            .dataplane
+            .as_ref()
+            .is_some_and(Dataplane::redirect_errors_watched),
+    );
     let mut bfd = start_bfd(&resolved, &bfd_health).await;
     let mut current = resolved;
     let result = async {
@@ -501,20 +509,28 @@ async fn monitor_health(
     health: watch::Sender<Health>,
 ) {
     let mut maps = None;
+    let mut redirects = crate::redirects::Watch::new(&pin_dir);
     loop {
         if maps.is_none() {
             maps = Maps::open(&pin_dir).ok();
         }
         let verdict = match &maps {
-            Some(maps) => crate::health::check(&handle, &attachments, maps).await,
+            Some(maps) => {
+                crate::health::check_with_redirects(&handle, &attachments, maps, &mut redirects)
+                    .await
+            }
             None => Health::NotServing("the pinned maps are gone".to_owned()),
         };
         health.send_if_modified(|current| {
             if *current == verdict {
                 return false;
             }
-            match &verdict {
-                Health::NotServing(reason) => {
+            match (&verdict, &*current) {
+                // The same cause with new numbers (frames lost so far):
+                // published, but not logged four times a second.
+                (Health::NotServing(reason), Health::NotServing(before))
+                    if same_but_numbers(reason, before) => {}
+                (Health::NotServing(reason), _) => {
                     tracing::error!(%reason, "the dataplane stopped serving")
                 }
                 _ => tracing::info!(health = ?verdict, "dataplane health"),
@@ -524,6 +540,15 @@ async fn monitor_health(
         });
         tokio::time::sleep(HEALTH_INTERVAL).await;
     }
+}
+
+fn same_but_numbers(a: &str, b: &str) -> bool {
+    let words = |s: &str| {
+        s.chars()
+            .filter(|c| !c.is_ascii_digit())
+            .collect::<String>()
+    };
+    words(a) == words(b)
 }
 
 /// Loads, attaches and applies the first configuration.

@@ -2,6 +2,8 @@
 //! the agent put it (XDP and TC alike), and the pinned maps readable. BFD and `/readyz` follow
 //! this verdict, so a router withdraws the gateway as soon as packets would
 //! no longer be translated, not when a timeout notices.
+//! [`check_with_redirects`] adds what only the kernel sees: frames it
+//! dropped after the programs returned `XDP_REDIRECT`.
 
 use aya::programs::{SchedClassifier, TcAttachType};
 use futures::TryStreamExt as _;
@@ -132,6 +134,22 @@ fn tc_problem(attachment: &Attachment) -> Option<String> {
         "{} was detached from {} ({})",
         attachment.program, attachment.interface, attachment.hook
     ))
+}
+
+/// [`check`], then whether the kernel drops what the programs redirect: a
+/// dataplane whose frames are lost after `XDP_REDIRECT` is not serving
+/// (see `redirects` for when that starts and ends).
+pub async fn check_with_redirects(
+    handle: &rtnetlink::Handle,
+    attachments: &[Attachment],
+    maps: &Maps,
+    redirects: &mut crate::redirects::Watch,
+) -> Health {
+    let dropped = redirects.observe(std::time::Instant::now());
+    match check(handle, attachments, maps).await {
+        Health::Serving => dropped.map_or(Health::Serving, Health::NotServing),
+        other => other,
+    }
 }
 
 /// The id of the XDP program attached to a link, if any.

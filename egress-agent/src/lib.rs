@@ -24,6 +24,7 @@ pub mod instance;
 pub mod kubernetes;
 pub mod live;
 pub mod metrics;
+pub mod redirects;
 pub mod routes;
 pub mod status;
 pub mod sysctl;

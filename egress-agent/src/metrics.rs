@@ -58,7 +58,7 @@ impl Exporter {
         gauge(
             &mut out,
             "egress_dataplane_serving",
-            "1 while every program is attached and the maps are readable.",
+            "1 while every program is attached, the maps are readable and the kernel takes what they redirect.",
             u64::from(serving),
         );
         let _ = writeln!(

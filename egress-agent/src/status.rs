@@ -33,6 +33,8 @@ pub struct Status {
     pub conntrack_entries: usize,
     pub conntrack_capacity: u32,
     pub counters: BTreeMap<String, u64>,
+    /// XDP redirects the kernel dropped, by interface pair.
+    pub redirect_drops: Vec<crate::redirects::Row>,
     /// The running agent's own view: dataplane health and BFD sessions.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub live: Option<serde_json::Value>,
@@ -142,6 +144,7 @@ pub fn collect(instance: &Instance) -> anyhow::Result<Status> {
         flows: flows.len(),
         conntrack_entries,
         conntrack_capacity: maps.conntrack_capacity,
+        redirect_drops: crate::redirects::rows(&instance.pin_dir),
         counters: maps
             .counters()?
             .into_iter()
@@ -280,6 +283,22 @@ pub fn render_status(status: &Status) -> String {
     }
     for (name, value) in nonzero {
         let _ = writeln!(out, "  {name:<28} {value}");
+    }
+    if !status.redirect_drops.is_empty() {
+        let _ = writeln!(out, "\nXDP redirects the kernel dropped:");
+        let rows = status.redirect_drops.iter().map(|r| {
+            vec![
+                r.from.clone(),
+                r.to.clone(),
+                r.failed.to_string(),
+                r.partial.to_string(),
+                r.last_error.clone(),
+            ]
+        });
+        out.push_str(&table(
+            &["FROM", "TO", "FAILED", "PARTIAL", "LAST ERROR"],
+            rows,
+        ));
     }
     out
 }

@@ -14,6 +14,7 @@ pub mod config;
 pub mod counters;
 pub mod flow;
 pub mod names;
+pub mod redirect;
 pub mod tenant;
 
 /// Declares a map layout: `#[repr(C)]`, copyable, and `Pod` on the user side.

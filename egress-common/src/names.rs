@@ -25,9 +25,12 @@ pub const INTERFACES: &str = "INTERFACES";
 pub const CONFIG: &str = "DP_CONFIG";
 /// Per-CPU array `Counter` index -> packets (`u64`).
 pub const COUNTERS: &str = "COUNTERS";
+/// Per-CPU hash `RedirectPair` -> `RedirectDrops`: XDP redirects the kernel
+/// dropped after the programs returned, by (from, to) interface.
+pub const REDIRECT_DROPS: &str = "REDIRECT_DROPS";
 
 /// Every map, in the order the agent pins them.
-pub const ALL_MAPS: [&str; 10] = [
+pub const ALL_MAPS: [&str; 11] = [
     TENANT_SOURCES_V4,
     INGRESS_PORTS,
     TENANTS,
@@ -38,6 +41,7 @@ pub const ALL_MAPS: [&str; 10] = [
     INTERFACES,
     CONFIG,
     COUNTERS,
+    REDIRECT_DROPS,
 ];
 
 /// XDP on internal interfaces: classify, track, translate, forward outbound traffic.
@@ -56,3 +60,7 @@ pub const PROG_NEIGH_FALLBACK: &str = "neigh_fallback";
 /// TC egress on the external interface: drops forwarded packets whose source is
 /// not an egress address, whatever path they took through the kernel.
 pub const PROG_LEAK_GUARD: &str = "leak_guard";
+/// Tracepoint `xdp:xdp_devmap_xmit`: counts frames a redirect target refused.
+pub const PROG_REDIRECT_XMIT: &str = "redirect_xmit";
+/// Tracepoint `xdp:xdp_redirect_err`: counts redirects refused before queueing.
+pub const PROG_REDIRECT_ERR: &str = "redirect_err";

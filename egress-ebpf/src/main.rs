@@ -14,6 +14,10 @@
 //! (translate), `forward`, with `frags` for fragments, `csum` for checksum
 //! arithmetic, `verdict` for the counted outcome of every packet and `zero`
 //! for zeroing that stays inline.
+//!
+//! Off the packet's path, two tracepoint programs (`redirect_xmit`,
+//! `redirect_err`) count the redirects the kernel dropped after the XDP
+//! programs returned: see `redirect_errors`.
 #![no_std]
 #![no_main]
 
@@ -27,6 +31,7 @@ mod maps;
 mod nat;
 mod outbound;
 mod parse;
+mod redirect_errors;
 mod reply;
 mod tc;
 mod verdict;
@@ -67,6 +72,20 @@ pub fn neigh_fallback(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn leak_guard(ctx: TcContext) -> i32 {
     tc::leak_guard(&ctx)
+}
+
+/// `xdp:xdp_devmap_xmit`: frames a redirect target refused; see `redirect_errors`.
+#[aya_ebpf::macros::tracepoint]
+pub fn redirect_xmit(ctx: aya_ebpf::programs::TracePointContext) -> u32 {
+    redirect_errors::devmap_xmit(&ctx);
+    0
+}
+
+/// `xdp:xdp_redirect_err`: redirects refused before queueing; see `redirect_errors`.
+#[aya_ebpf::macros::tracepoint]
+pub fn redirect_err(ctx: aya_ebpf::programs::TracePointContext) -> u32 {
+    redirect_errors::redirect_err(&ctx);
+    0
 }
 
 #[cfg(not(test))]

@@ -52,3 +52,12 @@ pub static DP_CONFIG: Array<DataplaneConfig, 1> = Array::new();
 /// Packets per verdict reason, per CPU.
 #[btf_map]
 pub static COUNTERS: PerCpuArray<u64, { COUNTER_COUNT as usize }> = PerCpuArray::new();
+
+/// XDP redirects the kernel dropped after the programs returned, per CPU,
+/// by (from, to) interface; filled by `redirect_errors`.
+#[btf_map]
+pub static REDIRECT_DROPS: aya_ebpf::btf_maps::PerCpuHashMap<
+    egress_common::redirect::RedirectPair,
+    egress_common::redirect::RedirectDrops,
+    { egress_common::redirect::REDIRECT_PAIRS as usize },
+> = aya_ebpf::btf_maps::PerCpuHashMap::new();

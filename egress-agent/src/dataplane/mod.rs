@@ -11,6 +11,7 @@
 
 pub mod batch;
 pub mod maps;
+mod redirect_errors;
 mod sys;
 
 use std::{
@@ -184,6 +185,8 @@ impl Dataplane {
                 remove_link_pin(&path)?;
             }
         }
+        // Not pinned, attached anew by every agent: see redirect_errors.
+        self.watch_redirect_errors();
         Ok(())
     }
 
