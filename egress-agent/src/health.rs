@@ -146,9 +146,13 @@ pub async fn check_with_redirects(
     redirects: &mut crate::redirects::Watch,
 ) -> Health {
     let dropped = redirects.observe(std::time::Instant::now());
-    match check(handle, attachments, maps).await {
-        Health::Serving => dropped.map_or(Health::Serving, Health::NotServing),
-        other => other,
+    // Frames actually lost come first: they are what the operator sees.
+    match (check(handle, attachments, maps).await, dropped) {
+        (Health::Serving, dropped) => dropped.map_or(Health::Serving, Health::NotServing),
+        (Health::NotServing(reason), Some(dropped)) => {
+            Health::NotServing(format!("{dropped}; {reason}"))
+        }
+        (other, _) => other,
     }
 }
 

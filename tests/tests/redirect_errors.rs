@@ -39,6 +39,23 @@ fn config() -> String {
     format!("{}xdp:\n  mode: native\n", seed_config(1024))
 }
 
+/// These tests are about the XDP accelerator and the setting that decides
+/// whether a veth takes XDP frames: GRO on its peer. The topology keeps
+/// kernel defaults (GRO off), where the agent refuses native XDP outright;
+/// GRO on at both peers the gateway redirects into lets it start, and TX
+/// checksum offload off at the senders gives XDP the complete checksums it
+/// needs (the tuning a real NIC's traffic does not need).
+fn seed_tuned_for_xdp() -> Topology {
+    let net = Topology::seed();
+    net.lan.ethtool("gw", "gro", true);
+    net.external.ethtool("eth0", "gro", true);
+    net.external.ethtool("eth0", "tx", false);
+    for host in &net.hosts {
+        host.ns.ethtool("eth0", "tx", false);
+    }
+    net
+}
+
 /// GET on the agent's endpoint from inside the gateway namespace:
 /// (HTTP status, body).
 fn get(gateway: &Netns, path: &str) -> (u16, String) {
@@ -99,12 +116,7 @@ fn redirects_into_a_veth_without_napi_make_the_dataplane_not_serving() {
     let _turn = ONE_AT_A_TIME
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let net = Topology::seed();
-    // This test is about the setting topology.rs tunes for every other
-    // test: GRO off at the server's end of the gateway's external veth (the
-    // kernel's default for a new veth) leaves it without NAPI, so the
-    // gateway's eth1 refuses XDP frames.
-    net.external.ethtool("eth0", "gro", false);
+    let net = seed_tuned_for_xdp();
     let agent = Agent::start_with(&net.gateway, &config(), &["--listen", LISTEN]);
     let echo = SocketAddrV4::new(SERVER, 5300);
     let server = udp_echo_server(&net.external, echo);
@@ -119,6 +131,10 @@ fn redirects_into_a_veth_without_napi_make_the_dataplane_not_serving() {
     );
     assert_eq!(redirect_drops(&metrics, "eth0", "eth1", "error"), None);
 
+    // GRO off again at the server's end of the gateway's external veth
+    // (the kernel's default for a new veth) leaves it without NAPI, so the
+    // gateway's eth1 refuses XDP frames from now on.
+    net.external.ethtool("eth0", "gro", false);
     send_datagrams(&net.host(HOST_A).ns, echo, 20);
 
     wait_until("unreadiness", Duration::from_secs(5), || {
@@ -205,7 +221,7 @@ fn the_same_traffic_through_a_veth_with_gro_leaves_the_dataplane_serving() {
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     // The tuned topology: GRO on at the peers of both gateway veths.
-    let net = Topology::seed();
+    let net = seed_tuned_for_xdp();
     let agent = Agent::start_with(&net.gateway, &config(), &["--listen", LISTEN]);
     let echo = SocketAddrV4::new(SERVER, 5300);
     let server = udp_echo_server(&net.external, echo);
@@ -267,7 +283,7 @@ fn frames_a_target_leaves_out_of_a_batch_are_counted_without_withdrawing() {
     // full. That is congestion's signature, so it is counted (the
     // `redirect_xmit` program at work) but does not make the gateway
     // withdraw.
-    let net = Topology::seed();
+    let net = seed_tuned_for_xdp();
     net.external.ip(&["link", "set", "eth0", "mtu", "1000"]);
     let agent = Agent::start_with(&net.gateway, &config(), &["--listen", LISTEN]);
     let echo = SocketAddrV4::new(SERVER, 5300);
