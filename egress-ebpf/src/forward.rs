@@ -191,7 +191,12 @@ pub fn route_v4<H: Hook>(
             params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
             params.ifindex = ingress_ifindex;
             match fib_lookup(ctx, params) {
-                BPF_FIB_LKUP_RET_SUCCESS | BPF_FIB_LKUP_RET_NO_NEIGH => Route::TooBig {
+                // From TC, a lookup without a length checks the skb against
+                // the route's device instead, and a device narrower than the
+                // packet answers FRAG_NEEDED again, having named the device.
+                BPF_FIB_LKUP_RET_SUCCESS
+                | BPF_FIB_LKUP_RET_NO_NEIGH
+                | BPF_FIB_LKUP_RET_FRAG_NEEDED => Route::TooBig {
                     ifindex: params.ifindex,
                 },
                 _ => Route::NotForwarded,

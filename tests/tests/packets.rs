@@ -515,6 +515,25 @@ fn packets_too_big_for_the_external_path() {
     );
 }
 
+/// The external device itself narrower than the packet (a 1500-byte uplink
+/// behind a 9000-byte pod network): the same verdicts as a narrow route.
+#[test]
+fn packets_too_big_for_the_external_device() {
+    let Some(h) = harness() else { return };
+    h.netns().ip(&["link", "set", "ext0", "mtu", "1000"]);
+    let big = frames::udp(sock(HOST_A, 44100), sock(REMOTE, 53), &[0; 1200]);
+    let with_df = frames::edit_ipv4(&big, |ip| ip.dont_fragment = true);
+    let out = h.outbound(&with_df);
+    assert_eq!(out.action, XDP_PASS, "the kernel answers frag-needed");
+    assert_eq!(out.frame, with_df);
+    assert_eq!(h.counter(Counter::OutPassFragNeeded), 1);
+    let without_df = frames::edit_ipv4(&big, |ip| ip.dont_fragment = false);
+    assert_eq!(h.outbound(&without_df).action, XDP_DROP);
+    assert_eq!(h.counter(Counter::OutDropTooBig), 1);
+    assert_eq!(h.counter(Counter::OutPassNotEgress), 0);
+    assert_eq!(h.flow_count(), 0);
+}
+
 /// A co-located sender with TSO hands the gateway 64 KB TCP segments; on
 /// TC they are judged by the size of the packets they become, as the
 /// kernel's own forwarding judges them.
