@@ -11,7 +11,7 @@ APT_PACKAGES=(
   rustc-web cargo-web rust-web-src rust-web-clippy
   llvm-22-dev libclang-22-dev libpolly-22-dev libzstd-dev zlib1g-dev
   # Network plumbing used by the agent's tests, the demo and the benchmark.
-  iproute2 iputils-ping iptables nftables conntrack ethtool tcpdump iperf3 curl
+  iproute2 iputils-ping iputils-arping iptables nftables conntrack ethtool tcpdump iperf3 curl
   # Independent BFD peers for the HA tests; bpftool detaches links in tests;
   # perf profiles the programs in the benchmark.
   frr bird2 bpftool linux-perf
