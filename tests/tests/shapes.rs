@@ -153,19 +153,33 @@ fn tenants_leave_with_their_egress_ips(shape: &Shape, agent: &Agent) {
             "no ICMP from {egress} at the server: {seen:#?}"
         );
     }
+    // Unicast to the server comes from an egress IP or the gateway itself
+    // (link-local multicast, such as an IGMP report from an address-less
+    // NIC on the external LAN, is nobody's egress), and no pod's own
+    // address appears on the external side at all.
     let foreign: Vec<&Seen> = seen
         .iter()
         .filter(|s| {
-            !s.outgoing && !shape.egress_ips().contains(&s.src) && s.src != shape.gateway_external
+            !s.outgoing
+                && s.dst == shape.server_addr
+                && !shape.egress_ips().contains(&s.src)
+                && s.src != shape.gateway_external
         })
         .collect();
     assert!(
         foreign.is_empty(),
         "the server received packets from neither an egress IP nor the gateway: {foreign:#?}"
     );
+    let pods: Vec<Ipv4Addr> = shape
+        .tenants
+        .iter()
+        .map(|(_, host, _)| host.addr)
+        .chain([shape.stranger.addr])
+        .collect();
+    let leaked: Vec<&Seen> = seen.iter().filter(|s| pods.contains(&s.src)).collect();
     assert!(
-        !seen.iter().any(|s| s.src == shape.stranger.addr),
-        "the stranger's address left"
+        leaked.is_empty(),
+        "pod addresses reached the external side: {leaked:#?}"
     );
     assert_eq!(http.peer_ips(), shape.egress_ips(), "the stranger got in");
 
