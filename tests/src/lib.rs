@@ -5,6 +5,8 @@
 //! - `netns`: namespaces and running code inside them.
 //! - `topology`: the seeds' gateway topology (tenant hosts, LAN, gateway,
 //!   external server).
+//! - `shapes`: the seeds' other deployment shapes (a Kube-OVN gateway pod
+//!   with a macvlan `net1`, a gateway VM with one macvlan per tenant).
 //! - `agent`: the real `egress-agent` binary run against a topology.
 //! - `traffic`: servers that record their peers, clients, captures.
 //! - `cleanup`: removes all of the above when a program is interrupted.
@@ -19,6 +21,7 @@ pub mod frames;
 pub mod harness;
 pub mod netns;
 pub mod peers;
+pub mod shapes;
 pub mod topology;
 pub mod traffic;
 

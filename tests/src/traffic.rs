@@ -153,6 +153,31 @@ pub fn udp_request(
     })
 }
 
+/// Sends one UDP datagram of `len` bytes from `ns` with DF set
+/// (`IP_PMTUDISC_DO`), as path-MTU discovery sends. `Err` is what the
+/// kernel said, e.g. EMSGSIZE once it knows a smaller path MTU.
+pub fn udp_send_df(ns: &Netns, to: SocketAddrV4, len: usize) -> std::io::Result<usize> {
+    ns.within(move || {
+        use std::os::fd::AsRawFd as _;
+        let socket = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0))?;
+        let mode: libc::c_int = libc::IP_PMTUDISC_DO;
+        // SAFETY: setsockopt with a correctly sized int option.
+        let rc = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_MTU_DISCOVER,
+                (&raw const mode).cast(),
+                size_of::<libc::c_int>() as u32,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        socket.send_to(&vec![0x5a; len], to)
+    })
+}
+
 /// `ping -c count` from inside a namespace; true if every echo came back.
 pub fn ping(ns: &Netns, dst: Ipv4Addr, count: u32) -> bool {
     ns.try_run(
@@ -178,6 +203,9 @@ pub struct Seen {
     pub src: Ipv4Addr,
     pub dst: Ipv4Addr,
     pub proto: u8,
+    /// The IPv4 total length: above the MTU for a GSO super-packet, which
+    /// the capture sees whole, as the kernel hands it over.
+    pub len: u16,
     /// Sent by this host rather than received.
     pub outgoing: bool,
 }
@@ -201,7 +229,9 @@ impl Capture {
             ns.enter(move || {
                 let socket = PacketSocket::bind(&interface);
                 ready_tx.send(()).expect("ready");
-                let mut buf = [0u8; 2048];
+                // Room for a whole GSO super-packet: a truncated one would
+                // fail to parse and go unseen.
+                let mut buf = vec![0u8; CAPTURE_BUFFER];
                 while !stop.load(Ordering::Relaxed) {
                     if let Some((n, outgoing)) = socket.recv(&mut buf)
                         && let Some(packet) = parse_ipv4(&buf[..n], outgoing)
@@ -242,6 +272,10 @@ impl Drop for Capture {
     }
 }
 
+/// An Ethernet header and the largest IPv4 packet (a GSO super-packet
+/// reaches 64 KiB), with room to spare.
+const CAPTURE_BUFFER: usize = 1 << 17;
+
 fn parse_ipv4(frame: &[u8], outgoing: bool) -> Option<Seen> {
     let ip = etherparse::SlicedPacket::from_ethernet(frame).ok()?;
     match ip.net? {
@@ -251,6 +285,7 @@ fn parse_ipv4(frame: &[u8], outgoing: bool) -> Option<Seen> {
                 src: header.source_addr(),
                 dst: header.destination_addr(),
                 proto: header.protocol().0,
+                len: header.total_len(),
                 outgoing,
             })
         }
