@@ -88,6 +88,16 @@ pub const XDP_PASS: u32 = 2;
 pub const XDP_TX: u32 = 3;
 pub const XDP_REDIRECT: u32 = 4;
 
+/// A TC action as the XDP action that means the same.
+fn xdp_equivalent(program: &str, action: i32) -> u32 {
+    match action {
+        TC_ACT_OK => XDP_PASS,
+        TC_ACT_SHOT => XDP_DROP,
+        TC_ACT_REDIRECT => XDP_REDIRECT,
+        other => panic!("{program} returned TC action {other}"),
+    }
+}
+
 /// What a program did with a frame.
 #[derive(Debug, Clone)]
 pub struct Outcome {
@@ -314,13 +324,10 @@ impl Harness {
 
     fn try_run_tc(&self, program: &str, ingress: u32, frame: &[u8]) -> Option<Outcome> {
         let (action, frame) = self.try_tc_frame(program, frame, ingress).ok()?;
-        let action = match action {
-            TC_ACT_OK => XDP_PASS,
-            TC_ACT_SHOT => XDP_DROP,
-            TC_ACT_REDIRECT => XDP_REDIRECT,
-            other => panic!("{program} returned TC action {other}"),
-        };
-        Some(Outcome { action, frame })
+        Some(Outcome {
+            action: xdp_equivalent(program, action),
+            frame,
+        })
     }
 
     /// Runs `snat_outbound` `repeat` times on one frame; the kernel's mean
@@ -394,13 +401,10 @@ impl Harness {
                 (segments, gso_size),
             )
             .unwrap_or_else(|err| panic!("BPF_PROG_TEST_RUN tc_outbound: {err}"));
-        let action = match action {
-            TC_ACT_OK => XDP_PASS,
-            TC_ACT_SHOT => XDP_DROP,
-            TC_ACT_REDIRECT => XDP_REDIRECT,
-            other => panic!("tc_outbound returned TC action {other}"),
-        };
-        Outcome { action, frame }
+        Outcome {
+            action: xdp_equivalent(names::PROG_TC_OUTBOUND, action),
+            frame,
+        }
     }
 
     /// `try_tc`, with the frame as the program left it.
