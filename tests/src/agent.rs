@@ -348,3 +348,35 @@ pub fn assert_no_dataplane_left(ns: &Netns) {
         assert!(!text.contains(program), "no TC program left: {text}");
     }
 }
+
+/// GET on an agent's HTTP endpoint at `listen`, from inside `ns`:
+/// (HTTP status, body); status 0 when nothing answered.
+pub fn http_get(ns: &Netns, listen: &str, path: &str) -> (u16, String) {
+    let out = ns.try_run(
+        "curl",
+        &[
+            "-s",
+            "-m",
+            "2",
+            "-w",
+            "\n%{http_code}",
+            &format!("http://{listen}{path}"),
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_owned())
+}
+
+/// Polls `done` every 100 ms; fails the test after `timeout`.
+#[track_caller]
+pub fn wait_until(what: &str, timeout: std::time::Duration, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + timeout;
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}

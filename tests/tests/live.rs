@@ -5,11 +5,11 @@
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use egress_tests::{
-    agent::Agent,
+    agent::{Agent, http_get, wait_until},
     netns::Netns,
     require_root,
     topology::{EGRESS_A, EGRESS_B, HOST_A, HOST_B, SERVER, Topology, seed_config},
@@ -19,31 +19,9 @@ use egress_tests::{
 const LISTEN: &str = "127.0.0.1:9477";
 const NEW_EGRESS_A: Ipv4Addr = Ipv4Addr::new(192, 168, 31, 102);
 
-/// GET on the agent's endpoint from inside the gateway namespace:
-/// (HTTP status, body).
+/// GET on the agent's endpoint from inside the gateway namespace.
 fn get(gateway: &Netns, path: &str) -> (u16, String) {
-    let out = gateway.try_run(
-        "curl",
-        &[
-            "-s",
-            "-m",
-            "2",
-            "-w",
-            "\n%{http_code}",
-            &format!("http://{LISTEN}{path}"),
-        ],
-    );
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    (code.trim().parse().unwrap_or(0), body.to_owned())
-}
-
-fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    http_get(gateway, LISTEN, path)
 }
 
 fn gateway_has(gateway: &Netns, addr: Ipv4Addr) -> bool {

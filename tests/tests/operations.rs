@@ -5,16 +5,11 @@
 //! namespaces of their own, no offload tuning. Needs root.
 
 use std::{
-    fs::File,
-    net::Ipv4Addr,
-    os::fd::AsRawFd as _,
-    path::PathBuf,
-    process::Command,
-    time::{Duration, Instant},
+    fs::File, net::Ipv4Addr, os::fd::AsRawFd as _, path::PathBuf, process::Command, time::Duration,
 };
 
 use egress_tests::{
-    agent::{Agent, assert_no_dataplane_left},
+    agent::{Agent, assert_no_dataplane_left, wait_until},
     netns::{Netns, run_ok},
     require_root,
     traffic::{Capture, ping},
@@ -58,14 +53,6 @@ fn small() -> Small {
         host,
         gateway,
         server,
-    }
-}
-
-fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
     }
 }
 

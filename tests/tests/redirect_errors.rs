@@ -18,7 +18,7 @@ use std::{
 
 use egress_agent::redirects::QUIET;
 use egress_tests::{
-    agent::Agent,
+    agent::{Agent, http_get, wait_until},
     netns::Netns,
     require_root,
     topology::{HOST_A, SERVER, Topology, seed_config},
@@ -56,31 +56,9 @@ fn seed_tuned_for_xdp() -> Topology {
     net
 }
 
-/// GET on the agent's endpoint from inside the gateway namespace:
-/// (HTTP status, body).
+/// GET on the agent's endpoint from inside the gateway namespace.
 fn get(gateway: &Netns, path: &str) -> (u16, String) {
-    let out = gateway.try_run(
-        "curl",
-        &[
-            "-s",
-            "-m",
-            "2",
-            "-w",
-            "\n%{http_code}",
-            &format!("http://{LISTEN}{path}"),
-        ],
-    );
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    (code.trim().parse().unwrap_or(0), body.to_owned())
-}
-
-fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    http_get(gateway, LISTEN, path)
 }
 
 /// `count` datagrams from a tenant host to the server, 50 ms apart (the
