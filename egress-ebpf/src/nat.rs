@@ -158,46 +158,19 @@ pub fn rewrite(
     } else {
         ip.dst_addr
     };
-    let fix = match transport.l4 {
+    // (checksum field, its offset in the frame, old port, UDP?)
+    let (check, check_at, old_port, udp) = match transport.l4 {
         L4::Tcp(tcp) => {
             // SAFETY: as above.
             let tcp = unsafe { &mut *tcp };
-            let port_field = if side == Side::Source {
-                &mut tcp.source
-            } else {
-                &mut tcp.dest
-            };
-            let old_port = u16::from_ne_bytes(*port_field);
-            *port_field = port.to_ne_bytes();
-            Some(L4Fix {
-                check: (&raw mut tcp.check).cast(),
-                check_offset: frame.l4_offset + TCP_CHECK_AT,
-                old_addr,
-                new_addr: addr,
-                old_port,
-                new_port: port,
-                udp: false,
-            })
+            let old_port = set_port(side, &mut tcp.source, &mut tcp.dest, port);
+            (&raw mut tcp.check, TCP_CHECK_AT, old_port, false)
         }
         L4::Udp(udp) => {
             // SAFETY: as above.
             let udp = unsafe { &mut *udp };
-            let port_field = if side == Side::Source {
-                &mut udp.src
-            } else {
-                &mut udp.dst
-            };
-            let old_port = u16::from_ne_bytes(*port_field);
-            *port_field = port.to_ne_bytes();
-            Some(L4Fix {
-                check: (&raw mut udp.check).cast(),
-                check_offset: frame.l4_offset + UDP_CHECK_AT,
-                old_addr,
-                new_addr: addr,
-                old_port,
-                new_port: port,
-                udp: true,
-            })
+            let old_port = set_port(side, &mut udp.src, &mut udp.dst, port);
+            (&raw mut udp.check, UDP_CHECK_AT, old_port, true)
         }
         L4::IcmpEcho(icmp) => {
             // SAFETY: as above. ICMP's checksum has no pseudo-header: only
@@ -208,9 +181,31 @@ pub fn rewrite(
             let id = port.to_ne_bytes();
             icmp.data[0] = id[0];
             icmp.data[1] = id[1];
-            None
+            set_address(ip, side, addr);
+            return None;
         }
     };
     set_address(ip, side, addr);
-    fix
+    Some(L4Fix {
+        check: check.cast(),
+        check_offset: frame.l4_offset + check_at,
+        old_addr,
+        new_addr: addr,
+        old_port,
+        new_port: port,
+        udp,
+    })
+}
+
+/// Sets the source or destination port; returns the old one.
+#[inline(always)]
+fn set_port(side: Side, source: &mut [u8; 2], destination: &mut [u8; 2], port: u16) -> u16 {
+    let field = if side == Side::Source {
+        source
+    } else {
+        destination
+    };
+    let old = u16::from_ne_bytes(*field);
+    *field = port.to_ne_bytes();
+    old
 }
