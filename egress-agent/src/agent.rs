@@ -276,6 +276,7 @@ pub async fn run(instance: &Instance, options: &RunOptions) -> Result<(), RunErr
         pins = %instance.pin_dir.display(),
         "serving"
     );
+    metrics::export_attachments(&exporter, state.attachments.clone());
 
     let sweeper = Sweeper::start(
         &instance.pin_dir,

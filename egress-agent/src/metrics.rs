@@ -21,9 +21,32 @@ use hyper::{Request, Response, StatusCode, body::Bytes, server::conn::http1, ser
 use hyper_util::rt::TokioIo;
 use tokio::sync::watch;
 
-use crate::{dataplane::maps::Maps, health::Health};
+use crate::{
+    dataplane::{Attachment, maps::Maps},
+    health::Health,
+};
 
 type Writer = Box<dyn Fn(&mut String) + Send + Sync>;
+
+/// `egress_program_attached`: where each program runs and on which hook,
+/// so a dashboard shows which interfaces got XDP and which TC (the reason
+/// is in `status` and the startup log; it is prose, not a label).
+pub fn export_attachments(exporter: &Exporter, attachments: Vec<Attachment>) {
+    exporter.register(move |out| {
+        let _ = writeln!(
+            out,
+            "# HELP egress_program_attached 1 for each program the agent attached, by interface and hook.\n\
+             # TYPE egress_program_attached gauge"
+        );
+        for a in &attachments {
+            let _ = writeln!(
+                out,
+                "egress_program_attached{{interface=\"{}\",program=\"{}\",hook=\"{}\"}} 1",
+                a.interface, a.program, a.hook
+            );
+        }
+    });
+}
 
 pub struct Exporter {
     health: watch::Receiver<Health>,

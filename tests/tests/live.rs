@@ -118,6 +118,12 @@ fn readiness_follows_the_dataplane() {
     assert_eq!(code, 200);
     assert!(metrics.contains("egress_dataplane_serving 1"), "{metrics}");
     assert!(
+        metrics.contains(
+            "egress_program_attached{interface=\"eth0\",program=\"tc_outbound\",hook=\"tc/ingress\"} 1"
+        ),
+        "each interface's hook is on /metrics: {metrics}"
+    );
+    assert!(
         metrics.contains("egress_packets_total{verdict=\"out_new_flow\"} 1"),
         "{metrics}"
     );
