@@ -179,8 +179,8 @@ fn main() -> anyhow::Result<()> {
     if args.prog_cost_only {
         let costs = prog_costs(&plan, |cost| {
             println!(
-                "{}: {:.0} ns ({})",
-                cost.path, cost.ns_per_packet, cost.method
+                "{} {}: {:.0} ns ({})",
+                cost.hook, cost.path, cost.ns_per_packet, cost.method
             );
         });
         let mut notes = Vec::new();
@@ -362,8 +362,8 @@ fn main() -> anyhow::Result<()> {
     );
     let costs = prog_costs(&plan, |cost| {
         eprintln!(
-            "  {}: {:.0} ns ({})",
-            cost.path, cost.ns_per_packet, cost.method
+            "  {} {}: {:.0} ns ({})",
+            cost.hook, cost.path, cost.ns_per_packet, cost.method
         );
     });
     results

@@ -45,14 +45,23 @@ pub struct Results {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ProgCostRecord {
+    /// `xdp` (snat_outbound, snat_reply) or `tc` (tc_outbound, tc_reply);
+    /// runs from before TC was timed only have XDP figures.
+    #[serde(default = "xdp_hook")]
+    pub hook: String,
     pub path: String,
     pub ns_per_packet: f64,
     pub method: String,
 }
 
+fn xdp_hook() -> String {
+    "xdp".into()
+}
+
 impl From<Cost> for ProgCostRecord {
     fn from(cost: Cost) -> Self {
         Self {
+            hook: cost.hook.into(),
             path: cost.path,
             ns_per_packet: cost.ns_per_packet,
             method: cost.method,
@@ -337,10 +346,14 @@ impl Results {
 
         let _ = writeln!(
             md,
-            "\n## The dataplane programs' own cost (BPF_PROG_TEST_RUN)\n\n| path | ns per packet | how |\n|---|---|---|"
+            "\n## The dataplane programs' own cost (BPF_PROG_TEST_RUN)\n\n| path | hook | ns per packet | how |\n|---|---|---|---|"
         );
         for c in &self.prog_cost {
-            let _ = writeln!(md, "| {} | {:.0} | {} |", c.path, c.ns_per_packet, c.method);
+            let _ = writeln!(
+                md,
+                "| {} | {} | {:.0} | {} |",
+                c.path, c.hook, c.ns_per_packet, c.method
+            );
         }
         if !self.profiles.is_empty() {
             let _ = writeln!(
@@ -479,7 +492,9 @@ impl Results {
         let cost = |path: &str| {
             self.prog_cost
                 .iter()
-                .find(|c| c.path.starts_with(path) && c.method.starts_with("mean"))
+                .find(|c| {
+                    c.hook == "xdp" && c.path.starts_with(path) && c.method.starts_with("mean")
+                })
                 .map(|c| c.ns_per_packet)
         };
         if let Some(hit) = cost("outbound, conntrack hit") {
@@ -493,7 +508,7 @@ impl Results {
         if let Some(new) = self
             .prog_cost
             .iter()
-            .find(|c| c.path.starts_with("outbound, new flow"))
+            .find(|c| c.hook == "xdp" && c.path.starts_with("outbound, new flow"))
             .map(|c| c.ns_per_packet)
         {
             out.push(format!(
