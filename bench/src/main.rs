@@ -206,6 +206,7 @@ fn main() -> anyhow::Result<()> {
         } else {
             "full".into()
         },
+        gateways: Vec::new(),
         records: Vec::new(),
         prog_cost: Vec::new(),
         profiles: Vec::new(),
@@ -237,6 +238,13 @@ fn main() -> anyhow::Result<()> {
                 false
             }
             None => true,
+        })
+        .collect();
+    results.gateways = kinds
+        .iter()
+        .map(|kind| report::Gateway {
+            name: kind.name().into(),
+            setup: kind.setup().into(),
         })
         .collect();
 
