@@ -7,7 +7,19 @@
 //! - `nftables`: the same rules in nft.
 //! - `nft-flowtable`: the same, plus a flowtable fast path for established
 //!   flows.
-//! - `xdp`: this project's agent with one tenant per prefix.
+//! - `xdp`: this project's agent with one tenant per prefix, its packet path
+//!   forced to XDP (`hook: xdp`), on a topology tuned for it.
+//! - `tc`: the same agent and tenants with the packet path at TC ingress
+//!   (`hook: tc`), on the kernel's default offloads.
+//!
+//! The `xdp` rows are the accelerator's figures on a topology tuned for it:
+//! the veths it redirects into have NAPI from XDP programs on their peers
+//! (the sink's counter on k0, `pass` on s0), and TX checksum offload is off
+//! on s0, g0, g1 and k0 (set in its `start`, restored in its `stop`), so no
+//! sender's partial checksum reaches its XDP programs. iptables, nftables
+//! and tc are measured with the kernel's default offloads on the data path.
+//! The one setting they share, GRO on g0 where g0 has no XDP program, is the
+//! load generator's need, not the gateway's (see `generator_gro`).
 
 use std::{fmt::Write as _, io::Write as _, process::Stdio};
 
@@ -28,15 +40,17 @@ pub enum Kind {
     Nftables,
     NftFlowtable,
     Xdp,
+    Tc,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 6] = [
         Kind::Ceiling,
         Kind::Iptables,
         Kind::Nftables,
         Kind::NftFlowtable,
         Kind::Xdp,
+        Kind::Tc,
     ];
 
     pub fn name(self) -> &'static str {
@@ -46,6 +60,31 @@ impl Kind {
             Kind::Nftables => "nftables",
             Kind::NftFlowtable => "nft-flowtable",
             Kind::Xdp => "xdp",
+            Kind::Tc => "tc",
+        }
+    }
+
+    /// How the gateway is set up, for the report.
+    pub fn setup(self) -> &'static str {
+        match self {
+            Kind::Ceiling => "plain XDP forwarding g0 -> g1, no NAT: what the topology can carry",
+            Kind::Iptables => {
+                "one `-j SNAT --random-fully` rule per tenant; the kernel's default offloads"
+            }
+            Kind::Nftables => "the same rules in nft; the kernel's default offloads",
+            Kind::NftFlowtable => {
+                "the nft rules plus a flowtable for established flows; the kernel's default offloads"
+            }
+            Kind::Xdp => {
+                "the agent with `hook: xdp` (forced: `auto` picks TC on veths), on a topology tuned for \
+                 the accelerator: the veths it redirects into have NAPI from XDP programs on their \
+                 peers (the sink's counter on k0, a pass program on s0), and TX checksum offload is \
+                 off on the senders (s0, k0) and on g0 and g1, so no partial checksum reaches XDP. \
+                 These are the accelerator's figures, not what a default veth setup gives"
+            }
+            Kind::Tc => {
+                "the agent with `hook: tc` (TC ingress on g0 and g1), on the kernel's default offloads"
+            }
         }
     }
 
@@ -59,7 +98,8 @@ impl Kind {
 pub enum Active {
     Ceiling,
     Netfilter,
-    Xdp(Box<Agent>),
+    /// The agent, at XDP (`Kind::Xdp`, tuned offloads) or TC.
+    Agent(Kind, Box<Agent>),
 }
 
 /// Why a gateway cannot run on this kernel, if it cannot.
@@ -88,28 +128,49 @@ pub fn start(
     max_flows: u32,
 ) -> anyhow::Result<Active> {
     let gw = &topology.gw;
-    let active = match kind {
-        Kind::Ceiling => {
-            programs.start_forwarding(topology)?;
-            Active::Ceiling
+    // What the gateway changes on the topology is undone by `stop`, or here
+    // when it cannot be set up (a panic included): the next gateway must
+    // find the kernel's defaults.
+    prepare(kind, topology, true);
+    let set_up = std::panic::catch_unwind(std::panic::AssertUnwindSafe(
+        || -> anyhow::Result<Active> {
+            let active = match kind {
+                Kind::Ceiling => {
+                    programs.start_forwarding(topology)?;
+                    Active::Ceiling
+                }
+                Kind::Iptables => {
+                    feed(gw, "iptables-restore", &iptables_rules(tenants))?;
+                    Active::Netfilter
+                }
+                Kind::Nftables | Kind::NftFlowtable => {
+                    feed(gw, "nft", &nft_rules(tenants, kind == Kind::NftFlowtable))?;
+                    Active::Netfilter
+                }
+                Kind::Xdp => Active::Agent(
+                    kind,
+                    Box::new(Agent::start(gw, &agent_config(tenants, max_flows, "xdp"))),
+                ),
+                Kind::Tc => Active::Agent(
+                    kind,
+                    Box::new(Agent::start(gw, &agent_config(tenants, max_flows, "tc"))),
+                ),
+            };
+            topology.set_napi_thread(gw, "g0", Some(topology.gateway_cpu))?;
+            Ok(active)
+        },
+    ));
+    match set_up {
+        Ok(Ok(active)) => Ok(active),
+        Ok(Err(err)) => {
+            prepare(kind, topology, false);
+            Err(err)
         }
-        Kind::Iptables => {
-            enable_gro(gw)?;
-            feed(gw, "iptables-restore", &iptables_rules(tenants))?;
-            Active::Netfilter
+        Err(panic) => {
+            prepare(kind, topology, false);
+            std::panic::resume_unwind(panic)
         }
-        Kind::Nftables | Kind::NftFlowtable => {
-            enable_gro(gw)?;
-            feed(gw, "nft", &nft_rules(tenants, kind == Kind::NftFlowtable))?;
-            Active::Netfilter
-        }
-        Kind::Xdp => Active::Xdp(Box::new(Agent::start(
-            gw,
-            &agent_config(tenants, max_flows),
-        ))),
-    };
-    topology.set_napi_thread(gw, "g0", Some(topology.gateway_cpu))?;
-    Ok(active)
+    }
 }
 
 pub fn stop(active: Active, topology: &Topology, programs: &mut Programs) -> anyhow::Result<()> {
@@ -121,10 +182,12 @@ pub fn stop(active: Active, topology: &Topology, programs: &mut Programs) -> any
             gw.try_run("iptables", &["-t", "nat", "-F"]);
             gw.try_run("nft", &["flush", "ruleset"]);
             gw.try_run("conntrack", &["-F"]);
-            gw.ethtool("g0", "gro", false);
+            // Any netfilter kind: they prepare the topology alike.
+            prepare(Kind::Iptables, topology, false);
         }
-        Active::Xdp(mut agent) => {
+        Active::Agent(kind, mut agent) => {
             let status = agent.stop();
+            prepare(kind, topology, false);
             if !status.success() {
                 bail!("egress-agent exited with {status}:\n{}", agent.log());
             }
@@ -133,11 +196,43 @@ pub fn stop(active: Active, topology: &Topology, programs: &mut Programs) -> any
     Ok(())
 }
 
-/// Receiving XDP_TX'd frames needs NAPI on the gateway's veth: without an
-/// XDP program there, GRO turns it on.
-fn enable_gro(gw: &Netns) -> anyhow::Result<()> {
-    gw.ethtool("g0", "gro", true);
-    Ok(())
+/// What a gateway needs of the topology besides itself (`set`), or the
+/// kernel's defaults back (`!set`).
+fn prepare(kind: Kind, topology: &Topology, set: bool) {
+    match kind {
+        // Its own XDP program on g0 gives g0 NAPI.
+        Kind::Ceiling => {}
+        // The accelerator's tuned topology: no partial checksums reach XDP.
+        Kind::Xdp => checksum_offload(topology, !set),
+        // No XDP program on g0: the generator's frames need GRO there.
+        Kind::Iptables | Kind::Nftables | Kind::NftFlowtable | Kind::Tc => {
+            generator_gro(&topology.gw, set);
+        }
+    }
+}
+
+/// GRO on g0, for the load generator rather than the gateway under test:
+/// the generator is a BPF_PROG_RUN live-frames XDP program on s0 whose
+/// XDP_TX frames can only land on g0 if g0 has NAPI, which a veth has with
+/// an XDP program of its own (the ceiling, xdp) or with GRO on. Every
+/// gateway without an XDP program on g0 (netfilter, tc) turns it on; the
+/// threaded NAPI kthread that carries the gateway's work is g0's NAPI.
+fn generator_gro(gw: &Netns, on: bool) {
+    gw.ethtool("g0", "gro", on);
+}
+
+/// TX checksum offload on both veth pairs of the data path: off for the xdp
+/// gateway only (a sender's partial checksum is one XDP cannot finish), back
+/// on, the kernel's default, after it.
+fn checksum_offload(topology: &Topology, on: bool) {
+    for (ns, dev) in [
+        (&topology.src, "s0"),
+        (&topology.gw, "g0"),
+        (&topology.gw, "g1"),
+        (&topology.sink, "k0"),
+    ] {
+        ns.ethtool(dev, "tx", on);
+    }
 }
 
 fn feed(ns: &Netns, program: &str, input: &str) -> anyhow::Result<()> {
@@ -204,9 +299,9 @@ fn nft_rules(tenants: u32, flowtable: bool) -> String {
     rules
 }
 
-fn agent_config(tenants: u32, max_flows: u32) -> String {
+fn agent_config(tenants: u32, max_flows: u32, hook: &str) -> String {
     let mut config = format!(
-        "interfaces: {{internal: [g0], external: g1}}\nconntrack: {{maxFlows: {max_flows}}}\ntenants:\n"
+        "interfaces: {{internal: [g0], external: g1, hook: {hook}}}\nconntrack: {{maxFlows: {max_flows}}}\ntenants:\n"
     );
     for tenant in 0..tenants {
         let _ = writeln!(

@@ -1,6 +1,6 @@
 //! `egress-bench`: the same traffic through iptables, nftables, an nftables
-//! flowtable and the egress XDP dataplane, one after the other, on one
-//! topology, from one sender, next to the ceiling of that topology.
+//! flowtable and the egress dataplane at XDP and at TC, one after the other,
+//! on one topology, from one sender, next to the ceiling of that topology.
 //! Run it with `cargo xtask bench` (or `--short` for the CI smoke run).
 
 use std::{path::PathBuf, time::Instant};
@@ -33,7 +33,7 @@ struct Args {
     /// Concurrent flow counts; default 1000,100000,1000000 (short: 1000).
     #[arg(long, value_delimiter = ',')]
     flows: Vec<u32>,
-    /// Only these gateways (ceiling, iptables, nftables, nft-flowtable, xdp);
+    /// Only these gateways (ceiling, iptables, nftables, nft-flowtable, xdp, tc);
     /// default all. Ratios need the ceiling and iptables in the same run.
     #[arg(long, value_delimiter = ',', value_parser = parse_kind)]
     gateways: Vec<Kind>,
@@ -179,8 +179,8 @@ fn main() -> anyhow::Result<()> {
     if args.prog_cost_only {
         let costs = prog_costs(&plan, |cost| {
             println!(
-                "{}: {:.0} ns ({})",
-                cost.path, cost.ns_per_packet, cost.method
+                "{} {}: {:.0} ns ({})",
+                cost.hook, cost.path, cost.ns_per_packet, cost.method
             );
         });
         let mut notes = Vec::new();
@@ -206,6 +206,7 @@ fn main() -> anyhow::Result<()> {
         } else {
             "full".into()
         },
+        gateways: Vec::new(),
         records: Vec::new(),
         prog_cost: Vec::new(),
         profiles: Vec::new(),
@@ -237,6 +238,13 @@ fn main() -> anyhow::Result<()> {
                 false
             }
             None => true,
+        })
+        .collect();
+    results.gateways = kinds
+        .iter()
+        .map(|kind| report::Gateway {
+            name: kind.name().into(),
+            setup: kind.setup().into(),
         })
         .collect();
 
@@ -362,8 +370,8 @@ fn main() -> anyhow::Result<()> {
     );
     let costs = prog_costs(&plan, |cost| {
         eprintln!(
-            "  {}: {:.0} ns ({})",
-            cost.path, cost.ns_per_packet, cost.method
+            "  {} {}: {:.0} ns ({})",
+            cost.hook, cost.path, cost.ns_per_packet, cost.method
         );
     });
     results
@@ -495,7 +503,7 @@ fn record_memory(
     flows: u32,
 ) {
     let bytes = match (kind, active) {
-        (Kind::Xdp, gateways::Active::Xdp(agent)) => {
+        (Kind::Xdp | Kind::Tc, gateways::Active::Agent(_, agent)) => {
             let path = PathBuf::from(format!("/sys/fs/bpf/{}/CONNTRACK_V4", agent.instance));
             measure::map_memory(&path).ok().map(|b| b as f64)
         }

@@ -10,6 +10,10 @@
 //! new flow cannot repeat at all (the second run finds it): it is timed as
 //! single runs on distinct frames, and reported as the hit cost plus what
 //! a single new-flow run costs over a single hit run.
+//!
+//! Both compilations of the packet path are timed the same way: XDP
+//! (`snat_outbound`, `snat_reply` on an xdp_md) and TC (`tc_outbound`,
+//! `tc_reply` on a socket buffer the kernel builds once per call).
 
 use std::{
     fmt::Write as _,
@@ -22,7 +26,10 @@ use egress_common::{
     flow::{DIR_OUTBOUND, DIR_REPLY, FlowEntryV4, FlowKeyV4, PROTO_UDP, REPLY_ZONE},
     tenant::{ANY_PORT, PORT_PREFIX_BITS, SourceKeyV4},
 };
-use egress_tests::{frames, harness::Harness};
+use egress_tests::{
+    frames,
+    harness::{Harness, PacketHook},
+};
 use serde::Serialize;
 
 use crate::{
@@ -32,6 +39,8 @@ use crate::{
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Cost {
+    /// `xdp` or `tc`: which compilation of the packet path.
+    pub hook: &'static str,
     pub path: String,
     pub ns_per_packet: f64,
     pub method: String,
@@ -149,10 +158,26 @@ fn mean(calls: u32, mut run: impl FnMut() -> std::time::Duration) -> f64 {
     (0..calls).map(|_| run().as_nanos() as f64).sum::<f64>() / f64::from(calls)
 }
 
-/// Costs with `tenants` tenants configured; `singles` distinct frames for
-/// the single-run figures.
+fn hook_name(hook: PacketHook) -> &'static str {
+    match hook {
+        PacketHook::Xdp => "xdp",
+        PacketHook::Tc => "tc",
+    }
+}
+
+/// Costs with `tenants` tenants configured, at XDP and at TC, each path's
+/// TC figure after its XDP one; `singles` distinct frames for the
+/// single-run figures.
 pub fn measure(tenants: u32, singles: u16) -> Vec<Cost> {
+    let xdp = measure_hook(tenants, singles, PacketHook::Xdp);
+    let tc = measure_hook(tenants, singles, PacketHook::Tc);
+    xdp.into_iter().zip(tc).flat_map(|(x, t)| [x, t]).collect()
+}
+
+/// Costs of one hook's programs, in a harness of their own.
+fn measure_hook(tenants: u32, singles: u16, hook: PacketHook) -> Vec<Cost> {
     let mut h = Harness::with_config(&config(tenants));
+    h.hook = hook;
     let (outbound, reply) = identity_flow(&mut h, tenants);
     let out = h.outbound(&outbound);
     assert_eq!(
@@ -182,18 +207,22 @@ pub fn measure(tenants: u32, singles: u16) -> Vec<Cost> {
     });
     let label = |path: &str| format!("{path}, {}", tenant_count(tenants));
     let repeated = format!("mean of {CALLS} calls x {REPEAT} repeats");
+    let hook = hook_name(hook);
     vec![
         Cost {
+            hook,
             path: label("outbound, conntrack hit"),
             ns_per_packet: hit,
             method: repeated.clone(),
         },
         Cost {
+            hook,
             path: label("reply, conntrack hit"),
             ns_per_packet: back,
             method: repeated,
         },
         Cost {
+            hook,
             path: label("outbound, new flow"),
             ns_per_packet: hit + (new_single - hit_single),
             method: format!(
@@ -203,8 +232,8 @@ pub fn measure(tenants: u32, singles: u16) -> Vec<Cost> {
     ]
 }
 
-/// Profiles of the outbound program with `tenants` tenants, scaled to the
-/// costs `measure` found for them: `hit_calls` calls of the hit path as
+/// Profiles of the XDP outbound program with `tenants` tenants, scaled to
+/// the costs `measure` found for them: `hit_calls` calls of the hit path as
 /// timed there, and `new_flows` new flows as single runs.
 pub fn profile(
     tenants: u32,
@@ -215,7 +244,7 @@ pub fn profile(
     let cost = |path: &str| {
         costs
             .iter()
-            .find(|c| c.path == format!("{path}, {}", tenant_count(tenants)))
+            .find(|c| c.hook == "xdp" && c.path == format!("{path}, {}", tenant_count(tenants)))
             .map(|c| c.ns_per_packet)
             .context("profiling needs the costs measured first")
     };
@@ -224,6 +253,7 @@ pub fn profile(
         cost("outbound, new flow")?,
     );
     let mut h = Harness::with_config(&config(tenants));
+    h.hook = PacketHook::Xdp;
     let (outbound, _) = identity_flow(&mut h, tenants);
     let host = Ipv4Addr::from(u32::from(tenant_prefix(tenants - 1)) + 2);
     // Built before sampling starts; every frame a distinct 5-tuple towards

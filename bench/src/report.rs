@@ -30,11 +30,21 @@ pub struct Record {
     pub load: Option<String>,
 }
 
+/// One gateway measured in a run, and how it was set up.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Gateway {
+    pub name: String,
+    pub setup: String,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Results {
     pub machine: Machine,
     pub command: String,
     pub mode: String,
+    /// The gateways measured (empty in runs from before it was recorded).
+    #[serde(default)]
+    pub gateways: Vec<Gateway>,
     pub records: Vec<Record>,
     pub prog_cost: Vec<ProgCostRecord>,
     /// Where the programs' time goes, from `perf record`.
@@ -45,14 +55,23 @@ pub struct Results {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ProgCostRecord {
+    /// `xdp` (snat_outbound, snat_reply) or `tc` (tc_outbound, tc_reply);
+    /// runs from before TC was timed only have XDP figures.
+    #[serde(default = "xdp_hook")]
+    pub hook: String,
     pub path: String,
     pub ns_per_packet: f64,
     pub method: String,
 }
 
+fn xdp_hook() -> String {
+    "xdp".into()
+}
+
 impl From<Cost> for ProgCostRecord {
     fn from(cost: Cost) -> Self {
         Self {
+            hook: cost.hook.into(),
             path: cost.path,
             ns_per_packet: cost.ns_per_packet,
             method: cost.method,
@@ -189,9 +208,17 @@ impl Results {
              NAT) measured the same way.\n",
             crate::measure::TRIES
         );
+        if !self.gateways.is_empty() {
+            let _ = writeln!(md, "## Gateways\n");
+            for g in &self.gateways {
+                let _ = writeln!(md, "- **{}**: {}", g.name, g.setup);
+            }
+            let _ = writeln!(md);
+        }
         let gateways: Vec<&str> = Kind::ALL.iter().map(|k| k.name()).collect();
         let tenants = self.axis(|r| r.tenants);
         let flows = self.axis(|r| r.flows);
+        let ratio_header = RATIOS.map(|g| format!("{g} / iptables")).join(" | ");
 
         let _ = writeln!(
             md,
@@ -199,10 +226,14 @@ impl Results {
         );
         let _ = writeln!(
             md,
-            "| tenants | flows | {} | xdp / iptables |",
+            "| tenants | flows | {} | {ratio_header} |",
             gateways.join(" | ")
         );
-        let _ = writeln!(md, "|---|---|{}---|", "---|".repeat(gateways.len()));
+        let _ = writeln!(
+            md,
+            "|---|---|{}",
+            "---|".repeat(gateways.len() + RATIOS.len())
+        );
         for &t in &tenants {
             for &f in &flows {
                 if !self.measured(&gateways, t, f, "established_pps") {
@@ -221,14 +252,11 @@ impl Results {
                         _ => row.push_str(" - |"),
                     }
                 }
-                match (
-                    self.value("xdp", t, Some(f), "established_pps", None),
-                    self.value("iptables", t, Some(f), "established_pps", None),
-                ) {
-                    (Some(x), Some(i)) if i > 0.0 => {
-                        let _ = write!(row, " {:.1}x |", x / i);
-                    }
-                    _ => row.push_str(" - |"),
+                for g in RATIOS {
+                    row.push_str(&ratio_cell(
+                        self.value(g, t, Some(f), "established_pps", None),
+                        self.value("iptables", t, Some(f), "established_pps", None),
+                    ));
                 }
                 let _ = writeln!(md, "{row}");
             }
@@ -258,10 +286,10 @@ impl Results {
         );
         let _ = writeln!(
             md,
-            "| tenants | {} | xdp / iptables |",
+            "| tenants | {} | {ratio_header} |",
             gateways.join(" | ")
         );
-        let _ = writeln!(md, "|---|{}---|", "---|".repeat(gateways.len()));
+        let _ = writeln!(md, "|---|{}", "---|".repeat(gateways.len() + RATIOS.len()));
         for &t in &tenants {
             let mut row = format!("| {t} |");
             for g in &gateways {
@@ -272,14 +300,11 @@ impl Results {
                     None => row.push_str(" - |"),
                 }
             }
-            match (
-                self.value("xdp", t, None, "new_flows_per_s", None),
-                self.value("iptables", t, None, "new_flows_per_s", None),
-            ) {
-                (Some(x), Some(i)) if i > 0.0 => {
-                    let _ = write!(row, " {:.1}x |", x / i);
-                }
-                _ => row.push_str(" - |"),
+            for g in RATIOS {
+                row.push_str(&ratio_cell(
+                    self.value(g, t, None, "new_flows_per_s", None),
+                    self.value("iptables", t, None, "new_flows_per_s", None),
+                ));
             }
             let _ = writeln!(md, "{row}");
         }
@@ -337,10 +362,14 @@ impl Results {
 
         let _ = writeln!(
             md,
-            "\n## The dataplane programs' own cost (BPF_PROG_TEST_RUN)\n\n| path | ns per packet | how |\n|---|---|---|"
+            "\n## The dataplane programs' own cost (BPF_PROG_TEST_RUN)\n\n| path | hook | ns per packet | how |\n|---|---|---|---|"
         );
         for c in &self.prog_cost {
-            let _ = writeln!(md, "| {} | {:.0} | {} |", c.path, c.ns_per_packet, c.method);
+            let _ = writeln!(
+                md,
+                "| {} | {} | {:.0} | {} |",
+                c.path, c.hook, c.ns_per_packet, c.method
+            );
         }
         if !self.profiles.is_empty() {
             let _ = writeln!(
@@ -421,35 +450,48 @@ impl Results {
         let tenants = self.axis(|r| r.tenants);
         let flows = self.axis(|r| r.flows);
         let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
+        let mut tc_judged = false;
         // The established targets hold for every tenant count: judged at
         // each flow count, every tenant count measured at it.
         for &f in &flows {
-            // (tenants, figure) for every tenant count measured at `f`.
-            let ratios = |of: fn(f64, f64, f64) -> f64| -> Vec<(u32, f64)> {
+            let pps = |g: &str, t: u32| self.value(g, t, Some(f), "established_pps", None);
+            // (tenants, gateway / base) for every tenant count measured at `f`.
+            let over = |g: &str, base: &str, scale: f64| -> Vec<(u32, f64)> {
                 tenants
                     .iter()
-                    .filter_map(|&t| {
-                        let pps = |g: &str| self.value(g, t, Some(f), "established_pps", None);
-                        Some((t, of(pps("xdp")?, pps("iptables")?, pps("ceiling")?)))
-                    })
+                    .filter_map(|&t| Some((t, scale * pps(g, t)? / pps(base, t)?)))
                     .collect()
             };
-            let over_iptables = ratios(|x, i, _| x / i);
-            if over_iptables.is_empty() {
-                continue;
+            let xdp_over_iptables = over("xdp", "iptables", 1.0);
+            if !xdp_over_iptables.is_empty() {
+                out.push(judge(
+                    &format!("established forwarding at least 3x iptables ({f} flows)"),
+                    &xdp_over_iptables,
+                    3.0,
+                    "x",
+                ));
+                out.push(judge(
+                    &format!("XDP at or above 70% of the ceiling ({f} flows)"),
+                    &over("xdp", "ceiling", 100.0),
+                    70.0,
+                    "%",
+                ));
             }
-            out.push(judge(
-                &format!("established forwarding at least 3x iptables ({f} flows)"),
-                &over_iptables,
-                3.0,
-                "x",
-            ));
-            out.push(judge(
-                &format!("XDP at or above 70% of the ceiling ({f} flows)"),
-                &ratios(|x, _, c| 100.0 * x / c),
-                70.0,
-                "%",
-            ));
+            let tc_over_iptables = over("tc", "iptables", 1.0);
+            if !tc_over_iptables.is_empty() {
+                tc_judged = true;
+                out.push(judge(
+                    &format!("TC established forwarding at least 2x iptables ({f} flows)"),
+                    &tc_over_iptables,
+                    2.0,
+                    "x",
+                ));
+            }
+        }
+        if !tc_judged {
+            out.push(
+                "TC established forwarding at least 2x iptables: not measured in this run".into(),
+            );
         }
         let new_at = |g: &str, t: u32| self.value(g, t, None, "new_flows_per_s", None);
         match (new_at("xdp", 1000), new_at("iptables", 1000)) {
@@ -459,6 +501,32 @@ impl Results {
                 verdict(x >= 10.0 * i)
             )),
             _ => out.push("new-flow rate with 1000 tenants: not measured in this mode".into()),
+        }
+        {
+            // Every tenant count's ratio, the target judged at 1000 tenants.
+            let ratios: Vec<String> = tenants
+                .iter()
+                .filter_map(|&t| {
+                    let ratio = new_at("tc", t)? / new_at("iptables", t)?;
+                    Some(format!("{ratio:.1}x ({t} tenants)"))
+                })
+                .collect();
+            let line = match (new_at("tc", 1000), new_at("iptables", 1000)) {
+                (Some(x), Some(i)) => format!(
+                    "TC new-flow rate with 1000 tenants at least 10x iptables: {:.1}x ({:.0} k/s against {:.0} k/s), {}",
+                    x / i,
+                    x / 1e3,
+                    i / 1e3,
+                    verdict(x >= 10.0 * i)
+                ),
+                _ => "TC new-flow rate with 1000 tenants at least 10x iptables: not measured (no tc and iptables figures with 1000 tenants in this run)"
+                    .into(),
+            };
+            out.push(if ratios.is_empty() {
+                line
+            } else {
+                format!("{line}; tc / iptables: {}", ratios.join(", "))
+            });
         }
         let xdp_new: Vec<(u32, f64)> = tenants
             .iter()
@@ -476,13 +544,42 @@ impl Results {
                 verdict(spread <= 0.10)
             ));
         }
-        let cost = |path: &str| {
+        for &f in &flows {
+            let per_gateway: Vec<String> = Kind::ALL
+                .iter()
+                .filter_map(|k| {
+                    let values: Vec<f64> = tenants
+                        .iter()
+                        .filter_map(|&t| {
+                            self.value(k.name(), t, Some(f), "cpu_ns_per_packet", None)
+                        })
+                        .collect();
+                    let lo = values.iter().copied().reduce(f64::min)?;
+                    let hi = values.iter().copied().reduce(f64::max)?;
+                    Some(if (hi - lo).round() == 0.0 {
+                        format!("{} {lo:.0} ns", k.name())
+                    } else {
+                        format!("{} {lo:.0}-{hi:.0} ns", k.name())
+                    })
+                })
+                .collect();
+            if !per_gateway.is_empty() {
+                out.push(format!(
+                    "gateway CPU per forwarded packet ({f} flows, over the tenant counts): {}",
+                    per_gateway.join(", ")
+                ));
+            }
+        }
+        // The cost targets are the XDP programs'; the TC ones are in the table.
+        let xdp_cost = |path: &str, method: &str| {
             self.prog_cost
                 .iter()
-                .find(|c| c.path.starts_with(path) && c.method.starts_with("mean"))
+                .find(|c| {
+                    c.hook == "xdp" && c.path.starts_with(path) && c.method.starts_with(method)
+                })
                 .map(|c| c.ns_per_packet)
         };
-        if let Some(hit) = cost("outbound, conntrack hit") {
+        if let Some(hit) = xdp_cost("outbound, conntrack hit", "mean") {
             out.push(format!(
                 "conntrack hit under 150 ns in BPF_PROG_TEST_RUN: {hit:.0} ns ({:.1}x the target), {}{}",
                 hit / 150.0,
@@ -490,12 +587,7 @@ impl Results {
                 self.heaviest("outbound, conntrack hit")
             ));
         }
-        if let Some(new) = self
-            .prog_cost
-            .iter()
-            .find(|c| c.path.starts_with("outbound, new flow"))
-            .map(|c| c.ns_per_packet)
-        {
+        if let Some(new) = xdp_cost("outbound, new flow", "") {
             out.push(format!(
                 "new flow under 600 ns: {new:.0} ns ({:.1}x the target), {}{}",
                 new / 600.0,
@@ -552,7 +644,9 @@ impl Results {
             LEFT + (W - LEFT - RIGHT) * i / span
         };
         let y_of = |v: f64| TOP + (H - TOP - BOTTOM) * (1.0 - v / max);
-        let colors = ["#888888", "#d62728", "#ff7f0e", "#9467bd", "#2ca02c"];
+        let colors = [
+            "#888888", "#d62728", "#ff7f0e", "#9467bd", "#2ca02c", "#1f77b4",
+        ];
         let mut svg = format!(
             "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"{H}\" font-family=\"sans-serif\" font-size=\"12\">\n\
              <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
@@ -638,6 +732,17 @@ impl Results {
         }
         svg.push_str("</svg>\n");
         svg
+    }
+}
+
+/// The dataplane's gateways, each with a ratio to iptables in the tables.
+const RATIOS: [&str; 2] = ["xdp", "tc"];
+
+/// " 3.2x |", or " - |" when either figure is missing.
+fn ratio_cell(gateway: Option<f64>, iptables: Option<f64>) -> String {
+    match (gateway, iptables) {
+        (Some(g), Some(i)) if i > 0.0 => format!(" {:.1}x |", g / i),
+        _ => " - |".into(),
     }
 }
 

@@ -90,9 +90,8 @@ impl Topology {
             "via",
             &GW_EXTERNAL.to_string(),
         ]);
-        for (ns, dev) in [(&src, "s0"), (&gw, "g0"), (&gw, "g1"), (&sink, "k0")] {
-            ns.ethtool(dev, "tx", false);
-        }
+        // Offloads stay the kernel's defaults here: only the xdp gateway
+        // turns TX checksum offload off, for its own run (gateways.rs).
         let topology = Self {
             s0_mac: src.mac("s0"),
             g0_mac: gw.mac("g0"),

@@ -330,14 +330,54 @@ impl Harness {
         })
     }
 
-    /// Runs `snat_outbound` `repeat` times on one frame; the kernel's mean
-    /// time per run.
+    /// Runs the outbound path (`snat_outbound` or `tc_outbound`, as `hook`
+    /// says) `repeat` times on one frame; the kernel's mean time per run.
     pub fn time_outbound(&self, frame: &[u8], repeat: u32) -> std::time::Duration {
-        self.time_xdp(names::PROG_SNAT_OUTBOUND, self.internal, frame, repeat)
+        match self.hook {
+            PacketHook::Xdp => {
+                self.time_xdp(names::PROG_SNAT_OUTBOUND, self.internal, frame, repeat)
+            }
+            PacketHook::Tc => self.time_tc(names::PROG_TC_OUTBOUND, self.internal, frame, repeat),
+        }
     }
 
+    /// `time_outbound` for the reply path (`snat_reply` or `tc_reply`).
     pub fn time_reply(&self, frame: &[u8], repeat: u32) -> std::time::Duration {
-        self.time_xdp(names::PROG_SNAT_REPLY, self.external, frame, repeat)
+        match self.hook {
+            PacketHook::Xdp => self.time_xdp(names::PROG_SNAT_REPLY, self.external, frame, repeat),
+            PacketHook::Tc => self.time_tc(names::PROG_TC_REPLY, self.external, frame, repeat),
+        }
+    }
+
+    /// A TC ingress program `repeat` times on one socket buffer built from
+    /// `frame` (built once, outside the timed loop, as the kernel does for
+    /// every skb test run); the kernel's mean time per run.
+    fn time_tc(
+        &self,
+        program: &str,
+        ingress: u32,
+        frame: &[u8],
+        repeat: u32,
+    ) -> std::time::Duration {
+        let classifier: &SchedClassifier = self
+            .dataplane()
+            .program(program)
+            .expect("program")
+            .try_into()
+            .expect("TC program");
+        let skb = self.skb_ctx(ingress, (0, 0));
+        // SAFETY: plain u32 array viewed as bytes.
+        let ctx =
+            unsafe { std::slice::from_raw_parts(skb.as_ptr().cast::<u8>(), size_of_val(&skb)) };
+        classifier
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                ctx_in: Some(ctx),
+                repeat,
+                ..TestRunOptions::default()
+            })
+            .expect("timed test run")
+            .duration
     }
 
     fn time_xdp(
@@ -417,6 +457,18 @@ impl Harness {
         self.run_tc_skb(program, frame, ingress, (0, 0))
     }
 
+    /// The head of struct __sk_buff (include/uapi/linux/bpf.h) as u32s:
+    /// ingress_ifindex (9), ifindex (10), gso_segs (41, at byte 164),
+    /// gso_size (44, at byte 176). The kernel accepts a prefix.
+    fn skb_ctx(&self, ingress: u32, (gso_segs, gso_size): (u32, u32)) -> [u32; 45] {
+        let mut skb = [0u32; 45];
+        skb[9] = ingress;
+        skb[10] = if ingress == 0 { self.external } else { ingress };
+        skb[41] = gso_segs;
+        skb[44] = gso_size;
+        skb
+    }
+
     /// A TC program on a frame whose skb has `(gso_segs, gso_size)`.
     fn run_tc_skb(
         &self,
@@ -431,14 +483,7 @@ impl Harness {
             .expect("program")
             .try_into()
             .expect("TC program");
-        // The head of struct __sk_buff (include/uapi/linux/bpf.h) as u32s:
-        // ingress_ifindex (9), ifindex (10), gso_segs (41, at byte 164),
-        // gso_size (44, at byte 176). The kernel accepts a prefix.
-        let mut skb = [0u32; 45];
-        skb[9] = ingress;
-        skb[10] = if ingress == 0 { self.external } else { ingress };
-        skb[41] = gso_segs;
-        skb[44] = gso_size;
+        let skb = self.skb_ctx(ingress, (gso_segs, gso_size));
         // SAFETY: plain u32 array viewed as bytes.
         let ctx =
             unsafe { std::slice::from_raw_parts(skb.as_ptr().cast::<u8>(), size_of_val(&skb)) };
