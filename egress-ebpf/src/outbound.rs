@@ -7,8 +7,9 @@
 //! error (TTL expiring here, DF packets too big), because the kernel answers
 //! those correctly from its own address. A tenant source never reaches the
 //! external side from here: the packet is either translated first or not
-//! sent there by XDP at all, and the leak guard on the external interface
-//! stops the kernel from doing it.
+//! sent there by this program at all, and the leak guard on the external
+//! interface stops the kernel from doing it. Written once for both hooks
+//! (see `hook`).
 
 use egress_common::{
     counters::Counter,
