@@ -588,7 +588,7 @@ async fn apply(
         .sysctls
         .extend(sysctl::enable_forwarding(interfaces)?);
     applied.sysctls.extend(sysctl::isolate_arp(
-        resolved.arp_isolated.iter().map(|l| l.name.as_str()),
+        resolved.arp_isolated.iter().map(String::as_str),
     )?);
     // Flows a predecessor translated for a configuration that changed since.
     end_disallowed_flows(&mut maps, resolved, &desired)?;
@@ -626,7 +626,7 @@ async fn reconcile(
     routes::sync(&applied.handle, &resolved.return_routes).await?;
     // New ingress ports; ones that went keep the setting until exit.
     applied.sysctls.extend(sysctl::isolate_arp(
-        resolved.arp_isolated.iter().map(|l| l.name.as_str()),
+        resolved.arp_isolated.iter().map(String::as_str),
     )?);
     if ended > 0 {
         tracing::info!(
