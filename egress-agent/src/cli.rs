@@ -92,7 +92,7 @@ pub enum Command {
         tenant: Option<String>,
     },
     /// Remove what an agent that did not shut down left behind: pinned maps,
-    /// egress addresses it added, sysctls it changed.
+    /// egress addresses and macvlans it added, sysctls it changed.
     Cleanup,
     /// Print the EgressGateway CustomResourceDefinition (deploy/crd.yaml) as YAML.
     Crd,
