@@ -1337,6 +1337,27 @@ fn resolve_macvlan(
             fine = false;
         }
     }
+    // The kernel refuses to bring up a macvlan whose MAC its parent or a
+    // sibling already has (EADDRINUSE), and the port would be theirs.
+    // Another macvlan this agent made gives its MAC up first, as below.
+    let twin = system.links.iter().find(|l| {
+        l.mac == Some(create.mac)
+            && l.name != name
+            && !owned.contains(&l.index)
+            && (l.index == parent.index || l.parent == Some(parent.index))
+    });
+    if let Some(twin) = twin {
+        problems.add(
+            format!("{here}.create.mac"),
+            format!(
+                "{} is already the MAC of {}, on {}; a next hop needs a MAC of its own",
+                format_mac(create.mac),
+                twin.name,
+                parent.name
+            ),
+        );
+        fine = false;
+    }
     // The address may already be on this very macvlan, or on another one
     // this agent made, which gives it up (recreated with its new address,
     // or removed) before any macvlan is created.

@@ -1030,7 +1030,8 @@ fn other_tenants_may_name_a_created_macvlan_but_not_one_that_goes() {
 
     // A macvlan this agent created for a next hop the file no longer
     // creates is removed once the file applies: nobody may rely on it.
-    let system = machine_with("macvlan-x", "macvlan", 2, Some([10, 70, 0, 13]));
+    let mut system = machine_with("macvlan-x", "macvlan", 2, Some([10, 70, 0, 13]));
+    system.links[4].mac = Some([2, 0, 0, 0, 0x0a, 0x0c]);
     let text = text.replace("{interface: macvlan-a}", "{interface: macvlan-x}");
     assert!(
         plan(&text).unwrap().resolve(&system).is_ok(),
@@ -1045,4 +1046,38 @@ fn other_tenants_may_name_a_created_macvlan_but_not_one_that_goes() {
         "tenants[2] (tenant-c).ingress[0].interface",
         "macvlan-x was created by this agent",
     );
+}
+
+#[test]
+fn a_mac_the_parent_or_a_sibling_has_is_refused() {
+    let field = "tenants[0] (tenant-a).ingress[0].create.mac";
+    // eth0's own MAC.
+    let text = CREATING.replace("'02:00:00:00:0a:01'", "'02:00:00:00:00:02'");
+    let problems = plan(&text)
+        .unwrap()
+        .resolve(&machine())
+        .expect_err("refused");
+    assert_problem(
+        &problems,
+        field,
+        "02:00:00:00:00:02 is already the MAC of eth0, on eth0",
+    );
+    // Another macvlan on eth0, someone else's.
+    let system = machine_with("macvlan-x", "macvlan", 2, None);
+    let problems = plan(CREATING)
+        .unwrap()
+        .resolve(&system)
+        .expect_err("refused");
+    assert_problem(&problems, field, "is already the MAC of macvlan-x, on eth0");
+    // This agent's: it is recreated or removed first.
+    let owned = BTreeSet::from([9]);
+    assert!(
+        plan(CREATING)
+            .unwrap()
+            .resolve_owning(&system, &owned)
+            .is_ok()
+    );
+    // On another parent the MAC is free.
+    let system = machine_with("macvlan-x", "macvlan", 4, None);
+    assert!(plan(CREATING).unwrap().resolve(&system).is_ok());
 }
