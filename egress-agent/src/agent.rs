@@ -7,7 +7,7 @@
 //! Whatever a later step fails on, the earlier ones are undone.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
     path::{Path, PathBuf},
     sync::{
@@ -35,7 +35,7 @@ use crate::{
     health::Health,
     instance::{Instance, RunState, TenantRecord},
     kubernetes::sync::{KubeOptions, KubeSource},
-    live,
+    live, macvlans,
     metrics::{self, Exporter},
     routes, sysctl,
     system::SystemView,
@@ -61,11 +61,21 @@ impl RunError {
     }
 }
 
-/// Reads, checks and resolves a configuration file without changing anything.
+/// Reads, checks and resolves a configuration file without changing
+/// anything, as `instance` would take it (macvlans its agent created are
+/// its to recreate).
 pub async fn validate(
+    instance: &Instance,
     config_path: &Path,
 ) -> Result<(Resolved, SystemView, rtnetlink::Handle), RunError> {
-    validate_config(Config::load(config_path)?, config_path).await
+    let previous = instance.read_state().ok().flatten();
+    let owned = owned_links(previous.iter().flat_map(|p| &p.macvlans));
+    validate_config(Config::load(config_path)?, config_path, &owned).await
+}
+
+/// The ifindexes of macvlans an agent created.
+fn owned_links<'a>(created: impl IntoIterator<Item = &'a macvlans::Created>) -> BTreeSet<u32> {
+    created.into_iter().map(|m| m.ifindex).collect()
 }
 
 /// The file's configuration, with what the cluster adds in Kubernetes mode.
@@ -80,6 +90,7 @@ fn effective_config(config_path: &Path, kube: Option<&KubeSource>) -> Result<Con
 async fn validate_config(
     config: Config,
     config_path: &Path,
+    owned: &BTreeSet<u32>,
 ) -> Result<(Resolved, SystemView, rtnetlink::Handle), RunError> {
     let plan = config.plan().map_err(|problems| ConfigError::Invalid {
         path: config_path.to_owned(),
@@ -88,12 +99,12 @@ async fn validate_config(
     let (connection, handle, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
     tokio::spawn(connection);
     let system = SystemView::read(&handle).await?;
-    let resolved = plan
-        .resolve(&system)
-        .map_err(|problems| ConfigError::Invalid {
-            path: config_path.to_owned(),
-            problems,
-        })?;
+    let resolved =
+        plan.resolve_owning(&system, owned)
+            .map_err(|problems| ConfigError::Invalid {
+                path: config_path.to_owned(),
+                problems,
+            })?;
     Ok((resolved, system, handle))
 }
 
@@ -105,10 +116,14 @@ struct Applied {
     external_ifindex: u32,
     addresses: Vec<Ipv4Addr>,
     sysctls: Vec<sysctl::Changed>,
+    /// Macvlan next hops this agent (or its predecessor) created.
+    macvlans: Vec<macvlans::Created>,
     /// What a predecessor that left its dataplane serving had added: ours
     /// to remove on the way out, but not if this agent fails to take over.
     inherited_addresses: Vec<Ipv4Addr>,
     inherited_sysctls: usize,
+    /// Ifindexes of the predecessor's macvlans.
+    inherited_macvlans: BTreeSet<u32>,
 }
 
 impl Applied {
@@ -117,6 +132,8 @@ impl Applied {
             tracing::warn!(error = %format!("{err:#}"), "removing return routes");
         }
         addresses::remove(&self.handle, self.external_ifindex, &self.addresses).await;
+        // Before the sysctls: their parent stays isolated while they exist.
+        macvlans::remove(&self.handle, &self.macvlans).await;
         sysctl::restore(&self.sysctls);
         match self.dataplane {
             Some(dataplane) => {
@@ -152,6 +169,13 @@ impl Applied {
             .filter(|addr| !self.inherited_addresses.contains(addr))
             .collect();
         addresses::remove(&self.handle, self.external_ifindex, &own).await;
+        let own: Vec<macvlans::Created> = self
+            .macvlans
+            .iter()
+            .filter(|m| !self.inherited_macvlans.contains(&m.ifindex))
+            .cloned()
+            .collect();
+        macvlans::remove(&self.handle, &own).await;
         sysctl::restore(
             &self
                 .sysctls
@@ -188,17 +212,25 @@ pub async fn run(instance: &Instance, options: &RunOptions) -> Result<(), RunErr
         }
         None => None,
     };
-    let (resolved, system, handle) =
-        match validate_config(effective_config(config_path, kube.as_ref())?, config_path).await {
-            Ok(valid) => valid,
-            Err(err) => {
-                if let Some(kube) = &mut kube {
-                    kube.refuse(Some(err.to_string()));
-                    kube.publish(&BTreeMap::new()).await;
-                }
-                return Err(err);
+    // A predecessor's state says which macvlans are ours to recreate.
+    let previous = instance.read_state().ok().flatten();
+    let owned = owned_links(previous.iter().flat_map(|p| &p.macvlans));
+    let (resolved, system, handle) = match validate_config(
+        effective_config(config_path, kube.as_ref())?,
+        config_path,
+        &owned,
+    )
+    .await
+    {
+        Ok(valid) => valid,
+        Err(err) => {
+            if let Some(kube) = &mut kube {
+                kube.refuse(Some(err.to_string()));
+                kube.publish(&BTreeMap::new()).await;
             }
-        };
+            return Err(err);
+        }
+    };
     // Once the file is valid, before anything looks at the pins: `ip netns
     // exec` and some pods have no bpffs at /sys/fs/bpf.
     let own_bpffs = crate::bpffs::ensure_mounted()?;
@@ -212,7 +244,6 @@ pub async fn run(instance: &Instance, options: &RunOptions) -> Result<(), RunErr
              mounted, which goes with this mount namespace; a stop removes everything"
         );
     }
-    let previous = instance.read_state().ok().flatten();
     if let Some(previous) = &previous {
         tracing::warn!(
             pid = previous.pid,
@@ -226,9 +257,22 @@ pub async fn run(instance: &Instance, options: &RunOptions) -> Result<(), RunErr
         external_ifindex: resolved.external.index,
         addresses: Vec::new(),
         sysctls: Vec::new(),
+        macvlans: Vec::new(),
         inherited_addresses: Vec::new(),
         inherited_sysctls: 0,
+        inherited_macvlans: BTreeSet::new(),
     };
+    // So are the macvlans it created that are still there.
+    if let Some(previous) = &previous {
+        applied.macvlans.extend(
+            previous
+                .macvlans
+                .iter()
+                .filter(|m| m.exists(&system))
+                .cloned(),
+        );
+        applied.inherited_macvlans = owned_links(&applied.macvlans);
+    }
     // Addresses a crashed predecessor added are still ours to remove.
     if let Some(previous) = &previous
         && previous.external_ifindex == resolved.external.index
@@ -341,7 +385,13 @@ pub async fn run(instance: &Instance, options: &RunOptions) -> Result<(), RunErr
             }
             // Read the file (and the cluster) again; only what can change
             // live is applied.
-            let outcome = reload(config_path, kube.as_ref(), &current).await;
+            let outcome = reload(
+                config_path,
+                kube.as_ref(),
+                &current,
+                &owned_links(&applied.macvlans),
+            )
+            .await;
             if let Some(kube) = &mut kube {
                 kube.refuse(outcome.as_ref().err().map(ToString::to_string));
             }
@@ -479,8 +529,10 @@ async fn reload(
     config_path: &Path,
     kube: Option<&KubeSource>,
     current: &Resolved,
+    owned: &BTreeSet<u32>,
 ) -> Result<Option<Resolved>, RunError> {
-    let (next, _, _) = validate_config(effective_config(config_path, kube)?, config_path).await?;
+    let (next, _, _) =
+        validate_config(effective_config(config_path, kube)?, config_path, owned).await?;
     if next == *current {
         return Ok(None);
     }
@@ -588,9 +640,9 @@ async fn apply(
     applied
         .sysctls
         .extend(sysctl::enable_forwarding(interfaces)?);
-    applied.sysctls.extend(sysctl::isolate_arp(
-        resolved.arp_isolated.iter().map(|l| l.name.as_str()),
-    )?);
+    // With the programs attached and the maps filled, so a created next
+    // hop's first frame is classified.
+    sync_macvlans(applied, resolved, system).await?;
     // Flows a predecessor translated for a configuration that changed since.
     end_disallowed_flows(&mut maps, resolved, &desired)?;
     routes::sync(&applied.handle, &resolved.return_routes).await?;
@@ -606,6 +658,7 @@ async fn apply(
         external_ifindex: resolved.external.index,
         added_addresses: Vec::new(),
         sysctls: Vec::new(),
+        macvlans: Vec::new(),
     };
     sync_addresses_and_state(instance, resolved, system, applied, &desired.ids, state).await
 }
@@ -625,10 +678,10 @@ async fn reconcile(
     maps.sync(&desired)?;
     let ended = end_disallowed_flows(&mut maps, resolved, &desired)?;
     routes::sync(&applied.handle, &resolved.return_routes).await?;
-    // New ingress ports; ones that went keep the setting until exit.
-    applied.sysctls.extend(sysctl::isolate_arp(
-        resolved.arp_isolated.iter().map(|l| l.name.as_str()),
-    )?);
+    // After the maps: a new next hop's port is known before it answers
+    // ARP, and one that went no longer has a port. New ingress ports get
+    // ARP isolation; ones that went keep the setting until exit.
+    sync_macvlans(applied, resolved, &system).await?;
     if ended > 0 {
         tracing::info!(
             flows = ended,
@@ -644,6 +697,74 @@ async fn reconcile(
         state.clone(),
     )
     .await
+}
+
+/// Makes the macvlans this agent created what `resolved` asks, and
+/// isolates ARP on every ingress interface. Ones no longer wanted, or
+/// wanted otherwise (parent, address, MAC), go first, so an address can
+/// move between them; missing ones are created down, isolated, and only
+/// then brought up with their address, so none answers ARP unisolated.
+async fn sync_macvlans(
+    applied: &mut Applied,
+    resolved: &Resolved,
+    system: &SystemView,
+) -> anyhow::Result<()> {
+    // Ours that someone removed meanwhile are forgotten.
+    applied.macvlans.retain(|m| m.exists(system));
+    let (kept, stale): (Vec<_>, Vec<_>) = applied
+        .macvlans
+        .drain(..)
+        .partition(|m| resolved.macvlans.iter().any(|spec| m.is(spec, system)));
+    applied.macvlans = kept;
+    macvlans::remove(&applied.handle, &stale).await;
+    for gone in &stale {
+        forget_sysctls_of(applied, &gone.name);
+    }
+    let mut new = Vec::new();
+    for spec in &resolved.macvlans {
+        if applied.macvlans.iter().any(|m| m.name == spec.name) {
+            continue;
+        }
+        let replaced = |index: u32| stale.iter().any(|s| s.ifindex == index);
+        if system
+            .link_by_name(&spec.name)
+            .is_some_and(|l| !replaced(l.index))
+        {
+            // Made by someone else, exactly as asked (the resolver checked).
+            tracing::info!(
+                macvlan = %spec.name,
+                "using the existing macvlan as it is (this agent did not create it and \
+                 never removes it)"
+            );
+            continue;
+        }
+        let created = macvlans::create(&applied.handle, spec).await?;
+        applied.macvlans.push(created.clone());
+        new.push(created);
+    }
+    applied.sysctls.extend(sysctl::isolate_arp(
+        resolved.arp_isolated.iter().map(String::as_str),
+    )?);
+    for macvlan in &applied.macvlans {
+        if new.contains(macvlan) {
+            macvlans::activate(&applied.handle, macvlan).await?;
+        } else {
+            macvlans::set_up(&applied.handle, macvlan).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Drops the sysctl records of an interface this agent removed: nothing
+/// to restore, and the name may be someone else's next.
+fn forget_sysctls_of(applied: &mut Applied, interface: &str) {
+    let inherited = applied.inherited_sysctls.min(applied.sysctls.len());
+    let dropped_inherited = applied.sysctls[..inherited]
+        .iter()
+        .filter(|c| sysctl::concerns(c, interface))
+        .count();
+    applied.inherited_sysctls = inherited - dropped_inherited;
+    applied.sysctls.retain(|c| !sysctl::concerns(c, interface));
 }
 
 fn end_disallowed_flows(
@@ -719,6 +840,7 @@ async fn sync_addresses_and_state(
         .collect();
     state.added_addresses.clone_from(&applied.addresses);
     state.sysctls.clone_from(&applied.sysctls);
+    state.macvlans.clone_from(&applied.macvlans);
     instance.write_state(&state)?;
     Ok(state)
 }
@@ -851,6 +973,7 @@ pub async fn cleanup(instance: &Instance) -> anyhow::Result<()> {
     routes::remove_all(&handle).await?;
     if let Some(state) = &state {
         addresses::remove(&handle, state.external_ifindex, &state.added_addresses).await;
+        macvlans::remove(&handle, &state.macvlans).await;
         sysctl::restore(&state.sysctls);
     }
     crate::dataplane::remove_pins(&instance.pin_dir)?;

@@ -92,7 +92,7 @@ pub enum Command {
         tenant: Option<String>,
     },
     /// Remove what an agent that did not shut down left behind: pinned maps,
-    /// egress addresses it added, sysctls it changed.
+    /// egress addresses and macvlans it added, sysctls it changed.
     Cleanup,
     /// Print the EgressGateway CustomResourceDefinition (deploy/crd.yaml) as YAML.
     Crd,
@@ -138,7 +138,7 @@ pub async fn execute(cli: Cli) -> i32 {
             };
             agent::run(&instance, &options).await
         }
-        Command::Check { config } => check(&config).await,
+        Command::Check { config } => check(&instance, &config).await,
         Command::Status { json } => print_status(&instance, json).map_err(Into::into),
         Command::Flows { json, tenant } => {
             print_flows(&instance, json, tenant.as_deref()).map_err(Into::into)
@@ -155,8 +155,8 @@ pub async fn execute(cli: Cli) -> i32 {
     }
 }
 
-async fn check(config: &std::path::Path) -> Result<(), RunError> {
-    let (resolved, _, _) = agent::validate(config).await?;
+async fn check(instance: &Instance, config: &std::path::Path) -> Result<(), RunError> {
+    let (resolved, _, _) = agent::validate(instance, config).await?;
     println!("{}: valid", config.display());
     let internal: Vec<_> = resolved.internal.iter().map(|l| l.name.as_str()).collect();
     println!("  internal: {}", internal.join(", "));
@@ -180,6 +180,15 @@ async fn check(config: &std::path::Path) -> Result<(), RunError> {
             }
         }
         println!();
+    }
+    for macvlan in &resolved.macvlans {
+        println!(
+            "  next hop {} on {}: {}/32, MAC {}",
+            macvlan.name,
+            macvlan.parent.name,
+            macvlan.address,
+            format_mac(macvlan.mac)
+        );
     }
     Ok(())
 }

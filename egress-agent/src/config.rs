@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     hook_choice::{self, Choice, Hook, HookSetting, InterfaceFacts},
-    system::SystemView,
+    system::{LinkFacts, SystemView},
 };
 
 /// Ports handed out when a tenant names no range.
@@ -144,6 +144,26 @@ pub struct Ingress {
     pub interface: String,
     /// Destination MAC the router sends this tenant's frames to; without it
     /// the whole interface (or the macvlan's own MAC) selects the tenant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    /// Have the agent make `interface`, a macvlan on an internal interface
+    /// with its own MAC and a /32 next-hop address (seed 002's per-tenant
+    /// next hop), instead of the operator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub create: Option<CreateMacvlan>,
+}
+
+/// A macvlan next hop the agent creates on start (and on a reload that
+/// adds it), recreates when this changes, and removes on exit.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CreateMacvlan {
+    /// The internal interface it sits on.
+    pub parent: String,
+    /// The next hop the router sends the tenant to: an IPv4 /32.
+    pub address: String,
+    /// Its MAC; by default one derived from the tenant's and the macvlan's
+    /// names (locally administered), so it is the same on every start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<String>,
 }
@@ -587,29 +607,237 @@ impl Config {
                     ),
                 );
             }
-            for (i, ingress) in tenant.ingress.iter().enumerate() {
+            let mut ingress = Vec::with_capacity(tenant.ingress.len());
+            for (i, entry) in tenant.ingress.iter().enumerate() {
                 let here = at.field(&format!("ingress[{i}]"));
-                check_ifname(problems, &format!("{here}.interface"), &ingress.interface);
-                if let Some(mac) = &ingress.mac
-                    && parse_mac(mac).is_none()
+                check_ifname(problems, &format!("{here}.interface"), &entry.interface);
+                let mac = entry.mac.as_deref().and_then(|mac| {
+                    let parsed = parse_mac(mac);
+                    if parsed.is_none() {
+                        problems.add(
+                            format!("{here}.mac"),
+                            format!("{mac} is not a MAC address like 02:00:00:00:00:01"),
+                        );
+                    }
+                    parsed
+                });
+                let create = entry.create.as_ref().and_then(|create| {
+                    plan_macvlan(
+                        problems,
+                        &here,
+                        &tenant.name,
+                        &entry.interface,
+                        create,
+                        &self.interfaces.internal,
+                    )
+                });
+                if let (Some(create), Some(mac)) = (&create, mac)
+                    && create.mac != mac
                 {
                     problems.add(
                         format!("{here}.mac"),
-                        format!("{mac} is not a MAC address like 02:00:00:00:00:01"),
+                        format!(
+                            "the macvlan this entry creates has MAC {}; leave mac out or give that one",
+                            format_mac(create.mac)
+                        ),
                     );
                 }
+                ingress.push(PlannedIngress {
+                    interface: entry.interface.clone(),
+                    mac,
+                    create,
+                });
             }
             planned.push(PlannedTenant {
                 name: tenant.name.clone(),
                 sources,
                 egress,
-                ingress: tenant.ingress.clone(),
+                ingress,
                 ports,
             });
         }
         check_source_overlaps(problems, &planned);
         check_egress_outside_sources(problems, &planned);
+        check_created_macvlans(problems, &planned, &self.interfaces);
         planned
+    }
+}
+
+/// A next hop's address: an IPv4 /32 (a bare address means /32). A wider
+/// prefix would give the macvlan a route to the parent's subnet that takes
+/// the parent's traffic, which is why seed 002 insists on /32.
+fn parse_next_hop(text: &str) -> Result<Ipv4Addr, String> {
+    let text = text.trim();
+    let (addr, prefix) = match text.split_once('/') {
+        Some((addr, prefix)) => (addr, Some(prefix)),
+        None => (text, None),
+    };
+    let not_an_address = || format!("{text:?} is not an IPv4 address like 172.18.0.201/32");
+    let addr = match addr.parse::<IpAddr>() {
+        Ok(IpAddr::V4(addr)) => addr,
+        Ok(IpAddr::V6(addr)) => return Err(format!("{addr}: IPv6 is not supported yet")),
+        Err(_) => return Err(not_an_address()),
+    };
+    match prefix.map(str::parse::<u8>) {
+        None | Some(Ok(32)) => {}
+        Some(Ok(len)) if len < 32 => {
+            return Err(format!(
+                "{text}: a next hop's address must be a /32 (a /{len} would route the \
+                 parent's subnet through the macvlan and take the parent's traffic)"
+            ));
+        }
+        Some(_) => return Err(not_an_address()),
+    }
+    if addr.is_unspecified() || addr.is_broadcast() || addr.is_multicast() || addr.is_loopback() {
+        return Err(format!("{addr} cannot be a next hop's address"));
+    }
+    Ok(addr)
+}
+
+/// What the file alone can tell about one `ingress[].create` block.
+fn plan_macvlan(
+    problems: &mut Problems,
+    here: &str,
+    tenant: &str,
+    interface: &str,
+    create: &CreateMacvlan,
+    internal: &[String],
+) -> Option<PlannedMacvlan> {
+    let field = |name: &str| format!("{here}.create.{name}");
+    check_ifname(problems, &field("parent"), &create.parent);
+    let parent_ok = internal.contains(&create.parent);
+    if !parent_ok {
+        problems.add(
+            field("parent"),
+            format!(
+                "{} is not an internal interface (interfaces.internal: {}): the next hop sits \
+                 on the interface the tenant's traffic arrives on",
+                create.parent,
+                internal.join(", ")
+            ),
+        );
+    }
+    let address = parse_next_hop(&create.address)
+        .map_err(|message| problems.add(field("address"), message))
+        .ok();
+    let mac = match create.mac.as_deref() {
+        None => Some((derived_mac(tenant, interface), true)),
+        Some(text) => match parse_mac(text) {
+            None => {
+                problems.add(
+                    field("mac"),
+                    format!("{text} is not a MAC address like 02:00:00:00:00:01"),
+                );
+                None
+            }
+            Some(mac) if mac[0] & 1 == 1 => {
+                problems.add(
+                    field("mac"),
+                    format!("{text} is a multicast MAC; a next hop needs a unicast one"),
+                );
+                None
+            }
+            Some([0, 0, 0, 0, 0, 0]) => {
+                problems.add(field("mac"), format!("{text} is not a usable MAC"));
+                None
+            }
+            Some(mac) => Some((mac, false)),
+        },
+    };
+    let (mac, derived_mac) = mac?;
+    if !parent_ok {
+        return None;
+    }
+    Some(PlannedMacvlan {
+        parent: create.parent.clone(),
+        address: address?,
+        mac,
+        derived_mac,
+    })
+}
+
+/// The default MAC of a macvlan the agent creates: locally administered,
+/// unicast, from the tenant's and the macvlan's names, so the router's
+/// cached entry stays right across restarts. FNV-1a, whose result no Rust
+/// release changes (std's hasher may).
+pub fn derived_mac(tenant: &str, interface: &str) -> [u8; 6] {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in tenant.bytes().chain([0]).chain(interface.bytes()) {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    let b = hash.to_be_bytes();
+    [(b[2] & 0xfc) | 0x02, b[3], b[4], b[5], b[6], b[7]]
+}
+
+/// Across tenants: no two create the same macvlan, address or MAC; a
+/// created macvlan is not a managed interface; its address is no egress IP.
+fn check_created_macvlans(
+    problems: &mut Problems,
+    tenants: &[PlannedTenant],
+    interfaces: &Interfaces,
+) {
+    let mut names: BTreeMap<&str, String> = BTreeMap::new();
+    let mut addresses: BTreeMap<Ipv4Addr, String> = BTreeMap::new();
+    let mut macs: BTreeMap<[u8; 6], String> = BTreeMap::new();
+    for (index, tenant) in tenants.iter().enumerate() {
+        let at = TenantField::new(index, &tenant.name);
+        for (i, ingress) in tenant.ingress.iter().enumerate() {
+            let Some(create) = &ingress.create else {
+                continue;
+            };
+            let here = at.field(&format!("ingress[{i}]"));
+            let name = ingress.interface.as_str();
+            if interfaces.external == name || interfaces.internal.iter().any(|n| n == name) {
+                problems.add(
+                    format!("{here}.interface"),
+                    format!(
+                        "{name} is a managed interface (interfaces.internal or external); \
+                         the macvlan to create needs a name of its own"
+                    ),
+                );
+            } else if let Some(first) = names.get(name) {
+                problems.add(
+                    format!("{here}.interface"),
+                    format!("{name} is already created by {first}"),
+                );
+            } else {
+                names.insert(name, here.clone());
+            }
+            let addr = create.address;
+            if let Some(owner) = tenants.iter().position(|t| t.egress.contains(&addr)) {
+                problems.add(
+                    format!("{here}.create.address"),
+                    format!(
+                        "{addr} is an egress IP of {}",
+                        TenantField::new(owner, &tenants[owner].name)
+                    ),
+                );
+            } else if let Some(first) = addresses.get(&addr) {
+                problems.add(
+                    format!("{here}.create.address"),
+                    format!("{addr} is already the address of the macvlan {first} creates"),
+                );
+            } else {
+                addresses.insert(addr, here.clone());
+            }
+            if let Some(first) = macs.get(&create.mac) {
+                let hint = if create.derived_mac {
+                    " (derived from the tenant's and the macvlan's names: set create.mac)"
+                } else {
+                    ""
+                };
+                problems.add(
+                    format!("{here}.create.mac"),
+                    format!(
+                        "{} is already the MAC of the macvlan {first} creates{hint}",
+                        format_mac(create.mac)
+                    ),
+                );
+            } else {
+                macs.insert(create.mac, here);
+            }
+        }
     }
 }
 
@@ -688,8 +916,36 @@ pub struct PlannedTenant {
     pub name: String,
     pub sources: Vec<Ipv4Net>,
     pub egress: Vec<Ipv4Addr>,
-    pub ingress: Vec<Ingress>,
+    pub ingress: Vec<PlannedIngress>,
     pub ports: PortRange,
+}
+
+/// An `ingress` entry, parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedIngress {
+    pub interface: String,
+    pub mac: Option<[u8; 6]>,
+    pub create: Option<PlannedMacvlan>,
+}
+
+/// An `ingress[].create` block, parsed; its MAC filled in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedMacvlan {
+    pub parent: String,
+    pub address: Ipv4Addr,
+    pub mac: [u8; 6],
+    /// The MAC was derived, not written.
+    pub derived_mac: bool,
+}
+
+/// A macvlan next hop the agent makes (or finds made as wanted): mode
+/// bridge on `parent`, with `mac` and `address`/32.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MacvlanSpec {
+    pub name: String,
+    pub parent: LinkRef,
+    pub address: Ipv4Addr,
+    pub mac: [u8; 6],
 }
 
 /// An interface as the kernel knows it.
@@ -738,9 +994,12 @@ pub struct Resolved {
     pub xdp_mode: XdpModeSetting,
     pub return_routes: Vec<crate::routes::ReturnRoute>,
     pub bfd_peers: Vec<ResolvedBfdPeer>,
-    /// Interfaces that must answer ARP only for their own addresses: each
-    /// ingress port's interface and the internal one it is on.
-    pub arp_isolated: Vec<LinkRef>,
+    /// Interfaces (by name) that must answer ARP only for their own
+    /// addresses: each ingress port's interface and the internal one it is
+    /// on, macvlans the agent creates included.
+    pub arp_isolated: Vec<String>,
+    /// Macvlan next hops the agent creates, by name.
+    pub macvlans: Vec<MacvlanSpec>,
 }
 
 impl Resolved {
@@ -761,6 +1020,18 @@ impl Resolved {
 impl Plan {
     /// Checks the plan against the machine's links and addresses.
     pub fn resolve(&self, system: &SystemView) -> Result<Resolved, Vec<Problem>> {
+        self.resolve_owning(system, &BTreeSet::new())
+    }
+
+    /// Like [`Plan::resolve`], for an agent that created the links with
+    /// the ifindexes `owned` (its state file says which): those it may
+    /// recreate or remove, where a link someone else made is only ever
+    /// used as it is.
+    pub fn resolve_owning(
+        &self,
+        system: &SystemView,
+        owned: &BTreeSet<u32>,
+    ) -> Result<Resolved, Vec<Problem>> {
         let mut problems = Problems::default();
         let link = |problems: &mut Problems, field: String, name: &str| -> Option<LinkRef> {
             match system.link_by_name(name) {
@@ -787,18 +1058,50 @@ impl Plan {
         );
         let internal: Vec<LinkRef> = internal.into_iter().flatten().collect();
 
+        // Next hops to create resolve against this same snapshot, before
+        // they exist: their ingress port is the parent's ifindex and their
+        // own MAC, both known now. So the whole file is checked before the
+        // agent changes anything, and the agent creates them afterwards.
+        let mut macvlans: Vec<MacvlanSpec> = Vec::new();
+        for (index, tenant) in self.tenants.iter().enumerate() {
+            let at = TenantField::new(index, &tenant.name);
+            for (i, ingress) in tenant.ingress.iter().enumerate() {
+                if let Some(create) = &ingress.create
+                    && let Some(spec) = resolve_macvlan(
+                        &mut problems,
+                        &at.field(&format!("ingress[{i}]")),
+                        &ingress.interface,
+                        create,
+                        &internal,
+                        system,
+                        owned,
+                    )
+                {
+                    macvlans.push(spec);
+                }
+            }
+        }
+        macvlans.sort_by(|a, b| a.name.cmp(&b.name));
+
         let mut tenants = Vec::with_capacity(self.tenants.len());
-        let mut arp_isolated = BTreeSet::new();
+        let mut arp_isolated: BTreeSet<String> = BTreeSet::new();
         for (index, tenant) in self.tenants.iter().enumerate() {
             let at = TenantField::new(index, &tenant.name);
             let mut ports = Vec::new();
             for (i, ingress) in tenant.ingress.iter().enumerate() {
                 let here = at.field(&format!("ingress[{i}]"));
-                if let Some(port) =
-                    resolve_ingress(&mut problems, &here, ingress, &internal, system)
-                {
-                    arp_isolated.insert(port.ifindex);
-                    arp_isolated.extend(system.link_by_name(&ingress.interface).map(|l| l.index));
+                let created = macvlans.iter().find(|m| m.name == ingress.interface);
+                let port = match created {
+                    Some(spec) => created_port(&mut problems, &here, ingress, spec),
+                    // Refused above already.
+                    None if ingress.create.is_some() => None,
+                    None => {
+                        resolve_ingress(&mut problems, &here, ingress, &internal, system, owned)
+                    }
+                };
+                if let Some(port) = port {
+                    arp_isolated.extend(system.link_by_index(port.ifindex).map(|l| l.name.clone()));
+                    arp_isolated.insert(ingress.interface.clone());
                     ports.push(port);
                 }
             }
@@ -875,14 +1178,8 @@ impl Plan {
             xdp_mode: self.xdp_mode,
             return_routes,
             bfd_peers,
-            arp_isolated: arp_isolated
-                .into_iter()
-                .filter_map(|index| system.link_by_index(index))
-                .map(|facts| LinkRef {
-                    name: facts.name.clone(),
-                    index: facts.index,
-                })
-                .collect(),
+            arp_isolated: arp_isolated.into_iter().collect(),
+            macvlans,
         });
         match (problems.into_result(()), resolved) {
             (Ok(()), Some(resolved)) => Ok(resolved),
@@ -964,14 +1261,164 @@ impl Plan {
     }
 }
 
+/// How a link is described in a refusal: "a veth", "a macvlan on eth1".
+fn describe_link(link: &LinkFacts, system: &SystemView) -> String {
+    match (link.kind.as_deref(), link.parent) {
+        (None, _) => "a physical interface".to_owned(),
+        (Some("macvlan"), Some(parent)) => {
+            let parent = system
+                .link_by_index(parent)
+                .map_or_else(|| format!("ifindex {parent}"), |l| l.name.clone());
+            format!("a macvlan on {parent}")
+        }
+        (Some(kind), _) => format!("a {kind}"),
+    }
+}
+
+/// Checks one `create` block against the machine. A link of that name
+/// this agent created is its to recreate; one it did not create is used
+/// as it is, if it is exactly the macvlan asked for, and refused otherwise.
+fn resolve_macvlan(
+    problems: &mut Problems,
+    here: &str,
+    name: &str,
+    create: &PlannedMacvlan,
+    internal: &[LinkRef],
+    system: &SystemView,
+    owned: &BTreeSet<u32>,
+) -> Option<MacvlanSpec> {
+    // The plan checked the parent is internal; a missing one is reported
+    // at interfaces.internal.
+    let parent = internal.iter().find(|l| l.name == create.parent)?.clone();
+    let address = create.address;
+    let mut fine = true;
+    if let Some(link) = system
+        .link_by_name(name)
+        .filter(|l| !owned.contains(&l.index))
+    {
+        if link.kind.as_deref() != Some("macvlan") || link.parent != Some(parent.index) {
+            problems.add(
+                format!("{here}.interface"),
+                format!(
+                    "{name} already exists as {}, not as a macvlan on {}; the agent never \
+                     replaces a link it did not create: delete it or choose another name",
+                    describe_link(link, system),
+                    parent.name
+                ),
+            );
+            return None;
+        }
+        if link.mac != Some(create.mac) {
+            let own = link.mac.map_or_else(|| "none".to_owned(), format_mac);
+            problems.add(
+                format!("{here}.create.mac"),
+                format!(
+                    "{name} already exists (not created by this agent) with MAC {own}, not {}; \
+                     the agent uses such a macvlan as it is: give mac: \"{own}\", or delete \
+                     it for the agent to create",
+                    format_mac(create.mac)
+                ),
+            );
+            fine = false;
+        }
+        let has_address = system
+            .addresses
+            .iter()
+            .any(|a| a.index == link.index && a.addr == IpAddr::V4(address));
+        if !has_address {
+            problems.add(
+                format!("{here}.create.address"),
+                format!(
+                    "{name} already exists (not created by this agent) without {address}; the \
+                     agent uses such a macvlan as it is: add {address}/32 to it, or delete it \
+                     for the agent to create"
+                ),
+            );
+            fine = false;
+        }
+    }
+    // The kernel refuses to bring up a macvlan whose MAC its parent or a
+    // sibling already has (EADDRINUSE), and the port would be theirs.
+    // Another macvlan this agent made gives its MAC up first, as below.
+    let twin = system.links.iter().find(|l| {
+        l.mac == Some(create.mac)
+            && l.name != name
+            && !owned.contains(&l.index)
+            && (l.index == parent.index || l.parent == Some(parent.index))
+    });
+    if let Some(twin) = twin {
+        problems.add(
+            format!("{here}.create.mac"),
+            format!(
+                "{} is already the MAC of {}, on {}; a next hop needs a MAC of its own",
+                format_mac(create.mac),
+                twin.name,
+                parent.name
+            ),
+        );
+        fine = false;
+    }
+    // The address may already be on this very macvlan, or on another one
+    // this agent made, which gives it up (recreated with its new address,
+    // or removed) before any macvlan is created.
+    let elsewhere = system
+        .addresses
+        .iter()
+        .filter(|a| a.addr == IpAddr::V4(address))
+        .filter_map(|a| system.link_by_index(a.index))
+        .find(|holder| holder.name != name && !owned.contains(&holder.index));
+    if let Some(holder) = elsewhere {
+        problems.add(
+            format!("{here}.create.address"),
+            format!("{address} is already configured on {}", holder.name),
+        );
+        fine = false;
+    }
+    fine.then(|| MacvlanSpec {
+        name: name.to_owned(),
+        parent,
+        address,
+        mac: create.mac,
+    })
+}
+
+/// The port of an entry naming a macvlan this file creates (its own
+/// `create`, or another tenant's).
+fn created_port(
+    problems: &mut Problems,
+    field: &str,
+    ingress: &PlannedIngress,
+    spec: &MacvlanSpec,
+) -> Option<IngressPort> {
+    if ingress.create.is_none()
+        && let Some(mac) = ingress.mac
+        && mac != spec.mac
+    {
+        problems.add(
+            format!("{field}.mac"),
+            format!(
+                "{} is created with MAC {}; leave mac out or give that one",
+                spec.name,
+                format_mac(spec.mac)
+            ),
+        );
+        return None;
+    }
+    Some(IngressPort {
+        ifindex: spec.parent.index,
+        mac: Some(spec.mac),
+    })
+}
+
 fn resolve_ingress(
     problems: &mut Problems,
     field: &str,
-    ingress: &Ingress,
+    ingress: &PlannedIngress,
     internal: &[LinkRef],
     system: &SystemView,
+    owned: &BTreeSet<u32>,
 ) -> Option<IngressPort> {
-    let mac = ingress.mac.as_deref().and_then(parse_mac);
+    let mac = ingress.mac;
     let Some(link) = system.link_by_name(&ingress.interface) else {
         problems.add(
             format!("{field}.interface"),
@@ -979,6 +1426,17 @@ fn resolve_ingress(
         );
         return None;
     };
+    if owned.contains(&link.index) {
+        problems.add(
+            format!("{field}.interface"),
+            format!(
+                "{} was created by this agent for a next hop this configuration no longer \
+                 creates, and goes once it applies: give this entry the create block",
+                link.name
+            ),
+        );
+        return None;
+    }
     if internal.iter().any(|i| i.index == link.index) {
         return Some(IngressPort {
             ifindex: link.index,

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     config::{IngressPort, PortRange},
     dataplane::Attachment,
-    sysctl,
+    macvlans, sysctl,
 };
 
 pub const DEFAULT_INSTANCE: &str = "egress";
@@ -142,6 +142,10 @@ pub struct RunState {
     /// Egress addresses the agent added (and will remove).
     pub added_addresses: Vec<Ipv4Addr>,
     pub sysctls: Vec<sysctl::Changed>,
+    /// Macvlan next hops the agent created (and will remove); absent from
+    /// the files of agents before `ingress[].create`.
+    #[serde(default)]
+    pub macvlans: Vec<macvlans::Created>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -4,9 +4,9 @@
 //! One module per concern: `config` (the file and its validation), `system`
 //! (what the machine has), `hook_choice` (XDP or TC per interface, from
 //! what the kernel reports), `dataplane` (programs and maps), `addresses`
-//! (egress IPs on the external interface), `sysctl` (forwarding, ARP
-//! isolation), `bpffs` (mounting it where it is missing),
-//! `instance` (pins, lock and state file), `agent` (the run loop),
+//! (egress IPs on the external interface), `macvlans` (next hops it
+//! creates), `sysctl` (forwarding, ARP isolation), `bpffs` (mounting it
+//! where it is missing), `instance` (pins, lock and state file), `agent` (the run loop),
 //! `conntrack` (flows and their state), `status` (reading an instance back),
 //! `cli`.
 
@@ -23,6 +23,7 @@ pub mod hook_choice;
 pub mod instance;
 pub mod kubernetes;
 pub mod live;
+pub mod macvlans;
 pub mod metrics;
 pub mod redirects;
 pub mod routes;

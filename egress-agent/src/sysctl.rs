@@ -93,6 +93,11 @@ pub fn isolate_arp<'a>(
         .collect())
 }
 
+/// Whether a change was to one of `interface`'s settings.
+pub fn concerns(changed: &Changed, interface: &str) -> bool {
+    changed.path.parent() == conf_path(interface, "forwarding").parent()
+}
+
 /// Puts back what was changed, last change first.
 pub fn restore(changed: &[Changed]) {
     for Changed { path, previous } in changed.iter().rev() {

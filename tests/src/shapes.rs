@@ -250,6 +250,10 @@ impl Default for KubeOvnPod {
 /// it belongs to no tenant. `enp1s0` is a veth standing for the virtio NIC.
 /// The VM's ARP sysctls are left at the kernel's defaults: keeping each
 /// macvlan address answered by its own macvlan is the agent's job.
+///
+/// [`GatewayVm::new`] makes the macvlans as seed 002's script does;
+/// [`GatewayVm::without_next_hops`] leaves them to the agent
+/// ([`GatewayVm::config_creating_next_hops`]).
 pub struct GatewayVm {
     /// Tenant A's pod, tenant B's pod, and a pod in no tenant, in that order.
     pub pods: Vec<Host>,
@@ -277,8 +281,34 @@ impl GatewayVm {
     /// `--pod-cidr`), and the node's share of it.
     pub const CLUSTER_CIDR: (Ipv4Addr, u8) = (Ipv4Addr::new(10, 128, 0, 0), 14);
     pub const NODE_POD_CIDR: &str = "10.128.0.0/24";
+    /// The MAC tenant A's next hop is created with when the agent makes it
+    /// (tenant B's is the agent's default, derived from the names).
+    pub const NEXT_HOP_A_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x0a, 0x01];
+    /// Each tenant's next-hop macvlan and its address.
+    pub const NEXT_HOPS: [(&str, Ipv4Addr); 2] = [
+        ("macvlan-a", Self::NEXT_HOP_A),
+        ("macvlan-b", Self::NEXT_HOP_B),
+    ];
 
+    /// The VM with its next hops made by hand, as seed 002's script does.
     pub fn new() -> Self {
+        let vm = Self::without_next_hops();
+        // One macvlan per tenant with a /32 from the LAN, as the seed's
+        // `add-tenant` makes them.
+        for (name, addr) in Self::NEXT_HOPS {
+            vm.vm.ip(&[
+                "link", "add", name, "link", "enp1s0", "type", "macvlan", "mode", "bridge",
+            ]);
+            vm.vm.ip(&["link", "set", name, "up"]);
+            vm.vm
+                .ip(&["addr", "add", &format!("{addr}/32"), "dev", name]);
+        }
+        vm
+    }
+
+    /// The VM without macvlans: the node already routes each tenant to its
+    /// next hop, which nothing answers until the agent creates it.
+    pub fn without_next_hops() -> Self {
         let lan = switch("lan", 1500);
         let node = Netns::new("node");
         let vm = Netns::new("vm");
@@ -305,19 +335,6 @@ impl GatewayVm {
             "dev",
             "eth0",
         ]);
-
-        // One macvlan per tenant with a /32 from the LAN, as the seed's
-        // `add-tenant` makes them.
-        for (name, addr) in [
-            ("macvlan-a", Self::NEXT_HOP_A),
-            ("macvlan-b", Self::NEXT_HOP_B),
-        ] {
-            vm.ip(&[
-                "link", "add", name, "link", "enp1s0", "type", "macvlan", "mode", "bridge",
-            ]);
-            vm.ip(&["link", "set", name, "up"]);
-            vm.ip(&["addr", "add", &format!("{addr}/32"), "dev", name]);
-        }
 
         // The node: its LAN NIC, the pods' bridge, and the policy routes.
         node.veth("eth0", &lan, "node");
@@ -386,6 +403,35 @@ impl GatewayVm {
     /// Seed 002's two tenants: one cluster CIDR, told apart by ingress
     /// macvlan; the return route to the node's pod CIDR is the agent's.
     pub fn config(&self) -> String {
+        Self::config_with_ingress(["- interface: macvlan-a", "- interface: macvlan-b"])
+    }
+
+    /// [`GatewayVm::config`] asking the agent to create the next hops:
+    /// tenant A's with [`GatewayVm::NEXT_HOP_A_MAC`], tenant B's with the
+    /// agent's default MAC.
+    pub fn config_creating_next_hops(&self) -> String {
+        let [(a, addr_a), (b, addr_b)] = Self::NEXT_HOPS;
+        let mac_a = Self::NEXT_HOP_A_MAC.map(|b| format!("{b:02x}")).join(":");
+        Self::config_with_ingress([
+            &format!(
+                "\
+- interface: {a}
+        create:
+          parent: enp1s0
+          address: {addr_a}/32
+          mac: \"{mac_a}\""
+            ),
+            &format!(
+                "\
+- interface: {b}
+        create: {{parent: enp1s0, address: {addr_b}/32}}"
+            ),
+        ])
+    }
+
+    /// The configuration with each tenant's `ingress` list (YAML, at the
+    /// list's indentation) given.
+    fn config_with_ingress([a, b]: [&str; 2]) -> String {
         let (cidr, len) = Self::CLUSTER_CIDR;
         format!(
             "\
@@ -398,12 +444,12 @@ tenants:
     sources: [{cidr}/{len}]
     egressIPs: [{}]
     ingress:
-      - interface: macvlan-a
+      {a}
   - name: tenant-b
     sources: [{cidr}/{len}]
     egressIPs: [{}]
     ingress:
-      - interface: macvlan-b
+      {b}
 returnRoutes:
   - destination: {}
     via: {}

@@ -4,7 +4,8 @@
 //! - a Kube-OVN gateway pod whose `eth0` is a veth on the node's switch and
 //!   whose `net1` is a macvlan on the node's external NIC (seeds 001/003);
 //! - a gateway VM that tells tenants sharing one pod CIDR apart by the
-//!   macvlan the node routed them to (seed 002);
+//!   macvlan the node routed them to (seed 002), with the macvlans made by
+//!   hand or by the agent (`ingress[].create`);
 //! - the gateway pod on a 9000-byte pod network with its external side at
 //!   1500: TSO super-packets from the tenant, and path-MTU discovery.
 //!
@@ -20,8 +21,8 @@ use std::{
 };
 
 use egress_tests::{
-    agent::Agent,
-    netns::Netns,
+    agent::{Agent, ConfigFile, run_to_exit},
+    netns::{Netns, unique_name},
     require_root,
     shapes::{GatewayVm, KubeOvnPod, effective_ipv4_conf},
     topology::Host,
@@ -335,7 +336,12 @@ fn kube_ovn_gateway_pod_carries_256_mib_both_ways() {
 /// broadcast before the macvlans do), or the other tenant's macvlan does,
 /// and the tenant's traffic reaches no tenant port or the wrong one.
 fn start_gateway_vm(vm: &GatewayVm) -> Agent {
-    let agent = Agent::start(&vm.vm, &vm.config());
+    start_gateway_vm_with(vm, &vm.config(), &[])
+}
+
+/// [`start_gateway_vm`] with another configuration and `run` arguments.
+fn start_gateway_vm_with(vm: &GatewayVm, yaml: &str, run_args: &[&str]) -> Agent {
+    let agent = Agent::start_with(&vm.vm, yaml, run_args);
     let mut missing = Vec::new();
     for interface in ["enp1s0", "macvlan-a", "macvlan-b"] {
         for (key, wanted) in [("arp_ignore", 1), ("arp_announce", 2)] {
@@ -352,10 +358,7 @@ fn start_gateway_vm(vm: &GatewayVm) -> Agent {
     );
     // What that isolation is for: the node's ARP for each tenant's next
     // hop is answered by that tenant's macvlan, and only by it.
-    for (next_hop, macvlan) in [
-        (GatewayVm::NEXT_HOP_A, "macvlan-a"),
-        (GatewayVm::NEXT_HOP_B, "macvlan-b"),
-    ] {
+    for (macvlan, next_hop) in GatewayVm::NEXT_HOPS {
         let out = vm.node.try_run(
             "arping",
             &["-c", "3", "-w", "3", "-I", "eth0", &next_hop.to_string()],
@@ -386,10 +389,7 @@ fn gateway_vm_tells_tenants_of_one_pod_cidr_apart_by_their_next_hop() {
     let agent = start_gateway_vm(&vm);
     tenants_leave_with_their_egress_ips(&gateway_vm_shape(&vm), &agent);
     // The node's neighbour table kept each next hop on its own macvlan.
-    for (next_hop, macvlan) in [
-        (GatewayVm::NEXT_HOP_A, "macvlan-a"),
-        (GatewayVm::NEXT_HOP_B, "macvlan-b"),
-    ] {
+    for (macvlan, next_hop) in GatewayVm::NEXT_HOPS {
         let neigh = vm
             .node
             .ip(&["neigh", "show", &next_hop.to_string(), "dev", "eth0"]);
@@ -418,6 +418,221 @@ fn gateway_vm_carries_256_mib_both_ways() {
         flows.iter().all(|f| f["tenant"] == "tenant-a"),
         "{flows:#?}"
     );
+}
+
+/// `ip -d -o link show dev <name>` in `ns`, or `None` if there is no such link.
+fn link_details(ns: &Netns, name: &str) -> Option<String> {
+    let out = ns.try_run("ip", &["-d", "-o", "link", "show", "dev", name]);
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The MAC `ip link` shows for a link, if it exists.
+fn link_mac(ns: &Netns, name: &str) -> Option<String> {
+    link_details(ns, name)?
+        .split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .map(str::to_owned)
+}
+
+/// Polls `done` for up to 10 s (a SIGHUP is applied asynchronously).
+#[track_caller]
+fn wait_for(what: &str, agent: &Agent, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not happen within 10 s:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Each next hop is what the configuration asked the agent to create: a
+/// macvlan in mode bridge on enp1s0 with its /32 (tenant A's with the
+/// configured MAC, tenant B's with a locally administered unicast one).
+#[track_caller]
+fn assert_next_hops_created(vm: &GatewayVm) {
+    for (macvlan, next_hop) in GatewayVm::NEXT_HOPS {
+        let details = link_details(&vm.vm, macvlan)
+            .unwrap_or_else(|| panic!("the agent did not create {macvlan}"));
+        assert!(
+            details.contains(&format!("{macvlan}@enp1s0:"))
+                && details.contains("macvlan mode bridge")
+                && details.contains(",UP,"),
+            "{details}"
+        );
+        let addrs = vm.vm.ip(&["-4", "-o", "addr", "show", "dev", macvlan]);
+        let addrs = String::from_utf8_lossy(&addrs.stdout);
+        assert!(addrs.contains(&format!("inet {next_hop}/32 ")), "{addrs}");
+    }
+    assert_eq!(vm.vm.mac("macvlan-a"), GatewayVm::NEXT_HOP_A_MAC);
+    let derived = vm.vm.mac("macvlan-b");
+    assert_eq!(
+        derived[0] & 0x03,
+        0x02,
+        "macvlan-b's default MAC is locally administered unicast: {}",
+        mac_text(derived)
+    );
+}
+
+#[track_caller]
+fn assert_no_next_hops(vm: &GatewayVm, why: &str) {
+    for (macvlan, _) in GatewayVm::NEXT_HOPS {
+        assert_eq!(link_details(&vm.vm, macvlan), None, "{why}");
+    }
+}
+
+/// `yaml` with tenant B's MAC set (it had the default).
+fn with_next_hop_b_mac(yaml: &str, mac: &str) -> String {
+    let from = format!("address: {}/32}}", GatewayVm::NEXT_HOP_B);
+    assert!(yaml.contains(&from), "{yaml}");
+    yaml.replace(
+        &from,
+        &format!("address: {}/32, mac: \"{mac}\"}}", GatewayVm::NEXT_HOP_B),
+    )
+}
+
+#[test]
+fn gateway_vm_next_hops_created_by_the_agent_serve_follow_reloads_and_go_with_it() {
+    if !require_root() {
+        return;
+    }
+    let vm = GatewayVm::without_next_hops();
+    let yaml = vm.config_creating_next_hops();
+    let mut agent = start_gateway_vm_with(&vm, &yaml, &[]);
+    assert_next_hops_created(&vm);
+    tenants_leave_with_their_egress_ips(&gateway_vm_shape(&vm), &agent);
+
+    // A changed MAC recreates tenant B's next hop; tenant A's is untouched.
+    let index_a = vm.vm.ifindex("macvlan-a");
+    let index_b = vm.vm.ifindex("macvlan-b");
+    let mac_b = "02:00:00:00:0b:02";
+    agent.reload(&with_next_hop_b_mac(&yaml, mac_b));
+    wait_for("macvlan-b recreated with its new MAC", &agent, || {
+        link_mac(&vm.vm, "macvlan-b").as_deref() == Some(mac_b)
+    });
+    assert_next_hops_created(&vm);
+    assert_ne!(vm.vm.ifindex("macvlan-b"), index_b, "recreated");
+    assert_eq!(vm.vm.ifindex("macvlan-a"), index_a, "left alone");
+    // Tenant B leaves through its new next hop (the node asks afresh).
+    vm.node.ip(&["neigh", "flush", "dev", "eth0"]);
+    let http = http_server(&vm.server, SocketAddrV4::new(GatewayVm::SERVER, 8080));
+    let url = format!("http://{}:8080/", GatewayVm::SERVER);
+    let body = curl(&vm.pod(GatewayVm::POD_B).ns, &url)
+        .unwrap_or_else(|err| panic!("tenant B after the reload: {err}\n{}", agent.log()));
+    assert_eq!(body, format!("you are {}\n", GatewayVm::EGRESS_B));
+    drop(http);
+
+    // Without tenant B, its next hop goes, and only it.
+    let start = yaml.find("  - name: tenant-b").expect("tenant-b");
+    let end = yaml.find("returnRoutes:").expect("returnRoutes");
+    let mut without_b = yaml.clone();
+    without_b.replace_range(start..end, "");
+    agent.reload(&without_b);
+    wait_for("macvlan-b removed", &agent, || {
+        link_details(&vm.vm, "macvlan-b").is_none()
+    });
+    assert_eq!(vm.vm.ifindex("macvlan-a"), index_a);
+
+    // Back again: created anew.
+    agent.reload(&yaml);
+    wait_for("macvlan-b created again", &agent, || {
+        link_details(&vm.vm, "macvlan-b").is_some_and(|d| d.contains(",UP,"))
+    });
+    assert_next_hops_created(&vm);
+
+    assert!(agent.stop().success(), "{}", agent.log());
+    assert_no_next_hops(&vm, "SIGTERM removes the macvlans the agent created");
+    for key in ["arp_ignore", "arp_announce"] {
+        assert_eq!(
+            effective_ipv4_conf(&vm.vm, "enp1s0", key),
+            0,
+            "enp1s0's {key} restored"
+        );
+    }
+}
+
+#[test]
+fn gateway_vm_next_hops_created_by_the_agent_stay_with_a_kept_dataplane_until_cleanup() {
+    if !require_root() {
+        return;
+    }
+    let vm = GatewayVm::without_next_hops();
+    let yaml = vm.config_creating_next_hops();
+    let mut agent = start_gateway_vm_with(&vm, &yaml, &["--keep-dataplane"]);
+    let index_b = vm.vm.ifindex("macvlan-b");
+    assert!(agent.stop().success(), "{}", agent.log());
+    assert_next_hops_created(&vm);
+
+    // The next agent finds them in the state file: its own, kept as they
+    // are...
+    agent.respawn();
+    assert_eq!(
+        vm.vm.ifindex("macvlan-b"),
+        index_b,
+        "kept across the restart"
+    );
+    // ...and its to recreate (a macvlan someone else made with another
+    // MAC would be refused instead).
+    let mac_b = "02:00:00:00:0b:03";
+    agent.reload(&with_next_hop_b_mac(&yaml, mac_b));
+    wait_for("macvlan-b recreated by the restarted agent", &agent, || {
+        link_mac(&vm.vm, "macvlan-b").as_deref() == Some(mac_b)
+    });
+    assert_next_hops_created(&vm);
+
+    assert!(agent.stop().success(), "{}", agent.log());
+    assert_next_hops_created(&vm);
+    let out = agent.cli(&["cleanup"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_no_next_hops(&vm, "cleanup removes the macvlans the agent created");
+}
+
+#[test]
+fn gateway_vm_refuses_to_create_a_next_hop_over_a_link_it_did_not_make() {
+    if !require_root() {
+        return;
+    }
+    let vm = GatewayVm::without_next_hops();
+    // Someone else's link, with tenant A's next hop's name.
+    vm.vm.ip(&[
+        "link",
+        "add",
+        "macvlan-a",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "stray",
+    ]);
+    let config = ConfigFile::new(&vm.config_creating_next_hops());
+    let path = config.path.to_str().expect("utf-8 path");
+    let instance = unique_name("agent");
+    for command in ["check", "run"] {
+        let out = run_to_exit(&vm.vm, &instance, &[command, "--config", path]);
+        assert_eq!(out.status.code(), Some(2), "{command}: {out:?}");
+        for expected in [
+            "tenants[0] (tenant-a).ingress[0].interface: macvlan-a already exists as a veth, \
+             not as a macvlan on enp1s0",
+            "nothing was changed",
+        ] {
+            assert!(
+                out.stderr.contains(expected),
+                "{command}: expected {expected:?} in:\n{}",
+                out.stderr
+            );
+        }
+    }
+    // `run` took the instance's lock before it read the file.
+    run_to_exit(&vm.vm, &instance, &["cleanup"]);
+    let stray = link_details(&vm.vm, "macvlan-a").expect("the veth stays");
+    assert!(stray.contains("veth"), "{stray}");
+    assert_eq!(link_details(&vm.vm, "macvlan-b"), None, "nothing created");
+    assert_eq!(effective_ipv4_conf(&vm.vm, "enp1s0", "arp_ignore"), 0);
 }
 
 /// The gateway pod on a jumbo pod network, its external side at 1500.

@@ -374,11 +374,7 @@ fn ingress_ports_and_their_parents_get_arp_isolation() {
         .unwrap()
         .resolve(&machine_with_macvlan())
         .expect("resolves");
-    let names: Vec<&str> = resolved
-        .arp_isolated
-        .iter()
-        .map(|l| l.name.as_str())
-        .collect();
+    let names: Vec<&str> = resolved.arp_isolated.iter().map(String::as_str).collect();
     assert_eq!(names, ["eth0", "macvlan-blue"]);
     let plain = plan(SEED).unwrap().resolve(&machine()).expect("resolves");
     assert!(
@@ -688,4 +684,400 @@ fn nics_that_gain_ndo_xdp_xmit_with_our_program_are_judged_as_they_will_be() {
     let resolved = resolve_with(&yaml, &system).expect("valid");
     assert_eq!(resolved.hook_of(2), Hook::Tc, "{:?}", resolved.hooks);
     assert_eq!(resolved.hook_of(3), Hook::Tc);
+}
+
+/// Seed 002's next hops, made by the agent: tenant-a's MAC written, tenant-b's
+/// derived.
+const CREATING: &str = "\
+interfaces: {internal: [eth0], external: eth1}
+tenants:
+  - name: tenant-a
+    sources: [10.128.0.0/14]
+    egressIPs: [192.168.31.101]
+    ingress:
+      - interface: macvlan-a
+        create: {parent: eth0, address: 10.70.0.11/32, mac: '02:00:00:00:0a:01'}
+  - name: tenant-b
+    sources: [10.128.0.0/14]
+    egressIPs: [192.168.31.102]
+    ingress:
+      - interface: macvlan-b
+        create: {parent: eth0, address: 10.70.0.12}
+";
+
+/// `machine()` with a link `name` (index 9) of `kind` on `parent`, MAC
+/// `02:00:00:00:0a:01`, holding `address` if given.
+fn machine_with(name: &str, kind: &str, parent: u32, address: Option<[u8; 4]>) -> SystemView {
+    let mut system = machine();
+    system.links.push(LinkFacts {
+        index: 9,
+        name: name.into(),
+        mac: Some([2, 0, 0, 0, 0x0a, 1]),
+        kind: Some(kind.into()),
+        parent: Some(parent),
+        xdp_features: None,
+    });
+    if let Some(address) = address {
+        system.addresses.push(AddressFacts {
+            index: 9,
+            addr: IpAddr::V4(Ipv4Addr::from(address)),
+            prefix_len: 32,
+        });
+    }
+    system
+}
+
+#[test]
+fn next_hops_to_create_resolve_before_they_exist() {
+    let resolved = plan(CREATING)
+        .unwrap()
+        .resolve(&machine())
+        .expect("resolves");
+    let derived = derived_mac("tenant-b", "macvlan-b");
+    let eth0 = LinkRef {
+        name: "eth0".into(),
+        index: 2,
+    };
+    assert_eq!(
+        resolved.macvlans,
+        [
+            MacvlanSpec {
+                name: "macvlan-a".into(),
+                parent: eth0.clone(),
+                address: Ipv4Addr::new(10, 70, 0, 11),
+                mac: [2, 0, 0, 0, 0x0a, 1],
+            },
+            MacvlanSpec {
+                name: "macvlan-b".into(),
+                parent: eth0,
+                address: Ipv4Addr::new(10, 70, 0, 12),
+                mac: derived,
+            },
+        ]
+    );
+    // The port is the parent's ifindex and the macvlan's MAC, as for a
+    // macvlan the operator made.
+    assert_eq!(
+        resolved.tenants[0].ingress,
+        [IngressPort {
+            ifindex: 2,
+            mac: Some([2, 0, 0, 0, 0x0a, 1])
+        }]
+    );
+    assert_eq!(
+        resolved.tenants[1].ingress,
+        [IngressPort {
+            ifindex: 2,
+            mac: Some(derived)
+        }]
+    );
+    assert_eq!(resolved.arp_isolated, ["eth0", "macvlan-a", "macvlan-b"]);
+}
+
+#[test]
+fn derived_macs_are_stable_local_unicast_and_differ() {
+    let mac = derived_mac("tenant-b", "macvlan-b");
+    assert_eq!(
+        mac[0] & 0x03,
+        0x02,
+        "locally administered unicast: {mac:02x?}"
+    );
+    // Pinned (FNV-1a of "tenant-b\0macvlan-b", checked by hand): a changed
+    // derivation would move every next hop's MAC on an upgrade, and routers
+    // would keep sending to the old one.
+    assert_eq!(format_mac(mac), "1e:36:d7:cd:4b:5b");
+    for other in [
+        derived_mac("tenant-a", "macvlan-b"),
+        derived_mac("tenant-b", "macvlan-a"),
+        derived_mac("tenant-bmacvlan", "-b"),
+    ] {
+        assert_ne!(mac, other);
+        assert_eq!(other[0] & 0x03, 0x02);
+    }
+}
+
+#[test]
+fn create_blocks_are_checked_by_field() {
+    let at = "tenants[0] (tenant-a).ingress[0]";
+    for (from, to, field, needle) in [
+        (
+            "parent: eth0, address: 10.70.0.11/32",
+            "parent: eth1, address: 10.70.0.11/32",
+            "create.parent",
+            "eth1 is not an internal interface",
+        ),
+        (
+            "parent: eth0, address: 10.70.0.11/32",
+            "parent: mgmt, address: 10.70.0.11/32",
+            "create.parent",
+            "mgmt is not an internal interface",
+        ),
+        (
+            "10.70.0.11/32",
+            "10.70.0.11/24",
+            "create.address",
+            "must be a /32",
+        ),
+        (
+            "10.70.0.11/32",
+            "10.70.0.0/33",
+            "create.address",
+            "is not an IPv4 address",
+        ),
+        (
+            "10.70.0.11/32",
+            "fd00::1/128",
+            "create.address",
+            "IPv6 is not supported",
+        ),
+        (
+            "10.70.0.11/32",
+            "next-hop",
+            "create.address",
+            "is not an IPv4 address",
+        ),
+        (
+            "10.70.0.11/32",
+            "224.0.0.5/32",
+            "create.address",
+            "cannot be a next hop",
+        ),
+        (
+            "'02:00:00:00:0a:01'",
+            "'03:00:00:00:0a:01'",
+            "create.mac",
+            "multicast MAC",
+        ),
+        (
+            "'02:00:00:00:0a:01'",
+            "'02:00:00:00:0a'",
+            "create.mac",
+            "is not a MAC address",
+        ),
+        (
+            "'02:00:00:00:0a:01'",
+            "'00:00:00:00:00:00'",
+            "create.mac",
+            "not a usable MAC",
+        ),
+        (
+            "interface: macvlan-a",
+            "interface: macvlan-a-tenant-1",
+            "interface",
+            "is not an interface name",
+        ),
+        (
+            "interface: macvlan-a",
+            "interface: eth1",
+            "interface",
+            "eth1 is a managed interface",
+        ),
+        (
+            "interface: macvlan-a\n",
+            "interface: macvlan-a\n        mac: '02:00:00:00:0a:02'\n",
+            "mac",
+            "creates has MAC 02:00:00:00:0a:01",
+        ),
+        (
+            "10.70.0.11/32",
+            "192.168.31.102/32",
+            "create.address",
+            "192.168.31.102 is an egress IP of tenants[1] (tenant-b)",
+        ),
+    ] {
+        let text = CREATING.replacen(from, to, 1);
+        assert_ne!(text, CREATING, "{from}");
+        assert_problem(&problems(&text), &format!("{at}.{field}"), needle);
+    }
+    // The ingress entry may repeat the MAC it creates.
+    let text = CREATING.replacen(
+        "interface: macvlan-a\n",
+        "interface: macvlan-a\n        mac: '02:00:00:00:0a:01'\n",
+        1,
+    );
+    assert!(plan(&text).is_ok());
+}
+
+#[test]
+fn two_tenants_cannot_create_the_same_macvlan_address_or_mac() {
+    let at = "tenants[1] (tenant-b).ingress[0]";
+    let text = CREATING.replace("interface: macvlan-b", "interface: macvlan-a");
+    assert_problem(
+        &problems(&text),
+        &format!("{at}.interface"),
+        "macvlan-a is already created by tenants[0] (tenant-a).ingress[0]",
+    );
+    let text = CREATING.replace("10.70.0.12", "10.70.0.11");
+    assert_problem(
+        &problems(&text),
+        &format!("{at}.create.address"),
+        "10.70.0.11 is already the address of the macvlan tenants[0] (tenant-a).ingress[0] creates",
+    );
+    let text = CREATING.replace(
+        "address: 10.70.0.12}",
+        "address: 10.70.0.12, mac: '02-00-00-00-0A-01'}",
+    );
+    assert_problem(
+        &problems(&text),
+        &format!("{at}.create.mac"),
+        "02:00:00:00:0a:01 is already the MAC of the macvlan tenants[0] (tenant-a).ingress[0] creates",
+    );
+}
+
+#[test]
+fn an_existing_link_that_is_not_the_macvlan_asked_for_is_refused() {
+    let field = "tenants[0] (tenant-a).ingress[0].interface";
+    for (kind, parent, needle) in [
+        (
+            "veth",
+            0,
+            "macvlan-a already exists as a veth, not as a macvlan on eth0",
+        ),
+        (
+            "macvlan",
+            4,
+            "macvlan-a already exists as a macvlan on mgmt, not as a macvlan on eth0",
+        ),
+    ] {
+        let system = machine_with("macvlan-a", kind, parent, Some([10, 70, 0, 11]));
+        let problems = plan(CREATING)
+            .unwrap()
+            .resolve(&system)
+            .expect_err("refused");
+        assert_problem(&problems, field, needle);
+        assert_problem(&problems, field, "never replaces a link it did not create");
+        // The same link, made by this agent, is its own to recreate.
+        let owned = BTreeSet::from([9]);
+        assert!(
+            plan(CREATING)
+                .unwrap()
+                .resolve_owning(&system, &owned)
+                .is_ok(),
+            "{kind} on {parent}"
+        );
+    }
+}
+
+#[test]
+fn an_existing_macvlan_made_as_asked_is_used_as_it_is() {
+    let system = machine_with("macvlan-a", "macvlan", 2, Some([10, 70, 0, 11]));
+    let resolved = plan(CREATING).unwrap().resolve(&system).expect("adopted");
+    assert_eq!(resolved.macvlans.len(), 2);
+
+    // Someone else's macvlan is not changed: a MAC or an address that
+    // differs is refused, naming the field and the way out.
+    let at = "tenants[0] (tenant-a).ingress[0]";
+    let text = CREATING.replace("'02:00:00:00:0a:01'", "'02:00:00:00:0a:09'");
+    let problems = plan(&text).unwrap().resolve(&system).expect_err("refused");
+    assert_problem(
+        &problems,
+        &format!("{at}.create.mac"),
+        "with MAC 02:00:00:00:0a:01, not 02:00:00:00:0a:09",
+    );
+    let bare = machine_with("macvlan-a", "macvlan", 2, None);
+    let problems = plan(CREATING).unwrap().resolve(&bare).expect_err("refused");
+    assert_problem(
+        &problems,
+        &format!("{at}.create.address"),
+        "macvlan-a already exists (not created by this agent) without 10.70.0.11",
+    );
+    // Made by this agent: it recreates it as asked.
+    let owned = BTreeSet::from([9]);
+    assert!(plan(&text).unwrap().resolve_owning(&bare, &owned).is_ok());
+}
+
+#[test]
+fn a_next_hop_address_configured_elsewhere_is_refused() {
+    let field = "tenants[1] (tenant-b).ingress[0].create.address";
+    let text = CREATING.replace("10.70.0.12", "10.9.9.9");
+    let problems = plan(&text)
+        .unwrap()
+        .resolve(&machine())
+        .expect_err("refused");
+    assert_problem(&problems, field, "10.9.9.9 is already configured on mgmt");
+    // On another macvlan this agent made, it moves: that one is recreated
+    // or removed first.
+    let system = machine_with("macvlan-old", "macvlan", 2, Some([10, 70, 0, 12]));
+    let problems = plan(CREATING)
+        .unwrap()
+        .resolve(&system)
+        .expect_err("refused");
+    assert_problem(
+        &problems,
+        field,
+        "10.70.0.12 is already configured on macvlan-old",
+    );
+    let owned = BTreeSet::from([9]);
+    assert!(
+        plan(CREATING)
+            .unwrap()
+            .resolve_owning(&system, &owned)
+            .is_ok()
+    );
+}
+
+#[test]
+fn other_tenants_may_name_a_created_macvlan_but_not_one_that_goes() {
+    let text = format!(
+        "{CREATING}  - name: tenant-c
+    sources: [10.200.0.0/16]
+    egressIPs: [192.168.31.103]
+    ingress: [{{interface: macvlan-a}}]
+"
+    );
+    let resolved = plan(&text).unwrap().resolve(&machine()).expect("resolves");
+    assert_eq!(resolved.tenants[2].ingress, resolved.tenants[0].ingress);
+
+    // A macvlan this agent created for a next hop the file no longer
+    // creates is removed once the file applies: nobody may rely on it.
+    let mut system = machine_with("macvlan-x", "macvlan", 2, Some([10, 70, 0, 13]));
+    system.links[4].mac = Some([2, 0, 0, 0, 0x0a, 0x0c]);
+    let text = text.replace("{interface: macvlan-a}", "{interface: macvlan-x}");
+    assert!(
+        plan(&text).unwrap().resolve(&system).is_ok(),
+        "not ours: used"
+    );
+    let problems = plan(&text)
+        .unwrap()
+        .resolve_owning(&system, &BTreeSet::from([9]))
+        .expect_err("refused");
+    assert_problem(
+        &problems,
+        "tenants[2] (tenant-c).ingress[0].interface",
+        "macvlan-x was created by this agent",
+    );
+}
+
+#[test]
+fn a_mac_the_parent_or_a_sibling_has_is_refused() {
+    let field = "tenants[0] (tenant-a).ingress[0].create.mac";
+    // eth0's own MAC.
+    let text = CREATING.replace("'02:00:00:00:0a:01'", "'02:00:00:00:00:02'");
+    let problems = plan(&text)
+        .unwrap()
+        .resolve(&machine())
+        .expect_err("refused");
+    assert_problem(
+        &problems,
+        field,
+        "02:00:00:00:00:02 is already the MAC of eth0, on eth0",
+    );
+    // Another macvlan on eth0, someone else's.
+    let system = machine_with("macvlan-x", "macvlan", 2, None);
+    let problems = plan(CREATING)
+        .unwrap()
+        .resolve(&system)
+        .expect_err("refused");
+    assert_problem(&problems, field, "is already the MAC of macvlan-x, on eth0");
+    // This agent's: it is recreated or removed first.
+    let owned = BTreeSet::from([9]);
+    assert!(
+        plan(CREATING)
+            .unwrap()
+            .resolve_owning(&system, &owned)
+            .is_ok()
+    );
+    // On another parent the MAC is free.
+    let system = machine_with("macvlan-x", "macvlan", 4, None);
+    assert!(plan(CREATING).unwrap().resolve(&system).is_ok());
 }
