@@ -215,18 +215,21 @@ pub async fn run(instance: &Instance, options: &RunOptions) -> Result<(), RunErr
     // A predecessor's state says which macvlans are ours to recreate.
     let previous = instance.read_state().ok().flatten();
     let owned = owned_links(previous.iter().flat_map(|p| &p.macvlans));
-    let (resolved, system, handle) = match validate_config(
-        effective_config(config_path, kube.as_ref())?,
-        config_path,
-        &owned,
-    )
-    .await
-    {
+    let validated = match effective_config(config_path, kube.as_ref()) {
+        Ok(config) => validate_config(config, config_path, &owned).await,
+        Err(err) => Err(err),
+    };
+    let (resolved, system, handle) = match validated {
         Ok(valid) => valid,
         Err(err) => {
             if let Some(kube) = &mut kube {
                 kube.refuse(Some(err.to_string()));
                 kube.publish(&BTreeMap::new()).await;
+            }
+            // A refused file leaves nothing behind, not even the lock,
+            // unless a predecessor's state is there to keep.
+            if previous.is_none() && !instance.pin_dir.exists() {
+                instance.remove_state();
             }
             return Err(err);
         }

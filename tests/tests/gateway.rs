@@ -5,7 +5,7 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use egress_tests::{
-    agent::{Agent, ConfigFile, run_to_exit},
+    agent::{Agent, ConfigFile, assert_no_dataplane_left, run_to_exit},
     netns::unique_name,
     require_root,
     topology::{EGRESS_A, EGRESS_B, HOST_A, HOST_B, SERVER, STRANGER, Topology, seed_config},
@@ -340,15 +340,7 @@ fn status_and_flows_describe_the_running_agent() {
 /// What a refused configuration must leave: nothing.
 #[track_caller]
 fn assert_gateway_untouched(net: &Topology, instance: &str) {
-    for interface in ["eth0", "eth1"] {
-        let link = net.gateway.ip(&["-d", "link", "show", interface]);
-        let text = String::from_utf8_lossy(&link.stdout);
-        assert!(!text.contains("xdp"), "XDP attached to {interface}: {text}");
-        let filters = net
-            .gateway
-            .run("tc", &["filter", "show", "dev", interface, "ingress"]);
-        assert!(filters.stdout.is_empty(), "TC filter on {interface}");
-    }
+    assert_no_dataplane_left(&net.gateway);
     let addrs = net.gateway.ip(&["-4", "-o", "addr", "show", "dev", "eth1"]);
     let text = String::from_utf8_lossy(&addrs.stdout);
     assert!(
@@ -360,10 +352,8 @@ fn assert_gateway_untouched(net: &Topology, instance: &str) {
         "pins left"
     );
     assert!(
-        !std::path::Path::new(&format!("/run/{instance}"))
-            .join("state.json")
-            .exists(),
-        "state left"
+        !std::path::Path::new(&format!("/run/{instance}")).exists(),
+        "state or lock left in /run/{instance}"
     );
 }
 
