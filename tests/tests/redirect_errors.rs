@@ -12,7 +12,7 @@
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4, UdpSocket},
-    sync::Mutex,
+    sync::{Mutex, MutexGuard, PoisonError},
     time::{Duration, Instant},
 };
 
@@ -22,7 +22,7 @@ use egress_tests::{
     netns::Netns,
     require_root,
     topology::{HOST_A, SERVER, Topology, seed_config},
-    traffic::{udp_echo_server, udp_request},
+    traffic::{Server, udp_echo_server, udp_request},
 };
 
 const LISTEN: &str = "127.0.0.1:9477";
@@ -54,6 +54,27 @@ fn seed_tuned_for_xdp() -> Topology {
         host.ns.ethtool("eth0", "tx", false);
     }
     net
+}
+
+/// Where the echo server listens, behind the gateway.
+const ECHO: SocketAddrV4 = SocketAddrV4::new(SERVER, 5300);
+
+/// The tests' common start, one test at a time: the tuned topology
+/// (`prepare` may change it first), the agent on native XDP serving, and
+/// a UDP echo server behind it. Bound in this order, they drop in reverse:
+/// the server, the agent, the namespaces, then the turn.
+fn serving_xdp_gateway(
+    prepare: impl FnOnce(&Topology),
+) -> (MutexGuard<'static, ()>, Topology, Agent, Server) {
+    let turn = ONE_AT_A_TIME.lock().unwrap_or_else(PoisonError::into_inner);
+    let net = seed_tuned_for_xdp();
+    prepare(&net);
+    let agent = Agent::start_with(&net.gateway, &config(), &["--listen", LISTEN]);
+    let server = udp_echo_server(&net.external, ECHO);
+    wait_until("readiness", Duration::from_secs(5), || {
+        get(&net.gateway, "/readyz").0 == 200
+    });
+    (turn, net, agent, server)
 }
 
 /// GET on the agent's endpoint from inside the gateway namespace.
@@ -91,16 +112,7 @@ fn redirects_into_a_veth_without_napi_make_the_dataplane_not_serving() {
     if !require_root() {
         return;
     }
-    let _turn = ONE_AT_A_TIME
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let net = seed_tuned_for_xdp();
-    let agent = Agent::start_with(&net.gateway, &config(), &["--listen", LISTEN]);
-    let echo = SocketAddrV4::new(SERVER, 5300);
-    let server = udp_echo_server(&net.external, echo);
-    wait_until("readiness", Duration::from_secs(5), || {
-        get(&net.gateway, "/readyz").0 == 200
-    });
+    let (_turn, net, agent, server) = serving_xdp_gateway(|_| {});
     let (_, metrics) = get(&net.gateway, "/metrics");
     assert!(
         metrics.contains("egress_redirect_drops_watched 1"),
@@ -113,7 +125,7 @@ fn redirects_into_a_veth_without_napi_make_the_dataplane_not_serving() {
     // (the kernel's default for a new veth) leaves it without NAPI, so the
     // gateway's eth1 refuses XDP frames from now on.
     net.external.ethtool("eth0", "gro", false);
-    send_datagrams(&net.host(HOST_A).ns, echo, 20);
+    send_datagrams(&net.host(HOST_A).ns, ECHO, 20);
 
     wait_until("unreadiness", Duration::from_secs(5), || {
         get(&net.gateway, "/readyz").0 == 503
@@ -175,7 +187,7 @@ fn redirects_into_a_veth_without_napi_make_the_dataplane_not_serving() {
     // period the dataplane serves again.
     net.external.ethtool("eth0", "gro", true);
     assert_eq!(
-        udp_request(&net.host(HOST_A).ns, 32100, echo, b"again").as_deref(),
+        udp_request(&net.host(HOST_A).ns, 32100, ECHO, b"again").as_deref(),
         Some(&b"again"[..]),
         "traffic passes once the peer has NAPI"
     );
@@ -195,21 +207,12 @@ fn the_same_traffic_through_a_veth_with_gro_leaves_the_dataplane_serving() {
     if !require_root() {
         return;
     }
-    let _turn = ONE_AT_A_TIME
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
     // The tuned topology: GRO on at the peers of both gateway veths.
-    let net = seed_tuned_for_xdp();
-    let agent = Agent::start_with(&net.gateway, &config(), &["--listen", LISTEN]);
-    let echo = SocketAddrV4::new(SERVER, 5300);
-    let server = udp_echo_server(&net.external, echo);
-    wait_until("readiness", Duration::from_secs(5), || {
-        get(&net.gateway, "/readyz").0 == 200
-    });
+    let (_turn, net, agent, server) = serving_xdp_gateway(|_| {});
 
-    send_datagrams(&net.host(HOST_A).ns, echo, 20);
+    send_datagrams(&net.host(HOST_A).ns, ECHO, 20);
     assert_eq!(
-        udp_request(&net.host(HOST_A).ns, 32100, echo, b"echo").as_deref(),
+        udp_request(&net.host(HOST_A).ns, 32100, ECHO, b"echo").as_deref(),
         Some(&b"echo"[..])
     );
     wait_until("every datagram", Duration::from_secs(5), || {
@@ -251,9 +254,6 @@ fn frames_a_target_leaves_out_of_a_batch_are_counted_without_withdrawing() {
     if !require_root() {
         return;
     }
-    let _turn = ONE_AT_A_TIME
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
     // The tuned topology, but the server's end of the external veth takes
     // shorter frames than the gateway's end sends: `veth_xdp_xmit()` leaves
     // such frames out of the batch and reports them through
@@ -261,21 +261,16 @@ fn frames_a_target_leaves_out_of_a_batch_are_counted_without_withdrawing() {
     // full. That is congestion's signature, so it is counted (the
     // `redirect_xmit` program at work) but does not make the gateway
     // withdraw.
-    let net = seed_tuned_for_xdp();
-    net.external.ip(&["link", "set", "eth0", "mtu", "1000"]);
-    let agent = Agent::start_with(&net.gateway, &config(), &["--listen", LISTEN]);
-    let echo = SocketAddrV4::new(SERVER, 5300);
-    let server = udp_echo_server(&net.external, echo);
-    wait_until("readiness", Duration::from_secs(5), || {
-        get(&net.gateway, "/readyz").0 == 200
+    let (_turn, net, agent, server) = serving_xdp_gateway(|net| {
+        net.external.ip(&["link", "set", "eth0", "mtu", "1000"]);
     });
     // Small datagrams resolve the server's MAC and pass.
-    assert!(udp_request(&net.host(HOST_A).ns, 32100, echo, b"small").is_some());
+    assert!(udp_request(&net.host(HOST_A).ns, 32100, ECHO, b"small").is_some());
     let host = net.host(HOST_A).ns.enter(move || {
         let socket =
             UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 32100)).expect("bind");
         for _ in 0..10 {
-            socket.send_to(&[0x55; 1200], echo).expect("send");
+            socket.send_to(&[0x55; 1200], ECHO).expect("send");
             std::thread::sleep(Duration::from_millis(50));
         }
     });
