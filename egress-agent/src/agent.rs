@@ -622,6 +622,9 @@ async fn apply(
     let mut maps = Maps::open(dataplane.pin_dir())?;
     let desired = DesiredState::build(resolved, &maps.tenant_ids()?, &maps.port_ids())?;
     maps.sync(&desired)?;
+    // Pinned maps of an agent that died may count flows it removed but
+    // never recorded as ended; quotas start from what the table holds.
+    conntrack::reconcile_usage(&mut maps)?;
     dataplane.attach(resolved)?;
     let mut attachments = dataplane.attachments().to_vec();
     // An adopted link keeps the hook it was attached with.

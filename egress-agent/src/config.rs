@@ -135,6 +135,17 @@ pub struct Tenant {
     /// Source ports (and ICMP ids) handed out on the egress addresses.
     #[serde(default)]
     pub ports: Option<PortRange>,
+    /// Flows the tenant may hold at once; default: an equal share of what
+    /// tenants without their own figure leave of `conntrack.maxFlows`.
+    #[serde(default)]
+    pub max_flows: Option<u32>,
+    /// New flows per second the tenant may open; default: no limit.
+    #[serde(default)]
+    pub new_flows_per_second: Option<u32>,
+    /// New flows the tenant may open at once above its rate; default: one
+    /// second's worth.
+    #[serde(default)]
+    pub new_flow_burst: Option<u32>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
@@ -648,14 +659,17 @@ impl Config {
                     create,
                 });
             }
+            let limits = plan_limits(problems, &at, tenant, self.conntrack.max_flows);
             planned.push(PlannedTenant {
                 name: tenant.name.clone(),
                 sources,
                 egress,
                 ingress,
                 ports,
+                limits,
             });
         }
+        share_flows(problems, &mut planned, self.conntrack.max_flows);
         check_source_overlaps(problems, &planned);
         check_egress_outside_sources(problems, &planned);
         check_created_macvlans(problems, &planned, &self.interfaces);
@@ -918,6 +932,22 @@ pub struct PlannedTenant {
     pub egress: Vec<Ipv4Addr>,
     pub ingress: Vec<PlannedIngress>,
     pub ports: PortRange,
+    pub limits: TenantLimits,
+}
+
+/// What one tenant may take of the dataplane (see `limits` in egress-ebpf).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TenantLimits {
+    /// Flows held at once.
+    pub max_flows: u32,
+    /// The tenant's own figure, not its share of the table.
+    #[serde(skip)]
+    pub max_flows_set: bool,
+    /// New flows per second; 0: no limit.
+    pub new_flows_per_second: u32,
+    /// New flows at once above the rate.
+    pub new_flow_burst: u32,
 }
 
 /// An `ingress` entry, parsed.
@@ -970,6 +1000,7 @@ pub struct ResolvedTenant {
     pub egress: Vec<Ipv4Addr>,
     pub ingress: Vec<IngressPort>,
     pub ports: PortRange,
+    pub limits: TenantLimits,
 }
 
 /// Where one interface's packet path runs, and why.
@@ -1126,6 +1157,7 @@ impl Plan {
                 egress: tenant.egress.clone(),
                 ingress: ports,
                 ports: tenant.ports,
+                limits: tenant.limits,
             });
         }
         check_port_scoped_overlaps(&mut problems, &tenants);
@@ -1643,6 +1675,101 @@ fn parse_egress(problems: &mut Problems, at: &TenantField<'_>, egress: &[String]
 }
 
 /// A CIDR with no host bits set; a bare address means /32.
+/// The most new flows per second (and burst) a tenant may be given: far
+/// beyond any single gateway, and small enough for the dataplane's token
+/// arithmetic.
+pub const MAX_NEW_FLOW_RATE: u32 = 10_000_000;
+
+/// A tenant's own limits, checked; its quota is filled in by `share_flows`
+/// when the tenant sets none.
+fn plan_limits(
+    problems: &mut Problems,
+    at: &TenantField,
+    tenant: &Tenant,
+    table: u32,
+) -> TenantLimits {
+    let mut limits = TenantLimits::default();
+    if let Some(max_flows) = tenant.max_flows {
+        if max_flows == 0 || max_flows > table {
+            problems.add(
+                at.field("maxFlows"),
+                format!("{max_flows} is outside 1..={table} (conntrack.maxFlows, the whole table)"),
+            );
+        }
+        limits.max_flows = max_flows;
+        limits.max_flows_set = true;
+    }
+    if let Some(rate) = tenant.new_flows_per_second {
+        if !(1..=MAX_NEW_FLOW_RATE).contains(&rate) {
+            problems.add(
+                at.field("newFlowsPerSecond"),
+                format!("{rate} is outside 1..={MAX_NEW_FLOW_RATE}"),
+            );
+        }
+        limits.new_flows_per_second = rate;
+        limits.new_flow_burst = rate;
+    }
+    if let Some(burst) = tenant.new_flow_burst {
+        if tenant.new_flows_per_second.is_none() {
+            problems.add(
+                at.field("newFlowBurst"),
+                "needs newFlowsPerSecond: a burst is the room above a rate",
+            );
+        } else if !(1..=MAX_NEW_FLOW_RATE).contains(&burst) {
+            problems.add(
+                at.field("newFlowBurst"),
+                format!("{burst} is outside 1..={MAX_NEW_FLOW_RATE}"),
+            );
+        }
+        limits.new_flow_burst = burst;
+    }
+    limits
+}
+
+/// Gives every tenant without its own `maxFlows` an equal share of what the
+/// others leave of the table, so that, unless the operator overcommits on
+/// purpose, the quotas add up to the table and no tenant can take room
+/// another is owed.
+fn share_flows(problems: &mut Problems, tenants: &mut [PlannedTenant], table: u32) {
+    let explicit: u64 = tenants
+        .iter()
+        .filter(|t| t.limits.max_flows_set)
+        .map(|t| u64::from(t.limits.max_flows))
+        .sum();
+    let sharing = tenants.iter().filter(|t| !t.limits.max_flows_set).count() as u64;
+    if sharing == 0 {
+        return;
+    }
+    let share = u64::from(table).saturating_sub(explicit) / sharing;
+    if share == 0 {
+        problems.add(
+            "conntrack.maxFlows",
+            format!(
+                "{table} flows leave no share for the {sharing} tenants without maxFlows \
+                 (tenants' own maxFlows take {explicit}): raise conntrack.maxFlows or \
+                 give those tenants maxFlows"
+            ),
+        );
+        return;
+    }
+    for tenant in tenants.iter_mut().filter(|t| !t.limits.max_flows_set) {
+        tenant.limits.max_flows = share as u32;
+    }
+}
+
+impl Plan {
+    /// Flows the tenants' quotas add up to beyond the table: 0 unless the
+    /// operator gave tenants more than the table holds.
+    pub fn overcommitted_flows(&self) -> u64 {
+        let total: u64 = self
+            .tenants
+            .iter()
+            .map(|t| u64::from(t.limits.max_flows))
+            .sum();
+        total.saturating_sub(u64::from(self.max_flows))
+    }
+}
+
 pub fn parse_cidr(text: &str) -> Result<Ipv4Net, String> {
     let text = text.trim();
     let net = if text.contains('/') {

@@ -7,9 +7,14 @@
 //! both halves of a flow, outbound first: a packet racing the removal then
 //! starts a new flow on another port instead of leaving with a port whose
 //! replies can no longer be matched. An entry that moved since the snapshot
-//! was refreshed and stays.
+//! was refreshed and stays. Every flow it ends is counted for its tenant
+//! (`TENANT_ENDED`): that is how the dataplane's quota sees the room again.
 
-use std::{collections::HashMap, net::Ipv4Addr, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::Ipv4Addr,
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use egress_common::flow::{
@@ -123,8 +128,8 @@ impl Flow {
     }
 }
 
-/// Pairs entries into flows. Reply entries whose outbound half is gone
-/// (evicted by LRU) are returned apart: they are what a sweeper removes.
+/// Pairs entries into flows. Reply entries whose outbound half is gone are
+/// returned apart: they are what a sweeper removes.
 pub fn pair(entries: Vec<(FlowKeyV4, FlowEntryV4)>) -> (Vec<Flow>, Vec<FlowKeyV4>) {
     let mut replies: HashMap<FlowKeyV4, FlowEntryV4> = HashMap::new();
     let mut outbound = Vec::new();
@@ -181,7 +186,8 @@ pub fn now_ns() -> u64 {
 pub struct SweepReport {
     /// Flows idle past their state's timeout, both halves removed.
     pub flows_expired: usize,
-    /// Halves whose other half the LRU evicted, removed.
+    /// Halves without their other half (left by an agent killed while
+    /// removing a flow), removed.
     pub halves_orphaned: usize,
     /// Fragment memories older than the reassembly lifetime, removed.
     pub fragments_expired: usize,
@@ -216,6 +222,7 @@ pub fn sweep_snapshot(
     timeouts: &Timeouts,
 ) -> anyhow::Result<SweepReport> {
     let mut report = SweepReport::default();
+    let mut ended = BTreeMap::new();
     let (flows, orphan_replies) = pair(snapshot);
     for flow in flows {
         let idle = now_ns.saturating_sub(flow.last_seen_ns());
@@ -233,14 +240,16 @@ pub fn sweep_snapshot(
             report.flows_kept += 1;
             continue;
         }
-        remove(maps, &flow.outbound_key)?;
-        remove(maps, &reply_key)?;
+        end(maps, &flow, &mut ended)?;
         if expired {
             report.flows_expired += 1;
         } else {
             report.halves_orphaned += 1;
         }
     }
+    maps.add_ended(&ended)?;
+    // A reply half alone was never a flow of its own: its outbound half
+    // was counted when it ended, or never created.
     for key in orphan_replies {
         let Ok(entry) = maps.conntrack.get(&key, 0) else {
             continue;
@@ -296,7 +305,7 @@ pub fn end_flows_not_allowed(
     allowed: &HashMap<u16, Allowed>,
 ) -> anyhow::Result<usize> {
     let (flows, _) = pair(maps.flows());
-    let mut ended = 0;
+    let mut ended = BTreeMap::new();
     for flow in flows {
         let egress = std::net::Ipv4Addr::from(flow.outbound.nat_addr);
         let source = std::net::Ipv4Addr::from(flow.outbound_key.src);
@@ -308,22 +317,53 @@ pub fn end_flows_not_allowed(
         if keep {
             continue;
         }
-        remove(maps, &flow.outbound_key)?;
-        remove(maps, &flow.outbound_key.peer_key(&flow.outbound))?;
-        ended += 1;
+        end(maps, &flow, &mut ended)?;
     }
-    Ok(ended)
+    maps.add_ended(&ended)?;
+    Ok(ended.values().sum::<u64>() as usize)
 }
 
-/// Removes an entry that may already be gone (evicted, or removed by the
-/// dataplane racing us): either way it is not there afterwards.
-fn remove(maps: &mut Maps, key: &FlowKeyV4) -> anyhow::Result<()> {
+/// Removes both halves of a flow, outbound first, and counts it as ended
+/// for its tenant, if it was still there to remove.
+fn end(maps: &mut Maps, flow: &Flow, ended: &mut BTreeMap<u16, u64>) -> anyhow::Result<()> {
+    let was_there = remove(maps, &flow.outbound_key)?;
+    remove(maps, &flow.outbound_key.peer_key(&flow.outbound))?;
+    if was_there {
+        *ended.entry(flow.tenant()).or_default() += 1;
+    }
+    Ok(())
+}
+
+/// Flows (outbound halves) each tenant holds in a snapshot.
+pub fn held_by_tenant(snapshot: &[(FlowKeyV4, FlowEntryV4)]) -> BTreeMap<u16, u64> {
+    let mut held = BTreeMap::new();
+    for (key, entry) in snapshot {
+        if key.direction == DIR_OUTBOUND {
+            *held.entry(entry.tenant).or_default() += 1;
+        }
+    }
+    held
+}
+
+/// Makes the per-tenant counts of ended flows agree with the table, for
+/// maps the agent adopts from an earlier run that may have died between
+/// removing flows and counting them.
+pub fn reconcile_usage(maps: &mut Maps) -> anyhow::Result<()> {
+    let usage = maps.tenant_usage()?;
+    let held = held_by_tenant(&maps.flows());
+    maps.reconcile_ended(&usage, &held)
+}
+
+/// Removes an entry that may already be gone (removed by another tool
+/// racing us): either way it is not there afterwards. Whether it was.
+fn remove(maps: &mut Maps, key: &FlowKeyV4) -> anyhow::Result<bool> {
     match maps.conntrack.remove(key) {
-        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Ok(()) => Ok(true),
+        Err(aya::maps::MapError::KeyNotFound) => Ok(false),
         Err(aya::maps::MapError::SyscallError(err))
             if err.io_error.raw_os_error() == Some(libc::ENOENT) =>
         {
-            Ok(())
+            Ok(false)
         }
         Err(err) => Err(err).context("removing a conntrack entry"),
     }

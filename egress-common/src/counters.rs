@@ -89,10 +89,18 @@ pub enum Counter {
     /// Reply (TC): translated back, next hop's MAC unknown; sent through the
     /// kernel's neighbour resolution.
     InNeighRedirected,
+    /// Outbound: the tenant holds as many flows as its quota allows; its
+    /// new flow is refused (established flows of every tenant go on).
+    OutDropTenantQuota,
+    /// Outbound: the tenant opens new flows faster than its configured rate.
+    OutDropTenantRate,
+    /// Reply: from outside, addressed to an internal network (a tenant host,
+    /// not an egress address): the gateway is not a way in.
+    InDropToInternal,
 }
 
 /// Number of counters; the size of the `COUNTERS` array.
-pub const COUNTER_COUNT: u32 = Counter::InNeighRedirected as u32 + 1;
+pub const COUNTER_COUNT: u32 = Counter::InDropToInternal as u32 + 1;
 
 impl Counter {
     /// Every counter, in index order.
@@ -133,6 +141,9 @@ impl Counter {
         Counter::TcLeakBlocked,
         Counter::OutNeighRedirected,
         Counter::InNeighRedirected,
+        Counter::OutDropTenantQuota,
+        Counter::OutDropTenantRate,
+        Counter::InDropToInternal,
     ];
 
     /// Stable snake_case name, used in metrics and the CLI.
@@ -175,6 +186,9 @@ impl Counter {
             Counter::TcLeakBlocked => "tc_leak_blocked",
             Counter::OutNeighRedirected => "out_neigh_redirected",
             Counter::InNeighRedirected => "in_neigh_redirected",
+            Counter::OutDropTenantQuota => "out_drop_tenant_quota",
+            Counter::OutDropTenantRate => "out_drop_tenant_rate",
+            Counter::InDropToInternal => "in_drop_to_internal",
         }
     }
 }

@@ -14,11 +14,17 @@ pub const TENANTS: &str = "TENANTS";
 pub const TENANT_NAMES: &str = "TENANT_NAMES";
 /// Hash egress IPv4 address (`[u8; 4]`) -> tenant id (`u32`).
 pub const EGRESS_ADDRS_V4: &str = "EGRESS_ADDR_V4";
-/// LRU hash `FlowKeyV4` -> `FlowEntryV4`: both directions of every translated flow.
+/// Hash `FlowKeyV4` -> `FlowEntryV4`: both directions of every translated
+/// flow. Not an LRU: nothing evicts a flow but the agent, both halves together.
 pub const CONNTRACK_V4: &str = "CONNTRACK_V4";
 /// LRU hash `FragKeyV4` -> `FragEntryV4`: datagrams whose first fragment
 /// was translated, for the fragments that follow.
 pub const FRAGS_V4: &str = "FRAGS_V4";
+/// Array tenant id -> `TenantUsage`: flows created and new flows refused,
+/// written by the programs.
+pub const TENANT_USAGE: &str = "TENANT_USAGE";
+/// Array tenant id -> flows the agent ended (`u64`), written by the agent.
+pub const TENANT_ENDED: &str = "TENANT_ENDED";
 /// Hash ifindex (`u32`) -> `InterfaceInfo`: the role of each interface the agent manages.
 pub const INTERFACES: &str = "INTERFACES";
 /// Array of one `DataplaneConfig`.
@@ -30,7 +36,7 @@ pub const COUNTERS: &str = "COUNTERS";
 pub const REDIRECT_DROPS: &str = "REDIRECT_DROPS";
 
 /// Every map, in the order the agent pins them.
-pub const ALL_MAPS: [&str; 11] = [
+pub const ALL_MAPS: [&str; 13] = [
     TENANT_SOURCES_V4,
     INGRESS_PORTS,
     TENANTS,
@@ -38,6 +44,8 @@ pub const ALL_MAPS: [&str; 11] = [
     EGRESS_ADDRS_V4,
     CONNTRACK_V4,
     FRAGS_V4,
+    TENANT_USAGE,
+    TENANT_ENDED,
     INTERFACES,
     CONFIG,
     COUNTERS,

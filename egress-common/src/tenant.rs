@@ -59,6 +59,41 @@ shared_layout! {
         /// hashing its source and destination, so a host keeps one address
         /// towards one server.
         pub egress_v4: [[u8; 4]; MAX_EGRESS_ADDRS],
+        /// Flows the tenant may hold at once (its share of the table);
+        /// 0 refuses every new flow.
+        pub max_flows: u32,
+        /// New flows per second the tenant may open; 0: no limit.
+        pub new_flow_rate: u32,
+        /// New flows the tenant may open at once above its rate.
+        pub new_flow_burst: u32,
+        pub _pad: u32,
+    }
+}
+
+shared_layout! {
+    /// Value of `TENANT_USAGE`: what the dataplane counted for a tenant.
+    /// Written only by the programs (the agent's side is `TENANT_ENDED`, so
+    /// neither ever overwrites the other's counts).
+    pub struct TenantUsage {
+        /// Flows created since the tenant id was first used (atomic adds).
+        pub created: u64,
+        /// New flows refused by the quota.
+        pub quota_drops: u64,
+        /// New flows refused by the rate limit.
+        pub rate_drops: u64,
+        /// Rate limiter: tokens left, in thousandths of a flow.
+        pub tokens_milli: u64,
+        /// Rate limiter: CLOCK_MONOTONIC_COARSE ns of the last refill.
+        pub refilled_ns: u64,
+    }
+}
+
+impl TenantUsage {
+    /// Flows the tenant holds, given how many of its flows the agent has
+    /// ended (`TENANT_ENDED`).
+    #[must_use]
+    pub const fn live(&self, ended: u64) -> u64 {
+        self.created.saturating_sub(ended)
     }
 }
 

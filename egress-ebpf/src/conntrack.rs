@@ -122,9 +122,13 @@ fn new_entry(
 }
 
 /// Creates both halves of the flow `key` and returns the egress address and
-/// port it translates to. `record_first` records the packet that opens the
-/// flow on the outbound half before it is inserted, so a new flow costs two
-/// map updates and no lookup of what was just written.
+/// port it translates to, and whether this call created the flow (false:
+/// another CPU did, and this packet joins it). `record_first` records the
+/// packet that opens the flow on the outbound half before it is inserted, so
+/// a new flow costs two map updates and no lookup of what was just written.
+///
+/// Both halves or neither: if the outbound half cannot be inserted, the
+/// reply half already claimed is removed again before returning.
 #[inline(always)]
 #[expect(
     clippy::needless_borrows_for_generic_args,
@@ -135,7 +139,7 @@ pub fn create_outbound(
     translation: &Translation,
     now: u64,
     record_first: impl Fn(*mut FlowEntryV4),
-) -> Result<([u8; 4], u16), Counter> {
+) -> Result<(([u8; 4], u16), bool), Counter> {
     let mut reply_slot = MaybeUninit::uninit();
     let reply_entry: &FlowEntryV4 = new_entry(
         &mut reply_slot,
@@ -179,6 +183,7 @@ pub fn create_outbound(
                 break;
             }
             Err(err) if err == -EEXIST => {}
+            // E2BIG: the table is full. Nothing is evicted for a new flow.
             Err(_) => return Err(Counter::OutDropConntrackFull),
         }
     }
@@ -198,7 +203,7 @@ pub fn create_outbound(
     record_first(outbound_entry);
     let translated = (outbound_entry.nat_addr, outbound_entry.nat_port);
     match CONNTRACK_V4.insert(key, outbound_entry, u64::from(BPF_NOEXIST)) {
-        Ok(()) => Ok(translated),
+        Ok(()) => Ok((translated, true)),
         Err(err) => {
             // Whether another CPU created this flow first or the map refused
             // us, the claimed port must not outlive this attempt.
@@ -210,7 +215,7 @@ pub fn create_outbound(
             let winner = lookup(key).ok_or(Counter::OutDropConntrackFull)?;
             record_first(winner);
             // SAFETY: map value pointer returned by the kernel.
-            Ok(unsafe { ((*winner).nat_addr, (*winner).nat_port) })
+            Ok((unsafe { ((*winner).nat_addr, (*winner).nat_port) }, false))
         }
     }
 }

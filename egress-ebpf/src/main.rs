@@ -10,8 +10,8 @@
 //! - `neigh_fallback` (TC ingress, internal interfaces on XDP) and
 //!   `leak_guard` (TC egress, external): see `tc`.
 //!
-//! The stages live one per module: `parse`, `classify`, `conntrack`, `nat`
-//! (translate), `forward`, with `frags` for fragments, `csum` for checksum
+//! The stages live one per module: `parse`, `classify`, `conntrack`,
+//! `limits` (a tenant's share of the table), `nat` (translate), `forward`, with `frags` for fragments, `csum` for checksum
 //! arithmetic, `verdict` for the counted outcome of every packet and `zero`
 //! for zeroing that stays inline.
 //!
@@ -20,6 +20,10 @@
 //! programs returned: see `redirect_errors`.
 #![no_std]
 #![no_main]
+// Atomic adds on map values (`limits`); the crate builds with
+// RUSTC_BOOTSTRAP already, for -Z build-std.
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
 mod classify;
 mod conntrack;
@@ -27,6 +31,7 @@ mod csum;
 mod forward;
 mod frags;
 mod hook;
+mod limits;
 mod maps;
 mod nat;
 mod outbound;

@@ -9,7 +9,7 @@ use egress_common::{
     config::{DataplaneConfig, InterfaceInfo},
     counters::COUNTER_COUNT,
     flow::{FlowEntryV4, FlowKeyV4, FragEntryV4, FragKeyV4},
-    tenant::{IngressPortKey, MAX_TENANTS, SourceKeyV4, TenantInfo, TenantName},
+    tenant::{IngressPortKey, MAX_TENANTS, SourceKeyV4, TenantInfo, TenantName, TenantUsage},
 };
 
 /// Source prefix (behind an ingress port id) -> tenant id.
@@ -32,10 +32,21 @@ pub static TENANT_NAMES: Array<TenantName, { MAX_TENANTS as usize }> = Array::ne
 #[btf_map]
 pub static EGRESS_ADDR_V4: HashMap<[u8; 4], u32, 65_536> = HashMap::new();
 
-/// Both halves of every flow. LRU, so a full table evicts the coldest flows
-/// instead of refusing new ones; the agent's sweeper removes expired pairs.
+/// Both halves of every flow. Not an LRU: an LRU evicts the halves of a
+/// flow independently and whichever tenant's flows are coldest, so one
+/// tenant's flood would break others' connections. Nothing is evicted here;
+/// the agent's sweeper removes expired flows, both halves together, and
+/// per-tenant quotas (`limits`) keep any tenant from filling the table.
 #[btf_map]
-pub static CONNTRACK_V4: LruHashMap<FlowKeyV4, FlowEntryV4, 524_288> = LruHashMap::new();
+pub static CONNTRACK_V4: HashMap<FlowKeyV4, FlowEntryV4, 524_288> = HashMap::new();
+
+/// Tenant id -> flows created and new flows refused; programs write it.
+#[btf_map]
+pub static TENANT_USAGE: Array<TenantUsage, { MAX_TENANTS as usize }> = Array::new();
+
+/// Tenant id -> flows the agent ended; only the agent writes it.
+#[btf_map]
+pub static TENANT_ENDED: Array<u64, { MAX_TENANTS as usize }> = Array::new();
 
 /// First fragments' translations, for the fragments that follow.
 #[btf_map]

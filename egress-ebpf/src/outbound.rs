@@ -1,7 +1,7 @@
 //! Outbound: tenant traffic arriving on an internal interface.
 //!
-//! parse -> conntrack -> classify (first packets only) -> route -> translate
-//! -> forward. Whatever is not leaving through the external interface
+//! parse -> conntrack -> classify (first packets only) -> limits (new flows
+//! only) -> route -> translate -> forward. Whatever is not leaving through the external interface
 //! (traffic to the gateway itself, between internal networks) goes to the
 //! kernel untouched, and so does every case a router answers with an ICMP
 //! error (TTL expiring here, DF packets too big), because the kernel answers
@@ -22,6 +22,7 @@ use crate::{
     forward::{self, Route},
     frags,
     hook::{Hook, L4Fix},
+    limits,
     maps::TENANTS,
     nat::{self, Side},
     parse::{self, ICMP_ECHO_REQUEST, IcmpError, Ipv4Frame, ParseError, Payload, Transport},
@@ -205,12 +206,18 @@ fn new_flow<H: Hook>(
         return verdict;
     }
 
+    // The tenant's share of the table and its rate: what it cannot open
+    // here, no other tenant loses.
     let now = conntrack::now();
+    let usage = limits::admit(tenant, info, now)?;
     let tot_len = u16::from_be_bytes(frame.ip().tot_len);
-    let translated = conntrack::create_outbound(&key, &translation, now, |entry| {
+    let (translated, created) = conntrack::create_outbound(&key, &translation, now, |entry| {
         conntrack::touch(entry, now, tot_len, transport.tcp_flags);
         forward::remember_route(entry, &route, now);
     })?;
+    if created {
+        limits::created(usage);
+    }
     count(Counter::OutNewFlow);
     Ok(send(ctx, frame, transport, tenant, translated, route, now))
 }

@@ -3,9 +3,10 @@
 //! parse -> conntrack -> route -> translate -> forward. Packets addressed to
 //! an egress address are replies of a tracked flow (or ICMP errors about
 //! one, or later fragments of one) or nothing: the gateway is not a way in,
-//! so anything else sent to an egress address is dropped. Everything
-//! addressed elsewhere (the gateway's own address, ARP) is left to the
-//! kernel.
+//! so anything else sent to an egress address is dropped. So is anything
+//! the kernel would forward inside (to a tenant host or any internal
+//! network), before the kernel's own conntrack sees it. What is left (the
+//! gateway's own addresses, ARP, routes to other places) goes to the kernel.
 
 use egress_common::{
     config::ROLE_INTERNAL,
@@ -54,14 +55,34 @@ fn process<H: Hook>(ctx: &H) -> Result<Verdict, Counter> {
             match conntrack::lookup(&key) {
                 Some(entry) => flow(ctx, &frame, &transport, &key, entry, ingress),
                 None if to_egress_address(&frame) => Err(Counter::InDropNoFlow),
-                None => Ok(Verdict::pass(Counter::InPassNotEgress)),
+                None => not_egress(ctx, &frame, ingress),
             }
         }
-        _ if !to_egress_address(&frame) => Ok(Verdict::pass(Counter::InPassNotEgress)),
+        _ if !to_egress_address(&frame) => not_egress(ctx, &frame, ingress),
         Ok(Payload::IcmpError(error)) => icmp_error(ctx, &frame, &error, ingress),
         Ok(Payload::LaterFragment) => later_fragment(ctx, &frame, ingress),
         Err(err) => Err(parse_error(err)),
     }
+}
+
+/// A packet from outside that is not for an egress address: the kernel's,
+/// unless the kernel would forward it inside.
+#[inline(always)]
+fn not_egress<H: Hook>(ctx: &H, frame: &Ipv4Frame, ingress: u32) -> Result<Verdict, Counter> {
+    let ip = frame.ip();
+    let route = forward::route_v4(
+        ctx,
+        frame,
+        ingress,
+        ip.src_addr,
+        ip.dst_addr,
+        (0, 0),
+        frame.tot_len(),
+    );
+    if route.leaves_through(ROLE_INTERNAL) {
+        return Err(Counter::InDropToInternal);
+    }
+    Ok(Verdict::pass(Counter::InPassNotEgress))
 }
 
 /// Whether the packet is addressed to an egress address: the gateway

@@ -35,6 +35,11 @@ pub fn entries<K: Pod, V: Pod>(
     entries_of(map.map(), chunk)
 }
 
+/// Every element of an array map, by index, in a few system calls.
+pub fn array_elements<V: Pod>(map: &MapData) -> io::Result<Vec<(u32, V)>> {
+    entries_of(map, DEFAULT_CHUNK)
+}
+
 fn entries_of<K: Pod, V: Pod>(map: &MapData, chunk: u32) -> io::Result<Vec<(K, V)>> {
     let fd = map.fd().as_fd().as_raw_fd();
     let mut chunk = chunk.max(1);

@@ -12,7 +12,9 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key};
+use aya::maps::{
+    Array, HashMap, IterableMap as _, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key,
+};
 use egress_common::{
     config::{
         CONFIG_F_INGRESS_PORTS, DataplaneConfig, InterfaceInfo, ROLE_EXTERNAL, ROLE_INTERNAL,
@@ -21,8 +23,8 @@ use egress_common::{
     flow::{FlowEntryV4, FlowKeyV4, FragEntryV4, FragKeyV4},
     names,
     tenant::{
-        ANY_PORT, IngressPortKey, MAX_EGRESS_ADDRS, MAX_TENANT_ID, PORT_PREFIX_BITS, SourceKeyV4,
-        TENANT_F_ACTIVE, TENANT_NAME_LEN, TenantInfo, TenantName,
+        ANY_PORT, IngressPortKey, MAX_EGRESS_ADDRS, MAX_TENANT_ID, MAX_TENANTS, PORT_PREFIX_BITS,
+        SourceKeyV4, TENANT_F_ACTIVE, TENANT_NAME_LEN, TenantInfo, TenantName, TenantUsage,
     },
 };
 
@@ -41,6 +43,10 @@ pub struct Maps {
     pub interfaces: HashMap<MapData, u32, InterfaceInfo>,
     pub config: Array<MapData, DataplaneConfig>,
     pub counters: PerCpuArray<MapData, u64>,
+    /// Per tenant: flows created, new flows refused (the programs write it).
+    pub usage: Array<MapData, TenantUsage>,
+    /// Per tenant: flows ended (only the agent writes it).
+    pub ended: Array<MapData, u64>,
     /// Entries the conntrack map can hold (two per flow).
     pub conntrack_capacity: u32,
 }
@@ -73,6 +79,8 @@ impl Maps {
             interfaces: typed!(pin_dir, names::INTERFACES),
             config: typed!(pin_dir, names::CONFIG),
             counters: typed!(pin_dir, names::COUNTERS),
+            usage: typed!(pin_dir, names::TENANT_USAGE),
+            ended: typed!(pin_dir, names::TENANT_ENDED),
             conntrack_capacity: aya::maps::MapInfo::from_pin(pin_dir.join(names::CONNTRACK_V4))
                 .context("inspecting the conntrack map")?
                 .max_entries(),
@@ -94,6 +102,62 @@ impl Maps {
             ids.insert(decode_name(&name), id as u16);
         }
         Ok(ids)
+    }
+
+    /// Every tenant id's usage and ended count, index = tenant id.
+    pub fn tenant_usage(&self) -> anyhow::Result<Vec<(TenantUsage, u64)>> {
+        let usage: Vec<(u32, TenantUsage)> =
+            batch::array_elements(self.usage.map()).context("reading TENANT_USAGE")?;
+        let ended: Vec<(u32, u64)> =
+            batch::array_elements(self.ended.map()).context("reading TENANT_ENDED")?;
+        let mut all = vec![(TenantUsage::default(), 0); MAX_TENANTS as usize];
+        for (id, value) in usage {
+            if let Some(slot) = all.get_mut(id as usize) {
+                slot.0 = value;
+            }
+        }
+        for (id, value) in ended {
+            if let Some(slot) = all.get_mut(id as usize) {
+                slot.1 = value;
+            }
+        }
+        Ok(all)
+    }
+
+    /// Records that the agent ended `count` flows of each tenant, so the
+    /// dataplane's quota sees their room again.
+    pub fn add_ended(&mut self, ended: &BTreeMap<u16, u64>) -> anyhow::Result<()> {
+        for (&tenant, &count) in ended {
+            let id = u32::from(tenant);
+            let before = self.ended.get(&id, 0).context("reading TENANT_ENDED")?;
+            self.ended
+                .set(id, before + count, 0)
+                .context("writing TENANT_ENDED")?;
+        }
+        Ok(())
+    }
+
+    /// Sets every tenant's ended count so that created minus ended is the
+    /// number of flows it holds in `flows` (outbound halves by tenant, taken
+    /// after `usage` was read). Used when the agent adopts maps it did not
+    /// keep itself (a restart after a crash): flows created between the two
+    /// reads count as held until the next adoption, erring towards the
+    /// quota, never beyond it.
+    pub fn reconcile_ended(
+        &mut self,
+        usage: &[(TenantUsage, u64)],
+        held: &BTreeMap<u16, u64>,
+    ) -> anyhow::Result<()> {
+        for (id, (usage, ended)) in usage.iter().enumerate() {
+            let held = held.get(&(id as u16)).copied().unwrap_or(0);
+            let want = usage.created.saturating_sub(held);
+            if want != *ended {
+                self.ended
+                    .set(id as u32, want, 0)
+                    .context("writing TENANT_ENDED")?;
+            }
+        }
+        Ok(())
     }
 
     /// Sums each counter over all CPUs.
@@ -295,6 +359,9 @@ impl DesiredState {
                 port_min: tenant.ports.min,
                 port_max: tenant.ports.max,
                 flags: TENANT_F_ACTIVE,
+                max_flows: tenant.limits.max_flows,
+                new_flow_rate: tenant.limits.new_flows_per_second,
+                new_flow_burst: tenant.limits.new_flow_burst,
                 ..TenantInfo::default()
             };
             if tenant.egress.len() > MAX_EGRESS_ADDRS {

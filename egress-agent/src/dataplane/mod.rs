@@ -363,8 +363,9 @@ fn program_mut<'a>(
         .with_context(|| format!("the BPF object has no program {name}"))
 }
 
-/// A conntrack map pinned by an earlier run with another size cannot be
-/// reused silently: aya would adopt it with the old size.
+/// A conntrack map pinned by an earlier run with another size or kind
+/// cannot be reused silently: aya would adopt it as it is (an LRU table from
+/// before per-tenant quotas would go on evicting other tenants' flows).
 fn check_pinned_conntrack(pin_dir: &Path, entries: u32) -> anyhow::Result<()> {
     let path = pin_dir.join(names::CONNTRACK_V4);
     let info = match aya::maps::MapInfo::from_pin(&path) {
@@ -373,6 +374,15 @@ fn check_pinned_conntrack(pin_dir: &Path, entries: u32) -> anyhow::Result<()> {
         Err(err) => return Err(err).with_context(|| format!("inspecting {}", path.display())),
     };
     let (key_size, value_size) = (size_of::<FlowKeyV4>(), size_of::<FlowEntryV4>());
+    let kind = info.map_type().ok();
+    if kind != Some(aya::maps::MapType::Hash) {
+        bail!(
+            "{} is a {kind:?} table from an earlier version, not the hash table this agent \
+             needs (flows must never be evicted); run `egress-agent cleanup` to start with a \
+             new table (tracked flows are lost)",
+            path.display(),
+        );
+    }
     if info.max_entries() != entries
         || info.key_size() as usize != key_size
         || info.value_size() as usize != value_size

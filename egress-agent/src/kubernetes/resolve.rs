@@ -486,6 +486,9 @@ impl Admitted {
             egress_ips: self.egress.iter().map(ToString::to_string).collect(),
             ingress: Vec::new(),
             ports: self.ports,
+            max_flows: None,
+            new_flows_per_second: None,
+            new_flow_burst: None,
         }
     }
 }
