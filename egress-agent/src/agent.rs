@@ -323,6 +323,7 @@ pub async fn run(instance: &Instance, options: &RunOptions) -> Result<(), RunErr
         pins = %instance.pin_dir.display(),
         "serving"
     );
+    warn_if_overcommitted(&resolved);
     metrics::export_attachments(&exporter, state.attachments.clone());
 
     let sweeper = Sweeper::start(
@@ -479,6 +480,20 @@ async fn cluster_changed(kube: Option<&mut KubeSource>) -> anyhow::Result<()> {
     match kube {
         Some(kube) => kube.changed().await,
         None => std::future::pending().await,
+    }
+}
+
+/// Quotas beyond the table are the operator's choice, but it gives up the
+/// guarantee that one tenant cannot keep another from new flows: say so.
+fn warn_if_overcommitted(resolved: &Resolved) {
+    let over = resolved.overcommitted_flows();
+    if over > 0 {
+        tracing::warn!(
+            beyond_table = over,
+            table = resolved.max_flows,
+            "the tenants' maxFlows add up to more than conntrack.maxFlows: together they can \
+             fill the table, and then every tenant's new flows are refused until flows end"
+        );
     }
 }
 

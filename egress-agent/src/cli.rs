@@ -162,6 +162,13 @@ async fn check(instance: &Instance, config: &std::path::Path) -> Result<(), RunE
     println!("  internal: {}", internal.join(", "));
     println!("  external: {}", resolved.external.name);
     println!("  conntrack: up to {} flows", resolved.max_flows);
+    let over = resolved.overcommitted_flows();
+    if over > 0 {
+        println!(
+            "  warning: the tenants' maxFlows exceed conntrack.maxFlows by {over}: together \
+             they can fill the table, and then every tenant's new flows are refused"
+        );
+    }
     for tenant in &resolved.tenants {
         let sources: Vec<_> = tenant.sources.iter().map(ToString::to_string).collect();
         let egress: Vec<_> = tenant.egress.iter().map(ToString::to_string).collect();
@@ -173,6 +180,13 @@ async fn check(instance: &Instance, config: &std::path::Path) -> Result<(), RunE
             tenant.ports.min,
             tenant.ports.max
         );
+        print!(", up to {} flows", tenant.limits.max_flows);
+        if tenant.limits.new_flows_per_second > 0 {
+            print!(
+                ", {} new/s (burst {})",
+                tenant.limits.new_flows_per_second, tenant.limits.new_flow_burst
+            );
+        }
         for port in &tenant.ingress {
             match port.mac {
                 Some(mac) => print!(" via ifindex {} mac {}", port.ifindex, format_mac(mac)),

@@ -1757,9 +1757,11 @@ fn share_flows(problems: &mut Problems, tenants: &mut [PlannedTenant], table: u3
     }
 }
 
-impl Plan {
+impl Resolved {
     /// Flows the tenants' quotas add up to beyond the table: 0 unless the
-    /// operator gave tenants more than the table holds.
+    /// operator gave tenants more than the table holds, in which case
+    /// tenants together can fill it and then every tenant's new flows are
+    /// refused (`out_drop_conntrack_full`) until flows end.
     pub fn overcommitted_flows(&self) -> u64 {
         let total: u64 = self
             .tenants

@@ -40,13 +40,21 @@ pub struct Status {
     pub live: Option<serde_json::Value>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Default, Serialize)]
 pub struct TenantStatus {
     pub id: u16,
     pub name: String,
     pub sources: Vec<String>,
     pub egress: Vec<Ipv4Addr>,
     pub flows: usize,
+    /// Flows the tenant may hold (its quota).
+    pub max_flows: u32,
+    /// New flows per second it may open; 0: no limit.
+    pub new_flows_per_second: u32,
+    /// New flows refused because it held its quota.
+    pub quota_drops: u64,
+    /// New flows refused because it opened them too fast.
+    pub rate_drops: u64,
 }
 
 /// The instance's pins: in this mount namespace's bpffs, or else in the
@@ -86,16 +94,32 @@ pub fn collect(instance: &Instance) -> anyhow::Result<Status> {
     for flow in &flows {
         *per_tenant.entry(flow.tenant()).or_default() += 1;
     }
+    let usage = maps.tenant_usage()?;
+    let limited = |id: u16, mut row: TenantStatus| {
+        let info = maps.tenants.get(&u32::from(id), 0).unwrap_or_default();
+        let (usage, _) = usage.get(usize::from(id)).copied().unwrap_or_default();
+        row.max_flows = info.max_flows;
+        row.new_flows_per_second = info.new_flow_rate;
+        row.quota_drops = usage.quota_drops;
+        row.rate_drops = usage.rate_drops;
+        row
+    };
     let tenants = match &state {
         Some(state) => state
             .tenants
             .iter()
-            .map(|t| TenantStatus {
-                id: t.id,
-                name: t.name.clone(),
-                sources: t.sources.clone(),
-                egress: t.egress.clone(),
-                flows: per_tenant.get(&t.id).copied().unwrap_or(0),
+            .map(|t| {
+                limited(
+                    t.id,
+                    TenantStatus {
+                        id: t.id,
+                        name: t.name.clone(),
+                        sources: t.sources.clone(),
+                        egress: t.egress.clone(),
+                        flows: per_tenant.get(&t.id).copied().unwrap_or(0),
+                        ..TenantStatus::default()
+                    },
+                )
             })
             .collect(),
         // No agent: the pinned maps still know names and egress addresses.
@@ -104,17 +128,21 @@ pub fn collect(instance: &Instance) -> anyhow::Result<Status> {
             .into_iter()
             .map(|(name, id)| {
                 let info = maps.tenants.get(&u32::from(id), 0).unwrap_or_default();
-                TenantStatus {
+                limited(
                     id,
-                    name,
-                    sources: Vec::new(),
-                    egress: info.egress_v4
-                        [..(info.egress_v4_count as usize).min(info.egress_v4.len())]
-                        .iter()
-                        .map(|a| Ipv4Addr::from(*a))
-                        .collect(),
-                    flows: per_tenant.get(&id).copied().unwrap_or(0),
-                }
+                    TenantStatus {
+                        id,
+                        name,
+                        sources: Vec::new(),
+                        egress: info.egress_v4
+                            [..(info.egress_v4_count as usize).min(info.egress_v4.len())]
+                            .iter()
+                            .map(|a| Ipv4Addr::from(*a))
+                            .collect(),
+                        flows: per_tenant.get(&id).copied().unwrap_or(0),
+                        ..TenantStatus::default()
+                    },
+                )
             })
             .collect(),
     };
@@ -264,11 +292,25 @@ pub fn render_status(status: &Status) -> String {
                 .map(ToString::to_string)
                 .collect::<Vec<_>>()
                 .join(","),
-            t.flows.to_string(),
+            format!("{}/{}", t.flows, t.max_flows),
+            if t.new_flows_per_second == 0 {
+                "-".to_owned()
+            } else {
+                t.new_flows_per_second.to_string()
+            },
+            format!("{}/{}", t.quota_drops, t.rate_drops),
         ]
     });
     out.push_str(&table(
-        &["NAME", "ID", "SOURCES", "EGRESS IPS", "FLOWS"],
+        &[
+            "NAME",
+            "ID",
+            "SOURCES",
+            "EGRESS IPS",
+            "FLOWS/QUOTA",
+            "NEW/S",
+            "REFUSED QUOTA/RATE",
+        ],
         rows,
     ));
     let _ = writeln!(

@@ -1081,3 +1081,62 @@ fn a_mac_the_parent_or_a_sibling_has_is_refused() {
     let system = machine_with("macvlan-x", "macvlan", 4, None);
     assert!(plan(CREATING).unwrap().resolve(&system).is_ok());
 }
+
+#[test]
+fn tenants_without_a_quota_share_what_the_others_leave_of_the_table() {
+    let text = SEED.replace(
+        "    egressIPs: [192.168.31.101]\n",
+        "    egressIPs: [192.168.31.101]\n    maxFlows: 1000\n",
+    ) + "conntrack: {maxFlows: 5000}\n";
+    let planned = plan(&text).expect("valid");
+    let quotas: Vec<u32> = planned.tenants.iter().map(|t| t.limits.max_flows).collect();
+    assert_eq!(quotas, [1000, 4000]);
+    let even = plan(&format!("{SEED}conntrack: {{maxFlows: 5000}}\n")).expect("valid");
+    let quotas: Vec<u32> = even.tenants.iter().map(|t| t.limits.max_flows).collect();
+    assert_eq!(quotas, [2500, 2500]);
+    assert_eq!(even.tenants[0].limits.new_flows_per_second, 0);
+}
+
+#[test]
+fn quotas_and_rates_are_checked_field_by_field() {
+    let with = |extra: &str| {
+        SEED.replace(
+            "    egressIPs: [192.168.31.101]\n",
+            &format!("    egressIPs: [192.168.31.101]\n{extra}"),
+        ) + "conntrack: {maxFlows: 100}\n"
+    };
+    assert_problem(
+        &problems(&with("    maxFlows: 0\n")),
+        "tenants[0] (tenant-a).maxFlows",
+        "outside 1..=100",
+    );
+    assert_problem(
+        &problems(&with("    maxFlows: 101\n")),
+        "tenants[0] (tenant-a).maxFlows",
+        "the whole table",
+    );
+    assert_problem(
+        &problems(&with("    newFlowBurst: 5\n")),
+        "tenants[0] (tenant-a).newFlowBurst",
+        "needs newFlowsPerSecond",
+    );
+    assert_problem(
+        &problems(&with("    newFlowsPerSecond: 0\n")),
+        "tenants[0] (tenant-a).newFlowsPerSecond",
+        "outside",
+    );
+    // A figure that leaves the other tenant nothing.
+    assert_problem(
+        &problems(&with("    maxFlows: 100\n")),
+        "conntrack.maxFlows",
+        "no share for the 1 tenants without maxFlows",
+    );
+    let limited = plan(&with("    newFlowsPerSecond: 50\n")).expect("valid");
+    assert_eq!(
+        (
+            limited.tenants[0].limits.new_flows_per_second,
+            limited.tenants[0].limits.new_flow_burst
+        ),
+        (50, 50)
+    );
+}
