@@ -92,6 +92,11 @@ impl Kind {
     pub fn translates(self) -> bool {
         self != Kind::Ceiling
     }
+
+    /// This project's dataplane, which holds each tenant to a flow quota.
+    pub fn has_quotas(self) -> bool {
+        matches!(self, Kind::Xdp | Kind::Tc)
+    }
 }
 
 /// A gateway while it is set up.

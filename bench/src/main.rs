@@ -194,8 +194,13 @@ fn main() -> anyhow::Result<()> {
     }
     let started = Instant::now();
     let max_flows = plan.flows.iter().copied().max().unwrap_or(1000);
-    // Room for every established flow plus the new-flow run, with margin.
-    let capacity = ((u64::from(max_flows) + u64::from(plan.new_flows)) * 5 / 4).max(65_536);
+    // Room for every established flow plus every try of the new-flow runs
+    // (the plain one and the one beside an aggressor), with margin: the
+    // agent's table evicts nothing, and each tenant's default quota is an
+    // equal share of it, so a table sized for one run would measure quota
+    // refusals in the later tries instead of flow creation.
+    let new_flow_total = u64::from(plan.new_flows) * (2 * measure::TRIES as u64 + 2);
+    let capacity = ((u64::from(max_flows) + new_flow_total) * 5 / 4).max(65_536);
     let _limits = ConntrackLimits::raise(capacity * 2);
 
     let mut results = Results {
@@ -315,7 +320,14 @@ fn main() -> anyhow::Result<()> {
                     t.cpu_ns_per_packet,
                 );
                 if flows == max_flows && tenants == plan.tenants[0] {
-                    record_memory(&mut results, kind, &topology, &active, tenants, flows);
+                    record_memory(
+                        &mut results,
+                        kind,
+                        &topology,
+                        &active,
+                        (tenants, flows),
+                        capacity,
+                    );
                 }
             }
             let first_flows = plan.flows[0];
@@ -333,6 +345,36 @@ fn main() -> anyhow::Result<()> {
                 n.loss * 100.0
             );
             results.push(kind, tenants, first_flows, "new_flows_per_s", n.pps);
+            if kind.has_quotas() && tenants >= 2 {
+                // The first tenant's equal share of the table.
+                let quota = (capacity / u64::from(tenants)) as u32;
+                let beside = measure::new_flows_beside_aggressor(
+                    &topology,
+                    &mut programs,
+                    tenants,
+                    new_flow_start,
+                    plan.new_flows,
+                    quota,
+                )?;
+                new_flow_start = new_flow_start
+                    .wrapping_add(plan.new_flows)
+                    .wrapping_add(quota.saturating_mul(2));
+                // The others' share of the plain run, for comparison.
+                let others = n.pps * f64::from(tenants - 1) / f64::from(tenants);
+                eprintln!(
+                    "{label}: {:.0} new flows/s of the other tenants while one sits at its quota \
+                     of {quota} ({:.0}/s without it)",
+                    beside.pps, others
+                );
+                results.push(
+                    kind,
+                    tenants,
+                    first_flows,
+                    "new_flows_beside_aggressor_per_s",
+                    beside.pps,
+                );
+                results.push(kind, tenants, first_flows, "new_flows_others_per_s", others);
+            }
             if kind.translates() {
                 let low = measure::latency(&topology, &mut programs, plan.probes, None)?;
                 let high = measure::latency(
@@ -499,13 +541,17 @@ fn record_memory(
     kind: Kind,
     topology: &Topology,
     active: &gateways::Active,
-    tenants: u32,
-    flows: u32,
+    (tenants, flows): (u32, u32),
+    capacity: u64,
 ) {
     let bytes = match (kind, active) {
         (Kind::Xdp | Kind::Tc, gateways::Active::Agent(_, agent)) => {
+            // The table is preallocated for the run's capacity: its share
+            // for the flows held is what holding them costs.
             let path = PathBuf::from(format!("/sys/fs/bpf/{}/CONNTRACK_V4", agent.instance));
-            measure::map_memory(&path).ok().map(|b| b as f64)
+            measure::map_memory(&path)
+                .ok()
+                .map(|b| b as f64 * f64::from(flows) / capacity as f64)
         }
         (Kind::Iptables, _) => gateways::conntrack_memory(&topology.gw)
             .ok()

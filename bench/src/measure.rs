@@ -141,6 +141,27 @@ pub fn new_flows(
     best_of(|| burst(topology, programs, packets))
 }
 
+/// New flows of every tenant but the first, while the first (the
+/// aggressor) sits at its flow quota and keeps trying: `quota` of its flows
+/// are created first, then every packet of the measured bursts is a new flow
+/// of some tenant, the aggressor's refused. What the sink receives is the
+/// other tenants' new flows.
+pub fn new_flows_beside_aggressor(
+    topology: &Topology,
+    programs: &mut Programs,
+    tenants: u32,
+    start: u32,
+    packets: u32,
+    quota: u32,
+) -> anyhow::Result<Throughput> {
+    programs.unique_of(topology, 0..1, start)?;
+    // Twice its quota: whatever the queues drop, it ends at its quota.
+    programs.send(topology, quota.saturating_mul(2), topology.other_cpu)?;
+    std::thread::sleep(DRAIN);
+    programs.unique(topology, tenants, start.wrapping_add(quota.saturating_mul(2)))?;
+    best_of(|| burst(topology, programs, packets))
+}
+
 fn best_of(mut measure: impl FnMut() -> anyhow::Result<Throughput>) -> anyhow::Result<Throughput> {
     let mut best = measure()?;
     for _ in 1..TRIES {

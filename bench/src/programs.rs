@@ -126,11 +126,21 @@ impl Programs {
     /// Established traffic: cycle through `flows` flows over `tenants`
     /// tenant prefixes.
     pub fn cycle(&mut self, topology: &Topology, tenants: u32, flows: u32) -> anyhow::Result<()> {
-        self.configure(topology, PKTGEN_CYCLE, tenants, flows, 0)
+        self.configure(topology, PKTGEN_CYCLE, 0..tenants, flows, 0)
     }
 
     /// New flows: every packet a flow never seen, numbered from `start`.
     pub fn unique(&mut self, topology: &Topology, tenants: u32, start: u32) -> anyhow::Result<()> {
+        self.configure(topology, PKTGEN_UNIQUE, 0..tenants, 0, start)
+    }
+
+    /// New flows of the tenant prefixes `tenants` only (0 is the first).
+    pub fn unique_of(
+        &mut self,
+        topology: &Topology,
+        tenants: std::ops::Range<u32>,
+        start: u32,
+    ) -> anyhow::Result<()> {
         self.configure(topology, PKTGEN_UNIQUE, tenants, 0, start)
     }
 
@@ -138,7 +148,7 @@ impl Programs {
         &mut self,
         topology: &Topology,
         mode: u32,
-        tenants: u32,
+        tenants: std::ops::Range<u32>,
         flows: u32,
         start: u32,
     ) -> anyhow::Result<()> {
@@ -152,11 +162,11 @@ impl Programs {
             PktgenConfig {
                 mode,
                 flows,
-                tenants,
+                tenants: tenants.end - tenants.start,
                 hosts: HOSTS,
                 start,
                 tenant_stride: TENANT_STRIDE,
-                src_base: u32::from(TENANT_BASE),
+                src_base: u32::from(TENANT_BASE) + tenants.start * TENANT_STRIDE,
                 port_base: 1024,
                 dst_port: BLAST_PORT,
                 dst_addr: u32::from(SINK_ADDR),

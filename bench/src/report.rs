@@ -309,6 +309,39 @@ impl Results {
             let _ = writeln!(md, "{row}");
         }
 
+        let quota_rows: Vec<(u32, &str, f64, f64)> = tenants
+            .iter()
+            .flat_map(|&t| ["xdp", "tc"].map(move |g| (t, g)))
+            .filter_map(|(t, g)| {
+                Some((
+                    t,
+                    g,
+                    self.value(g, t, None, "new_flows_others_per_s", None)?,
+                    self.value(g, t, None, "new_flows_beside_aggressor_per_s", None)?,
+                ))
+            })
+            .collect();
+        if !quota_rows.is_empty() {
+            let _ = writeln!(
+                md,
+                "\n## New flows of the other tenants while one tenant sits at its quota\n\n\
+                 The first tenant first takes its whole share of the table; then every \
+                 tenant sends new flows, the first one's refused (`out_drop_tenant_quota`). \
+                 \"without\" is the others' part of the plain new-flow run above.\n"
+            );
+            let _ = writeln!(md, "| tenants | gateway | without | beside the aggressor | ratio |");
+            let _ = writeln!(md, "|---|---|---|---|---|");
+            for (t, g, without, beside) in quota_rows {
+                let _ = writeln!(
+                    md,
+                    "| {t} | {g} | {} | {} | {:.2} |",
+                    mpps(without).replace("pps", "/s"),
+                    mpps(beside).replace("pps", "/s"),
+                    beside / without
+                );
+            }
+        }
+
         let _ = writeln!(
             md,
             "\n## Round-trip latency through the gateway, µs (p50 / p99)\n"
