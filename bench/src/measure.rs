@@ -158,7 +158,11 @@ pub fn new_flows_beside_aggressor(
     // Twice its quota: whatever the queues drop, it ends at its quota.
     programs.send(topology, quota.saturating_mul(2), topology.other_cpu)?;
     std::thread::sleep(DRAIN);
-    programs.unique(topology, tenants, start.wrapping_add(quota.saturating_mul(2)))?;
+    programs.unique(
+        topology,
+        tenants,
+        start.wrapping_add(quota.saturating_mul(2)),
+    )?;
     best_of(|| burst(topology, programs, packets))
 }
 

@@ -329,7 +329,10 @@ impl Results {
                  tenant sends new flows, the first one's refused (`out_drop_tenant_quota`). \
                  \"without\" is the others' part of the plain new-flow run above.\n"
             );
-            let _ = writeln!(md, "| tenants | gateway | without | beside the aggressor | ratio |");
+            let _ = writeln!(
+                md,
+                "| tenants | gateway | without | beside the aggressor | ratio |"
+            );
             let _ = writeln!(md, "|---|---|---|---|---|");
             for (t, g, without, beside) in quota_rows {
                 let _ = writeln!(

@@ -123,6 +123,20 @@ pub struct EgressGatewaySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ports: Option<PortRangeSpec>,
 
+    /// Flows this tenant may hold at once; default an equal share of the
+    /// node's conntrack table (see the agent's `tenants[].maxFlows`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_flows: Option<u32>,
+
+    /// New flows per second this tenant may open; no limit when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new_flows_per_second: Option<u32>,
+
+    /// New flows at once above `newFlowsPerSecond`; one second's worth when
+    /// absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new_flow_burst: Option<u32>,
+
     /// Bidirectional Forwarding Detection towards the routers that send this
     /// tenant's traffic to the gateway.
     #[serde(default, skip_serializing_if = "Option::is_none")]

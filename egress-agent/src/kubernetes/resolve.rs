@@ -76,6 +76,9 @@ impl Resolved {
                 && a.egress_ips == b.egress_ips
                 && a.ingress == b.ingress
                 && a.ports == b.ports
+                && a.max_flows == b.max_flows
+                && a.new_flows_per_second == b.new_flows_per_second
+                && a.new_flow_burst == b.new_flow_burst
         }
         self.tenants.len() == other.tenants.len()
             && self
@@ -474,6 +477,8 @@ struct Admitted {
     egress: Vec<Ipv4Addr>,
     sources: Vec<Ipv4Net>,
     ports: Option<PortRange>,
+    /// `maxFlows`, `newFlowsPerSecond`, `newFlowBurst`, as written.
+    limits: (Option<u32>, Option<u32>, Option<u32>),
     external_interface: Option<String>,
     bfd: Option<BfdWanted>,
 }
@@ -486,9 +491,9 @@ impl Admitted {
             egress_ips: self.egress.iter().map(ToString::to_string).collect(),
             ingress: Vec::new(),
             ports: self.ports,
-            max_flows: None,
-            new_flows_per_second: None,
-            new_flow_burst: None,
+            max_flows: self.limits.0,
+            new_flows_per_second: self.limits.1,
+            new_flow_burst: self.limits.2,
         }
     }
 }
@@ -645,6 +650,11 @@ impl<'a> Candidate<'a> {
             egress,
             sources: normalize_sources(sources),
             ports,
+            limits: (
+                spec.max_flows,
+                spec.new_flows_per_second,
+                spec.new_flow_burst,
+            ),
             external_interface: spec.external_interface.clone(),
             bfd,
         };
@@ -832,6 +842,7 @@ impl<'a> Candidate<'a> {
             egress,
             sources: normalize_sources(sources),
             ports: None,
+            limits: (None, None, None),
             external_interface: None,
             bfd: None,
         };
@@ -985,8 +996,10 @@ fn check_tenant_alone(name: &str, admitted: &Admitted, egress_field: &str) -> Re
                 } else {
                     egress_field.to_owned()
                 }
-            } else if field.starts_with("ports") {
-                "spec.ports".to_owned()
+            } else if field.starts_with("ports")
+                || ["maxFlows", "newFlowsPerSecond", "newFlowBurst"].contains(&field)
+            {
+                format!("spec.{field}")
             } else {
                 field.to_owned()
             };

@@ -790,6 +790,14 @@ fn invalid_specs_are_refused_with_the_field_named() {
                 ..blocks("192.168.31.20", &["10.5.0.0/16"])
             },
         ),
+        egress_gateway(
+            "a",
+            "burst",
+            EgressGatewaySpec {
+                new_flow_burst: Some(5),
+                ..blocks("192.168.31.21", &["10.6.0.0/16"])
+            },
+        ),
     ];
     let resolved = resolve(&snapshot);
     assert!(resolved.tenants.is_empty());
@@ -799,6 +807,7 @@ fn invalid_specs_are_refused_with_the_field_named() {
         ("too-many", "spec.egressIPs"),
         ("ipv6", "spec.egressIPs[0]"),
         ("ports", "spec.ports"),
+        ("burst", "spec.newFlowBurst"),
     ] {
         let report = eg(&resolved, "a", name);
         assert_eq!(report.reason, reason::INVALID_SPEC, "{name}");
