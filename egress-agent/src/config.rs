@@ -1083,6 +1083,12 @@ impl Plan {
         }
         macvlans.sort_by(|a, b| a.name.cmp(&b.name));
 
+        // Looked up once per egress IP: ten thousand of them against as
+        // many addresses would be a hundred million comparisons.
+        let mut holders: HashMap<IpAddr, u32> = HashMap::with_capacity(system.addresses.len());
+        for facts in &system.addresses {
+            holders.entry(facts.addr).or_insert(facts.index);
+        }
         let mut tenants = Vec::with_capacity(self.tenants.len());
         let mut arp_isolated: BTreeSet<String> = BTreeSet::new();
         for (index, tenant) in self.tenants.iter().enumerate() {
@@ -1108,7 +1114,10 @@ impl Plan {
             ports.sort_unstable();
             ports.dedup();
             for (i, addr) in tenant.egress.iter().enumerate() {
-                if let Some(holder) = system.holder_of(IpAddr::V4(*addr))
+                let holder = holders
+                    .get(&IpAddr::V4(*addr))
+                    .and_then(|index| system.link_by_index(*index));
+                if let Some(holder) = holder
                     && Some(holder.index) != external.as_ref().map(|e| e.index)
                 {
                     problems.add(

@@ -4,7 +4,7 @@ use std::{
 };
 
 use super::*;
-use crate::system::{AddressFacts, LinkFacts, SystemView};
+use crate::system::{AddressFacts, LinkFacts, NextHopFacts, SystemView};
 
 /// The tenants of the Harvester seed: two namespaces, one egress IP each.
 const SEED: &str = "\
@@ -68,13 +68,21 @@ fn machine() -> SystemView {
                 index: 3,
                 addr: IpAddr::V4(Ipv4Addr::new(192, 168, 31, 2)),
                 prefix_len: 24,
+                egress_owned: false,
             },
             AddressFacts {
                 index: 4,
                 addr: IpAddr::V4(Ipv4Addr::new(10, 9, 9, 9)),
                 prefix_len: 24,
+                egress_owned: false,
             },
         ],
+        // The default route, through the external interface.
+        next_hops: vec![NextHopFacts {
+            index: 3,
+            via: Ipv4Addr::new(192, 168, 31, 1),
+            destination: "default".into(),
+        }],
     }
 }
 
@@ -343,6 +351,7 @@ fn machine_with_macvlan() -> SystemView {
         index: 9,
         addr: IpAddr::V4(Ipv4Addr::new(10, 70, 0, 11)),
         prefix_len: 32,
+        egress_owned: false,
     });
     system
 }
@@ -722,6 +731,7 @@ fn machine_with(name: &str, kind: &str, parent: u32, address: Option<[u8; 4]>) -
             index: 9,
             addr: IpAddr::V4(Ipv4Addr::from(address)),
             prefix_len: 32,
+            egress_owned: false,
         });
     }
     system
