@@ -5,9 +5,16 @@
 //! maps first (programs see complete tenants), programs next, egress
 //! addresses last (no reply can arrive before the dataplane is ready).
 //! Whatever a later step fails on, the earlier ones are undone.
+//!
+//! SIGTERM and SIGINT are listened for from the first moment and honoured
+//! within a fraction of a second whatever the agent is doing: validation
+//! (which changes nothing) is dropped, a start or a reload stops between
+//! two steps (or two batches of address updates) and everything the agent
+//! added is removed as on any stop. A SIGHUP during a start is applied
+//! once it serves.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashSet},
     net::Ipv4Addr,
     path::{Path, PathBuf},
     sync::{
@@ -20,13 +27,13 @@ use std::{
 use anyhow::Context as _;
 use tokio::{
     signal::unix::{SignalKind, signal},
-    sync::watch,
+    sync::{mpsc, watch},
 };
 
 use crate::{
     addresses,
     bfd::Bfd,
-    config::{Config, ConfigError, Resolved, Timeouts},
+    config::{Config, ConfigError, LinkRef, Resolved, Timeouts},
     conntrack,
     dataplane::{
         Dataplane,
@@ -37,7 +44,9 @@ use crate::{
     kubernetes::sync::{KubeOptions, KubeSource},
     live, macvlans,
     metrics::{self, Exporter},
-    routes, sysctl,
+    routes,
+    stop::{Stop, is_interrupted},
+    sysctl,
     system::SystemView,
 };
 
@@ -69,8 +78,36 @@ pub async fn validate(
     config_path: &Path,
 ) -> Result<(Resolved, SystemView, rtnetlink::Handle), RunError> {
     let previous = instance.read_state().ok().flatten();
-    let owned = owned_links(previous.iter().flat_map(|p| &p.macvlans));
+    let owned = Owned::from_state(previous.as_ref());
     validate_config(Config::load(config_path)?, config_path, &owned).await
+}
+
+/// What this instance made (or its predecessor did, as its state file
+/// says): macvlans it may recreate, and egress addresses that are its own
+/// rather than the gateway's.
+#[derive(Debug, Clone, Default)]
+struct Owned {
+    links: BTreeSet<u32>,
+    external_ifindex: u32,
+    addresses: Vec<Ipv4Addr>,
+}
+
+impl Owned {
+    fn from_state(state: Option<&RunState>) -> Self {
+        Self {
+            links: owned_links(state.iter().flat_map(|p| &p.macvlans)),
+            external_ifindex: state.map_or(0, |p| p.external_ifindex),
+            addresses: state.map(|p| p.added_addresses.clone()).unwrap_or_default(),
+        }
+    }
+
+    fn of(applied: &Applied) -> Self {
+        Self {
+            links: owned_links(&applied.macvlans),
+            external_ifindex: applied.external.index,
+            addresses: applied.addresses.clone(),
+        }
+    }
 }
 
 /// The ifindexes of macvlans an agent created.
@@ -87,24 +124,35 @@ fn effective_config(config_path: &Path, kube: Option<&KubeSource>) -> Result<Con
     Ok(config)
 }
 
+/// Checks a configuration against the machine. The checks of a large file
+/// run off the runtime's threads, so a signal is not kept waiting.
 async fn validate_config(
     config: Config,
     config_path: &Path,
-    owned: &BTreeSet<u32>,
+    owned: &Owned,
 ) -> Result<(Resolved, SystemView, rtnetlink::Handle), RunError> {
-    let plan = config.plan().map_err(|problems| ConfigError::Invalid {
+    let planned = tokio::task::spawn_blocking(move || config.plan())
+        .await
+        .context("validating")?;
+    let plan = planned.map_err(|problems| ConfigError::Invalid {
         path: config_path.to_owned(),
         problems,
     })?;
     let (connection, handle, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
     tokio::spawn(connection);
-    let system = SystemView::read(&handle).await?;
-    let resolved =
-        plan.resolve_owning(&system, owned)
-            .map_err(|problems| ConfigError::Invalid {
-                path: config_path.to_owned(),
-                problems,
-            })?;
+    let mut system = SystemView::read(&handle).await?;
+    system.claim(owned.external_ifindex, &owned.addresses);
+    let links = owned.links.clone();
+    let (resolved, system) = tokio::task::spawn_blocking(move || {
+        let resolved = plan.resolve_owning(&system, &links);
+        (resolved, system)
+    })
+    .await
+    .context("validating")?;
+    let resolved = resolved.map_err(|problems| ConfigError::Invalid {
+        path: config_path.to_owned(),
+        problems,
+    })?;
     Ok((resolved, system, handle))
 }
 
@@ -113,7 +161,8 @@ struct Applied {
     handle: rtnetlink::Handle,
     dataplane: Option<Dataplane>,
     pins_existed: bool,
-    external_ifindex: u32,
+    external: LinkRef,
+    /// Egress addresses this agent added (or adopted from a predecessor).
     addresses: Vec<Ipv4Addr>,
     sysctls: Vec<sysctl::Changed>,
     /// Macvlan next hops this agent (or its predecessor) created.
@@ -131,7 +180,7 @@ impl Applied {
         if let Err(err) = routes::remove_all(&self.handle).await {
             tracing::warn!(error = %format!("{err:#}"), "removing return routes");
         }
-        addresses::remove(&self.handle, self.external_ifindex, &self.addresses).await;
+        addresses::remove(&self.handle, &self.external, &self.addresses).await;
         // Before the sysctls: their parent stays isolated while they exist.
         macvlans::remove(&self.handle, &self.macvlans).await;
         sysctl::restore(&self.sysctls);
@@ -162,13 +211,14 @@ impl Applied {
             pins = %instance.pin_dir.display(),
             "leaving the dataplane found at startup serving as it was"
         );
+        let inherited: HashSet<Ipv4Addr> = self.inherited_addresses.iter().copied().collect();
         let own: Vec<Ipv4Addr> = self
             .addresses
             .iter()
             .copied()
-            .filter(|addr| !self.inherited_addresses.contains(addr))
+            .filter(|addr| !inherited.contains(addr))
             .collect();
-        addresses::remove(&self.handle, self.external_ifindex, &own).await;
+        addresses::remove(&self.handle, &self.external, &own).await;
         let own: Vec<macvlans::Created> = self
             .macvlans
             .iter()
@@ -203,34 +253,50 @@ pub struct RunOptions {
 }
 
 pub async fn run(instance: &Instance, options: &RunOptions) -> Result<(), RunError> {
+    // From the first moment: a signal that arrives before its handler is
+    // installed would end the process with everything half done.
+    let (mut signals, stop) = Signals::install()?;
     let config_path = options.config.as_path();
     let _lock = instance.lock()?;
-    let mut kube = match &options.kubernetes {
-        Some(kube_options) => {
-            tracing::info!(node = %kube_options.node_name, "reading the cluster");
-            Some(KubeSource::start(kube_options).await?)
-        }
-        None => None,
-    };
-    // A predecessor's state says which macvlans are ours to recreate.
+    // A predecessor's state says which macvlans are ours to recreate, and
+    // which addresses ours to keep.
     let previous = instance.read_state().ok().flatten();
-    let owned = owned_links(previous.iter().flat_map(|p| &p.macvlans));
-    let validated = match effective_config(config_path, kube.as_ref()) {
-        Ok(config) => validate_config(config, config_path, &owned).await,
-        Err(err) => Err(err),
-    };
-    let (resolved, system, handle) = match validated {
-        Ok(valid) => valid,
-        Err(err) => {
-            if let Some(kube) = &mut kube {
-                kube.refuse(Some(err.to_string()));
-                kube.publish(&BTreeMap::new()).await;
+    let Some(prepared) = until_stopped(&stop, async {
+        let mut kube = match &options.kubernetes {
+            Some(kube_options) => {
+                tracing::info!(node = %kube_options.node_name, "reading the cluster");
+                Some(KubeSource::start(kube_options).await?)
             }
+            None => None,
+        };
+        let owned = Owned::from_state(previous.as_ref());
+        let validated = match effective_config(config_path, kube.as_ref()) {
+            Ok(config) => validate_config(config, config_path, &owned).await,
+            Err(err) => Err(err),
+        };
+        match validated {
+            Ok(valid) => Ok((valid, kube)),
+            Err(err) => {
+                if let Some(kube) = &mut kube {
+                    kube.refuse(Some(err.to_string()));
+                    kube.publish(&BTreeMap::new()).await;
+                }
+                Err(err)
+            }
+        }
+    })
+    .await
+    else {
+        tracing::info!("stopped before changing anything");
+        leave_nothing(instance, previous.as_ref());
+        return Ok(());
+    };
+    let ((resolved, system, handle), mut kube) = match prepared {
+        Ok(prepared) => prepared,
+        Err(err) => {
             // A refused file leaves nothing behind, not even the lock,
             // unless a predecessor's state is there to keep.
-            if previous.is_none() && !instance.pin_dir.exists() {
-                instance.remove_state();
-            }
+            leave_nothing(instance, previous.as_ref());
             return Err(err);
         }
     };
@@ -257,7 +323,7 @@ pub async fn run(instance: &Instance, options: &RunOptions) -> Result<(), RunErr
         handle: handle.clone(),
         dataplane: None,
         pins_existed: instance.pin_dir.exists(),
-        external_ifindex: resolved.external.index,
+        external: resolved.external.clone(),
         addresses: Vec::new(),
         sysctls: Vec::new(),
         macvlans: Vec::new(),
@@ -276,22 +342,17 @@ pub async fn run(instance: &Instance, options: &RunOptions) -> Result<(), RunErr
         );
         applied.inherited_macvlans = owned_links(&applied.macvlans);
     }
-    // Addresses a crashed predecessor added are still ours to remove.
     if let Some(previous) = &previous
         && previous.external_ifindex == resolved.external.index
     {
-        applied
-            .addresses
-            .extend(previous.added_addresses.iter().copied().filter(|addr| {
-                system
-                    .addresses
-                    .iter()
-                    .any(|a| a.index == resolved.external.index && a.addr == *addr)
-            }));
         applied.sysctls.extend(previous.sysctls.iter().cloned());
-        applied.inherited_addresses.clone_from(&applied.addresses);
         applied.inherited_sysctls = applied.sysctls.len();
     }
+    // Addresses a predecessor added are still ours to remove: those its
+    // state lists, and those the kernel knows by their mark (one killed
+    // before it wrote its state).
+    applied.addresses = system.owned_on(resolved.external.index);
+    applied.inherited_addresses.clone_from(&applied.addresses);
 
     let (health_tx, health_rx) = watch::channel(Health::Starting);
     let started = async {
@@ -302,6 +363,7 @@ pub async fn run(instance: &Instance, options: &RunOptions) -> Result<(), RunErr
             &system,
             &mut applied,
             previous.as_ref(),
+            &stop,
         )
         .await?;
         let exporter = Exporter::new(health_rx.clone(), Maps::open(&instance.pin_dir)?);
@@ -312,6 +374,16 @@ pub async fn run(instance: &Instance, options: &RunOptions) -> Result<(), RunErr
     };
     let (mut state, exporter) = match started.await {
         Ok(started) => started,
+        Err(err) if is_interrupted(&err) => {
+            if keep_dataplane {
+                tracing::info!("stopped while starting: undoing what this start added");
+                applied.abandon(instance).await;
+            } else {
+                tracing::info!("stopped while starting: removing everything");
+                applied.undo(instance).await;
+            }
+            return Ok(());
+        }
         Err(err) => {
             applied.abandon(instance).await;
             return Err(err.into());
@@ -352,20 +424,25 @@ pub async fn run(instance: &Instance, options: &RunOptions) -> Result<(), RunErr
     let mut bfd = start_bfd(&resolved, &bfd_health).await;
     let mut current = resolved;
     let result = async {
-        let mut signals = Signals::install()?;
+        let mut stopping = stop.clone();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut ticks = 0u64;
         if let Some(kube) = &mut kube {
             kube.publish(&flows_by_tenant(&instance.pin_dir)).await;
         }
         loop {
-            let event = tokio::select! {
-                event = signals.next() => event,
+            tokio::select! {
+                biased;
+                () = stopping.requested_now() => break,
+                Some(()) = signals.reloads.recv() => {
+                    // SIGHUPs that came meanwhile (during a start or a
+                    // long reload) are answered by this one reading.
+                    while signals.reloads.try_recv().is_ok() {}
+                }
                 changed = cluster_changed(kube.as_mut()) => {
                     if let Err(err) = changed {
                         anyhow::bail!("the Kubernetes watchers stopped: {err:#}");
                     }
-                    Event::Reload
                 }
                 _ = tick.tick() => {
                     ticks += 1;
@@ -383,43 +460,52 @@ pub async fn run(instance: &Instance, options: &RunOptions) -> Result<(), RunErr
                     }
                     continue;
                 }
-            };
-            if event == Event::Stop {
-                break;
             }
             // Read the file (and the cluster) again; only what can change
-            // live is applied.
-            let outcome = reload(
-                config_path,
-                kube.as_ref(),
-                &current,
-                &owned_links(&applied.macvlans),
+            // live is applied. Reading and checking change nothing, so a
+            // stop simply drops them.
+            let Some(outcome) = until_stopped(
+                &stop,
+                reload(config_path, kube.as_ref(), &current, &Owned::of(&applied)),
             )
-            .await;
+            .await
+            else {
+                tracing::info!("reload abandoned before it changed anything: stopping");
+                break;
+            };
             if let Some(kube) = &mut kube {
                 kube.refuse(outcome.as_ref().err().map(ToString::to_string));
             }
             match outcome {
-                Ok(Some(next)) => match reconcile(instance, &next, &mut applied, &state).await {
-                    Ok(next_state) => {
-                        tracing::info!(
-                            tenants = next_state.tenants.len(),
-                            "configuration reloaded"
-                        );
-                        if next.bfd_peers != current.bfd_peers {
-                            if let Some(old) = bfd.take() {
-                                old.shutdown().await;
+                Ok(Some(next)) => {
+                    match reconcile(instance, &next, &mut applied, &state, &stop).await {
+                        Ok(next_state) => {
+                            tracing::info!(
+                                tenants = next_state.tenants.len(),
+                                "configuration reloaded"
+                            );
+                            if next.bfd_peers != current.bfd_peers {
+                                if let Some(old) = bfd.take() {
+                                    old.shutdown().await;
+                                }
+                                bfd = start_bfd(&next, &bfd_health).await;
                             }
-                            bfd = start_bfd(&next, &bfd_health).await;
+                            state = next_state;
+                            current = next;
                         }
-                        state = next_state;
-                        current = next;
+                        Err(err) if is_interrupted(&err) => {
+                            tracing::info!("reload abandoned halfway: stopping");
+                            // What the next agent adopts if this one keeps the
+                            // dataplane: the addresses added so far included.
+                            record(instance, &applied, state.clone());
+                            break;
+                        }
+                        Err(err) => tracing::error!(
+                            error = %format!("{err:#}"),
+                            "applying the reloaded configuration"
+                        ),
                     }
-                    Err(err) => tracing::error!(
-                        error = %format!("{err:#}"),
-                        "applying the reloaded configuration"
-                    ),
-                },
+                }
                 Ok(None) => tracing::info!("configuration unchanged"),
                 Err(err) => tracing::error!(
                     error = %err,
@@ -472,6 +558,36 @@ pub async fn run(instance: &Instance, options: &RunOptions) -> Result<(), RunErr
         applied.undo(instance).await;
     }
     result.map_err(Into::into)
+}
+
+/// Runs `work` unless a stop comes first (`None`); for work that changes
+/// nothing, which a stop can simply drop.
+async fn until_stopped<T>(stop: &Stop, work: impl Future<Output = T>) -> Option<T> {
+    let mut stop = stop.clone();
+    tokio::select! {
+        biased;
+        () = stop.requested_now() => None,
+        done = work => Some(done),
+    }
+}
+
+/// What a start that changed nothing leaves: nothing, not even the lock,
+/// unless a predecessor's state is there to keep.
+fn leave_nothing(instance: &Instance, previous: Option<&RunState>) {
+    if previous.is_none() && !instance.pin_dir.exists() {
+        instance.remove_state();
+    }
+}
+
+/// Writes what `applied` holds into the state file, so the next agent (or
+/// `cleanup`) knows every address, sysctl and macvlan this one added.
+fn record(instance: &Instance, applied: &Applied, mut state: RunState) {
+    state.added_addresses.clone_from(&applied.addresses);
+    state.sysctls.clone_from(&applied.sysctls);
+    state.macvlans.clone_from(&applied.macvlans);
+    if let Err(err) = instance.write_state(&state) {
+        tracing::warn!(error = %format!("{err:#}"), "writing the state file");
+    }
 }
 
 /// Waits for the cluster to change what this gateway serves; never
@@ -547,7 +663,7 @@ async fn reload(
     config_path: &Path,
     kube: Option<&KubeSource>,
     current: &Resolved,
-    owned: &BTreeSet<u32>,
+    owned: &Owned,
 ) -> Result<Option<Resolved>, RunError> {
     let (next, _, _) =
         validate_config(effective_config(config_path, kube)?, config_path, owned).await?;
@@ -630,17 +746,21 @@ async fn apply(
     system: &SystemView,
     applied: &mut Applied,
     previous: Option<&RunState>,
+    stop: &Stop,
 ) -> anyhow::Result<RunState> {
     let dataplane = applied
         .dataplane
         .insert(Dataplane::load(&instance.pin_dir, resolved.max_flows)?);
     let mut maps = Maps::open(dataplane.pin_dir())?;
     let desired = DesiredState::build(resolved, &maps.tenant_ids()?, &maps.port_ids())?;
+    stop.check()?;
     maps.sync(&desired)?;
     // Pinned maps of an agent that died may count flows it removed but
     // never recorded as ended; quotas start from what the table holds.
     conntrack::reconcile_usage(&mut maps)?;
+    stop.check()?;
     dataplane.attach(resolved)?;
+    stop.check()?;
     let mut attachments = dataplane.attachments().to_vec();
     // An adopted link keeps the hook it was attached with.
     for attachment in attachments.iter_mut().filter(|a| a.adopted) {
@@ -664,9 +784,11 @@ async fn apply(
     // With the programs attached and the maps filled, so a created next
     // hop's first frame is classified.
     sync_macvlans(applied, resolved, system).await?;
+    stop.check()?;
     // Flows a predecessor translated for a configuration that changed since.
     end_disallowed_flows(&mut maps, resolved, &desired)?;
     routes::sync(&applied.handle, &resolved.return_routes).await?;
+    stop.check()?;
 
     let state = RunState {
         pid: std::process::id(),
@@ -681,7 +803,16 @@ async fn apply(
         sysctls: Vec::new(),
         macvlans: Vec::new(),
     };
-    sync_addresses_and_state(instance, resolved, system, applied, &desired.ids, state).await
+    sync_addresses_and_state(
+        instance,
+        resolved,
+        system,
+        applied,
+        &desired.ids,
+        state,
+        stop,
+    )
+    .await
 }
 
 /// Applies a changed configuration to a serving dataplane: new tenants and
@@ -692,17 +823,22 @@ async fn reconcile(
     resolved: &Resolved,
     applied: &mut Applied,
     state: &RunState,
+    stop: &Stop,
 ) -> anyhow::Result<RunState> {
     let system = SystemView::read(&applied.handle).await?;
     let mut maps = Maps::open(&instance.pin_dir)?;
     let desired = DesiredState::build(resolved, &maps.tenant_ids()?, &maps.port_ids())?;
+    stop.check()?;
     maps.sync(&desired)?;
+    stop.check()?;
     let ended = end_disallowed_flows(&mut maps, resolved, &desired)?;
     routes::sync(&applied.handle, &resolved.return_routes).await?;
+    stop.check()?;
     // After the maps: a new next hop's port is known before it answers
     // ARP, and one that went no longer has a port. New ingress ports get
     // ARP isolation; ones that went keep the setting until exit.
     sync_macvlans(applied, resolved, &system).await?;
+    stop.check()?;
     if ended > 0 {
         tracing::info!(
             flows = ended,
@@ -716,6 +852,7 @@ async fn reconcile(
         applied,
         &desired.ids,
         state.clone(),
+        stop,
     )
     .await
 }
@@ -820,30 +957,34 @@ async fn sync_addresses_and_state(
     applied: &mut Applied,
     ids: &[u16],
     mut state: RunState,
+    stop: &Stop,
 ) -> anyhow::Result<RunState> {
     let wanted: Vec<Ipv4Addr> = resolved.egress_addresses().collect();
     let external_mac = system
         .link_by_index(resolved.external.index)
         .and_then(|l| l.mac);
-    // Present addresses are skipped: either a predecessor's (already in
-    // `applied`) or someone else's, which stay untouched.
-    let added = addresses::add_missing(
+    // Present addresses are skipped: ours (already in `applied`) silently,
+    // someone else's with a word; neither is touched.
+    addresses::add_missing(
         &applied.handle,
-        resolved.external.index,
+        &resolved.external,
         external_mac,
         &wanted,
+        &mut applied.addresses,
         system,
+        stop,
     )
     .await?;
-    applied.addresses.extend(added);
+    stop.check()?;
     // Owned addresses that are no longer wanted go now.
+    let wanted: HashSet<Ipv4Addr> = wanted.into_iter().collect();
     let unwanted: Vec<Ipv4Addr> = applied
         .addresses
         .iter()
         .copied()
         .filter(|a| !wanted.contains(a))
         .collect();
-    addresses::remove(&applied.handle, resolved.external.index, &unwanted).await;
+    addresses::remove(&applied.handle, &resolved.external, &unwanted).await;
     applied.addresses.retain(|a| wanted.contains(a));
 
     state.tenants = resolved
@@ -922,9 +1063,18 @@ impl Sweeper {
         Ok(Self { stop, thread })
     }
 
+    /// Asks the sweeper to stop and waits a moment for it; a sweep of a
+    /// large table still under way is left to end with the process rather
+    /// than delay the stop.
     fn stop(self) {
         self.stop.store(true, Ordering::Relaxed);
-        let _ = self.thread.join();
+        let deadline = std::time::Instant::now() + Duration::from_millis(300);
+        while !self.thread.is_finished() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if self.thread.is_finished() {
+            let _ = self.thread.join();
+        }
     }
 }
 
@@ -932,22 +1082,14 @@ fn absolute(path: &Path) -> PathBuf {
     std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned())
 }
 
-#[derive(Debug, PartialEq, Eq)]
-enum Event {
-    /// SIGTERM or SIGINT.
-    Stop,
-    /// SIGHUP.
-    Reload,
-}
-
+/// SIGTERM and SIGINT raise the stop flag, SIGHUP asks for a reload, from
+/// a task of their own: a signal is seen whatever the run loop is doing.
 struct Signals {
-    terminate: tokio::signal::unix::Signal,
-    interrupt: tokio::signal::unix::Signal,
-    hangup: tokio::signal::unix::Signal,
+    reloads: mpsc::UnboundedReceiver<()>,
 }
 
 impl Signals {
-    fn install() -> anyhow::Result<Self> {
+    fn install() -> anyhow::Result<(Self, Stop)> {
         // A parent may have blocked these (and the mask is inherited): a
         // gateway that cannot be stopped cleanly would leave addresses
         // behind.
@@ -960,28 +1102,31 @@ impl Signals {
             libc::sigaddset(&raw mut set, libc::SIGHUP);
             libc::pthread_sigmask(libc::SIG_UNBLOCK, &raw const set, std::ptr::null_mut());
         }
-        Ok(Self {
-            terminate: signal(SignalKind::terminate()).context("installing SIGTERM handler")?,
-            interrupt: signal(SignalKind::interrupt()).context("installing SIGINT handler")?,
-            hangup: signal(SignalKind::hangup()).context("installing SIGHUP handler")?,
-        })
-    }
-
-    async fn next(&mut self) -> Event {
-        tokio::select! {
-            _ = self.terminate.recv() => {
-                tracing::info!("SIGTERM");
-                Event::Stop
+        let mut terminate =
+            signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+        let mut interrupt = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+        let mut hangup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
+        let (stop_tx, stop) = Stop::channel();
+        let (reload_tx, reloads) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = terminate.recv() => {
+                        tracing::info!("SIGTERM");
+                        stop_tx.send_replace(true);
+                    }
+                    _ = interrupt.recv() => {
+                        tracing::info!("SIGINT");
+                        stop_tx.send_replace(true);
+                    }
+                    _ = hangup.recv() => {
+                        tracing::info!("SIGHUP: reloading the configuration");
+                        let _ = reload_tx.send(());
+                    }
+                }
             }
-            _ = self.interrupt.recv() => {
-                tracing::info!("SIGINT");
-                Event::Stop
-            }
-            _ = self.hangup.recv() => {
-                tracing::info!("SIGHUP: reloading the configuration");
-                Event::Reload
-            }
-        }
+        });
+        Ok((Self { reloads }, stop))
     }
 }
 
@@ -993,7 +1138,19 @@ pub async fn cleanup(instance: &Instance) -> anyhow::Result<()> {
     tokio::spawn(connection);
     routes::remove_all(&handle).await?;
     if let Some(state) = &state {
-        addresses::remove(&handle, state.external_ifindex, &state.added_addresses).await;
+        // Those the state lists, and those the kernel knows for ours.
+        let system = SystemView::read(&handle).await?;
+        let external = LinkRef {
+            name: system.link_by_index(state.external_ifindex).map_or_else(
+                || format!("ifindex {}", state.external_ifindex),
+                |l| l.name.clone(),
+            ),
+            index: state.external_ifindex,
+        };
+        let mut ours: BTreeSet<Ipv4Addr> = state.added_addresses.iter().copied().collect();
+        ours.extend(system.owned_on(state.external_ifindex));
+        let ours: Vec<Ipv4Addr> = ours.into_iter().collect();
+        addresses::remove(&handle, &external, &ours).await;
         macvlans::remove(&handle, &state.macvlans).await;
         sysctl::restore(&state.sysctls);
     }

@@ -1114,6 +1114,15 @@ impl Plan {
         }
         macvlans.sort_by(|a, b| a.name.cmp(&b.name));
 
+        // Looked up once per egress IP: ten thousand of them against as
+        // many addresses would be a hundred million comparisons.
+        let mut holders: HashMap<IpAddr, u32> = HashMap::with_capacity(system.addresses.len());
+        for facts in &system.addresses {
+            holders.entry(facts.addr).or_insert(facts.index);
+        }
+        let gateway_own = external
+            .as_ref()
+            .map(|external| GatewayOwn::of(system, external));
         let mut tenants = Vec::with_capacity(self.tenants.len());
         let mut arp_isolated: BTreeSet<String> = BTreeSet::new();
         for (index, tenant) in self.tenants.iter().enumerate() {
@@ -1139,7 +1148,10 @@ impl Plan {
             ports.sort_unstable();
             ports.dedup();
             for (i, addr) in tenant.egress.iter().enumerate() {
-                if let Some(holder) = system.holder_of(IpAddr::V4(*addr))
+                let holder = holders
+                    .get(&IpAddr::V4(*addr))
+                    .and_then(|index| system.link_by_index(*index));
+                if let Some(holder) = holder
                     && Some(holder.index) != external.as_ref().map(|e| e.index)
                 {
                     problems.add(
@@ -1149,6 +1161,8 @@ impl Plan {
                             holder.name
                         ),
                     );
+                } else if let Some(message) = gateway_own.as_ref().and_then(|g| g.refusal(*addr)) {
+                    problems.add(at.field(&format!("egressIPs[{i}]")), message);
                 }
             }
             tenants.push(ResolvedTenant {
@@ -1218,6 +1232,95 @@ impl Plan {
             (Err(problems), _) => Err(problems),
             (Ok(()), None) => unreachable!("a missing external interface is a problem"),
         }
+    }
+}
+
+/// The addresses the gateway itself uses on its external interface, which
+/// no tenant may take as an egress IP: the reply program would take their
+/// traffic (dropping whatever is not a reply to a tenant flow), and the
+/// gateway could no longer be reached or reach out there.
+struct GatewayOwn {
+    interface: String,
+    /// Addresses of the interface this agent did not add.
+    own: HashMap<Ipv4Addr, u8>,
+    /// Gateways of the routes through it, with a route that uses each.
+    next_hops: HashMap<Ipv4Addr, String>,
+    /// The subnets of its own addresses, whose network and broadcast
+    /// addresses are no host's.
+    subnets: Vec<Ipv4Net>,
+}
+
+impl GatewayOwn {
+    fn of(system: &SystemView, external: &LinkRef) -> Self {
+        let mut own = HashMap::new();
+        let mut subnets = Vec::new();
+        for facts in system
+            .addresses
+            .iter()
+            .filter(|a| a.index == external.index)
+        {
+            let IpAddr::V4(addr) = facts.addr else {
+                continue;
+            };
+            if facts.egress_owned {
+                continue;
+            }
+            own.insert(addr, facts.prefix_len);
+            if facts.prefix_len <= 30
+                && let Ok(net) = Ipv4Net::new(addr, facts.prefix_len)
+            {
+                subnets.push(net.trunc());
+            }
+        }
+        let mut next_hops = HashMap::new();
+        for hop in system
+            .next_hops
+            .iter()
+            .filter(|h| h.index == external.index)
+        {
+            next_hops
+                .entry(hop.via)
+                .or_insert_with(|| hop.destination.clone());
+        }
+        Self {
+            interface: external.name.clone(),
+            own,
+            next_hops,
+            subnets,
+        }
+    }
+
+    /// Why `addr` cannot be an egress IP, if it is one of these.
+    fn refusal(&self, addr: Ipv4Addr) -> Option<String> {
+        let interface = &self.interface;
+        if let Some(prefix_len) = self.own.get(&addr) {
+            return Some(format!(
+                "{addr} is the gateway's own address on {interface} ({addr}/{prefix_len}, not \
+                 added by this agent): the dataplane would take its traffic and cut the \
+                 gateway off; pick an unused address"
+            ));
+        }
+        if let Some(destination) = self.next_hops.get(&addr) {
+            return Some(format!(
+                "{addr} is the gateway's next hop on {interface} (route {destination} via \
+                 {addr}): the gateway would answer for its router; pick an unused address"
+            ));
+        }
+        for net in &self.subnets {
+            if addr == net.network() {
+                return Some(format!(
+                    "{addr} is the network address of {interface}'s subnet {net}, no \
+                     host's address; pick an unused address"
+                ));
+            }
+            if addr == net.broadcast() {
+                return Some(format!(
+                    "{addr} is the broadcast address of {interface}'s subnet {net}, no \
+                     host's address; pick an unused address"
+                ));
+            }
+        }
+        None
     }
 }
 

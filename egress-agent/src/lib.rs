@@ -7,8 +7,8 @@
 //! (egress IPs on the external interface), `macvlans` (next hops it
 //! creates), `sysctl` (forwarding, ARP isolation), `bpffs` (mounting it
 //! where it is missing), `instance` (pins, lock and state file), `agent` (the run loop),
-//! `conntrack` (flows and their state), `status` (reading an instance back),
-//! `cli`.
+//! `stop` (SIGTERM and SIGINT as long operations see them), `conntrack`
+//! (flows and their state), `status` (reading an instance back), `cli`.
 
 pub mod addresses;
 pub mod agent;
@@ -28,5 +28,6 @@ pub mod metrics;
 pub mod redirects;
 pub mod routes;
 pub mod status;
+pub mod stop;
 pub mod sysctl;
 pub mod system;

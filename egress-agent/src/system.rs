@@ -3,17 +3,20 @@
 //! The resolver checks a plan against this snapshot instead of asking the
 //! kernel piecemeal, so validation is a pure function tests can feed by hand.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use anyhow::Context as _;
 use futures::TryStreamExt as _;
 use rtnetlink::{
     Handle,
     packet_route::{
-        address::AddressAttribute,
+        address::{AddressAttribute, AddressProtocol},
         link::{LinkAttribute, LinkInfo},
+        route::{RouteAddress, RouteAttribute},
     },
 };
+
+use crate::addresses::PROTO_EGRESS;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LinkFacts {
@@ -34,12 +37,27 @@ pub struct AddressFacts {
     pub index: u32,
     pub addr: IpAddr,
     pub prefix_len: u8,
+    /// Added by this agent (or the predecessor it adopts): marked with
+    /// [`PROTO_EGRESS`] by the kernel (IFA_PROTO, Linux 6.1+), or listed in
+    /// the instance's state file ([`SystemView::claim`]).
+    pub egress_owned: bool,
+}
+
+/// A next hop the gateway itself routes through: the gateway of a route
+/// (any table, multipath included) out of interface `index`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NextHopFacts {
+    pub index: u32,
+    pub via: Ipv4Addr,
+    /// The route's destination, for messages (`default`, `10.0.0.0/8`).
+    pub destination: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SystemView {
     pub links: Vec<LinkFacts>,
     pub addresses: Vec<AddressFacts>,
+    pub next_hops: Vec<NextHopFacts>,
 }
 
 impl SystemView {
@@ -85,15 +103,48 @@ impl SystemView {
                     AddressAttribute::Local(addr) | AddressAttribute::Address(addr) => Some(*addr),
                     _ => None,
                 });
+            let marked = message.attributes.iter().any(|attribute| {
+                matches!(attribute, AddressAttribute::Protocol(AddressProtocol::Other(p)) if *p == PROTO_EGRESS)
+            });
             if let Some(addr) = addr {
                 addresses.push(AddressFacts {
                     index: message.header.index,
                     addr,
                     prefix_len: message.header.prefix_len,
+                    egress_owned: marked,
                 });
             }
         }
-        Ok(Self { links, addresses })
+        let next_hops = read_next_hops(handle).await?;
+        Ok(Self {
+            links,
+            addresses,
+            next_hops,
+        })
+    }
+
+    /// Takes `addrs` on `ifindex` for the agent's own, as its state file
+    /// says (kernels before 6.1 keep no IFA_PROTO mark).
+    pub fn claim(&mut self, ifindex: u32, addrs: &[Ipv4Addr]) {
+        let addrs: std::collections::HashSet<IpAddr> =
+            addrs.iter().map(|a| IpAddr::V4(*a)).collect();
+        for facts in &mut self.addresses {
+            if facts.index == ifindex && addrs.contains(&facts.addr) {
+                facts.egress_owned = true;
+            }
+        }
+    }
+
+    /// The IPv4 addresses on `ifindex` that this agent added.
+    pub fn owned_on(&self, ifindex: u32) -> Vec<Ipv4Addr> {
+        self.addresses
+            .iter()
+            .filter(|a| a.index == ifindex && a.egress_owned)
+            .filter_map(|a| match a.addr {
+                IpAddr::V4(addr) => Some(addr),
+                IpAddr::V6(_) => None,
+            })
+            .collect()
     }
 
     pub fn link_by_name(&self, name: &str) -> Option<&LinkFacts> {
@@ -103,12 +154,50 @@ impl SystemView {
     pub fn link_by_index(&self, index: u32) -> Option<&LinkFacts> {
         self.links.iter().find(|link| link.index == index)
     }
+}
 
-    /// The link an address is configured on, if any.
-    pub fn holder_of(&self, addr: IpAddr) -> Option<&LinkFacts> {
-        self.addresses
-            .iter()
-            .find(|a| a.addr == addr)
-            .and_then(|a| self.link_by_index(a.index))
+/// The gateways of every IPv4 route, in every table, with the interface
+/// they are reached through.
+async fn read_next_hops(handle: &Handle) -> anyhow::Result<Vec<NextHopFacts>> {
+    let mut next_hops = Vec::new();
+    let mut stream = handle
+        .route()
+        .get(rtnetlink::RouteMessageBuilder::<Ipv4Addr>::new().build())
+        .execute();
+    while let Some(message) = stream.try_next().await.context("listing routes")? {
+        let mut destination = None;
+        let mut oif = None;
+        let mut gateways = Vec::new();
+        for attribute in &message.attributes {
+            match attribute {
+                RouteAttribute::Destination(RouteAddress::Inet(addr)) => destination = Some(*addr),
+                RouteAttribute::Oif(index) => oif = Some(*index),
+                RouteAttribute::Gateway(RouteAddress::Inet(via)) => gateways.push((None, *via)),
+                RouteAttribute::MultiPath(hops) => {
+                    for hop in hops {
+                        for attribute in &hop.attributes {
+                            if let RouteAttribute::Gateway(RouteAddress::Inet(via)) = attribute {
+                                gateways.push((Some(hop.interface_index), *via));
+                            }
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        let destination = match destination {
+            Some(addr) => format!("{addr}/{}", message.header.destination_prefix_length),
+            None => "default".to_owned(),
+        };
+        for (index, via) in gateways {
+            if let Some(index) = index.or(oif) {
+                next_hops.push(NextHopFacts {
+                    index,
+                    via,
+                    destination: destination.clone(),
+                });
+            }
+        }
     }
+    Ok(next_hops)
 }

@@ -93,10 +93,24 @@ impl Agent {
         Self::start_as(ns, yaml, run_args, true)
     }
 
+    /// Starts `egress-agent run` in `ns` without waiting for it to serve
+    /// (to signal it while it starts); [`Agent::wait_serving`] waits.
+    pub fn launch(ns: &Netns, yaml: &str) -> Self {
+        let mut agent = Self::new(ns, yaml, &[], false);
+        agent.spawn_child();
+        agent
+    }
+
     fn start_as(ns: &Netns, yaml: &str, run_args: &[&str], ip_netns_exec: bool) -> Self {
+        let mut agent = Self::new(ns, yaml, run_args, ip_netns_exec);
+        agent.spawn();
+        agent
+    }
+
+    fn new(ns: &Netns, yaml: &str, run_args: &[&str], ip_netns_exec: bool) -> Self {
         let instance = unique_name("agent");
         let log = std::env::temp_dir().join(format!("{instance}.log"));
-        let mut agent = Self {
+        Self {
             instance,
             config: ConfigFile::new(yaml),
             ns_path: ns.path(),
@@ -104,12 +118,17 @@ impl Agent {
             run_args: run_args.iter().map(|a| (*a).to_owned()).collect(),
             child: None,
             log,
-        };
-        agent.spawn();
-        agent
+        }
     }
 
     fn spawn(&mut self) {
+        self.spawn_child();
+        // Generous: the benchmark's largest case adds ten thousand egress
+        // addresses, and a debug build on a busy machine is slow.
+        self.wait_serving(Duration::from_secs(300));
+    }
+
+    fn spawn_child(&mut self) {
         let log_file = std::fs::File::options()
             .create(true)
             .append(true)
@@ -135,9 +154,6 @@ impl Agent {
             .expect("spawning egress-agent");
         LIVE.lock().expect("registry").push(child.id());
         self.child = Some(child);
-        // Minutes, not seconds: adding ten thousand egress addresses (the
-        // benchmark's largest case) takes the kernel a while.
-        self.wait_serving(Duration::from_secs(300));
     }
 
     /// Stops the agent (SIGKILL when `kill`, else SIGTERM) and starts it
@@ -178,7 +194,7 @@ impl Agent {
 
     /// Waits until this process wrote the state file (a killed predecessor
     /// leaves its own behind).
-    fn wait_serving(&mut self, timeout: Duration) {
+    pub fn wait_serving(&mut self, timeout: Duration) {
         let state = PathBuf::from(format!("/run/{}/state.json", self.instance));
         let pid = self.child.as_ref().map(Child::id);
         let deadline = Instant::now() + timeout;
@@ -243,14 +259,19 @@ impl Agent {
 
     /// Sends SIGTERM and waits; returns the exit status.
     pub fn stop(&mut self) -> ExitStatus {
-        match self.terminate() {
+        self.stop_with(libc::SIGTERM)
+    }
+
+    /// Sends `signal` (SIGTERM or SIGINT) and waits; returns the exit status.
+    pub fn stop_with(&mut self, signal: i32) -> ExitStatus {
+        match self.terminate(signal) {
             Ok(status) => status,
             Err(err) => panic!("{err}:\n{}", self.log()),
         }
     }
 
-    /// SIGTERM, then SIGKILL if the agent has not exited after 15 s.
-    fn terminate(&mut self) -> Result<ExitStatus, String> {
+    /// `signal`, then SIGKILL if the agent has not exited after 15 s.
+    fn terminate(&mut self, signal: i32) -> Result<ExitStatus, String> {
         let Some(mut child) = self.child.take() else {
             return Err("agent already stopped".to_owned());
         };
@@ -258,7 +279,7 @@ impl Agent {
             .expect("registry")
             .retain(|pid| *pid != child.id());
         // SAFETY: signalling our own child.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        unsafe { libc::kill(child.id() as i32, signal) };
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             match child.try_wait() {
@@ -269,7 +290,9 @@ impl Agent {
                 _ => {
                     let _ = child.kill();
                     let _ = child.wait();
-                    return Err("egress-agent ignored SIGTERM and was killed".to_owned());
+                    return Err(format!(
+                        "egress-agent ignored signal {signal} for 15 s and was killed"
+                    ));
                 }
             }
         }
@@ -279,7 +302,7 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         if self.child.is_some()
-            && let Err(err) = self.terminate()
+            && let Err(err) = self.terminate(libc::SIGTERM)
         {
             eprintln!("{err}:\n{}", self.log());
         }

@@ -5,10 +5,13 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use egress_tests::{
-    agent::{Agent, ConfigFile, assert_no_dataplane_left, run_to_exit},
+    agent::{Agent, ConfigFile, assert_no_dataplane_left, run_to_exit, wait_until},
     netns::unique_name,
     require_root,
-    topology::{EGRESS_A, EGRESS_B, HOST_A, HOST_B, SERVER, STRANGER, Topology, seed_config},
+    topology::{
+        EGRESS_A, EGRESS_B, GATEWAY_EXTERNAL, HOST_A, HOST_B, SERVER, STRANGER, Topology,
+        seed_config,
+    },
     traffic::{Capture, Seen, curl, http_server, ping, udp_echo_server, udp_request},
 };
 
@@ -424,6 +427,87 @@ fn bad_configurations_are_refused_before_anything_changes() {
         );
         assert_gateway_untouched(&net, &instance);
     }
+}
+
+/// The addresses the gateway itself uses on its external interface: its
+/// own, its next hop's (the default route's gateway, the server here), and
+/// the subnet's network and broadcast addresses.
+const GATEWAYS_OWN: [(&str, &str); 4] = [
+    (
+        "192.168.31.2",
+        "192.168.31.2 is the gateway's own address on eth1 (192.168.31.2/24, not added by this agent)",
+    ),
+    (
+        "192.168.31.1",
+        "192.168.31.1 is the gateway's next hop on eth1 (route default via 192.168.31.1)",
+    ),
+    (
+        "192.168.31.0",
+        "192.168.31.0 is the network address of eth1's subnet 192.168.31.0/24",
+    ),
+    (
+        "192.168.31.255",
+        "192.168.31.255 is the broadcast address of eth1's subnet 192.168.31.0/24",
+    ),
+];
+
+#[test]
+fn the_gateways_own_addresses_are_refused_as_egress_ips() {
+    if !require_root() {
+        return;
+    }
+    let net = Topology::seed();
+    let good = seed_config(4096);
+    assert_eq!(GATEWAY_EXTERNAL.to_string(), GATEWAYS_OWN[0].0);
+    assert_eq!(SERVER.to_string(), GATEWAYS_OWN[1].0);
+    for (addr, expected) in GATEWAYS_OWN {
+        let config = ConfigFile::new(&good.replace(&EGRESS_B.to_string(), addr));
+        let instance = unique_name("check");
+        let out = run_to_exit(
+            &net.gateway,
+            &instance,
+            &["check", "--config", config.path.to_str().unwrap()],
+        );
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "check of {addr}: {}",
+            out.stderr
+        );
+        let named = format!("tenants[1] (tenant-b).egressIPs[0]: {expected}");
+        assert!(
+            out.stderr.contains(&named),
+            "expected {named:?} in:\n{}",
+            out.stderr
+        );
+        assert_gateway_untouched(&net, &instance);
+    }
+
+    let agent = Agent::start(&net.gateway, &good);
+    // The agent's own addresses are not the gateway's: the file it serves
+    // checks fine on the serving gateway.
+    let out = agent.cli(&["check", "--config", agent.config.path.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", out.stderr);
+    let addresses = || {
+        net.gateway
+            .ip(&["-4", "-o", "addr", "show", "dev", "eth1"])
+            .stdout
+    };
+    let before = addresses();
+    for (i, (addr, expected)) in GATEWAYS_OWN.iter().enumerate() {
+        agent.reload(&good.replace(&EGRESS_B.to_string(), addr));
+        wait_until("the refusal", std::time::Duration::from_secs(10), || {
+            agent.log().matches("reload refused").count() == i + 1
+        });
+        assert!(agent.log().contains(expected), "{}", agent.log());
+    }
+    assert_eq!(addresses(), before, "a refused reload changes nothing");
+    // Still serving, and the gateway still reachable at its own address.
+    let echo = SocketAddrV4::new(SERVER, 5300);
+    let server = udp_echo_server(&net.external, echo);
+    assert!(udp_request(&net.host(HOST_B).ns, 0, echo, b"x").is_some());
+    assert_eq!(server.peer_ips(), [EGRESS_B]);
+    assert!(ping(&net.external, GATEWAY_EXTERNAL, 1));
 }
 
 #[test]

@@ -4,7 +4,7 @@ use std::{
 };
 
 use super::*;
-use crate::system::{AddressFacts, LinkFacts, SystemView};
+use crate::system::{AddressFacts, LinkFacts, NextHopFacts, SystemView};
 
 /// The tenants of the Harvester seed: two namespaces, one egress IP each.
 const SEED: &str = "\
@@ -68,13 +68,21 @@ fn machine() -> SystemView {
                 index: 3,
                 addr: IpAddr::V4(Ipv4Addr::new(192, 168, 31, 2)),
                 prefix_len: 24,
+                egress_owned: false,
             },
             AddressFacts {
                 index: 4,
                 addr: IpAddr::V4(Ipv4Addr::new(10, 9, 9, 9)),
                 prefix_len: 24,
+                egress_owned: false,
             },
         ],
+        // The default route, through the external interface.
+        next_hops: vec![NextHopFacts {
+            index: 3,
+            via: Ipv4Addr::new(192, 168, 31, 1),
+            destination: "default".into(),
+        }],
     }
 }
 
@@ -307,10 +315,139 @@ fn an_egress_ip_held_by_another_interface_is_refused() {
     );
 }
 
+/// Resolves the seed with tenant-b's egress IP replaced by `addr`.
+fn resolve_with_egress(system: &SystemView, addr: &str) -> Result<Resolved, Vec<Problem>> {
+    plan(&SEED.replace("192.168.31.150", addr))
+        .unwrap()
+        .resolve(system)
+}
+
 #[test]
-fn an_egress_ip_already_on_the_external_interface_is_accepted() {
-    let text = SEED.replace("192.168.31.150", "192.168.31.2");
-    assert!(plan(&text).unwrap().resolve(&machine()).is_ok());
+fn the_gateways_own_external_address_is_refused() {
+    let problems = resolve_with_egress(&machine(), "192.168.31.2").expect_err("refused");
+    assert_problem(
+        &problems,
+        "tenants[1] (tenant-b).egressIPs[0]",
+        "192.168.31.2 is the gateway's own address on eth1 (192.168.31.2/24, not added by this agent)",
+    );
+    assert_eq!(problems.len(), 1, "{problems:#?}");
+}
+
+#[test]
+fn any_external_address_the_agent_did_not_add_is_the_gateways() {
+    // A /32 someone else put there (a VIP, a hand-made SNAT address).
+    let mut system = machine();
+    system.addresses.push(AddressFacts {
+        index: 3,
+        addr: IpAddr::V4(Ipv4Addr::new(192, 168, 31, 150)),
+        prefix_len: 32,
+        egress_owned: false,
+    });
+    let problems = resolve_with_egress(&system, "192.168.31.150").expect_err("refused");
+    assert_problem(
+        &problems,
+        "tenants[1] (tenant-b).egressIPs[0]",
+        "192.168.31.150 is the gateway's own address on eth1",
+    );
+}
+
+#[test]
+fn an_external_address_the_agent_added_is_its_own() {
+    // Marked by the kernel (IFA_PROTO)...
+    let mut system = machine();
+    system.addresses.push(AddressFacts {
+        index: 3,
+        addr: IpAddr::V4(Ipv4Addr::new(192, 168, 31, 150)),
+        prefix_len: 32,
+        egress_owned: true,
+    });
+    assert!(resolve_with_egress(&system, "192.168.31.150").is_ok());
+    // ...or listed in the state file, on kernels without the mark.
+    let mut system = machine();
+    system.addresses.push(AddressFacts {
+        index: 3,
+        addr: IpAddr::V4(Ipv4Addr::new(192, 168, 31, 150)),
+        prefix_len: 32,
+        egress_owned: false,
+    });
+    system.claim(3, &[Ipv4Addr::new(192, 168, 31, 150)]);
+    assert!(resolve_with_egress(&system, "192.168.31.150").is_ok());
+    // A claim names the interface: the same address elsewhere is not ours.
+    let mut system = machine();
+    system.claim(4, &[Ipv4Addr::new(192, 168, 31, 2)]);
+    assert!(resolve_with_egress(&system, "192.168.31.2").is_err());
+}
+
+#[test]
+fn the_next_hop_of_the_external_interface_is_refused() {
+    let problems = resolve_with_egress(&machine(), "192.168.31.1").expect_err("refused");
+    assert_problem(
+        &problems,
+        "tenants[1] (tenant-b).egressIPs[0]",
+        "192.168.31.1 is the gateway's next hop on eth1 (route default via 192.168.31.1)",
+    );
+    // A multipath or policy route's gateway counts the same; one reached
+    // through another interface is no business of eth1's.
+    let mut system = machine();
+    system.next_hops.push(NextHopFacts {
+        index: 3,
+        via: Ipv4Addr::new(192, 168, 31, 254),
+        destination: "10.0.0.0/8".into(),
+    });
+    system.next_hops.push(NextHopFacts {
+        index: 4,
+        via: Ipv4Addr::new(192, 168, 31, 253),
+        destination: "default".into(),
+    });
+    let problems = resolve_with_egress(&system, "192.168.31.254").expect_err("refused");
+    assert_problem(
+        &problems,
+        "tenants[1] (tenant-b).egressIPs[0]",
+        "route 10.0.0.0/8 via 192.168.31.254",
+    );
+    assert!(resolve_with_egress(&system, "192.168.31.253").is_ok());
+}
+
+#[test]
+fn the_subnets_network_and_broadcast_addresses_are_refused() {
+    let problems = resolve_with_egress(&machine(), "192.168.31.0").expect_err("refused");
+    assert_problem(
+        &problems,
+        "tenants[1] (tenant-b).egressIPs[0]",
+        "192.168.31.0 is the network address of eth1's subnet 192.168.31.0/24",
+    );
+    let problems = resolve_with_egress(&machine(), "192.168.31.255").expect_err("refused");
+    assert_problem(
+        &problems,
+        "tenants[1] (tenant-b).egressIPs[0]",
+        "192.168.31.255 is the broadcast address of eth1's subnet 192.168.31.0/24",
+    );
+    // Hosts of the subnet, and addresses beyond it, are fine.
+    assert!(resolve_with_egress(&machine(), "192.168.31.254").is_ok());
+    assert!(resolve_with_egress(&machine(), "192.168.32.0").is_ok());
+    // A point-to-point /31 or a /32 has no network or broadcast address.
+    let mut system = machine();
+    system.addresses[0].prefix_len = 31;
+    system.addresses[0].addr = IpAddr::V4(Ipv4Addr::new(192, 168, 31, 2));
+    system.next_hops.clear();
+    assert!(resolve_with_egress(&system, "192.168.31.3").is_ok());
+}
+
+#[test]
+fn every_egress_ip_that_is_the_gateways_is_named() {
+    let text = SEED
+        .replace("192.168.31.101", "192.168.31.2")
+        .replace("192.168.31.150", "192.168.31.1");
+    let problems = plan(&text)
+        .unwrap()
+        .resolve(&machine())
+        .expect_err("refused");
+    assert_problem(
+        &problems,
+        "tenants[0] (tenant-a).egressIPs[0]",
+        "own address",
+    );
+    assert_problem(&problems, "tenants[1] (tenant-b).egressIPs[0]", "next hop");
 }
 
 /// Seed 002: every tenant shares the pod CIDR; the router steers each to its
@@ -343,6 +480,7 @@ fn machine_with_macvlan() -> SystemView {
         index: 9,
         addr: IpAddr::V4(Ipv4Addr::new(10, 70, 0, 11)),
         prefix_len: 32,
+        egress_owned: false,
     });
     system
 }
@@ -722,6 +860,7 @@ fn machine_with(name: &str, kind: &str, parent: u32, address: Option<[u8; 4]>) -
             index: 9,
             addr: IpAddr::V4(Ipv4Addr::from(address)),
             prefix_len: 32,
+            egress_owned: false,
         });
     }
     system
