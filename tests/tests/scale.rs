@@ -33,17 +33,18 @@ fn serial() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// The seed's two tenants (whose hosts exist in the topology), then
-/// `tenants - 2` more, each with a /24 of its own and one egress IP from
-/// 100.64.0.0/10.
+/// The seed's two tenants (whose hosts exist in the topology, and which
+/// get a quota of their own for the traffic the tests send), then
+/// `tenants - 2` more, each with a /24 of its own, one egress IP from
+/// 100.64.0.0/10 and an equal share of the rest of the table.
 fn scale_config(tenants: u32) -> String {
     let mut yaml = format!(
         "\
 interfaces: {{internal: [eth0], external: eth1}}
-conntrack: {{maxFlows: 4096}}
+conntrack: {{maxFlows: 65536}}
 tenants:
-  - {{name: tenant-a, sources: [172.20.10.0/24], egressIPs: [{EGRESS_A}]}}
-  - {{name: tenant-b, sources: [172.20.20.0/24], egressIPs: [{EGRESS_B}]}}
+  - {{name: tenant-a, sources: [172.20.10.0/24], egressIPs: [{EGRESS_A}], maxFlows: 1000}}
+  - {{name: tenant-b, sources: [172.20.20.0/24], egressIPs: [{EGRESS_B}], maxFlows: 1000}}
 "
     );
     for i in 0..tenants.saturating_sub(2) {
@@ -189,7 +190,7 @@ fn ten_thousand_tenants_start_and_reload() {
     // Once more with the same tenants: nothing to add, nothing to say
     // about the agent's own addresses.
     let before = agent.log().lines().count();
-    agent.reload(&config.replace("maxFlows: 4096}", "maxFlows: 4096, sweepInterval: 5s}"));
+    agent.reload(&config.replace("maxFlows: 65536}", "maxFlows: 65536, sweepInterval: 5s}"));
     wait_until("the second reload", Duration::from_secs(600), || {
         agent.log().matches("configuration reloaded").count() == 2
     });
