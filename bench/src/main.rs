@@ -199,7 +199,7 @@ fn main() -> anyhow::Result<()> {
     // agent's table evicts nothing, and each tenant's default quota is an
     // equal share of it, so a table sized for one run would measure quota
     // refusals in the later tries instead of flow creation.
-    let new_flow_total = u64::from(plan.new_flows) * (2 * measure::TRIES as u64 + 2);
+    let new_flow_total = u64::from(plan.new_flows) * (3 * measure::TRIES as u64 + 2);
     let capacity = ((u64::from(max_flows) + new_flow_total) * 5 / 4).max(65_536);
     let _limits = ConntrackLimits::raise(capacity * 2);
 
@@ -348,7 +348,7 @@ fn main() -> anyhow::Result<()> {
             if kind.has_quotas() && tenants >= 2 {
                 // The first tenant's equal share of the table.
                 let quota = (capacity / u64::from(tenants)) as u32;
-                let beside = measure::new_flows_beside_aggressor(
+                let (beside, alone) = measure::new_flows_beside_aggressor(
                     &topology,
                     &mut programs,
                     tenants,
@@ -357,13 +357,12 @@ fn main() -> anyhow::Result<()> {
                     quota,
                 )?;
                 new_flow_start = new_flow_start
-                    .wrapping_add(plan.new_flows)
+                    .wrapping_add(plan.new_flows.saturating_mul(2 * measure::TRIES as u32))
                     .wrapping_add(quota.saturating_mul(2));
-                // The others' share of the plain run, for comparison.
-                let others = n.pps * f64::from(tenants - 1) / f64::from(tenants);
+                let others = alone.pps;
                 eprintln!(
                     "{label}: {:.0} new flows/s of the other tenants while one sits at its quota \
-                     of {quota} ({:.0}/s without it)",
+                     of {quota} ({:.0}/s of theirs alone, bursts alternating)",
                     beside.pps, others
                 );
                 results.push(

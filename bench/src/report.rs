@@ -325,9 +325,10 @@ impl Results {
             let _ = writeln!(
                 md,
                 "\n## New flows of the other tenants while one tenant sits at its quota\n\n\
-                 The first tenant first takes its whole share of the table; then every \
-                 tenant sends new flows, the first one's refused (`out_drop_tenant_quota`). \
-                 \"without\" is the others' part of the plain new-flow run above.\n"
+                 The first tenant first takes its whole share of the table; then bursts in \
+                 which every tenant sends new flows, the first one's refused \
+                 (`out_drop_tenant_quota`), alternate with bursts of the other tenants \
+                 alone (\"without\"), best of each.\n"
             );
             let _ = writeln!(
                 md,
