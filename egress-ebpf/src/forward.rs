@@ -206,6 +206,22 @@ pub fn route_v4<H: Hook>(
     }
 }
 
+/// Where the kernel would send the packet as it is, untranslated: what a
+/// program asks before leaving a packet that is not its own to the kernel.
+#[inline(always)]
+pub fn route_as_is<H: Hook>(ctx: &H, frame: &Ipv4Frame, ingress_ifindex: u32) -> Route {
+    let ip = frame.ip();
+    route_v4(
+        ctx,
+        frame,
+        ingress_ifindex,
+        ip.src_addr,
+        ip.dst_addr,
+        (0, 0),
+        frame.tot_len(),
+    )
+}
+
 /// An IPv4 FIB query from `src` to `dst` arriving on `ifindex`, built in
 /// `slot` (zeroed inline: see `zero`); callers add what else they know.
 #[inline(always)]

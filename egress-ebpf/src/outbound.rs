@@ -359,17 +359,7 @@ fn transmit<H: Hook>(
 /// leave the gateway's own and internal traffic to the kernel.
 #[inline(always)]
 fn unclassified<H: Hook>(ctx: &H, frame: &Ipv4Frame, ingress: u32) -> Result<Verdict, Counter> {
-    let ip = frame.ip();
-    let route = forward::route_v4(
-        ctx,
-        frame,
-        ingress,
-        ip.src_addr,
-        ip.dst_addr,
-        (0, 0),
-        frame.tot_len(),
-    );
-    if route.leaves_external() {
+    if forward::route_as_is(ctx, frame, ingress).leaves_external() {
         Err(Counter::OutDropUnclassified)
     } else {
         Ok(Verdict::pass(Counter::OutPassNotEgress))

@@ -69,17 +69,7 @@ fn process<H: Hook>(ctx: &H) -> Result<Verdict, Counter> {
 /// unless the kernel would forward it inside.
 #[inline(always)]
 fn not_egress<H: Hook>(ctx: &H, frame: &Ipv4Frame, ingress: u32) -> Result<Verdict, Counter> {
-    let ip = frame.ip();
-    let route = forward::route_v4(
-        ctx,
-        frame,
-        ingress,
-        ip.src_addr,
-        ip.dst_addr,
-        (0, 0),
-        frame.tot_len(),
-    );
-    if route.leaves_through(ROLE_INTERNAL) {
+    if forward::route_as_is(ctx, frame, ingress).leaves_through(ROLE_INTERNAL) {
         return Err(Counter::InDropToInternal);
     }
     Ok(Verdict::pass(Counter::InPassNotEgress))
