@@ -53,6 +53,9 @@ pub struct Config {
     pub return_routes: Vec<ReturnRouteConfig>,
     #[serde(default)]
     pub bfd: BfdConfig,
+    /// The translation log: JSON lines, IPFIX.
+    #[serde(default)]
+    pub audit: audit::Audit,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
@@ -419,6 +422,7 @@ impl Config {
         let return_routes = self.plan_return_routes(&mut problems);
         let bfd_peers = self.plan_bfd(&mut problems);
         let hooks = self.plan_hooks(&mut problems);
+        let audit = self.audit.plan(&mut problems);
         problems.into_result(Plan {
             internal: self.interfaces.internal.clone(),
             external: self.interfaces.external.clone(),
@@ -430,6 +434,7 @@ impl Config {
             xdp_mode: self.xdp.mode,
             return_routes,
             bfd_peers,
+            audit,
         })
     }
 
@@ -897,6 +902,7 @@ pub struct Plan {
     pub xdp_mode: XdpModeSetting,
     pub return_routes: Vec<PlannedRoute>,
     pub bfd_peers: Vec<PlannedBfdPeer>,
+    pub audit: audit::AuditPlan,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -2039,6 +2045,8 @@ fn check_egress_outside_sources(problems: &mut Problems, tenants: &[PlannedTenan
         }
     }
 }
+
+pub mod audit;
 
 #[cfg(test)]
 mod tests;

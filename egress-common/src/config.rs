@@ -14,6 +14,9 @@ shared_layout! {
 
 /// Some tenant is chosen by ingress port: look frames up in `INGRESS_PORTS`.
 pub const CONFIG_F_INGRESS_PORTS: u32 = 1;
+/// Report each new flow to the agent through `FLOW_EVENTS` (set while a
+/// translation log is configured or someone follows the flows live).
+pub const CONFIG_F_FLOW_EVENTS: u32 = 2;
 
 shared_layout! {
     /// Value of `INTERFACES`, keyed by ifindex.

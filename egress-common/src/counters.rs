@@ -97,10 +97,13 @@ pub enum Counter {
     /// Reply: from outside, addressed to an internal network (a tenant host,
     /// not an egress address): the gateway is not a way in.
     InDropToInternal,
+    /// A new flow's creation event found the ring buffer full; the flow
+    /// was created, its record is missing from the translation log.
+    EventsLost,
 }
 
 /// Number of counters; the size of the `COUNTERS` array.
-pub const COUNTER_COUNT: u32 = Counter::InDropToInternal as u32 + 1;
+pub const COUNTER_COUNT: u32 = Counter::EventsLost as u32 + 1;
 
 impl Counter {
     /// Every counter, in index order.
@@ -144,6 +147,7 @@ impl Counter {
         Counter::OutDropTenantQuota,
         Counter::OutDropTenantRate,
         Counter::InDropToInternal,
+        Counter::EventsLost,
     ];
 
     /// Stable snake_case name, used in metrics and the CLI.
@@ -189,6 +193,7 @@ impl Counter {
             Counter::OutDropTenantQuota => "out_drop_tenant_quota",
             Counter::OutDropTenantRate => "out_drop_tenant_rate",
             Counter::InDropToInternal => "in_drop_to_internal",
+            Counter::EventsLost => "events_lost",
         }
     }
 }

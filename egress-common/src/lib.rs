@@ -12,6 +12,7 @@
 pub mod bench;
 pub mod config;
 pub mod counters;
+pub mod events;
 pub mod flow;
 pub mod names;
 pub mod redirect;

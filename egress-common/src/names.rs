@@ -35,8 +35,12 @@ pub const COUNTERS: &str = "COUNTERS";
 /// dropped after the programs returned, by (from, to) interface.
 pub const REDIRECT_DROPS: &str = "REDIRECT_DROPS";
 
+/// Ring buffer of `FlowEventV4`: flows the programs created, for the
+/// translation log.
+pub const FLOW_EVENTS: &str = "FLOW_EVENTS";
+
 /// Every map, in the order the agent pins them.
-pub const ALL_MAPS: [&str; 13] = [
+pub const ALL_MAPS: [&str; 14] = [
     TENANT_SOURCES_V4,
     INGRESS_PORTS,
     TENANTS,
@@ -50,6 +54,7 @@ pub const ALL_MAPS: [&str; 13] = [
     CONFIG,
     COUNTERS,
     REDIRECT_DROPS,
+    FLOW_EVENTS,
 ];
 
 /// XDP on internal interfaces: classify, track, translate, forward outbound traffic.

@@ -81,6 +81,11 @@ shared_layout! {
         pub quota_drops: u64,
         /// New flows refused by the rate limit.
         pub rate_drops: u64,
+        /// New flows refused because every port of the chosen egress
+        /// address was taken towards that destination.
+        pub ports_exhausted_drops: u64,
+        /// New flows refused because the conntrack table was full.
+        pub table_full_drops: u64,
         /// Rate limiter: tokens left, in thousandths of a flow.
         pub tokens_milli: u64,
         /// Rate limiter: CLOCK_MONOTONIC_COARSE ns of the last refill.
