@@ -250,7 +250,7 @@ mod tests {
                 keep: 10
             })
         );
-        let ipfix = plan.ipfix.expect("collector");
+        let ipfix = plan.ipfix.as_ref().expect("collector");
         assert_eq!(ipfix.collector, "192.0.2.10:4739".parse().expect("addr"));
         assert!(plan.record_destinations && plan.enabled());
     }
