@@ -32,9 +32,10 @@ use tokio::{
 
 use crate::{
     addresses,
+    audit::{self, Audit, AuditHandle},
     bfd::Bfd,
     config::{Config, ConfigError, LinkRef, Resolved, Timeouts},
-    conntrack,
+    conntrack::{self, EndedFlow},
     dataplane::{
         Dataplane,
         maps::{DesiredState, Maps},
@@ -370,9 +371,16 @@ pub async fn run(instance: &Instance, options: &RunOptions) -> Result<(), RunErr
         if let Some(address) = options.listen {
             metrics::serve(address, exporter.clone()).await?;
         }
-        anyhow::Ok((state, exporter))
+        // Last: nothing after it can fail and leave its threads running.
+        let audit = Audit::start(
+            &instance.pin_dir,
+            &instance.run_dir,
+            resolved.audit.record_destinations,
+            audit::open_sinks(&resolved.audit)?,
+        )?;
+        anyhow::Ok((state, exporter, audit))
     };
-    let (mut state, exporter) = match started.await {
+    let ((mut state, predecessors_ended), exporter, audit) = match started.await {
         Ok(started) => started,
         Err(err) if is_interrupted(&err) => {
             if keep_dataplane {
@@ -397,12 +405,17 @@ pub async fn run(instance: &Instance, options: &RunOptions) -> Result<(), RunErr
     );
     warn_if_overcommitted(&resolved);
     metrics::export_attachments(&exporter, state.attachments.clone());
+    let audit_handle = audit.handle();
+    audit_handle.set_tenants(state.tenants.iter().map(|t| (t.id, t.name.as_str())));
+    audit_handle.ended(&predecessors_ended);
+    audit::export(&exporter, &audit_handle);
 
     let sweeper = Sweeper::start(
         &instance.pin_dir,
         resolved.sweep_interval,
         resolved.timeouts,
         exporter.clone(),
+        audit_handle.clone(),
     )?;
     let monitor = tokio::spawn(monitor_health(
         handle.clone(),
@@ -451,6 +464,7 @@ pub async fn run(instance: &Instance, options: &RunOptions) -> Result<(), RunErr
                         health: health_rx.borrow().clone(),
                         bfd: bfd.as_ref().map(Bfd::snapshot).unwrap_or_default(),
                         kubernetes: kube.as_ref().map(KubeSource::view),
+                        audit: Some(audit_handle.view()),
                     };
                     if let Err(err) = published.publish(instance, view) {
                         tracing::warn!(error = %format!("{err:#}"), "publishing status");
@@ -478,8 +492,13 @@ pub async fn run(instance: &Instance, options: &RunOptions) -> Result<(), RunErr
             }
             match outcome {
                 Ok(Some(next)) => {
-                    match reconcile(instance, &next, &mut applied, &state, &stop).await {
+                    match reconcile(instance, &next, &mut applied, &state, &stop, &audit_handle)
+                        .await
+                    {
                         Ok(next_state) => {
+                            audit_handle.set_tenants(
+                                next_state.tenants.iter().map(|t| (t.id, t.name.as_str())),
+                            );
                             tracing::info!(
                                 tenants = next_state.tenants.len(),
                                 "configuration reloaded"
@@ -526,11 +545,23 @@ pub async fn run(instance: &Instance, options: &RunOptions) -> Result<(), RunErr
         health: Health::ShuttingDown,
         bfd: Vec::new(),
         kubernetes: None,
+        audit: Some(audit_handle.view()),
     };
     if let Err(err) = published.publish(instance, stopping) {
         tracing::warn!(error = %format!("{err:#}"), "publishing status");
     }
     sweeper.stop();
+    if !keep_dataplane {
+        // The flows go with the maps: the log's last word on each.
+        match Maps::open(&instance.pin_dir) {
+            Ok(maps) => audit_handle.ended(&conntrack::all_flows_ending(&maps)),
+            Err(err) => {
+                tracing::warn!(error = %format!("{err:#}"), "reading the flows ending with the agent")
+            }
+        }
+    }
+    drop(audit_handle);
+    audit.stop(AUDIT_GRACE);
     if let Some(bfd) = bfd {
         if keep_dataplane {
             // The dataplane goes on serving: say nothing, so a restart
@@ -675,9 +706,11 @@ async fn reload(
         || next.max_flows != current.max_flows
         || next.xdp_mode != current.xdp_mode
         || next.hooks != current.hooks
+        || next.audit != current.audit
     {
         return Err(anyhow::anyhow!(
-            "interfaces, their hooks, conntrack.maxFlows and xdp.mode only change with a restart"
+            "interfaces, their hooks, conntrack.maxFlows, xdp.mode and audit only change with \
+             a restart"
         )
         .into());
     }
@@ -747,10 +780,12 @@ async fn apply(
     applied: &mut Applied,
     previous: Option<&RunState>,
     stop: &Stop,
-) -> anyhow::Result<RunState> {
-    let dataplane = applied
-        .dataplane
-        .insert(Dataplane::load(&instance.pin_dir, resolved.max_flows)?);
+) -> anyhow::Result<(RunState, Vec<EndedFlow>)> {
+    let dataplane = applied.dataplane.insert(Dataplane::load(
+        &instance.pin_dir,
+        resolved.max_flows,
+        resolved.audit.ring_bytes,
+    )?);
     let mut maps = Maps::open(dataplane.pin_dir())?;
     let desired = DesiredState::build(resolved, &maps.tenant_ids()?, &maps.port_ids())?;
     stop.check()?;
@@ -786,7 +821,7 @@ async fn apply(
     sync_macvlans(applied, resolved, system).await?;
     stop.check()?;
     // Flows a predecessor translated for a configuration that changed since.
-    end_disallowed_flows(&mut maps, resolved, &desired)?;
+    let ended = end_disallowed_flows(&mut maps, resolved, &desired)?;
     routes::sync(&applied.handle, &resolved.return_routes).await?;
     stop.check()?;
 
@@ -803,7 +838,7 @@ async fn apply(
         sysctls: Vec::new(),
         macvlans: Vec::new(),
     };
-    sync_addresses_and_state(
+    let state = sync_addresses_and_state(
         instance,
         resolved,
         system,
@@ -812,7 +847,8 @@ async fn apply(
         state,
         stop,
     )
-    .await
+    .await?;
+    Ok((state, ended))
 }
 
 /// Applies a changed configuration to a serving dataplane: new tenants and
@@ -824,6 +860,7 @@ async fn reconcile(
     applied: &mut Applied,
     state: &RunState,
     stop: &Stop,
+    audit: &AuditHandle,
 ) -> anyhow::Result<RunState> {
     let system = SystemView::read(&applied.handle).await?;
     let mut maps = Maps::open(&instance.pin_dir)?;
@@ -839,12 +876,13 @@ async fn reconcile(
     // ARP isolation; ones that went keep the setting until exit.
     sync_macvlans(applied, resolved, &system).await?;
     stop.check()?;
-    if ended > 0 {
+    if !ended.is_empty() {
         tracing::info!(
-            flows = ended,
+            flows = ended.len(),
             "ended flows the new configuration no longer allows"
         );
     }
+    audit.ended(&ended);
     sync_addresses_and_state(
         instance,
         resolved,
@@ -929,7 +967,7 @@ fn end_disallowed_flows(
     maps: &mut Maps,
     resolved: &Resolved,
     desired: &DesiredState,
-) -> anyhow::Result<usize> {
+) -> anyhow::Result<Vec<EndedFlow>> {
     let allowed = resolved
         .tenants
         .iter()
@@ -1007,6 +1045,10 @@ async fn sync_addresses_and_state(
     Ok(state)
 }
 
+/// How long a stopping agent lets the translation log's sinks write what
+/// they hold.
+const AUDIT_GRACE: Duration = Duration::from_secs(3);
+
 /// Removes expired flows every `interval`, on a thread of its own: a sweep
 /// of a large table is a few seconds of syscalls that should not hold up
 /// signals or netlink.
@@ -1021,6 +1063,7 @@ impl Sweeper {
         interval: Duration,
         timeouts: Timeouts,
         exporter: Arc<Exporter>,
+        audit: AuditHandle,
     ) -> anyhow::Result<Self> {
         let mut maps = Maps::open(pin_dir)?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -1042,6 +1085,7 @@ impl Sweeper {
                         exporter
                             .flows_tracked
                             .store(report.flows_kept as u64, Ordering::Relaxed);
+                        audit.ended(&report.ended);
                     }
                     match swept {
                         Ok(report)
@@ -1050,7 +1094,13 @@ impl Sweeper {
                                 + report.fragments_expired
                                 > 0 =>
                         {
-                            tracing::debug!(?report, "swept");
+                            tracing::debug!(
+                                expired = report.flows_expired,
+                                orphaned = report.halves_orphaned,
+                                fragments = report.fragments_expired,
+                                kept = report.flows_kept,
+                                "swept"
+                            );
                         }
                         Ok(_) => {}
                         Err(err) => {

@@ -90,6 +90,10 @@ pub enum Command {
         /// Only this tenant's flows.
         #[arg(long)]
         tenant: Option<String>,
+        /// Stream flows as they are created and ended (from the running
+        /// agent), until interrupted or the agent stops.
+        #[arg(long)]
+        follow: bool,
     },
     /// Remove what an agent that did not shut down left behind: pinned maps,
     /// egress addresses and macvlans it added, sysctls it changed.
@@ -140,9 +144,17 @@ pub async fn execute(cli: Cli) -> i32 {
         }
         Command::Check { config } => check(&instance, &config).await,
         Command::Status { json } => print_status(&instance, json).map_err(Into::into),
-        Command::Flows { json, tenant } => {
-            print_flows(&instance, json, tenant.as_deref()).map_err(Into::into)
-        }
+        Command::Flows {
+            json,
+            tenant,
+            follow: true,
+        } => crate::audit::follow::follow(&instance.run_dir, json, tenant.as_deref())
+            .map_err(Into::into),
+        Command::Flows {
+            json,
+            tenant,
+            follow: false,
+        } => print_flows(&instance, json, tenant.as_deref()).map_err(Into::into),
         Command::Cleanup => agent::cleanup(&instance).await.map_err(Into::into),
         Command::Crd => crate::kubernetes::crd::print_crd().map_err(Into::into),
     };

@@ -1037,6 +1037,7 @@ pub struct Resolved {
     pub arp_isolated: Vec<String>,
     /// Macvlan next hops the agent creates, by name.
     pub macvlans: Vec<MacvlanSpec>,
+    pub audit: audit::AuditPlan,
 }
 
 impl Resolved {
@@ -1232,6 +1233,7 @@ impl Plan {
             bfd_peers,
             arp_isolated: arp_isolated.into_iter().collect(),
             macvlans,
+            audit: self.audit.clone(),
         });
         match (problems.into_result(()), resolved) {
             (Ok(()), Some(resolved)) => Ok(resolved),

@@ -23,7 +23,7 @@ use egress_common::flow::{
 };
 use serde::Serialize;
 
-use crate::{config::Timeouts, dataplane::maps::Maps};
+use crate::{audit::event::EndReason, config::Timeouts, dataplane::maps::Maps};
 
 /// Protocol state of a flow, close to Linux conntrack's names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -100,7 +100,7 @@ impl FlowState {
 }
 
 /// One flow: both halves, as far as they exist.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Flow {
     pub outbound_key: FlowKeyV4,
     pub outbound: FlowEntryV4,
@@ -181,8 +181,15 @@ pub fn now_ns() -> u64 {
     (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// A flow the agent removed, and why: what the translation log records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndedFlow {
+    pub flow: Flow,
+    pub reason: EndReason,
+}
+
 /// What one sweep did.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize)]
 pub struct SweepReport {
     /// Flows idle past their state's timeout, both halves removed.
     pub flows_expired: usize,
@@ -193,6 +200,10 @@ pub struct SweepReport {
     pub fragments_expired: usize,
     /// Flows left in place (alive, or refreshed while the sweep ran).
     pub flows_kept: usize,
+    /// Every flow this sweep removed (expired ones and orphaned outbound
+    /// halves), with its counters as last read.
+    #[serde(skip)]
+    pub ended: Vec<EndedFlow>,
 }
 
 /// A half without its other half may belong to a flow being created this
@@ -240,7 +251,16 @@ pub fn sweep_snapshot(
             report.flows_kept += 1;
             continue;
         }
-        end(maps, &flow, &mut ended)?;
+        let reason = if !expired {
+            EndReason::Orphaned
+        } else if matches!(flow.state(), FlowState::Close | FlowState::TimeWait) {
+            EndReason::Closed
+        } else {
+            EndReason::Expired
+        };
+        if end(maps, &flow, &mut ended)? {
+            report.ended.push(EndedFlow { flow, reason });
+        }
         if expired {
             report.flows_expired += 1;
         } else {
@@ -299,13 +319,14 @@ pub struct Allowed {
 /// classifying their packets, so only this makes the next packet start a
 /// new flow that follows the new configuration, instead of leaving from an
 /// address that is withdrawn or as a tenant it no longer belongs to.
-/// Returns how many flows ended.
+/// Returns the flows it ended.
 pub fn end_flows_not_allowed(
     maps: &mut Maps,
     allowed: &HashMap<u16, Allowed>,
-) -> anyhow::Result<usize> {
+) -> anyhow::Result<Vec<EndedFlow>> {
     let (flows, _) = pair(maps.flows());
     let mut ended = BTreeMap::new();
+    let mut gone = Vec::new();
     for flow in flows {
         let egress = std::net::Ipv4Addr::from(flow.outbound.nat_addr);
         let source = std::net::Ipv4Addr::from(flow.outbound_key.src);
@@ -317,21 +338,39 @@ pub fn end_flows_not_allowed(
         if keep {
             continue;
         }
-        end(maps, &flow, &mut ended)?;
+        if end(maps, &flow, &mut ended)? {
+            gone.push(EndedFlow {
+                flow,
+                reason: EndReason::Config,
+            });
+        }
     }
     maps.add_ended(&ended)?;
-    Ok(ended.values().sum::<u64>() as usize)
+    Ok(gone)
+}
+
+/// Every flow in the table, as the translation log's last word on them
+/// when the dataplane is taken down with them.
+pub fn all_flows_ending(maps: &Maps) -> Vec<EndedFlow> {
+    pair(maps.flows())
+        .0
+        .into_iter()
+        .map(|flow| EndedFlow {
+            flow,
+            reason: EndReason::Shutdown,
+        })
+        .collect()
 }
 
 /// Removes both halves of a flow, outbound first, and counts it as ended
-/// for its tenant, if it was still there to remove.
-fn end(maps: &mut Maps, flow: &Flow, ended: &mut BTreeMap<u16, u64>) -> anyhow::Result<()> {
+/// for its tenant, if it was still there to remove. Whether it was.
+fn end(maps: &mut Maps, flow: &Flow, ended: &mut BTreeMap<u16, u64>) -> anyhow::Result<bool> {
     let was_there = remove(maps, &flow.outbound_key)?;
     remove(maps, &flow.outbound_key.peer_key(&flow.outbound))?;
     if was_there {
         *ended.entry(flow.tenant()).or_default() += 1;
     }
-    Ok(())
+    Ok(was_there)
 }
 
 /// Flows (outbound halves) each tenant holds in a snapshot.

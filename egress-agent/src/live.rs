@@ -27,6 +27,9 @@ pub struct Live {
     pub bfd: Vec<PeerStatus>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kubernetes: Option<crate::kubernetes::sync::KubeView>,
+    /// The translation log's counts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit: Option<crate::audit::pipeline::AuditView>,
 }
 
 /// The last published view, shared with the metrics endpoint.
@@ -103,6 +106,7 @@ pub fn publish_stopped(instance: &Instance, reason: &str) {
         health: Health::AgentStopped(reason.to_owned()),
         bfd: Vec::new(),
         kubernetes: None,
+        audit: None,
     };
     if let Err(err) = write(instance, &live) {
         tracing::warn!(error = %format!("{err:#}"), "publishing that the agent stopped");

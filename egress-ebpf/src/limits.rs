@@ -70,6 +70,20 @@ pub fn created(usage: *mut TenantUsage) {
     add(unsafe { &raw mut (*usage).created });
 }
 
+/// Counts a new flow conntrack refused against the tenant that asked for
+/// it, so per-tenant figures show who ran out of ports or room; returns
+/// the refusal's counter.
+#[inline(always)]
+pub fn refused(usage: *mut TenantUsage, refusal: Counter) -> Counter {
+    // SAFETY: map value pointer from `admit`, same program run.
+    match refusal {
+        Counter::OutDropPortsExhausted => add(unsafe { &raw mut (*usage).ports_exhausted_drops }),
+        Counter::OutDropConntrackFull => add(unsafe { &raw mut (*usage).table_full_drops }),
+        _ => {}
+    }
+    refusal
+}
+
 /// The token bucket: refill for the time since the last refill, then take
 /// one flow's worth if there is one.
 #[inline(always)]

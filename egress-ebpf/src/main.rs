@@ -11,7 +11,8 @@
 //!   `leak_guard` (TC egress, external): see `tc`.
 //!
 //! The stages live one per module: `parse`, `classify`, `conntrack`,
-//! `limits` (a tenant's share of the table), `nat` (translate), `forward`, with `frags` for fragments, `csum` for checksum
+//! `limits` (a tenant's share of the table), `nat` (translate), `forward`,
+//! `events` (flows created, for the translation log), with `frags` for fragments, `csum` for checksum
 //! arithmetic, `verdict` for the counted outcome of every packet and `zero`
 //! for zeroing that stays inline.
 //!
@@ -28,6 +29,7 @@
 mod classify;
 mod conntrack;
 mod csum;
+mod events;
 mod forward;
 mod frags;
 mod hook;

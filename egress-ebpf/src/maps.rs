@@ -2,12 +2,13 @@
 //! here are defaults the agent overrides at load time from its config.
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
     macros::btf_map,
 };
 use egress_common::{
     config::{DataplaneConfig, InterfaceInfo},
     counters::COUNTER_COUNT,
+    events::{DEFAULT_EVENT_RING_BYTES, FlowEventV4},
     flow::{FlowEntryV4, FlowKeyV4, FragEntryV4, FragKeyV4},
     tenant::{IngressPortKey, MAX_TENANTS, SourceKeyV4, TenantInfo, TenantName, TenantUsage},
 };
@@ -72,3 +73,9 @@ pub static REDIRECT_DROPS: aya_ebpf::btf_maps::PerCpuHashMap<
     egress_common::redirect::RedirectDrops,
     { egress_common::redirect::REDIRECT_PAIRS as usize },
 > = aya_ebpf::btf_maps::PerCpuHashMap::new();
+
+/// Flows created, for the agent's translation log; sized by the agent
+/// (`audit.eventRingSize`).
+#[btf_map]
+pub static FLOW_EVENTS: RingBuf<FlowEventV4, { DEFAULT_EVENT_RING_BYTES as usize }> =
+    RingBuf::new();

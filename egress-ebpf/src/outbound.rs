@@ -1,7 +1,8 @@
 //! Outbound: tenant traffic arriving on an internal interface.
 //!
 //! parse -> conntrack -> classify (first packets only) -> limits (new flows
-//! only) -> route -> translate -> forward. Whatever is not leaving through the external interface
+//! only) -> route -> translate -> forward, reporting each flow created
+//! (`events`). Whatever is not leaving through the external interface
 //! (traffic to the gateway itself, between internal networks) goes to the
 //! kernel untouched, and so does every case a router answers with an ICMP
 //! error (TTL expiring here, DF packets too big), because the kernel answers
@@ -19,6 +20,7 @@ use egress_common::{
 use crate::{
     classify, conntrack,
     conntrack::Translation,
+    events,
     forward::{self, Route},
     frags,
     hook::{Hook, L4Fix},
@@ -214,9 +216,11 @@ fn new_flow<H: Hook>(
     let (translated, created) = conntrack::create_outbound(&key, &translation, now, |entry| {
         conntrack::touch(entry, now, tot_len, transport.tcp_flags);
         forward::remember_route(entry, &route, now);
-    })?;
+    })
+    .map_err(|refused| limits::refused(usage, refused))?;
     if created {
         limits::created(usage);
+        events::flow_created(&key, translated, tenant, now);
     }
     count(Counter::OutNewFlow);
     Ok(send(ctx, frame, transport, tenant, translated, route, now))

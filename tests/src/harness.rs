@@ -214,8 +214,8 @@ impl Harness {
             .expect("test config is valid");
         let resolved = plan.resolve(&system).expect("test config resolves");
         let pin_dir = PathBuf::from("/sys/fs/bpf").join(unique_name("pkt"));
-        let dataplane =
-            Dataplane::load(&pin_dir, resolved.max_flows).expect("loading the dataplane");
+        let dataplane = Dataplane::load(&pin_dir, resolved.max_flows, resolved.audit.ring_bytes)
+            .expect("loading the dataplane");
         let mut maps = Maps::open(&pin_dir).expect("opening maps");
         let desired = DesiredState::build(
             &resolved,

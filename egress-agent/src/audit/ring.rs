@@ -1,0 +1,230 @@
+//! The dataplane's half of the log: flows the programs created, read from
+//! the pinned `FLOW_EVENTS` ring buffer and turned into records; and the
+//! agent's half, flows it ended, turned into records the same way.
+//!
+//! The dataplane stamps events with CLOCK_MONOTONIC_COARSE; a record needs
+//! the wall clock. `WallClock` pairs both clocks at one moment and places
+//! earlier monotonic times relative to it, so a record is as exact as the
+//! coarse clock (one jiffy) however late the agent reads it.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::Path,
+};
+
+use anyhow::Context as _;
+use aya::maps::{Map, MapData, RingBuf};
+use egress_common::{events::FlowEventV4, flow::FlowKeyV4, names};
+use jiff::{SignedDuration, Timestamp};
+
+use super::event::{EventKind, Traffic, TranslationEvent, protocol_name};
+use crate::conntrack::{self, EndedFlow};
+
+/// The pinned ring, opened for reading.
+pub struct RingReader {
+    ring: RingBuf<MapData>,
+}
+
+impl RingReader {
+    pub fn open(pin_dir: &Path) -> anyhow::Result<Self> {
+        let path = pin_dir.join(names::FLOW_EVENTS);
+        let data = MapData::from_pin(&path)
+            .with_context(|| format!("opening pinned map {}", path.display()))?;
+        let ring = RingBuf::try_from(Map::from_map_data(data)?)
+            .with_context(|| format!("{} is not a ring buffer", path.display()))?;
+        Ok(Self { ring })
+    }
+
+    /// Takes up to `max` events out of the ring.
+    pub fn drain(&mut self, max: usize, out: &mut Vec<FlowEventV4>) {
+        while out.len() < max {
+            let Some(item) = self.ring.next() else {
+                break;
+            };
+            if item.len() >= size_of::<FlowEventV4>() {
+                out.push(bytemuck::pod_read_unaligned(
+                    &item[..size_of::<FlowEventV4>()],
+                ));
+            }
+        }
+    }
+}
+
+/// The wall clock and the dataplane's clock read at one moment.
+#[derive(Debug, Clone, Copy)]
+pub struct WallClock {
+    mono_ns: u64,
+    wall: Timestamp,
+}
+
+impl WallClock {
+    pub fn now() -> Self {
+        Self {
+            mono_ns: conntrack::now_ns(),
+            wall: Timestamp::now(),
+        }
+    }
+
+    /// Wall-clock time of a dataplane timestamp, to the millisecond.
+    pub fn at(&self, mono_ns: u64) -> Timestamp {
+        let ago = SignedDuration::from_nanos(
+            i64::try_from(self.mono_ns.saturating_sub(mono_ns)).unwrap_or(i64::MAX),
+        );
+        let wall = self.wall.checked_sub(ago).unwrap_or(self.wall);
+        Timestamp::from_millisecond(wall.as_millisecond()).unwrap_or(wall)
+    }
+
+    /// The wall clock of this moment, to the millisecond.
+    pub fn wall(&self) -> Timestamp {
+        self.at(self.mono_ns)
+    }
+}
+
+fn endpoint(addr: [u8; 4], port_be: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::from(addr)), u16::from_be(port_be))
+}
+
+/// The part of a record both creations and ends share.
+fn record(
+    key: &FlowKeyV4,
+    (nat_addr, nat_port): ([u8; 4], u16),
+    tenant: (u16, &str),
+    start: Timestamp,
+    record_destinations: bool,
+) -> TranslationEvent {
+    TranslationEvent {
+        event: EventKind::Create,
+        time: start,
+        start,
+        tenant: tenant.1.to_owned(),
+        tenant_id: tenant.0,
+        protocol: protocol_name(key.proto),
+        inside: endpoint(key.src, key.src_port),
+        outside: endpoint(nat_addr, nat_port),
+        destination: record_destinations.then(|| endpoint(key.dst, key.dst_port)),
+        reason: None,
+        outbound: None,
+        inbound: None,
+    }
+}
+
+/// The record of a flow the dataplane created.
+pub fn created(
+    event: &FlowEventV4,
+    tenant_name: &str,
+    clock: &WallClock,
+    record_destinations: bool,
+) -> TranslationEvent {
+    record(
+        &event.key,
+        (event.nat_addr, event.nat_port),
+        (event.tenant, tenant_name),
+        clock.at(event.time_ns),
+        record_destinations,
+    )
+}
+
+/// The record of a flow the agent ended just now.
+pub fn ended(
+    ended: &EndedFlow,
+    tenant_name: &str,
+    clock: &WallClock,
+    record_destinations: bool,
+) -> TranslationEvent {
+    let flow = &ended.flow;
+    let mut event = record(
+        &flow.outbound_key,
+        (flow.outbound.nat_addr, flow.outbound.nat_port),
+        (flow.tenant(), tenant_name),
+        clock.at(flow.outbound.created_ns()),
+        record_destinations,
+    );
+    event.event = EventKind::End;
+    event.time = clock.wall();
+    event.reason = Some(ended.reason);
+    let (outbound, inbound) = traffic(flow);
+    event.outbound = Some(outbound);
+    event.inbound = Some(inbound);
+    event
+}
+
+/// What a flow carried each way: outwards, and back to the tenant host.
+pub fn traffic(flow: &conntrack::Flow) -> (Traffic, Traffic) {
+    let outbound = Traffic {
+        packets: flow.outbound.packets,
+        bytes: flow.outbound.bytes,
+    };
+    let inbound = flow.reply.map_or_else(Traffic::default, |reply| Traffic {
+        packets: reply.packets,
+        bytes: reply.bytes,
+    });
+    (outbound, inbound)
+}
+
+#[cfg(test)]
+mod tests {
+    use egress_common::flow::{DIR_OUTBOUND, FlowEntryV4, PROTO_TCP};
+
+    use super::*;
+    use crate::audit::event::EndReason;
+
+    #[test]
+    fn dataplane_times_are_placed_on_the_wall_clock() {
+        let clock = WallClock {
+            mono_ns: 10_000_000_000,
+            wall: "2026-12-02T14:03:22.500Z".parse().expect("time"),
+        };
+        assert_eq!(
+            clock.at(9_000_000_000).to_string(),
+            "2026-12-02T14:03:21.5Z"
+        );
+        assert_eq!(clock.wall(), clock.at(10_000_000_000));
+    }
+
+    #[test]
+    fn an_ended_flow_keeps_its_tuple_start_and_traffic() {
+        let key = FlowKeyV4 {
+            src: [10, 0, 1, 5],
+            dst: [203, 0, 113, 7],
+            src_port: 41234u16.to_be(),
+            dst_port: 443u16.to_be(),
+            proto: PROTO_TCP,
+            direction: DIR_OUTBOUND,
+            zone: 0,
+        };
+        let outbound = FlowEntryV4 {
+            created_s: 5,
+            nat_addr: [192, 168, 31, 101],
+            nat_port: 40312u16.to_be(),
+            tenant: 3,
+            packets: 4,
+            bytes: 400,
+            ..FlowEntryV4::default()
+        };
+        let flow = EndedFlow {
+            flow: conntrack::Flow {
+                outbound_key: key,
+                outbound,
+                reply: Some(FlowEntryV4 {
+                    packets: 2,
+                    bytes: 3000,
+                    ..FlowEntryV4::default()
+                }),
+            },
+            reason: EndReason::Expired,
+        };
+        let clock = WallClock {
+            mono_ns: 65_000_000_000,
+            wall: "2026-12-02T14:04:00Z".parse().expect("time"),
+        };
+        let event = ended(&flow, "tenant-a", &clock, false);
+        assert_eq!(event.event, EventKind::End);
+        assert_eq!(event.start.to_string(), "2026-12-02T14:03:00Z");
+        assert_eq!(event.time.to_string(), "2026-12-02T14:04:00Z");
+        assert_eq!(event.inside, "10.0.1.5:41234".parse().expect("addr"));
+        assert_eq!(event.outside, "192.168.31.101:40312".parse().expect("addr"));
+        assert_eq!(event.destination, None);
+        assert_eq!(event.inbound.map(|t| t.bytes), Some(3000));
+        assert_eq!(event.outbound.map(|t| t.packets), Some(4));
+    }
+}
