@@ -236,6 +236,11 @@ impl Harness {
         }
     }
 
+    /// Where the dataplane's maps are pinned.
+    pub fn pin_dir(&self) -> &std::path::Path {
+        &self.pin_dir
+    }
+
     /// The namespace the harness runs in (to add routes or neighbours).
     pub fn netns(&self) -> &Netns {
         &self._ns

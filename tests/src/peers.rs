@@ -68,12 +68,12 @@ fn which_in_path(program: &str) -> bool {
 }
 
 /// A directory removed on drop, open to the unprivileged users FRR runs as.
-struct TempDir {
+pub struct TempDir {
     path: PathBuf,
 }
 
 impl TempDir {
-    fn new(role: &str) -> Self {
+    pub fn new(role: &str) -> Self {
         let path = std::env::temp_dir().join(unique_name(role));
         std::fs::create_dir(&path).expect("creating a temporary directory");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777))
@@ -81,8 +81,12 @@ impl TempDir {
         Self { path }
     }
 
-    fn join(&self, name: &str) -> PathBuf {
+    pub fn join(&self, name: &str) -> PathBuf {
         self.path.join(name)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     fn join_str(&self, name: &str) -> String {

@@ -136,7 +136,13 @@ fn test(root: &Path, args: &[String]) -> anyhow::Result<()> {
 }
 
 /// The test files that run the programs through BPF_PROG_TEST_RUN.
-const PACKET_TESTS: [&str; 4] = ["packets", "conntrack", "malformed", "isolation"];
+const PACKET_TESTS: [&str; 5] = [
+    "packets",
+    "conntrack",
+    "malformed",
+    "isolation",
+    "audit_events",
+];
 
 fn bench(root: &Path, short: bool, args: &[String]) -> anyhow::Result<()> {
     require_root()?;
