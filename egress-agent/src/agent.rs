@@ -409,6 +409,10 @@ pub async fn run(instance: &Instance, options: &RunOptions) -> Result<(), RunErr
     audit_handle.set_tenants(state.tenants.iter().map(|t| (t.id, t.name.as_str())));
     audit_handle.ended(&predecessors_ended);
     audit::export(&exporter, &audit_handle);
+    *exporter
+        .audit
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(audit_handle.clone());
 
     let sweeper = Sweeper::start(
         &instance.pin_dir,
@@ -1086,6 +1090,11 @@ impl Sweeper {
                             .flows_tracked
                             .store(report.flows_kept as u64, Ordering::Relaxed);
                         audit.ended(&report.ended);
+                        *exporter
+                            .held
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                            report.held.clone();
                     }
                     match swept {
                         Ok(report)

@@ -23,7 +23,11 @@ use egress_common::flow::{
 };
 use serde::Serialize;
 
-use crate::{audit::event::EndReason, config::Timeouts, dataplane::maps::Maps};
+use crate::{
+    audit::event::{EndReason, Traffic},
+    config::Timeouts,
+    dataplane::maps::Maps,
+};
 
 /// Protocol state of a flow, close to Linux conntrack's names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -204,6 +208,34 @@ pub struct SweepReport {
     /// halves), with its counters as last read.
     #[serde(skip)]
     pub ended: Vec<EndedFlow>,
+    /// What the flows it kept hold, for the metrics.
+    #[serde(skip)]
+    pub held: HeldFigures,
+}
+
+/// What live flows held at one sweep: per tenant the traffic (outbound,
+/// inbound) of its flows, per egress address the distinct ports in use.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct HeldFigures {
+    pub traffic: BTreeMap<u16, (Traffic, Traffic)>,
+    pub ports_in_use: BTreeMap<Ipv4Addr, usize>,
+}
+
+impl HeldFigures {
+    fn add(&mut self, flow: &Flow, ports: &mut std::collections::HashSet<([u8; 4], u16)>) {
+        let (outbound, inbound) = crate::audit::ring::traffic(flow);
+        let entry = self.traffic.entry(flow.tenant()).or_default();
+        entry.0.packets += outbound.packets;
+        entry.0.bytes += outbound.bytes;
+        entry.1.packets += inbound.packets;
+        entry.1.bytes += inbound.bytes;
+        if ports.insert((flow.outbound.nat_addr, flow.outbound.nat_port)) {
+            *self
+                .ports_in_use
+                .entry(Ipv4Addr::from(flow.outbound.nat_addr))
+                .or_default() += 1;
+        }
+    }
 }
 
 /// A half without its other half may belong to a flow being created this
@@ -234,6 +266,7 @@ pub fn sweep_snapshot(
 ) -> anyhow::Result<SweepReport> {
     let mut report = SweepReport::default();
     let mut ended = BTreeMap::new();
+    let mut ports = std::collections::HashSet::new();
     let (flows, orphan_replies) = pair(snapshot);
     for flow in flows {
         let idle = now_ns.saturating_sub(flow.last_seen_ns());
@@ -242,6 +275,7 @@ pub fn sweep_snapshot(
             && now_ns.saturating_sub(flow.outbound.created_ns()) >= nanos(ORPHAN_GRACE);
         if !(expired || orphaned) || refreshed(maps, &flow.outbound_key, &flow.outbound) {
             report.flows_kept += 1;
+            report.held.add(&flow, &mut ports);
             continue;
         }
         let reply_key = flow.outbound_key.peer_key(&flow.outbound);
@@ -249,6 +283,7 @@ pub fn sweep_snapshot(
             && refreshed(maps, &reply_key, reply)
         {
             report.flows_kept += 1;
+            report.held.add(&flow, &mut ports);
             continue;
         }
         let reason = if !expired {

@@ -15,6 +15,7 @@ use egress_common::counters::Counter;
 use serde::Serialize;
 
 use crate::{
+    audit::pipeline::AuditView,
     conntrack::{self, Flow, FlowState},
     dataplane::{Attachment, maps::Maps},
     instance::{Instance, RunState, process_alive},
@@ -196,6 +197,42 @@ fn read_live(instance: &Instance, running: bool) -> Option<serde_json::Value> {
     (stopped || (running && writer_alive)).then_some(live)
 }
 
+/// The translation log: where records go, how many, and every one lost.
+fn render_audit(out: &mut String, status: &Status) {
+    let ring_lost = status
+        .counters
+        .iter()
+        .find(|(name, _)| name.as_str() == Counter::EventsLost.name())
+        .map_or(0, |(_, v)| *v);
+    let Some(audit) = status.live.as_ref().map(|live| &live["audit"]) else {
+        return;
+    };
+    let Ok(view) = serde_json::from_value::<AuditView>(audit.clone()) else {
+        return;
+    };
+    let sinks = if view.sinks.is_empty() {
+        "off".to_owned()
+    } else {
+        view.sinks.join(", ")
+    };
+    let _ = writeln!(
+        out,
+        "\ntranslation log: {sinks}; {} following live",
+        view.followers
+    );
+    let _ = writeln!(
+        out,
+        "  records: {} created, {} ended",
+        view.created, view.ended
+    );
+    let _ = writeln!(
+        out,
+        "  lost: {ring_lost} (ring full), {} (sinks too slow), {} (followers too slow); \
+         write errors: log {}, ipfix {}",
+        view.sink_lost, view.follower_lost, view.log_errors, view.ipfix_errors
+    );
+}
+
 pub fn render_status(status: &Status) -> String {
     let mut out = String::new();
     let state = match (status.running, status.pid) {
@@ -277,6 +314,7 @@ pub fn render_status(status: &Status) -> String {
             ));
         }
     }
+    render_audit(&mut out, status);
     let _ = writeln!(out, "\ntenants:");
     let rows = status.tenants.iter().map(|t| {
         vec![
@@ -318,7 +356,11 @@ pub fn render_status(status: &Status) -> String {
         "\nflows: {} ({} of {} conntrack entries)",
         status.flows, status.conntrack_entries, status.conntrack_capacity
     );
-    let nonzero: Vec<_> = status.counters.iter().filter(|(_, v)| **v > 0).collect();
+    let nonzero: Vec<_> = status
+        .counters
+        .iter()
+        .filter(|(name, v)| **v > 0 && name.as_str() != Counter::EventsLost.name())
+        .collect();
     let _ = writeln!(out, "\npackets by verdict:");
     if nonzero.is_empty() {
         let _ = writeln!(out, "  none yet");

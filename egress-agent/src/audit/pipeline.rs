@@ -90,7 +90,9 @@ pub struct TenantEnds {
 struct Shared {
     names: RwLock<HashMap<u16, String>>,
     record_destinations: bool,
-    sinks: Option<SyncSender<Vec<TranslationEvent>>>,
+    /// Taken away by `Audit::stop`, which ends the writer once its queue
+    /// is written, whoever still holds a handle.
+    sinks: Mutex<Option<SyncSender<Vec<TranslationEvent>>>>,
     sink_names: Vec<String>,
     queued: Arc<AtomicUsize>,
     followers: Arc<Followers>,
@@ -129,7 +131,7 @@ impl AuditHandle {
 
     /// Whether anyone wants records now.
     pub fn wants_events(&self) -> bool {
-        self.shared.sinks.is_some() || self.shared.followers.count() > 0
+        !self.shared.sink_names.is_empty() || self.shared.followers.count() > 0
     }
 
     /// Counts flows the agent ended and, if anyone listens, records them.
@@ -204,7 +206,11 @@ impl AuditHandle {
         if shared.followers.count() > 0 {
             shared.followers.publish(&Arc::new(events.clone()));
         }
-        let Some(sinks) = &shared.sinks else {
+        let sinks = shared
+            .sinks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(sinks) = sinks.as_ref() else {
             return;
         };
         let count = events.len();
@@ -269,7 +275,7 @@ impl Audit {
             shared: Arc::new(Shared {
                 names: RwLock::new(HashMap::new()),
                 record_destinations,
-                sinks: sender,
+                sinks: Mutex::new(sender),
                 sink_names,
                 queued,
                 followers,
@@ -301,8 +307,13 @@ impl Audit {
             let _ = reader.join();
         }
         let writer = self.writer.take();
-        // Dropping the last sender ends the writer once its queue is empty.
-        drop(self.handle);
+        // Without its sender the writer ends once its queue is written.
+        self.handle
+            .shared
+            .sinks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
         if let Some(writer) = writer {
             let deadline = Instant::now() + grace;
             while !writer.is_finished() && Instant::now() < deadline {
