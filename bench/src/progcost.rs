@@ -216,10 +216,28 @@ fn measure_hook(tenants: u32, singles: u16, hook: PacketHook) -> Vec<Cost> {
             1,
         )
     });
+    // The same with the translation log on: each new flow also reports
+    // itself through the ring, which a reader drains meanwhile as the
+    // agent's pipeline does.
+    let logged_single = with_flow_events(&h, || {
+        mean(u32::from(singles), || {
+            port += 1;
+            h.time_outbound(
+                &frames::udp(sock(host, port), sock(REMOTE, 53), &[0; 18]),
+                1,
+            )
+        })
+    });
+    let logged_hit = with_flow_events(&h, || mean(CALLS, || h.time_outbound(&outbound, REPEAT)));
     assert_eq!(
         h.counter(egress_common::counters::Counter::OutDropTenantQuota),
         0,
         "every timed new flow must be created, not refused"
+    );
+    assert_eq!(
+        h.counter(egress_common::counters::Counter::EventsLost),
+        0,
+        "every timed new flow's event must reach the reader"
     );
     let label = |path: &str| format!("{path}, {}", tenant_count(tenants));
     let repeated = format!("mean of {CALLS} calls x {REPEAT} repeats");
@@ -245,7 +263,59 @@ fn measure_hook(tenants: u32, singles: u16, hook: PacketHook) -> Vec<Cost> {
                 "hit + (single new-flow run {new_single:.0} - single hit run {hit_single:.0}), {singles} runs each"
             ),
         },
+        Cost {
+            hook,
+            path: label("outbound, conntrack hit, translation log on"),
+            ns_per_packet: logged_hit,
+            method: format!("mean of {CALLS} calls x {REPEAT} repeats"),
+        },
+        Cost {
+            hook,
+            path: label("outbound, new flow, translation log on"),
+            ns_per_packet: hit + (logged_single - hit_single),
+            method: format!(
+                "hit + (single new-flow run with its event {logged_single:.0} - single hit run {hit_single:.0}), {singles} runs each"
+            ),
+        },
     ]
+}
+
+/// Runs `measure` with the programs reporting new flows, and a thread
+/// draining the ring as the agent does; turns reporting off again.
+fn with_flow_events<T>(h: &Harness, measure: impl FnOnce() -> T) -> T {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use egress_agent::{audit::ring::RingReader, dataplane::maps::Maps};
+    use egress_common::config::CONFIG_F_FLOW_EVENTS;
+
+    let mut maps = Maps::open(h.pin_dir()).expect("maps");
+    let set = |maps: &mut Maps, on: bool| {
+        let mut config = maps.config.get(&0, 0).expect("DP_CONFIG");
+        config.flags = if on {
+            config.flags | CONFIG_F_FLOW_EVENTS
+        } else {
+            config.flags & !CONFIG_F_FLOW_EVENTS
+        };
+        maps.config.set(0, config, 0).expect("DP_CONFIG");
+    };
+    let mut ring = RingReader::open(h.pin_dir()).expect("ring");
+    let stop = AtomicBool::new(false);
+    set(&mut maps, true);
+    let result = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let mut events = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                events.clear();
+                ring.drain(8192, &mut events);
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        });
+        let result = measure();
+        stop.store(true, Ordering::Relaxed);
+        result
+    });
+    set(&mut maps, false);
+    result
 }
 
 /// Profiles of the XDP outbound program with `tenants` tenants, scaled to
