@@ -38,16 +38,18 @@
 //! IPv6 events (NAT66) are not exported yet: they are skipped and counted in
 //! the [`ExportReport`], never dropped silently.
 //!
-//! How nfdump 1.7.1 (Debian 12's, the collector the tests use) shows these
-//! records, read from its `ipfix.c` and checked by `tests/tests/ipfix.rs`:
-//! natEvent, ingressVRFID, the post-NAT address and port, addresses, ports,
-//! protocol, flowStart/End and flowEndReason are all decoded. It does not
-//! know the initiator/responder counters (it maps only initiatorPackets
-//! since 1.7.2) and skips them. Creations carry no flowStart, so nfdump
-//! shows their "first" as 1970 and their event time as `t_event`. For ICMP
-//! it applies a fix for Cisco exporters: a non-zero source port is moved,
-//! byte-swapped, into the destination port, which it prints as ICMP type
-//! and code; the post-NAT identifier is left as sent.
+//! How nfdump 1.7.1 (Debian 12's; `tests/tests/ipfix.rs` runs it) shows
+//! these records, checked there and read from its `ipfix.c`: natEvent (as
+//! "NAT44 session create/delete"), ingressVRFID, the post-NAT address and
+//! port, the pre-NAT source, the destination, the protocol, flowStart/End
+//! and flowEndReason are all decoded (its JSON leaves the end reason out,
+//! its `%end` format field shows it). It skips the initiator/responder
+//! counters it does not know (1.7.2 maps the packet counts, no release the
+//! octet counts). Creations carry no flowStart (RFC 8158's create event
+//! has none), so nfdump shows their "first" as 1970 and their time as
+//! `t_event`. For ICMP it applies a fix meant for Cisco exporters: a
+//! non-zero source port is moved, bytes swapped, into the destination port
+//! and shown as ICMP type and code; the post-NAT identifier stays as sent.
 
 use std::{
     io,
@@ -366,7 +368,7 @@ impl Encoder {
                 message = self.header(wall);
                 records = 0;
             }
-            if !open_set.is_some_and(|(_, id)| id == set_id) {
+            if open_set.is_none_or(|(_, id)| id != set_id) {
                 close_set(&mut message, open_set.take());
                 open_set = Some((message.len(), set_id));
                 put_u16(&mut message, set_id);
