@@ -15,6 +15,8 @@ APT_PACKAGES=(
   # Independent BFD peers for the HA tests; bpftool detaches links in tests;
   # perf profiles the programs in the benchmark.
   frr bird2 bpftool linux-perf
+  # Independent IPFIX collector (nfcapd, nfdump) for the audit exporter's tests.
+  nfdump
 )
 
 missing=()
@@ -27,7 +29,7 @@ if ((${#missing[@]})); then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   # The packaged daemons must not run on their own: tests start their own instances.
-  for svc in frr bird; do
+  for svc in frr bird nfdump; do
     systemctl disable --now "$svc" >/dev/null 2>&1 || true
   done
 else

@@ -13,10 +13,13 @@
 //! - `harness`: the real programs on crafted frames via BPF_PROG_TEST_RUN.
 //! - `frames`: building those frames and checking what comes out.
 //! - `apiserver`: an in-process Kubernetes API server (needs no root).
+//! - `collector`: nfcapd and nfdump, an independent IPFIX collector on
+//!   127.0.0.1.
 
 pub mod agent;
 pub mod apiserver;
 pub mod cleanup;
+pub mod collector;
 pub mod frames;
 pub mod harness;
 pub mod netns;

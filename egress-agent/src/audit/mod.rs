@@ -12,6 +12,7 @@
 
 pub mod event;
 pub mod follow;
+pub mod ipfix;
 pub mod pipeline;
 pub mod ring;
 
