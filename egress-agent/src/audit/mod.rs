@@ -11,3 +11,4 @@
 //! moment" from the log files.
 
 pub mod event;
+pub mod jsonlog;
