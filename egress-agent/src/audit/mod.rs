@@ -12,3 +12,4 @@
 
 pub mod event;
 pub mod jsonlog;
+pub mod lookup;
