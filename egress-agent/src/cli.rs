@@ -100,6 +100,19 @@ pub enum Command {
     Cleanup,
     /// Print the EgressGateway CustomResourceDefinition (deploy/crd.yaml) as YAML.
     Crd,
+    /// Read the translation log (audit.log).
+    Log {
+        #[command(subcommand)]
+        command: LogCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LogCommand {
+    /// Which tenant and inside endpoint held an egress address (and port)
+    /// at a moment. Exit 0 when some flow did, 1 when none did, 2 when the
+    /// log cannot be read.
+    Lookup(crate::audit::lookup::LookupArgs),
 }
 
 fn host_name() -> String {
@@ -157,6 +170,7 @@ pub async fn execute(cli: Cli) -> i32 {
         } => print_flows(&instance, json, tenant.as_deref()).map_err(Into::into),
         Command::Cleanup => agent::cleanup(&instance).await.map_err(Into::into),
         Command::Crd => crate::kubernetes::crd::print_crd().map_err(Into::into),
+        Command::Log { command } => return log(&command),
     };
     match result {
         Ok(()) => 0,
@@ -164,6 +178,13 @@ pub async fn execute(cli: Cli) -> i32 {
             eprintln!("egress-agent: {err}");
             err.exit_code()
         }
+    }
+}
+
+/// `log` reads files only: its exit codes are its own (1 is "not found").
+fn log(command: &LogCommand) -> i32 {
+    match command {
+        LogCommand::Lookup(args) => crate::audit::lookup::run(args),
     }
 }
 

@@ -57,6 +57,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use anyhow::Context as _;
 use jiff::Timestamp;
 
 use super::event::{EndReason, EventKind, TranslationEvent};
@@ -392,6 +393,24 @@ impl Encoder {
         let len = bytes.len() as u16;
         bytes[2..4].copy_from_slice(&len.to_be_bytes());
         Message { bytes, records }
+    }
+}
+
+impl super::pipeline::Sink for IpfixExporter {
+    fn name(&self) -> &'static str {
+        "ipfix"
+    }
+
+    fn write(&mut self, events: &[TranslationEvent]) -> anyhow::Result<()> {
+        let report = self
+            .export(events)
+            .with_context(|| format!("sending IPFIX to {}", self.collector))?;
+        anyhow::ensure!(
+            report.skipped == 0,
+            "{} IPv6 records cannot be sent as NAT44 session events",
+            report.skipped
+        );
+        Ok(())
     }
 }
 

@@ -13,10 +13,14 @@
 pub mod event;
 pub mod follow;
 pub mod ipfix;
+pub mod jsonlog;
+pub mod lookup;
 pub mod pipeline;
 pub mod ring;
 
 use std::fmt::Write as _;
+
+use anyhow::Context as _;
 
 pub use pipeline::{Audit, AuditHandle, Sink};
 
@@ -25,8 +29,15 @@ use crate::{config::audit::AuditPlan, metrics::Exporter};
 /// The sinks `plan` asks for, opened (a log file that cannot be written
 /// refuses the start, with its path).
 pub fn open_sinks(plan: &AuditPlan) -> anyhow::Result<Vec<Box<dyn Sink>>> {
-    let sinks: Vec<Box<dyn Sink>> = Vec::new();
-    let _ = plan;
+    let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
+    if let Some(target) = &plan.log {
+        sinks.push(Box::new(jsonlog::JsonLog::open(target)?));
+    }
+    if let Some(ipfix) = &plan.ipfix {
+        let exporter = ipfix::IpfixExporter::new(ipfix, plan.record_destinations)
+            .with_context(|| format!("opening a UDP socket towards {}", ipfix.collector))?;
+        sinks.push(Box::new(exporter));
+    }
     Ok(sinks)
 }
 
