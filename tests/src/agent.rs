@@ -238,6 +238,20 @@ impl Agent {
         run_cli(&self.ns_path, &self.instance, args)
     }
 
+    /// Starts another agent subcommand on this instance without waiting
+    /// for it (`flows --follow`), its output piped.
+    pub fn spawn_cli(&self, args: &[&str]) -> Child {
+        let mut command = command_in(&self.ns_path, agent_binary());
+        command
+            .args(["--instance", &self.instance])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning egress-agent")
+    }
+
     /// `status --json`, parsed.
     pub fn status(&self) -> serde_json::Value {
         let out = self.cli(&["status", "--json"]);

@@ -53,6 +53,7 @@ pub struct NatRecord {
 /// nfcapd run as our child in the foreground.
 pub struct Nfcapd {
     child: Option<Child>,
+    bind: Ipv4Addr,
     port: u16,
     dir: PathBuf,
     log: PathBuf,
@@ -62,6 +63,12 @@ pub struct Nfcapd {
 impl Nfcapd {
     /// Starts nfcapd on a free port of 127.0.0.1 and waits until it listens.
     pub fn start() -> Self {
+        Self::start_at(None, Ipv4Addr::LOCALHOST)
+    }
+
+    /// Starts nfcapd in `ns` (the caller's namespace when `None`) on a
+    /// free port of `bind`, and waits until it listens.
+    pub fn start_at(ns: Option<&crate::netns::Netns>, bind: Ipv4Addr) -> Self {
         require_program(NFCAPD, "nfdump");
         require_program(NFDUMP, "nfdump");
         require_program(STDBUF, "coreutils");
@@ -78,12 +85,15 @@ impl Nfcapd {
             .port();
         // Line-buffered: nfcapd prints with stdio, which would hold a few
         // records' worth back in its buffer until it exits.
-        let mut command = Command::new(STDBUF);
+        let mut command = match ns {
+            Some(ns) => crate::netns::command_in(&ns.path(), STDBUF),
+            None => Command::new(STDBUF),
+        };
         command
             .arg("-oL")
             .arg(NFCAPD)
             .arg("-b")
-            .arg("127.0.0.1")
+            .arg(bind.to_string())
             .arg("-p")
             .arg(port.to_string())
             .arg("-w")
@@ -115,15 +125,17 @@ impl Nfcapd {
             .stderr(err)
             .spawn()
             .unwrap_or_else(|err| panic!("starting {command_line}: {err}"));
+        let pid = child.id();
         let mut nfcapd = Self {
             child: Some(child),
+            bind,
             port,
             dir,
             log,
             command_line,
         };
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !udp_listening(port) {
+        while !udp_listening(pid, bind, port) {
             if let Some(status) = nfcapd.exited() {
                 panic!(
                     "{} exited ({status}) before listening:\n{}",
@@ -133,7 +145,7 @@ impl Nfcapd {
             }
             assert!(
                 Instant::now() < deadline,
-                "{} is not listening on 127.0.0.1:{port} after 10 s:\n{}",
+                "{} is not listening on {bind}:{port} after 10 s:\n{}",
                 nfcapd.command_line,
                 nfcapd.log()
             );
@@ -144,7 +156,7 @@ impl Nfcapd {
 
     /// Where to send IPFIX to.
     pub fn address(&self) -> SocketAddr {
-        (Ipv4Addr::LOCALHOST, self.port).into()
+        (self.bind, self.port).into()
     }
 
     pub fn command_line(&self) -> &str {
@@ -293,11 +305,12 @@ fn nfdump(file: &Path, format: &str) -> String {
     stdout
 }
 
-/// Whether a UDP socket is bound to 127.0.0.1:`port` (from /proc/net/udp,
-/// where the address is hexadecimal in host byte order).
-fn udp_listening(port: u16) -> bool {
-    let wanted = format!("0100007F:{port:04X}");
-    std::fs::read_to_string(Path::new("/proc/net/udp"))
+/// Whether a UDP socket is bound to `bind:port` in the namespace of
+/// process `pid` (from its /proc/PID/net/udp, where the address is
+/// hexadecimal in host byte order).
+fn udp_listening(pid: u32, bind: Ipv4Addr, port: u16) -> bool {
+    let wanted = format!("{:08X}:{port:04X}", u32::from_le_bytes(bind.octets()));
+    std::fs::read_to_string(Path::new(&format!("/proc/{pid}/net/udp")))
         .map(|table| {
             table
                 .lines()

@@ -1,0 +1,206 @@
+//! The translation log end to end: tenant traffic through the real agent
+//! in network namespaces, recorded in the JSON log, exported over IPFIX to
+//! Debian's nfcapd (an independent decoder) and streamed to `flows
+//! --follow`; `log lookup` then answers for flows already swept, with the
+//! address and port the server saw. Needs root and nfdump.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    net::{SocketAddr, SocketAddrV4},
+    time::Duration,
+};
+
+use egress_agent::audit::event::{EndReason, EventKind, TranslationEvent};
+use egress_tests::{
+    agent::{Agent, wait_until},
+    collector::Nfcapd,
+    peers::TempDir,
+    require_root,
+    topology::{EGRESS_A, EGRESS_B, HOST_A, HOST_B, SERVER, Topology, seed_config},
+    traffic::{curl, http_server, udp_echo_server, udp_request},
+};
+
+/// The seed's tenants, short timeouts and sweeps (so flows end within the
+/// test), and the translation log in `dir` plus IPFIX to `collector`.
+fn config(dir: &TempDir, collector: SocketAddr) -> String {
+    format!(
+        "{}  sweepInterval: 1
+  timeouts: {{tcpTimeWait: 2, tcpFinWait: 2, tcpClose: 2, udp: 2, udpReplied: 2, icmp: 2}}
+audit:
+  log: {}
+  maxLogSize: 64KiB
+  keep: 3
+  ipfix: {collector}
+  ipfixObservationDomain: 7
+",
+        seed_config(4096),
+        dir.join("translations.jsonl").display()
+    )
+}
+
+fn read_log(dir: &TempDir) -> Vec<TranslationEvent> {
+    let text = std::fs::read_to_string(dir.join("translations.jsonl")).unwrap_or_default();
+    text.lines()
+        .map(|line| serde_json::from_str(line).expect("every log line is a record"))
+        .collect()
+}
+
+fn one<'a>(
+    events: &'a [TranslationEvent],
+    kind: EventKind,
+    outside: SocketAddr,
+) -> &'a TranslationEvent {
+    let matching: Vec<_> = events
+        .iter()
+        .filter(|e| e.event == kind && e.outside == outside)
+        .collect();
+    assert_eq!(matching.len(), 1, "one {kind:?} of {outside}: {events:#?}");
+    matching[0]
+}
+
+#[test]
+fn tenant_flows_are_logged_exported_followed_and_looked_up_after_they_end() {
+    if !require_root() {
+        return;
+    }
+    let net = Topology::seed();
+    let mut nfcapd = Nfcapd::start_at(Some(&net.external), SERVER);
+    let dir = TempDir::new("auditlog");
+    let agent = Agent::start(&net.gateway, &config(&dir, nfcapd.address()));
+    let mut follower = agent.spawn_cli(&["flows", "--follow", "--json"]);
+    wait_until("the follower to connect", Duration::from_secs(5), || {
+        agent.status()["live"]["audit"]["followers"] == 1
+    });
+    let web = http_server(&net.external, SocketAddrV4::new(SERVER, 8080));
+    let echo = udp_echo_server(&net.external, SocketAddrV4::new(SERVER, 9999));
+
+    curl(&net.host(HOST_A).ns, &format!("http://{SERVER}:8080/")).expect("tenant-a GET");
+    udp_request(
+        &net.host(HOST_B).ns,
+        5353,
+        SocketAddrV4::new(SERVER, 9999),
+        b"hello",
+    )
+    .expect("tenant-b's echo");
+    let web_peer = web.peers()[0];
+    let udp_peer = echo.peers()[0];
+    assert_eq!(web_peer.ip(), EGRESS_A);
+    assert_eq!(udp_peer.ip(), EGRESS_B);
+
+    // Both flows end by the sweeper within a few seconds: then the log
+    // holds a creation and an end for each.
+    wait_until(
+        "both flows to end in the log",
+        Duration::from_secs(15),
+        || {
+            read_log(&dir)
+                .iter()
+                .filter(|e| e.event == EventKind::End)
+                .count()
+                >= 2
+        },
+    );
+    let events = read_log(&dir);
+    let created = one(&events, EventKind::Create, web_peer);
+    assert_eq!(created.tenant, "tenant-a");
+    assert_eq!(created.protocol, "tcp");
+    assert_eq!(created.inside.ip(), HOST_A);
+    assert_eq!(created.destination, Some(SocketAddr::from((SERVER, 8080))));
+    let ended = one(&events, EventKind::End, web_peer);
+    assert_eq!(ended.reason, Some(EndReason::Closed), "FIN both ways");
+    assert_eq!(ended.inside, created.inside);
+    assert!(ended.outbound.is_some_and(|t| t.packets >= 3));
+    assert!(ended.inbound.is_some_and(|t| t.packets >= 2));
+    let udp_end = one(&events, EventKind::End, udp_peer);
+    assert_eq!(udp_end.reason, Some(EndReason::Expired));
+    assert_eq!(udp_end.tenant, "tenant-b");
+    assert_eq!(udp_end.inside, SocketAddr::from((HOST_B, 5353)));
+    assert_eq!(
+        udp_end.outbound.map(|t| (t.packets, t.bytes)),
+        Some((1, 33))
+    );
+
+    // The audit question, for a flow already swept from the table.
+    let at = created.start + jiff::SignedDuration::from_millis(1);
+    let port = web_peer.port().to_string();
+    let found = agent.cli(&[
+        "log",
+        "lookup",
+        "--file",
+        &dir.join("translations.jsonl").to_string_lossy(),
+        "--address",
+        &EGRESS_A.to_string(),
+        "--port",
+        &port,
+        "--at",
+        &at.to_string(),
+    ]);
+    assert!(found.status.success(), "lookup: {}", found.stderr);
+    let lines: Vec<&str> = found.stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "{}", found.stdout);
+    assert!(lines[0].contains("tenant-a"), "{}", lines[0]);
+    assert!(
+        lines[0].contains(&created.inside.to_string()),
+        "{}",
+        lines[0]
+    );
+    let later = ended.time + jiff::SignedDuration::from_secs(3600);
+    let nothing = agent.cli(&[
+        "log",
+        "lookup",
+        "--file",
+        &dir.join("translations.jsonl").to_string_lossy(),
+        "--address",
+        &EGRESS_A.to_string(),
+        "--port",
+        &port,
+        "--at",
+        &later.to_string(),
+    ]);
+    assert_eq!(nothing.status.code(), Some(1), "{}", nothing.stdout);
+    assert!(nothing.stdout.is_empty());
+
+    // The same four records at the collector, as nfdump decodes them.
+    let records = nfcapd.records(4);
+    let tenant_a = agent.status()["tenants"]
+        .as_array()
+        .expect("tenants")
+        .iter()
+        .find(|t| t["name"] == "tenant-a")
+        .and_then(|t| t["id"].as_u64())
+        .expect("tenant-a's id");
+    let web_records: Vec<_> = records
+        .iter()
+        .filter(|r| r.outside == SocketAddrV4::new(EGRESS_A, web_peer.port()))
+        .collect();
+    assert_eq!(web_records.len(), 2, "{records:#?}");
+    for record in web_records {
+        assert_eq!(SocketAddr::from(record.inside), created.inside);
+        assert_eq!(record.destination, Some(SocketAddrV4::new(SERVER, 8080)));
+        assert_eq!(u64::from(record.vrf), tenant_a);
+        assert_eq!(record.protocol, 6);
+    }
+
+    // The follower saw the same records live.
+    let status = agent.status();
+    assert_eq!(status["live"]["audit"]["sinkLost"], 0);
+    assert_eq!(status["counters"]["events_lost"].as_u64().unwrap_or(0), 0);
+    drop(agent);
+    let followed: Vec<TranslationEvent> = BufReader::new(follower.stdout.take().expect("stdout"))
+        .lines()
+        .map(|line| serde_json::from_str(&line.expect("line")).expect("record"))
+        .collect();
+    let _ = follower.wait();
+    assert!(
+        followed
+            .iter()
+            .any(|e| e.event == EventKind::Create && e.outside == web_peer),
+        "{followed:#?}"
+    );
+    assert!(
+        followed
+            .iter()
+            .any(|e| e.event == EventKind::End && e.outside == udp_peer),
+        "{followed:#?}"
+    );
+}
