@@ -17,6 +17,8 @@ APT_PACKAGES=(
   frr bird2 bpftool linux-perf
   # Independent IPFIX collector (nfcapd, nfdump) for the audit exporter's tests.
   nfdump
+  # promtool checks the agent's /metrics the way Prometheus parses it.
+  prometheus
 )
 
 missing=()
@@ -29,7 +31,7 @@ if ((${#missing[@]})); then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   # The packaged daemons must not run on their own: tests start their own instances.
-  for svc in frr bird nfdump; do
+  for svc in frr bird nfdump prometheus prometheus-node-exporter; do
     systemctl disable --now "$svc" >/dev/null 2>&1 || true
   done
 else

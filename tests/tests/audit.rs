@@ -204,3 +204,110 @@ fn tenant_flows_are_logged_exported_followed_and_looked_up_after_they_end() {
         "{followed:#?}"
     );
 }
+
+/// `/metrics` of an agent in `ns` listening on `listen`.
+fn scrape(ns: &egress_tests::netns::Netns, listen: &str) -> String {
+    let (code, body) = egress_tests::agent::http_get(ns, listen, "/metrics");
+    assert_eq!(code, 200, "{body}");
+    body
+}
+
+/// A sample's value, by its name and labels as written.
+fn sample(metrics: &str, series: &str) -> Option<u64> {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[test]
+fn per_tenant_metrics_follow_the_traffic_and_pass_promtool() {
+    if !require_root() {
+        return;
+    }
+    egress_tests::peers::require_program("promtool", "prometheus");
+    let net = Topology::seed();
+    let listen = "127.0.0.1:9477";
+    // No translation log: the per-tenant figures do not depend on one.
+    let yaml = format!(
+        "{}  sweepInterval: 1\n  timeouts: {{udp: 4, udpReplied: 4}}\n",
+        seed_config(4096)
+    );
+    let agent = Agent::start_with(&net.gateway, &yaml, &["--listen", listen]);
+    let _echo = udp_echo_server(&net.external, SocketAddrV4::new(SERVER, 9999));
+    for port in 6000..6005 {
+        udp_request(
+            &net.host(HOST_B).ns,
+            port,
+            SocketAddrV4::new(SERVER, 9999),
+            b"hello",
+        )
+        .expect("echo");
+    }
+    let b = "tenant=\"tenant-b\"";
+    let in_use = format!("egress_egress_ip_ports_in_use{{{b},address=\"{EGRESS_B}\"}}");
+    wait_until(
+        "a sweep to see tenant-b's flows",
+        Duration::from_secs(10),
+        || sample(&scrape(&net.gateway, listen), &in_use) == Some(5),
+    );
+    let ended = format!("egress_tenant_flows_ended_total{{{b},reason=\"expired\"}}");
+    wait_until(
+        "tenant-b's flows to expire",
+        Duration::from_secs(15),
+        || sample(&scrape(&net.gateway, listen), &ended) == Some(5),
+    );
+    let metrics = scrape(&net.gateway, listen);
+    let value = |series: String| {
+        sample(&metrics, &series).unwrap_or_else(|| panic!("no {series} in:\n{metrics}"))
+    };
+    assert_eq!(
+        value(format!("egress_tenant_flows_created_total{{{b}}}")),
+        5
+    );
+    assert_eq!(value(format!("egress_tenant_flows{{{b}}}")), 0);
+    for direction in ["outbound", "inbound"] {
+        let labels = format!("{b},direction=\"{direction}\"");
+        assert_eq!(value(format!("egress_tenant_packets_total{{{labels}}}")), 5);
+        // Five datagrams of 20 + 8 + 5 bytes each way.
+        assert_eq!(value(format!("egress_tenant_bytes_total{{{labels}}}")), 165);
+    }
+    assert_eq!(value(in_use), 0);
+    assert_eq!(
+        value(format!(
+            "egress_egress_ip_ports{{{b},address=\"{EGRESS_B}\"}}"
+        )),
+        64512
+    );
+    let a = "tenant=\"tenant-a\"";
+    assert_eq!(
+        value(format!("egress_tenant_flows_created_total{{{a}}}")),
+        0
+    );
+    assert_eq!(
+        value(format!(
+            "egress_tenant_flows_refused_total{{{b},reason=\"ports_exhausted\"}}"
+        )),
+        0
+    );
+
+    let mut promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool");
+    std::io::Write::write_all(
+        &mut promtool.stdin.take().expect("stdin"),
+        metrics.as_bytes(),
+    )
+    .expect("feeding promtool");
+    let checked = promtool.wait_with_output().expect("promtool");
+    assert!(
+        checked.status.success() && checked.stdout.is_empty() && checked.stderr.is_empty(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    drop(agent);
+}
