@@ -304,6 +304,45 @@ fn nft_rules(tenants: u32, flowtable: bool) -> String {
     rules
 }
 
+/// Restarts an agent gateway with its translation log on, written to a
+/// JSON lines file in `dir`; false for gateways that have none.
+pub fn log_translations(
+    active: &mut Active,
+    tenants: u32,
+    max_flows: u32,
+    dir: &std::path::Path,
+) -> anyhow::Result<bool> {
+    let Active::Agent(kind, agent) = active else {
+        return Ok(false);
+    };
+    let hook = if *kind == Kind::Xdp { "xdp" } else { "tc" };
+    let mut yaml = agent_config(tenants, max_flows, hook);
+    let _ = writeln!(
+        yaml,
+        "audit: {{log: {}, maxLogSize: 256MiB, keep: 1}}",
+        dir.join("translations.jsonl").display()
+    );
+    std::fs::write(&agent.config.path, yaml).context("rewriting the agent's configuration")?;
+    let status = agent.stop();
+    if !status.success() {
+        bail!("egress-agent exited with {status}:\n{}", agent.log());
+    }
+    agent.respawn();
+    Ok(true)
+}
+
+/// The agent's translation events the ring or the sinks' queue could not
+/// take so far (0 for other gateways).
+pub fn translation_events_lost(active: &Active) -> u64 {
+    let Active::Agent(_, agent) = active else {
+        return 0;
+    };
+    let status = agent.status();
+    let ring = status["counters"]["events_lost"].as_u64().unwrap_or(0);
+    let sinks = status["live"]["audit"]["sinkLost"].as_u64().unwrap_or(0);
+    ring + sinks
+}
+
 fn agent_config(tenants: u32, max_flows: u32, hook: &str) -> String {
     let mut config = format!(
         "interfaces: {{internal: [g0], external: g1, hook: {hook}}}\nconntrack: {{maxFlows: {max_flows}}}\ntenants:\n"

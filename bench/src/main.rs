@@ -389,6 +389,35 @@ fn main() -> anyhow::Result<()> {
                 results.push_latency(kind, tenants, first_flows, "low", low.p50_us, low.p99_us);
                 results.push_latency(kind, tenants, first_flows, "high", high.p50_us, high.p99_us);
             }
+            // Last, since it restarts the gateway: new flows with every one
+            // of them logged.
+            let log_dir = egress_tests::peers::TempDir::new("benchlog");
+            let mut active = active;
+            if gateways::log_translations(&mut active, tenants, capacity as u32, log_dir.path())? {
+                let n = measure::new_flows(
+                    &topology,
+                    &mut programs,
+                    tenants,
+                    new_flow_start,
+                    plan.new_flows,
+                )?;
+                new_flow_start += plan.new_flows * measure::TRIES as u32;
+                // The pipeline drains the ring every 50 ms: give it that.
+                std::thread::sleep(std::time::Duration::from_millis(500));
+                let lost = gateways::translation_events_lost(&active);
+                eprintln!(
+                    "{label}: {:.0} new flows/s with the translation log on ({lost} events lost)",
+                    n.pps
+                );
+                results.push(kind, tenants, first_flows, "new_flows_logged_per_s", n.pps);
+                results.push(
+                    kind,
+                    tenants,
+                    first_flows,
+                    "translation_events_lost",
+                    lost as f64,
+                );
+            }
             gateways::stop(active, &topology, &mut programs).with_context(|| label.clone())?;
         }
         if kinds.contains(&Kind::Ceiling) && kinds.len() > 1 {

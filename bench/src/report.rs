@@ -309,6 +309,44 @@ impl Results {
             let _ = writeln!(md, "{row}");
         }
 
+        let logged_rows: Vec<(u32, &str, f64, f64, f64)> = tenants
+            .iter()
+            .flat_map(|&t| ["xdp", "tc"].map(move |g| (t, g)))
+            .filter_map(|(t, g)| {
+                Some((
+                    t,
+                    g,
+                    self.value(g, t, None, "new_flows_per_s", None)?,
+                    self.value(g, t, None, "new_flows_logged_per_s", None)?,
+                    self.value(g, t, None, "translation_events_lost", None)?,
+                ))
+            })
+            .collect();
+        if !logged_rows.is_empty() {
+            let _ = writeln!(
+                md,
+                "\n## New flows per second with the translation log on\n\n\
+                 The same gateway restarted with `audit.log` (JSON lines, rotated): every \
+                 new flow reports itself through the dataplane's ring buffer and the agent \
+                 writes one line for it. Events lost: what the ring or the sinks' queue \
+                 could not take during the run (counted, never silent).\n"
+            );
+            let _ = writeln!(
+                md,
+                "| tenants | gateway | log off | log on | ratio | events lost |"
+            );
+            let _ = writeln!(md, "|---|---|---|---|---|---|");
+            for (t, g, off, on, lost) in logged_rows {
+                let _ = writeln!(
+                    md,
+                    "| {t} | {g} | {} | {} | {:.2} | {lost:.0} |",
+                    mpps(off).replace("pps", "/s"),
+                    mpps(on).replace("pps", "/s"),
+                    on / off
+                );
+            }
+        }
+
         let quota_rows: Vec<(u32, &str, f64, f64)> = tenants
             .iter()
             .flat_map(|&t| ["xdp", "tc"].map(move |g| (t, g)))
