@@ -45,11 +45,7 @@ fn read_log(dir: &TempDir) -> Vec<TranslationEvent> {
         .collect()
 }
 
-fn one<'a>(
-    events: &'a [TranslationEvent],
-    kind: EventKind,
-    outside: SocketAddr,
-) -> &'a TranslationEvent {
+fn one(events: &[TranslationEvent], kind: EventKind, outside: SocketAddr) -> &TranslationEvent {
     let matching: Vec<_> = events
         .iter()
         .filter(|e| e.event == kind && e.outside == outside)
