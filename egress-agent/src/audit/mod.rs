@@ -56,11 +56,12 @@ pub fn export(exporter: &Exporter, audit: &AuditHandle) {
         );
         let _ = writeln!(
             out,
-            "# HELP egress_audit_events_lost_total Translation events that reached no sink, by where they were lost (the dataplane's ring: egress_packets_total's events_lost).\n\
+            "# HELP egress_audit_events_lost_total Translation events that reached no sink, by where they were lost: the dataplane's ring, the sinks' queue, a follower too slow.\n\
              # TYPE egress_audit_events_lost_total counter\n\
+             egress_audit_events_lost_total{{stage=\"ring\"}} {}\n\
              egress_audit_events_lost_total{{stage=\"sink_queue\"}} {}\n\
              egress_audit_events_lost_total{{stage=\"follower\"}} {}",
-            view.sink_lost, view.follower_lost
+            view.ring_lost, view.sink_lost, view.follower_lost
         );
         let _ = writeln!(
             out,

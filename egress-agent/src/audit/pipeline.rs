@@ -61,6 +61,9 @@ pub struct AuditStats {
     pub ended: AtomicU64,
     /// Events the sinks' queue had no room for.
     pub sink_lost: AtomicU64,
+    /// Events the dataplane's ring had no room for (its `events_lost`
+    /// counter, as last read).
+    pub ring_lost: AtomicU64,
     pub log_errors: AtomicU64,
     pub ipfix_errors: AtomicU64,
 }
@@ -73,6 +76,8 @@ pub struct AuditView {
     pub followers: usize,
     pub created: u64,
     pub ended: u64,
+    #[serde(default)]
+    pub ring_lost: u64,
     pub sink_lost: u64,
     pub follower_lost: u64,
     pub log_errors: u64,
@@ -191,6 +196,7 @@ impl AuditHandle {
             followers: self.shared.followers.count(),
             created: stats.created.load(Ordering::Relaxed),
             ended: stats.ended.load(Ordering::Relaxed),
+            ring_lost: stats.ring_lost.load(Ordering::Relaxed),
             sink_lost: stats.sink_lost.load(Ordering::Relaxed),
             follower_lost: self.shared.followers.lost.load(Ordering::Relaxed),
             log_errors: stats.log_errors.load(Ordering::Relaxed),
@@ -406,6 +412,7 @@ fn spawn_reader(
 ) -> anyhow::Result<JoinHandle<()>> {
     let mut ring = RingReader::open(pin_dir)?;
     let mut flag = FlowEventsFlag::open(pin_dir)?;
+    let counters = crate::dataplane::maps::Maps::open(pin_dir)?;
     std::thread::Builder::new()
         .name("audit-ring".into())
         .spawn(move || {
@@ -443,6 +450,13 @@ fn spawn_reader(
                             .collect();
                         handle.deliver(events);
                     }
+                }
+                if let Ok(counts) = counters.counters()
+                    && let Some((_, lost)) = counts
+                        .into_iter()
+                        .find(|(c, _)| *c == egress_common::counters::Counter::EventsLost)
+                {
+                    handle.shared.stats.ring_lost.store(lost, Ordering::Relaxed);
                 }
                 if stopping {
                     break;
