@@ -178,6 +178,11 @@ impl Agent {
         child.wait().expect("reaping the agent");
     }
 
+    /// The arguments of `run` the next `respawn` uses.
+    pub fn set_run_args(&mut self, run_args: &[&str]) {
+        self.run_args = run_args.iter().map(|a| (*a).to_owned()).collect();
+    }
+
     /// Starts a stopped agent again on the same instance and configuration.
     pub fn respawn(&mut self) {
         assert!(self.child.is_none(), "the agent is still running");

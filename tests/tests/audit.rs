@@ -307,3 +307,61 @@ fn per_tenant_metrics_follow_the_traffic_and_pass_promtool() {
     );
     drop(agent);
 }
+
+#[test]
+fn a_stop_records_the_flows_it_takes_down_and_a_kept_dataplane_ends_none() {
+    if !require_root() {
+        return;
+    }
+    let net = Topology::seed();
+    let dir = TempDir::new("auditstop");
+    let yaml = format!(
+        "{}audit: {{log: {}}}\n",
+        seed_config(4096),
+        dir.join("translations.jsonl").display()
+    );
+    let _echo = udp_echo_server(&net.external, SocketAddrV4::new(SERVER, 9999));
+    let flow = |port: u16| {
+        udp_request(
+            &net.host(HOST_A).ns,
+            port,
+            SocketAddrV4::new(SERVER, 9999),
+            b"hello",
+        )
+        .expect("echo")
+    };
+    let created = |log: &[TranslationEvent], port: u16| {
+        log.iter()
+            .any(|e| e.event == EventKind::Create && e.inside.port() == port)
+    };
+
+    // Kept: the flow lives on in the dataplane, so nothing ends it.
+    let mut agent = Agent::start_with(&net.gateway, &yaml, &["--keep-dataplane"]);
+    flow(7001);
+    wait_until("the creation record", Duration::from_secs(5), || {
+        created(&read_log(&dir), 7001)
+    });
+    assert!(agent.stop().success());
+    assert!(
+        !read_log(&dir).iter().any(|e| e.event == EventKind::End),
+        "a kept dataplane's flows did not end: {:#?}",
+        read_log(&dir)
+    );
+
+    // The next agent adopts it; a plain stop takes both flows down.
+    agent.set_run_args(&[]);
+    agent.respawn();
+    flow(7002);
+    wait_until("the second creation record", Duration::from_secs(5), || {
+        created(&read_log(&dir), 7002)
+    });
+    assert!(agent.stop().success());
+    let log = read_log(&dir);
+    let ends: Vec<_> = log.iter().filter(|e| e.event == EventKind::End).collect();
+    assert_eq!(ends.len(), 2, "{log:#?}");
+    for end in ends {
+        assert_eq!(end.reason, Some(EndReason::Shutdown));
+        assert_eq!(end.outbound.map(|t| t.packets), Some(1));
+        assert_eq!(end.inbound.map(|t| t.packets), Some(1));
+    }
+}
