@@ -100,10 +100,20 @@ pub enum Counter {
     /// A new flow's creation event found the ring buffer full; the flow
     /// was created, its record is missing from the translation log.
     EventsLost,
+    /// Reply: a port forward or floating IP opened a flow from outside
+    /// (also counted as translated).
+    InNewFlow,
+    /// Reply: a port forward's new flow found the conntrack table full.
+    InDropConntrackFull,
+    /// Reply: a port forward's host already has a flow with that tuple.
+    InDropForwardBusy,
+    /// Reply: a port forward's new flow was refused by its tenant's quota
+    /// or rate.
+    InDropTenantLimit,
 }
 
 /// Number of counters; the size of the `COUNTERS` array.
-pub const COUNTER_COUNT: u32 = Counter::EventsLost as u32 + 1;
+pub const COUNTER_COUNT: u32 = Counter::InDropTenantLimit as u32 + 1;
 
 impl Counter {
     /// Every counter, in index order.
@@ -148,6 +158,10 @@ impl Counter {
         Counter::OutDropTenantRate,
         Counter::InDropToInternal,
         Counter::EventsLost,
+        Counter::InNewFlow,
+        Counter::InDropConntrackFull,
+        Counter::InDropForwardBusy,
+        Counter::InDropTenantLimit,
     ];
 
     /// Stable snake_case name, used in metrics and the CLI.
@@ -194,6 +208,10 @@ impl Counter {
             Counter::OutDropTenantRate => "out_drop_tenant_rate",
             Counter::InDropToInternal => "in_drop_to_internal",
             Counter::EventsLost => "events_lost",
+            Counter::InNewFlow => "in_new_flow",
+            Counter::InDropConntrackFull => "in_drop_conntrack_full",
+            Counter::InDropForwardBusy => "in_drop_forward_busy",
+            Counter::InDropTenantLimit => "in_drop_tenant_limit",
         }
     }
 }

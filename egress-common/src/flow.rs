@@ -73,8 +73,8 @@ shared_layout! {
         pub zone: u16,
         /// `TCP_*` flags seen in this direction, accumulated.
         pub tcp_flags: u8,
-        /// Future use (flow flags).
-        pub _reserved: u8,
+        /// `FLOW_F_*` bits (`inbound::FLOW_F_INBOUND`).
+        pub flags: u8,
         /// When the route was looked up, in `ROUTE_TICK_SHIFT` ticks of
         /// CLOCK_MONOTONIC_COARSE (wrapping).
         pub route_checked: u32,

@@ -14,6 +14,7 @@ pub mod config;
 pub mod counters;
 pub mod events;
 pub mod flow;
+pub mod inbound;
 pub mod names;
 pub mod redirect;
 pub mod tenant;

@@ -39,8 +39,14 @@ pub const REDIRECT_DROPS: &str = "REDIRECT_DROPS";
 /// translation log.
 pub const FLOW_EVENTS: &str = "FLOW_EVENTS";
 
+/// Hash `ForwardKeyV4` -> `ForwardV4`: port forwards and floating IPs.
+pub const PORT_FORWARDS_V4: &str = "PORT_FWD_V4";
+/// Hash `FloatingKeyV4` -> floating address (`[u8; 4]`): the address a
+/// host with a floating IP leaves from.
+pub const FLOATING_V4: &str = "FLOATING_V4";
+
 /// Every map, in the order the agent pins them.
-pub const ALL_MAPS: [&str; 14] = [
+pub const ALL_MAPS: [&str; 16] = [
     TENANT_SOURCES_V4,
     INGRESS_PORTS,
     TENANTS,
@@ -55,6 +61,8 @@ pub const ALL_MAPS: [&str; 14] = [
     COUNTERS,
     REDIRECT_DROPS,
     FLOW_EVENTS,
+    PORT_FORWARDS_V4,
+    FLOATING_V4,
 ];
 
 /// XDP on internal interfaces: classify, track, translate, forward outbound traffic.

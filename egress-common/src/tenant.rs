@@ -104,6 +104,12 @@ impl TenantUsage {
 
 /// `TenantInfo::flags`: the tenant is configured and may create flows.
 pub const TENANT_F_ACTIVE: u32 = 1;
+/// `TenantInfo::flags`: some of its egress addresses have port forwards,
+/// which new outbound flows must not take as their port.
+pub const TENANT_F_FORWARDS: u32 = 2;
+/// `TenantInfo::flags`: some of its hosts have a floating IP, which their
+/// new outbound flows leave from.
+pub const TENANT_F_FLOATING: u32 = 4;
 
 /// Bytes of a tenant name kept in `TENANT_NAMES` (UTF-8, zero-padded).
 pub const TENANT_NAME_LEN: usize = 128;

@@ -13,13 +13,14 @@ use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_coarse_ns};
 use egress_common::{
     counters::Counter,
     flow::{
-        DIR_REPLY, FlowEntryV4, FlowKeyV4, REPLY_ZONE, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
-        seconds_of,
+        DIR_OUTBOUND, DIR_REPLY, FlowEntryV4, FlowKeyV4, REPLY_ZONE, TCP_ACK, TCP_FIN, TCP_RST,
+        TCP_SYN, seconds_of,
     },
+    inbound::{FLOW_F_INBOUND, ForwardKeyV4, ForwardV4},
 };
 
 use crate::{
-    maps::CONNTRACK_V4,
+    maps::{CONNTRACK_V4, PORT_FWD_V4},
     parse::{Ipv4Frame, Transport},
     zero,
 };
@@ -84,6 +85,8 @@ pub struct Translation {
     pub tenant: u16,
     pub port_min: u16,
     pub port_max: u16,
+    /// Ports of `addr` may be forwarded inward: skip those.
+    pub avoid_forwards: bool,
 }
 
 /// The key of the flow half a packet belongs to, as the packet arrived.
@@ -177,6 +180,10 @@ pub fn create_outbound(
         }
         let port = u32::from(translation.port_min) + (start + attempt) % span;
         reply_key.dst_port = (port as u16).to_be();
+        if translation.avoid_forwards && forwarded(translation.addr, reply_key.dst_port, key.proto)
+        {
+            continue;
+        }
         match CONNTRACK_V4.insert(&reply_key, reply_entry, u64::from(BPF_NOEXIST)) {
             Ok(()) => {
                 claimed = true;
@@ -218,4 +225,81 @@ pub fn create_outbound(
             Ok((unsafe { ((*winner).nat_addr, (*winner).nat_port) }, false))
         }
     }
+}
+
+/// Whether `port` (network order) of `addr` is forwarded inward for
+/// `proto`: the allocator never hands such a port to an outbound flow.
+#[inline(always)]
+fn forwarded(addr: [u8; 4], port: u16, proto: u8) -> bool {
+    let key = ForwardKeyV4 {
+        addr,
+        port,
+        proto,
+        _pad: 0,
+    };
+    PORT_FWD_V4.get_ptr(&key).is_some()
+}
+
+/// Creates both halves of a flow opened from outside by `forward`: `key`
+/// is the packet's own (reply-direction) key, and the host's port is the
+/// forward's, or the packet's destination port for a floating IP. Returns
+/// the outbound half's key if this call created the flow (`None`: another
+/// CPU did just now).
+///
+/// Both halves or neither, as for outbound flows: the reply half goes in
+/// first, and is removed again if the outbound half cannot be inserted
+/// (the host already has a flow with that tuple).
+#[inline(always)]
+pub fn create_inbound(
+    key: &FlowKeyV4,
+    forward: &ForwardV4,
+    now: u64,
+) -> Result<Option<FlowKeyV4>, Counter> {
+    let host_port = if forward.host_port == 0 {
+        key.dst_port
+    } else {
+        forward.host_port
+    };
+    let mut reply_slot = MaybeUninit::uninit();
+    let reply_entry = new_entry(
+        &mut reply_slot,
+        now,
+        forward.host,
+        host_port,
+        forward.tenant,
+        forward.zone,
+    );
+    reply_entry.flags = FLOW_F_INBOUND;
+    match CONNTRACK_V4.insert(key, &*reply_entry, u64::from(BPF_NOEXIST)) {
+        Ok(()) => {}
+        Err(err) if err == -EEXIST => return Ok(None),
+        Err(_) => return Err(Counter::InDropConntrackFull),
+    }
+    let outbound_key = FlowKeyV4 {
+        src: forward.host,
+        dst: key.src,
+        src_port: host_port,
+        dst_port: key.src_port,
+        proto: key.proto,
+        direction: DIR_OUTBOUND,
+        zone: forward.zone,
+    };
+    let mut outbound_slot = MaybeUninit::uninit();
+    let outbound_entry = new_entry(
+        &mut outbound_slot,
+        now,
+        key.dst,
+        key.dst_port,
+        forward.tenant,
+        forward.zone,
+    );
+    outbound_entry.flags = FLOW_F_INBOUND;
+    if CONNTRACK_V4
+        .insert(&outbound_key, &*outbound_entry, u64::from(BPF_NOEXIST))
+        .is_err()
+    {
+        let _ = CONNTRACK_V4.remove(key);
+        return Err(Counter::InDropForwardBusy);
+    }
+    Ok(Some(outbound_key))
 }

@@ -12,7 +12,8 @@
 //!
 //! The stages live one per module: `parse`, `classify`, `conntrack`,
 //! `limits` (a tenant's share of the table), `nat` (translate), `forward`,
-//! `events` (flows created, for the translation log), with `frags` for fragments, `csum` for checksum
+//! `events` (flows created, for the translation log), `inbound` (port
+//! forwards and floating IPs opening flows from outside), with `frags` for fragments, `csum` for checksum
 //! arithmetic, `verdict` for the counted outcome of every packet and `zero`
 //! for zeroing that stays inline.
 //!
@@ -33,6 +34,7 @@ mod events;
 mod forward;
 mod frags;
 mod hook;
+mod inbound;
 mod limits;
 mod maps;
 mod nat;

@@ -10,6 +10,7 @@ use egress_common::{
     counters::COUNTER_COUNT,
     events::{DEFAULT_EVENT_RING_BYTES, FlowEventV4},
     flow::{FlowEntryV4, FlowKeyV4, FragEntryV4, FragKeyV4},
+    inbound::{FloatingKeyV4, ForwardKeyV4, ForwardV4},
     tenant::{IngressPortKey, MAX_TENANTS, SourceKeyV4, TenantInfo, TenantName, TenantUsage},
 };
 
@@ -79,3 +80,12 @@ pub static REDIRECT_DROPS: aya_ebpf::btf_maps::PerCpuHashMap<
 #[btf_map]
 pub static FLOW_EVENTS: RingBuf<FlowEventV4, { DEFAULT_EVENT_RING_BYTES as usize }> =
     RingBuf::new();
+
+/// Port forwards and floating IPs (port 0, protocol 0): where traffic from
+/// outside to an egress address may open a flow.
+#[btf_map]
+pub static PORT_FWD_V4: HashMap<ForwardKeyV4, ForwardV4, 65_536> = HashMap::new();
+
+/// Hosts with a floating IP -> the address their new flows leave from.
+#[btf_map]
+pub static FLOATING_V4: HashMap<FloatingKeyV4, [u8; 4], 16_384> = HashMap::new();

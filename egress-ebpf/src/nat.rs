@@ -5,12 +5,14 @@
 
 use egress_common::{
     flow::FlowKeyV4,
-    tenant::{MAX_EGRESS_ADDRS, TenantInfo},
+    inbound::FloatingKeyV4,
+    tenant::{MAX_EGRESS_ADDRS, TENANT_F_FLOATING, TenantInfo},
 };
 
 use crate::{
     csum,
     hook::L4Fix,
+    maps::FLOATING_V4,
     parse::{IcmpError, Ipv4Frame, L4, QuotedL4, Transport},
 };
 
@@ -29,6 +31,24 @@ pub fn pick_egress(tenant: &TenantInfo, key: &FlowKeyV4) -> Option<[u8; 4]> {
     // can bound the result, so it may index the array.
     let index = (((mix >> 16) as usize) * count) >> 16;
     tenant.egress_v4.get(index).copied()
+}
+
+/// The floating IP of a new flow's host, if it has one: looked up only
+/// for tenants that have floating IPs, so others pay nothing for them.
+#[inline(always)]
+pub fn floating(tenant: &TenantInfo, key: &FlowKeyV4) -> Option<[u8; 4]> {
+    if tenant.flags & TENANT_F_FLOATING == 0 {
+        return None;
+    }
+    let host = FloatingKeyV4 {
+        host: key.src,
+        zone: key.zone,
+        _pad: 0,
+    };
+    FLOATING_V4.get_ptr(&host).map(|addr| {
+        // SAFETY: map value pointer returned by the kernel.
+        unsafe { *addr }
+    })
 }
 
 /// Which end of the packet changes.

@@ -15,6 +15,7 @@
 use egress_common::{
     counters::Counter,
     flow::{DIR_OUTBOUND, FlowEntryV4, FlowKeyV4, TCP_RST},
+    tenant::TENANT_F_FORWARDS,
 };
 
 use crate::{
@@ -186,13 +187,28 @@ fn new_flow<H: Hook>(
     let info = TENANTS
         .get(u32::from(tenant))
         .ok_or(Counter::OutDropNoEgressAddr)?;
-    let addr = nat::pick_egress(info, &key).ok_or(Counter::OutDropNoEgressAddr)?;
-    let translation = Translation {
-        addr,
-        tenant,
-        port_min: info.port_min,
-        port_max: info.port_max,
+    // A host with a floating IP leaves from it, keeping its port (1:1 NAT);
+    // every other host from one of its tenant's egress addresses.
+    let translation = match nat::floating(info, &key) {
+        Some(addr) => {
+            let port = u16::from_be(key.src_port);
+            Translation {
+                addr,
+                tenant,
+                port_min: port,
+                port_max: port,
+                avoid_forwards: false,
+            }
+        }
+        None => Translation {
+            addr: nat::pick_egress(info, &key).ok_or(Counter::OutDropNoEgressAddr)?,
+            tenant,
+            port_min: info.port_min,
+            port_max: info.port_max,
+            avoid_forwards: info.flags & TENANT_F_FORWARDS != 0,
+        },
     };
+    let addr = translation.addr;
 
     // Route, as the translated packet.
     let route = forward::route_v4(

@@ -2,8 +2,9 @@
 //!
 //! parse -> conntrack -> route -> translate -> forward. Packets addressed to
 //! an egress address are replies of a tracked flow (or ICMP errors about
-//! one, or later fragments of one) or nothing: the gateway is not a way in,
-//! so anything else sent to an egress address is dropped. So is anything
+//! one, or later fragments of one), the opening packet of a port forward or
+//! floating IP (`inbound`), or nothing: the gateway is not a way in, so
+//! anything else sent to an egress address is dropped. So is anything
 //! the kernel would forward inside (to a tenant host or any internal
 //! network), before the kernel's own conntrack sees it. What is left (the
 //! gateway's own addresses, ARP, routes to other places) goes to the kernel.
@@ -19,6 +20,7 @@ use crate::{
     forward::{self, Route},
     frags,
     hook::{Hook, L4Fix},
+    inbound,
     maps::EGRESS_ADDR_V4,
     nat::{self, Side},
     parse::{self, ICMP_ECHO_REPLY, IcmpError, Ipv4Frame, ParseError, Payload, Transport},
@@ -52,11 +54,17 @@ fn process<H: Hook>(ctx: &H) -> Result<Verdict, Counter> {
     match parse::payload(ctx, &frame, ICMP_ECHO_REPLY) {
         Ok(Payload::Flow(transport)) => {
             let key = conntrack::key_of(&frame, &transport, DIR_REPLY, REPLY_ZONE);
-            match conntrack::lookup(&key) {
-                Some(entry) => flow(ctx, &frame, &transport, &key, entry, ingress),
-                None if to_egress_address(&frame) => Err(Counter::InDropNoFlow),
-                None => not_egress(ctx, &frame, ingress),
-            }
+            // One call of `flow` for both: it is inlined, and twice it
+            // changes how LLVM keeps the parsed frame in a way the verifier
+            // refuses.
+            let entry = match conntrack::lookup(&key) {
+                Some(entry) => entry,
+                None if to_egress_address(&frame) => {
+                    inbound::open(&key, &transport)?.ok_or(Counter::InDropNoFlow)?
+                }
+                None => return not_egress(ctx, &frame, ingress),
+            };
+            flow(ctx, &frame, &transport, &key, entry, ingress)
         }
         _ if !to_egress_address(&frame) => not_egress(ctx, &frame, ingress),
         Ok(Payload::IcmpError(error)) => icmp_error(ctx, &frame, &error, ingress),
