@@ -985,6 +985,8 @@ fn end_disallowed_flows(
                     Vec::new()
                 },
                 zones: zones.clone(),
+                forwards: tenant.forwards.clone(),
+                floating: tenant.floating.clone(),
             };
             (*id, allowed)
         })

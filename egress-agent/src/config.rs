@@ -149,6 +149,12 @@ pub struct Tenant {
     /// second's worth.
     #[serde(default)]
     pub new_flow_burst: Option<u32>,
+    /// Ports of its egress IPs forwarded to its hosts.
+    #[serde(default)]
+    pub port_forwards: Vec<inbound::PortForward>,
+    /// Addresses that map one of its hosts 1:1.
+    #[serde(rename = "floatingIPs", default)]
+    pub floating_ips: Vec<inbound::FloatingIp>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
@@ -665,6 +671,20 @@ impl Config {
                 });
             }
             let limits = plan_limits(problems, &at, tenant, self.conntrack.max_flows);
+            let (forwards, floating) = inbound::plan(
+                problems,
+                &at,
+                (&tenant.port_forwards, &tenant.floating_ips),
+                &egress,
+                &sources,
+            );
+            if ingress.len() > 1 && !(forwards.is_empty() && floating.is_empty()) {
+                problems.add(
+                    at.field("portForwards"),
+                    "a tenant chosen by several ingress ports cannot say which one its \
+                     forwarded hosts are behind; give the rules to a tenant with one",
+                );
+            }
             planned.push(PlannedTenant {
                 name: tenant.name.clone(),
                 sources,
@@ -672,12 +692,15 @@ impl Config {
                 ingress,
                 ports,
                 limits,
+                forwards,
+                floating,
             });
         }
         share_flows(problems, &mut planned, self.conntrack.max_flows);
         check_source_overlaps(problems, &planned);
         check_egress_outside_sources(problems, &planned);
         check_created_macvlans(problems, &planned, &self.interfaces);
+        inbound::check_across(problems, &planned);
         planned
     }
 }
@@ -939,6 +962,8 @@ pub struct PlannedTenant {
     pub ingress: Vec<PlannedIngress>,
     pub ports: PortRange,
     pub limits: TenantLimits,
+    pub forwards: Vec<inbound::PlannedForward>,
+    pub floating: Vec<inbound::PlannedFloating>,
 }
 
 /// What one tenant may take of the dataplane (see `limits` in egress-ebpf).
@@ -1007,6 +1032,8 @@ pub struct ResolvedTenant {
     pub ingress: Vec<IngressPort>,
     pub ports: PortRange,
     pub limits: TenantLimits,
+    pub forwards: Vec<inbound::PlannedForward>,
+    pub floating: Vec<inbound::PlannedFloating>,
 }
 
 /// Where one interface's packet path runs, and why.
@@ -1049,9 +1076,15 @@ impl Resolved {
             .map_or(Hook::Tc, |h| h.hook)
     }
 
-    /// Every egress address of every tenant.
+    /// Every address the gateway answers for outside: each tenant's egress
+    /// IPs and floating IPs.
     pub fn egress_addresses(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
-        self.tenants.iter().flat_map(|t| t.egress.iter().copied())
+        self.tenants.iter().flat_map(|t| {
+            t.egress
+                .iter()
+                .copied()
+                .chain(t.floating.iter().map(|f| f.address))
+        })
     }
 }
 
@@ -1172,6 +1205,26 @@ impl Plan {
                     problems.add(at.field(&format!("egressIPs[{i}]")), message);
                 }
             }
+            // A floating IP is added to the external interface like an
+            // egress IP, under the same rules.
+            for (i, float) in tenant.floating.iter().enumerate() {
+                let addr = float.address;
+                let holder = holders
+                    .get(&IpAddr::V4(addr))
+                    .and_then(|index| system.link_by_index(*index));
+                let refusal = match holder {
+                    Some(holder) if Some(holder.index) != external.as_ref().map(|e| e.index) => {
+                        Some(format!(
+                            "{addr} is already configured on {}, not on the external interface",
+                            holder.name
+                        ))
+                    }
+                    _ => gateway_own.as_ref().and_then(|g| g.refusal(addr)),
+                };
+                if let Some(message) = refusal {
+                    problems.add(at.field(&format!("floatingIPs[{i}].address")), message);
+                }
+            }
             tenants.push(ResolvedTenant {
                 name: tenant.name.clone(),
                 sources: tenant.sources.clone(),
@@ -1179,6 +1232,8 @@ impl Plan {
                 ingress: ports,
                 ports: tenant.ports,
                 limits: tenant.limits,
+                forwards: tenant.forwards.clone(),
+                floating: tenant.floating.clone(),
             });
         }
         check_port_scoped_overlaps(&mut problems, &tenants);
@@ -2049,6 +2104,7 @@ fn check_egress_outside_sources(problems: &mut Problems, tenants: &[PlannedTenan
 }
 
 pub mod audit;
+pub mod inbound;
 
 #[cfg(test)]
 mod tests;

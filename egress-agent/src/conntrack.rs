@@ -17,9 +17,12 @@ use std::{
 };
 
 use anyhow::Context as _;
-use egress_common::flow::{
-    DIR_OUTBOUND, FlowEntryV4, FlowKeyV4, PROTO_ICMP, PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_FIN,
-    TCP_RST, TCP_SYN,
+use egress_common::{
+    flow::{
+        DIR_OUTBOUND, FlowEntryV4, FlowKeyV4, PROTO_ICMP, PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_FIN,
+        TCP_RST, TCP_SYN,
+    },
+    inbound::FLOW_F_INBOUND,
 };
 use serde::Serialize;
 
@@ -346,11 +349,45 @@ pub struct Allowed {
     /// The conntrack zones (ingress port ids) its flows may live in:
     /// `ANY_PORT` for a tenant chosen by source alone.
     pub zones: Vec<u16>,
+    /// Its port forwards: flows they opened stay while their rule does.
+    pub forwards: Vec<crate::config::inbound::PlannedForward>,
+    /// Its floating IPs: the host's flows through one stay while it does.
+    pub floating: Vec<crate::config::inbound::PlannedFloating>,
+}
+
+impl Allowed {
+    /// Whether `flow`, one of this tenant's, may go on.
+    fn keeps(&self, flow: &Flow) -> bool {
+        let egress = Ipv4Addr::from(flow.outbound.nat_addr);
+        let source = Ipv4Addr::from(flow.outbound_key.src);
+        if !self.zones.contains(&flow.outbound_key.zone) {
+            return false;
+        }
+        let floating = self
+            .floating
+            .iter()
+            .any(|f| f.address == egress && f.host == source);
+        if flow.outbound.flags & FLOW_F_INBOUND != 0 {
+            let port = u16::from_be(flow.outbound.nat_port);
+            let host_port = u16::from_be(flow.outbound_key.src_port);
+            return floating
+                || self.forwards.iter().any(|f| {
+                    f.egress == egress
+                        && f.port == port
+                        && f.proto == flow.outbound_key.proto
+                        && f.host == source
+                        && f.host_port == host_port
+                });
+        }
+        floating
+            || (self.egress.contains(&egress)
+                && (self.sources.is_empty() || self.sources.iter().any(|n| n.contains(&source))))
+    }
 }
 
 /// Ends (removes both halves of) every flow whose tenant is gone, whose
-/// egress address the tenant no longer has, or whose source or ingress port
-/// left the tenant: the dataplane finds established flows without
+/// egress address the tenant no longer has, whose source or ingress port
+/// left the tenant, or whose port forward or floating IP was removed: the dataplane finds established flows without
 /// classifying their packets, so only this makes the next packet start a
 /// new flow that follows the new configuration, instead of leaving from an
 /// address that is withdrawn or as a tenant it no longer belongs to.
@@ -363,13 +400,7 @@ pub fn end_flows_not_allowed(
     let mut ended = BTreeMap::new();
     let mut gone = Vec::new();
     for flow in flows {
-        let egress = std::net::Ipv4Addr::from(flow.outbound.nat_addr);
-        let source = std::net::Ipv4Addr::from(flow.outbound_key.src);
-        let keep = allowed.get(&flow.tenant()).is_some_and(|a| {
-            a.egress.contains(&egress)
-                && a.zones.contains(&flow.outbound_key.zone)
-                && (a.sources.is_empty() || a.sources.iter().any(|n| n.contains(&source)))
-        });
+        let keep = allowed.get(&flow.tenant()).is_some_and(|a| a.keeps(&flow));
         if keep {
             continue;
         }

@@ -218,6 +218,7 @@ fn expiry_close_and_configuration_changes_end_flows_with_their_reason() {
             egress: vec![EGRESS_A],
             sources: vec!["172.20.10.0/24".parse().expect("cidr")],
             zones: vec![0],
+            ..conntrack::Allowed::default()
         },
     )]);
     let gone = conntrack::end_flows_not_allowed(&mut h.maps, &allowed).expect("ending");

@@ -22,10 +22,12 @@ use egress_common::{
     },
     counters::Counter,
     flow::{FlowEntryV4, FlowKeyV4, FragEntryV4, FragKeyV4},
+    inbound::{FloatingKeyV4, ForwardKeyV4, ForwardV4},
     names,
     tenant::{
         ANY_PORT, IngressPortKey, MAX_EGRESS_ADDRS, MAX_TENANT_ID, MAX_TENANTS, PORT_PREFIX_BITS,
-        SourceKeyV4, TENANT_F_ACTIVE, TENANT_NAME_LEN, TenantInfo, TenantName, TenantUsage,
+        SourceKeyV4, TENANT_F_ACTIVE, TENANT_F_FLOATING, TENANT_F_FORWARDS, TENANT_NAME_LEN,
+        TenantInfo, TenantName, TenantUsage,
     },
 };
 
@@ -48,6 +50,10 @@ pub struct Maps {
     pub usage: Array<MapData, TenantUsage>,
     /// Per tenant: flows ended (only the agent writes it).
     pub ended: Array<MapData, u64>,
+    /// Port forwards and floating IPs.
+    pub forwards: HashMap<MapData, ForwardKeyV4, ForwardV4>,
+    /// Hosts with a floating IP -> that address.
+    pub floating: HashMap<MapData, FloatingKeyV4, [u8; 4]>,
     /// Entries the conntrack map can hold (two per flow).
     pub conntrack_capacity: u32,
 }
@@ -82,6 +88,8 @@ impl Maps {
             counters: typed!(pin_dir, names::COUNTERS),
             usage: typed!(pin_dir, names::TENANT_USAGE),
             ended: typed!(pin_dir, names::TENANT_ENDED),
+            forwards: typed!(pin_dir, names::PORT_FORWARDS_V4),
+            floating: typed!(pin_dir, names::FLOATING_V4),
             conntrack_capacity: aya::maps::MapInfo::from_pin(pin_dir.join(names::CONNTRACK_V4))
                 .context("inspecting the conntrack map")?
                 .max_entries(),
@@ -202,6 +210,16 @@ impl Maps {
                 .insert(key, port, 0)
                 .context("writing INGRESS_PORTS")?;
         }
+        for (key, forward) in &desired.forwards {
+            self.forwards
+                .insert(key, forward, 0)
+                .context("writing PORT_FWD_V4")?;
+        }
+        for (key, addr) in &desired.floating {
+            self.floating
+                .insert(key, addr, 0)
+                .context("writing FLOATING_V4")?;
+        }
         // The flow-events bit belongs to the translation log's pipeline,
         // which sets it while anyone wants records.
         let events = self
@@ -236,6 +254,18 @@ impl Maps {
             &mut self.ingress_ports,
             desired.ingress_ports.iter().map(|(k, _)| *k),
             "INGRESS_PORTS",
+        )?;
+        // Rules before the addresses they are on: a packet to a withdrawn
+        // address opens nothing meanwhile.
+        prune(
+            &mut self.forwards,
+            desired.forwards.iter().map(|(k, _)| *k),
+            "PORT_FWD_V4",
+        )?;
+        prune(
+            &mut self.floating,
+            desired.floating.iter().map(|(k, _)| *k),
+            "FLOATING_V4",
         )?;
         prune(
             &mut self.egress,
@@ -314,6 +344,8 @@ pub struct DesiredState {
     pub sources: Vec<(Key<SourceKeyV4>, u32)>,
     pub ingress_ports: Vec<(IngressPortKey, u32)>,
     pub egress: Vec<([u8; 4], u32)>,
+    pub forwards: Vec<(ForwardKeyV4, ForwardV4)>,
+    pub floating: Vec<(FloatingKeyV4, [u8; 4])>,
     /// Tenant id of each tenant of the plan, in plan order.
     pub ids: Vec<u16>,
     /// Conntrack zones (ingress port ids) of each tenant, in plan order.
@@ -381,7 +413,6 @@ impl DesiredState {
                 *slot = addr.octets();
                 state.egress.push((addr.octets(), u32::from(id)));
             }
-            state.tenants.push((id, info, encode_name(&tenant.name)));
 
             let ports: Vec<u32> = if tenant.ingress.is_empty() {
                 vec![ANY_PORT]
@@ -396,6 +427,10 @@ impl DesiredState {
                 .iter()
                 .map(|&port| u16::try_from(port).context("more than 65535 ingress ports"))
                 .collect::<anyhow::Result<Vec<u16>>>()?;
+            // The configuration allows rules only to tenants with one zone.
+            let zone = zones.first().copied().unwrap_or(ANY_PORT as u16);
+            state.add_inbound(tenant, id, zone, &mut info);
+            state.tenants.push((id, info, encode_name(&tenant.name)));
             state.zones.push(zones);
             for port in ports {
                 for net in &tenant.sources {
@@ -412,6 +447,60 @@ impl DesiredState {
         }
         state.ids = ids;
         Ok(state)
+    }
+}
+
+impl DesiredState {
+    /// A tenant's port forwards and floating IPs, and the flags that make
+    /// its new flows look at them.
+    fn add_inbound(
+        &mut self,
+        tenant: &crate::config::ResolvedTenant,
+        id: u16,
+        zone: u16,
+        info: &mut TenantInfo,
+    ) {
+        for forward in &tenant.forwards {
+            let key = ForwardKeyV4 {
+                addr: forward.egress.octets(),
+                port: forward.port.to_be(),
+                proto: forward.proto,
+                _pad: 0,
+            };
+            let value = ForwardV4 {
+                host: forward.host.octets(),
+                host_port: forward.host_port.to_be(),
+                tenant: id,
+                zone,
+                _pad: 0,
+            };
+            self.forwards.push((key, value));
+            info.flags |= TENANT_F_FORWARDS;
+        }
+        for float in &tenant.floating {
+            let key = ForwardKeyV4 {
+                addr: float.address.octets(),
+                port: 0,
+                proto: 0,
+                _pad: 0,
+            };
+            let value = ForwardV4 {
+                host: float.host.octets(),
+                host_port: 0,
+                tenant: id,
+                zone,
+                _pad: 0,
+            };
+            self.forwards.push((key, value));
+            let host = FloatingKeyV4 {
+                host: float.host.octets(),
+                zone,
+                _pad: 0,
+            };
+            self.floating.push((host, float.address.octets()));
+            self.egress.push((float.address.octets(), u32::from(id)));
+            info.flags |= TENANT_F_FLOATING;
+        }
     }
 }
 

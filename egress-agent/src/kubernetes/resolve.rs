@@ -494,6 +494,9 @@ impl Admitted {
             max_flows: self.limits.0,
             new_flows_per_second: self.limits.1,
             new_flow_burst: self.limits.2,
+            // Not in the EgressGateway CRD yet.
+            port_forwards: Vec::new(),
+            floating_ips: Vec::new(),
         }
     }
 }
