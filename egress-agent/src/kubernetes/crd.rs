@@ -141,6 +141,46 @@ pub struct EgressGatewaySpec {
     /// tenant's traffic to the gateway.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bfd: Option<BfdSpec>,
+
+    /// Ports of the egress IPs forwarded to hosts of this tenant (inbound
+    /// NAT, as the agent's `tenants[].portForwards`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub port_forwards: Vec<PortForwardSpec>,
+
+    /// Addresses that map one host of this tenant 1:1, every port, both
+    /// ways (the agent's `tenants[].floatingIPs`).
+    #[serde(rename = "floatingIPs", default, skip_serializing_if = "Vec::is_empty")]
+    pub floating_ips: Vec<FloatingIpSpec>,
+}
+
+/// One port forward: `egressIP:port` (`protocol`) goes to `to`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PortForwardSpec {
+    /// One of `egressIPs`.
+    #[serde(rename = "egressIP")]
+    pub egress_ip: String,
+    /// `tcp` or `udp`.
+    #[schemars(schema_with = "forward_protocol_schema")]
+    pub protocol: String,
+    /// The port outside.
+    #[schemars(schema_with = "port_schema")]
+    pub port: u16,
+    /// The host and port inside, `10.16.0.5:80`.
+    pub to: String,
+}
+
+/// One floating IP: `address` maps `host`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct FloatingIpSpec {
+    /// The address outside (not one of the egress IPs).
+    pub address: String,
+    /// The host inside.
+    pub host: String,
+}
+
+fn forward_protocol_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({"type": "string", "enum": ["tcp", "udp"]})
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

@@ -481,6 +481,10 @@ struct Admitted {
     limits: (Option<u32>, Option<u32>, Option<u32>),
     external_interface: Option<String>,
     bfd: Option<BfdWanted>,
+    /// `portForwards` and `floatingIPs`, as written (the configuration
+    /// checks them with the rest of the tenant).
+    forwards: Vec<crate::config::inbound::PortForward>,
+    floating: Vec<crate::config::inbound::FloatingIp>,
 }
 
 impl Admitted {
@@ -494,9 +498,8 @@ impl Admitted {
             max_flows: self.limits.0,
             new_flows_per_second: self.limits.1,
             new_flow_burst: self.limits.2,
-            // Not in the EgressGateway CRD yet.
-            port_forwards: Vec::new(),
-            floating_ips: Vec::new(),
+            port_forwards: self.forwards.clone(),
+            floating_ips: self.floating.clone(),
         }
     }
 }
@@ -660,6 +663,24 @@ impl<'a> Candidate<'a> {
             ),
             external_interface: spec.external_interface.clone(),
             bfd,
+            forwards: spec
+                .port_forwards
+                .iter()
+                .map(|f| crate::config::inbound::PortForward {
+                    egress_ip: f.egress_ip.clone(),
+                    protocol: f.protocol.clone(),
+                    port: f.port,
+                    to: f.to.clone(),
+                })
+                .collect(),
+            floating: spec
+                .floating_ips
+                .iter()
+                .map(|f| crate::config::inbound::FloatingIp {
+                    address: f.address.clone(),
+                    host: f.host.clone(),
+                })
+                .collect(),
         };
         check_tenant_alone(&self.tenant, &admitted, "spec.egressIPs")?;
         Ok(admitted)
@@ -848,6 +869,8 @@ impl<'a> Candidate<'a> {
             limits: (None, None, None),
             external_interface: None,
             bfd: None,
+            forwards: Vec::new(),
+            floating: Vec::new(),
         };
         check_tenant_alone(&self.tenant, &admitted, "spec.externalIPs")?;
         Ok(admitted)

@@ -1010,3 +1010,28 @@ fn an_empty_cluster_resolves_to_nothing() {
     assert!(resolved.tenants.is_empty() && resolved.reports.is_empty());
     assert!(resolved.outside_cluster);
 }
+
+#[test]
+fn port_forwards_and_floating_ips_come_from_the_object() {
+    let mut snapshot = gateway_vm();
+    let mut spec = blocks("192.168.31.101", &["172.20.10.0/24"]);
+    spec.port_forwards = vec![crate::kubernetes::crd::PortForwardSpec {
+        egress_ip: "192.168.31.101".into(),
+        protocol: "tcp".into(),
+        port: 8888,
+        to: "172.20.10.2:80".into(),
+    }];
+    spec.floating_ips = vec![crate::kubernetes::crd::FloatingIpSpec {
+        address: "192.168.31.201".into(),
+        host: "172.20.10.3".into(),
+    }];
+    snapshot
+        .egress_gateways
+        .push(egress_gateway("tenant-a", "web", spec));
+    let resolved = resolve(&snapshot);
+    let tenant = &resolved.tenants[0];
+    assert_eq!(tenant.port_forwards.len(), 1);
+    assert_eq!(tenant.port_forwards[0].to, "172.20.10.2:80");
+    assert_eq!(tenant.floating_ips[0].address, "192.168.31.201");
+    assert_config_accepts(resolved);
+}
