@@ -391,6 +391,8 @@ pub fn render_status(status: &Status) -> String {
 pub struct FlowRow {
     pub tenant: String,
     pub proto: String,
+    /// Opened from outside, by a port forward or a floating IP.
+    pub inbound: bool,
     pub original: String,
     pub translated: String,
     pub state: FlowState,
@@ -442,6 +444,7 @@ pub fn flow_rows(instance: &Instance, tenant: Option<&str>) -> anyhow::Result<Ve
                     .cloned()
                     .unwrap_or_else(|| format!("#{}", flow.tenant())),
                 proto: conntrack::proto_name(proto),
+                inbound: flow.outbound.flags & egress_common::inbound::FLOW_F_INBOUND != 0,
                 original,
                 translated,
                 state: flow.state(),
@@ -464,7 +467,11 @@ pub fn render_flows(rows: &[FlowRow]) -> String {
     let body = rows.iter().map(|r| {
         vec![
             r.tenant.clone(),
-            r.proto.clone(),
+            if r.inbound {
+                format!("{} in", r.proto)
+            } else {
+                r.proto.clone()
+            },
             r.original.clone(),
             r.translated.clone(),
             r.state.as_str().to_owned(),

@@ -5,7 +5,10 @@
 //! floating IP reaches its host both ways and the host leaves from it;
 //! other ports reach nothing. Needs root.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    time::Duration,
+};
 
 use egress_tests::{
     agent::Agent,
@@ -64,4 +67,63 @@ fn forwarded_ports_and_floating_ips_reach_their_hosts_and_nothing_else_gets_in()
     let status = agent.status();
     assert!(status["counters"]["in_new_flow"].as_u64().unwrap_or(0) >= 2);
     assert!(status["counters"]["in_drop_no_flow"].as_u64().unwrap_or(0) >= 2);
+}
+
+#[test]
+fn rules_change_live_and_a_removed_rule_ends_only_its_flows() {
+    if !require_root() {
+        return;
+    }
+    let net = Topology::seed();
+    let plain = seed_config(4096);
+    let mut agent = Agent::start(&net.gateway, &plain);
+    let _dns = udp_echo_server(&net.host(HOST_A).ns, SocketAddrV4::new(HOST_A, 53));
+    let _echo = udp_echo_server(&net.external, SocketAddrV4::new(SERVER, 9999));
+    let forward = SocketAddrV4::new(EGRESS_A, 5353);
+    let ask = |port: u16| udp_request(&net.external, port, forward, b"q");
+    assert_eq!(ask(6001), None, "no rule yet");
+
+    // A reload adds the rule: the forwarded port answers.
+    let with_rule = plain.replacen(
+        "    egressIPs: [192.168.31.101]\n",
+        "    egressIPs: [192.168.31.101]\n    portForwards:\n      \
+         - {egressIP: 192.168.31.101, protocol: udp, port: 5353, to: '172.20.10.10:53'}\n",
+        1,
+    );
+    agent.reload(&with_rule);
+    egress_tests::agent::wait_until("the rule to serve", Duration::from_secs(10), || {
+        ask(6002).is_some()
+    });
+    // An outbound flow of the same tenant, which the rule's removal must
+    // leave alone.
+    udp_request(
+        &net.host(HOST_A).ns,
+        7000,
+        SocketAddrV4::new(SERVER, 9999),
+        b"x",
+    )
+    .expect("tenant-a's own flow");
+    let inbound = |agent: &Agent| {
+        agent
+            .flows()
+            .iter()
+            .filter(|f| f["inbound"] == true)
+            .count()
+    };
+    assert_eq!(inbound(&agent), 1);
+
+    // A reload without it ends its flow and nothing else.
+    agent.reload(&plain);
+    egress_tests::agent::wait_until("the rule's flow to end", Duration::from_secs(10), || {
+        inbound(&agent) == 0
+    });
+    let flows = agent.flows();
+    assert!(
+        flows
+            .iter()
+            .any(|f| f["original"].as_str().is_some_and(|o| o.contains(":7000 "))),
+        "tenant-a's own flow survived: {flows:#?}"
+    );
+    assert_eq!(ask(6003), None, "the port is closed again");
+    assert!(agent.stop().success());
 }
