@@ -237,7 +237,7 @@ fn forwarded(addr: [u8; 4], port: u16, proto: u8) -> bool {
         proto,
         _pad: 0,
     };
-    PORT_FWD_V4.get_ptr(&key).is_some()
+    PORT_FWD_V4.get_ptr(key).is_some()
 }
 
 /// Creates both halves of a flow opened from outside by `forward`: `key`
@@ -250,6 +250,10 @@ fn forwarded(addr: [u8; 4], port: u16, proto: u8) -> bool {
 /// first, and is removed again if the outbound half cannot be inserted
 /// (the host already has a flow with that tuple).
 #[inline(always)]
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "passed by value the keys and entries would be copied to the stack again"
+)]
 pub fn create_inbound(
     key: &FlowKeyV4,
     forward: &ForwardV4,

@@ -30,7 +30,7 @@ fn rule(key: &FlowKeyV4) -> Option<ForwardV4> {
         proto: key.proto,
         _pad: 0,
     };
-    if let Some(forward) = PORT_FWD_V4.get_ptr(&exact) {
+    if let Some(forward) = PORT_FWD_V4.get_ptr(exact) {
         // SAFETY: map value pointer returned by the kernel.
         return Some(unsafe { *forward });
     }
@@ -42,7 +42,7 @@ fn rule(key: &FlowKeyV4) -> Option<ForwardV4> {
     };
     // SAFETY: as above.
     PORT_FWD_V4
-        .get_ptr(&whole)
+        .get_ptr(whole)
         .map(|forward| unsafe { *forward })
 }
 

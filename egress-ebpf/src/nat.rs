@@ -45,7 +45,7 @@ pub fn floating(tenant: &TenantInfo, key: &FlowKeyV4) -> Option<[u8; 4]> {
         zone: key.zone,
         _pad: 0,
     };
-    FLOATING_V4.get_ptr(&host).map(|addr| {
+    FLOATING_V4.get_ptr(host).map(|addr| {
         // SAFETY: map value pointer returned by the kernel.
         unsafe { *addr }
     })
