@@ -262,17 +262,24 @@ impl Default for Timeouts {
     }
 }
 
-/// Seconds as a number, or a number with a unit: `30`, `30s`, `2m`, `1h`, `5d`.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
+/// The number a trimmed `text` starts with and the unit after it (`30s`:
+/// 30 and `s`); `example` says what was expected when there is no number.
+fn number_and_unit<'a>(text: &'a str, example: &str) -> Result<(u64, &'a str), String> {
     let split = text
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let value: u64 = number
+    let value = number
         .parse()
-        .map_err(|_| format!("{text:?} is not a duration like 30s, 2m, 1h or 5d"))?;
-    let scale = match unit.trim() {
+        .map_err(|_| format!("{text:?} is not {example}"))?;
+    Ok((value, unit.trim()))
+}
+
+/// Seconds as a number, or a number with a unit: `30`, `30s`, `2m`, `1h`, `5d`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (value, unit) = number_and_unit(text, "a duration like 30s, 2m, 1h or 5d")?;
+    let scale = match unit {
         "" | "s" => 1,
         "m" => 60,
         "h" => 3600,

@@ -117,20 +117,23 @@ fn tenant_flows_are_logged_exported_followed_and_looked_up_after_they_end() {
     );
 
     // The audit question, for a flow already swept from the table.
-    let at = created.start + jiff::SignedDuration::from_millis(1);
+    let log = dir.join("translations.jsonl");
     let port = web_peer.port().to_string();
-    let found = agent.cli(&[
-        "log",
-        "lookup",
-        "--file",
-        &dir.join("translations.jsonl").to_string_lossy(),
-        "--address",
-        &EGRESS_A.to_string(),
-        "--port",
-        &port,
-        "--at",
-        &at.to_string(),
-    ]);
+    let lookup = |at: jiff::Timestamp| {
+        agent.cli(&[
+            "log",
+            "lookup",
+            "--file",
+            &log.to_string_lossy(),
+            "--address",
+            &EGRESS_A.to_string(),
+            "--port",
+            &port,
+            "--at",
+            &at.to_string(),
+        ])
+    };
+    let found = lookup(created.start + jiff::SignedDuration::from_millis(1));
     assert!(found.status.success(), "lookup: {}", found.stderr);
     let lines: Vec<&str> = found.stdout.lines().collect();
     assert_eq!(lines.len(), 1, "{}", found.stdout);
@@ -140,19 +143,7 @@ fn tenant_flows_are_logged_exported_followed_and_looked_up_after_they_end() {
         "{}",
         lines[0]
     );
-    let later = ended.time + jiff::SignedDuration::from_secs(3600);
-    let nothing = agent.cli(&[
-        "log",
-        "lookup",
-        "--file",
-        &dir.join("translations.jsonl").to_string_lossy(),
-        "--address",
-        &EGRESS_A.to_string(),
-        "--port",
-        &port,
-        "--at",
-        &later.to_string(),
-    ]);
+    let nothing = lookup(ended.time + jiff::SignedDuration::from_secs(3600));
     assert_eq!(nothing.status.code(), Some(1), "{}", nothing.stdout);
     assert!(nothing.stdout.is_empty());
 

@@ -6,7 +6,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use egress_common::events::DEFAULT_EVENT_RING_BYTES;
 use serde::Deserialize;
 
-use super::{Problems, duration};
+use super::{Problems, duration, number_and_unit};
 
 /// A rotated log is cut at this size when the file does not say.
 pub const DEFAULT_MAX_LOG_SIZE: u64 = 100 << 20;
@@ -68,14 +68,8 @@ impl<'de> Deserialize<'de> for Size {
 /// `4096`, `512KiB`, `100MiB`, `2GiB` (also KB/MB/GB, read as powers of 1024).
 pub fn parse_size(text: &str) -> Result<u64, String> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let value: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a size like 4096, 512KiB, 100MiB or 1GiB"))?;
-    let scale: u64 = match unit.trim() {
+    let (value, unit) = number_and_unit(text, "a size like 4096, 512KiB, 100MiB or 1GiB")?;
+    let scale: u64 = match unit {
         "" | "B" => 1,
         "K" | "KB" | "KiB" => 1 << 10,
         "M" | "MB" | "MiB" => 1 << 20,
