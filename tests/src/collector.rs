@@ -11,9 +11,8 @@
 
 use std::{
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket},
-    os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, Command},
     time::{Duration, Instant},
 };
 
@@ -106,25 +105,7 @@ impl Nfcapd {
             // No site configuration: only the options above.
             .arg("-C")
             .arg("none");
-        let command_line = format!("{command:?}");
-        let out = std::fs::File::create(&log).expect("nfcapd output file");
-        let err = out.try_clone().expect("nfcapd output file");
-        // SAFETY: prctl(2) is async-signal-safe. nfcapd gets SIGTERM when
-        // the spawning thread ends, so an interrupted run leaves none behind.
-        unsafe {
-            command.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let child = command
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .unwrap_or_else(|err| panic!("starting {command_line}: {err}"));
+        let (child, command_line) = crate::peers::spawn_tied(command, &log);
         let pid = child.id();
         let mut nfcapd = Self {
             child: Some(child),

@@ -100,6 +100,32 @@ impl Drop for TempDir {
     }
 }
 
+/// Starts `command` with its output in `log`; it gets SIGTERM when the
+/// spawning thread ends, so an interrupted test run leaves no daemon
+/// behind (best effort: a daemon that drops privileges, as FRR's do,
+/// clears the setting). Returns the child and its command line.
+pub fn spawn_tied(mut command: Command, log: &Path) -> (Child, String) {
+    let command_line = format!("{command:?}");
+    let out = std::fs::File::create(log).expect("daemon output file");
+    let err = out.try_clone().expect("daemon output file");
+    // SAFETY: prctl(2) is async-signal-safe.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = command
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .unwrap_or_else(|err| panic!("starting {command_line}: {err}"));
+    (child, command_line)
+}
+
 /// A daemon run in the foreground as our child; SIGTERM, then SIGKILL, on drop.
 struct Daemon {
     child: Child,
@@ -107,28 +133,8 @@ struct Daemon {
 }
 
 impl Daemon {
-    fn spawn(mut command: Command, log: &Path) -> Self {
-        let command_line = format!("{command:?}");
-        let out = std::fs::File::create(log).expect("daemon output file");
-        let err = out.try_clone().expect("daemon output file");
-        // SAFETY: prctl(2) is async-signal-safe. The child gets SIGTERM
-        // when the spawning thread ends, so an interrupted test run does not
-        // leave routers behind. Best effort: a daemon that drops privileges
-        // (FRR's do) clears the setting.
-        unsafe {
-            command.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let child = command
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .unwrap_or_else(|err| panic!("starting {command_line}: {err}"));
+    fn spawn(command: Command, log: &Path) -> Self {
+        let (child, command_line) = spawn_tied(command, log);
         Self {
             child,
             command_line,
