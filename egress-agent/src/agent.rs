@@ -31,7 +31,7 @@ use tokio::{
 };
 
 use crate::{
-    addresses,
+    addresses, applied,
     audit::{self, Audit, AuditHandle},
     bfd::Bfd,
     config::{Config, ConfigError, LinkRef, Resolved, Timeouts},
@@ -262,6 +262,7 @@ pub async fn run(instance: &Instance, options: &RunOptions) -> Result<(), RunErr
     // A predecessor's state says which macvlans are ours to recreate, and
     // which addresses ours to keep.
     let previous = instance.read_state().ok().flatten();
+    let started_digest = applied::digest_of(config_path);
     let Some(prepared) = until_stopped(&stop, async {
         let mut kube = match &options.kubernetes {
             Some(kube_options) => {
@@ -404,6 +405,7 @@ pub async fn run(instance: &Instance, options: &RunOptions) -> Result<(), RunErr
         "serving"
     );
     warn_if_overcommitted(&resolved);
+    applied::record(instance, started_digest, None);
     metrics::export_attachments(&exporter, state.attachments.clone());
     let audit_handle = audit.handle();
     audit_handle.set_tenants(state.tenants.iter().map(|t| (t.id, t.name.as_str())));
@@ -482,6 +484,7 @@ pub async fn run(instance: &Instance, options: &RunOptions) -> Result<(), RunErr
             // Read the file (and the cluster) again; only what can change
             // live is applied. Reading and checking change nothing, so a
             // stop simply drops them.
+            let reading = applied::digest_of(config_path);
             let Some(outcome) = until_stopped(
                 &stop,
                 reload(config_path, kube.as_ref(), &current, &Owned::of(&applied)),
@@ -515,6 +518,7 @@ pub async fn run(instance: &Instance, options: &RunOptions) -> Result<(), RunErr
                             }
                             state = next_state;
                             current = next;
+                            applied::record(instance, reading, None);
                         }
                         Err(err) if is_interrupted(&err) => {
                             tracing::info!("reload abandoned halfway: stopping");
@@ -523,17 +527,26 @@ pub async fn run(instance: &Instance, options: &RunOptions) -> Result<(), RunErr
                             record(instance, &applied, state.clone());
                             break;
                         }
-                        Err(err) => tracing::error!(
-                            error = %format!("{err:#}"),
-                            "applying the reloaded configuration"
-                        ),
+                        Err(err) => {
+                            tracing::error!(
+                                error = %format!("{err:#}"),
+                                "applying the reloaded configuration"
+                            );
+                            applied::record(instance, reading, Some(format!("{err:#}")));
+                        }
                     }
                 }
-                Ok(None) => tracing::info!("configuration unchanged"),
-                Err(err) => tracing::error!(
-                    error = %err,
-                    "reload refused; still serving the previous configuration"
-                ),
+                Ok(None) => {
+                    tracing::info!("configuration unchanged");
+                    applied::record(instance, reading, None);
+                }
+                Err(err) => {
+                    tracing::error!(
+                        error = %err,
+                        "reload refused; still serving the previous configuration"
+                    );
+                    applied::record(instance, reading, Some(err.to_string()));
+                }
             }
             if let Some(kube) = &mut kube {
                 kube.publish(&flows_by_tenant(&instance.pin_dir)).await;

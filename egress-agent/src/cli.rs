@@ -105,6 +105,37 @@ pub enum Command {
         #[command(subcommand)]
         command: LogCommand,
     },
+    /// What the scripts in Kube-OVN's gateway pods run (deploy/kube-ovn/image).
+    KubeOvn {
+        #[command(subcommand)]
+        command: KubeOvnCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KubeOvnCommand {
+    /// A VpcNatGateway's `nat-gateway.sh <verb> <rule>...`: exit 0 and
+    /// nothing on stderr when done, 1 and the reason on stderr otherwise.
+    NatGateway {
+        /// init, subnet-route-add|del, eip-add|del, snat-add|del,
+        /// dnat-add|del, floating-ip-add|del, get-iptables-version.
+        verb: String,
+        /// Rules, fields separated by commas.
+        #[arg(allow_hyphen_values = true)]
+        rules: Vec<String>,
+    },
+}
+
+impl Cli {
+    /// Commands whose callers read stderr as failure log nothing there.
+    pub fn quiet(&self) -> bool {
+        matches!(
+            self.command,
+            Command::KubeOvn {
+                command: KubeOvnCommand::NatGateway { .. }
+            }
+        )
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -171,6 +202,9 @@ pub async fn execute(cli: Cli) -> i32 {
         Command::Cleanup => agent::cleanup(&instance).await.map_err(Into::into),
         Command::Crd => crate::kubernetes::crd::print_crd().map_err(Into::into),
         Command::Log { command } => return log(&command),
+        Command::KubeOvn {
+            command: KubeOvnCommand::NatGateway { verb, rules },
+        } => return crate::kube_ovn_pod::nat_gateway::run(&instance, &verb, &rules).await,
     };
     match result {
         Ok(()) => 0,

@@ -617,7 +617,11 @@ impl Config {
                 );
             }
             let sources = parse_sources(problems, &at, &tenant.sources);
-            let egress = parse_egress(problems, &at, &tenant.egress_ips);
+            // A tenant with floating IPs may have no egress IP (a NAT
+            // gateway's host with only a floating IP): its hosts with one
+            // leave from it, the others get nothing out.
+            let has_floating = !tenant.floating_ips.is_empty();
+            let egress = parse_egress(problems, &at, &tenant.egress_ips, has_floating);
             for (i, addr) in egress.iter().enumerate() {
                 let here = at.field(&format!("egressIPs[{i}]"));
                 if let Some(owner) = egress_owner.get(addr) {
@@ -1806,11 +1810,16 @@ fn parse_sources(
     parsed
 }
 
-fn parse_egress(problems: &mut Problems, at: &TenantField<'_>, egress: &[String]) -> Vec<Ipv4Addr> {
-    if egress.is_empty() {
+fn parse_egress(
+    problems: &mut Problems,
+    at: &TenantField<'_>,
+    egress: &[String],
+    may_be_empty: bool,
+) -> Vec<Ipv4Addr> {
+    if egress.is_empty() && !may_be_empty {
         problems.add(
             at.field("egressIPs"),
-            "must list at least one egress address",
+            "must list at least one egress address (or the tenant's floatingIPs)",
         );
     }
     if egress.len() > MAX_EGRESS_ADDRS {

@@ -12,6 +12,7 @@
 
 pub mod addresses;
 pub mod agent;
+pub mod applied;
 pub mod audit;
 pub mod bfd;
 pub mod bpffs;
@@ -22,6 +23,7 @@ pub mod dataplane;
 pub mod health;
 pub mod hook_choice;
 pub mod instance;
+pub mod kube_ovn_pod;
 pub mod kubernetes;
 pub mod live;
 pub mod macvlans;

@@ -8,6 +8,7 @@
 //! - `shapes`: the seeds' other deployment shapes (a Kube-OVN gateway pod
 //!   with a macvlan `net1`, a gateway VM with one macvlan per tenant).
 //! - `agent`: the real `egress-agent` binary run against a topology.
+//! - `kube_ovn`: the gateway image's scripts run as Kube-OVN runs them.
 //! - `traffic`: servers that record their peers, clients, captures.
 //! - `cleanup`: removes all of the above when a program is interrupted.
 //! - `harness`: the real programs on crafted frames via BPF_PROG_TEST_RUN.
@@ -22,6 +23,7 @@ pub mod cleanup;
 pub mod collector;
 pub mod frames;
 pub mod harness;
+pub mod kube_ovn;
 pub mod netns;
 pub mod peers;
 pub mod shapes;

@@ -477,3 +477,118 @@ impl Default for GatewayVm {
         Self::new()
     }
 }
+
+/// Seed 001's VpcNatGateway pod (Harvester, Kube-OVN as secondary CNI):
+///
+/// ```text
+///  vpc ns: br0 (subnet1 172.20.10.0/24)        extlan ns: br0 (10.115.48.0/21)
+///   ├─ host 172.20.10.2 ─┐                      ├─ router/client 10.115.55.254
+///   └─ host 172.20.10.3 ─┴─ br0 ── net1 172.20.10.254 [nat gw pod] net2 10.115.48.1/21
+///                                                                    │ (macvlan bridge)
+///                                   node eth1 (macvlan parent) ──────┴─ extlan br0
+/// ```
+///
+/// `net1` joins the VPC subnet, `net2` the external subnet with the pod's
+/// own address; EIPs come from the controller's `eip-add`. The external
+/// subnet's gateway (`GATEWAY_V4`) is also the client and server outside.
+pub struct NatGatewayPod {
+    pub hosts: Vec<Host>,
+    pub node: Netns,
+    pub gateway: Netns,
+    pub vpc: Netns,
+    pub extlan: Netns,
+    /// The external subnet's gateway, client and server outside.
+    pub outside: Netns,
+}
+
+impl NatGatewayPod {
+    pub const INTERNAL: Ipv4Addr = Ipv4Addr::new(172, 20, 10, 254);
+    pub const EXTERNAL: Ipv4Addr = Ipv4Addr::new(10, 115, 48, 1);
+    pub const GATEWAY_V4: Ipv4Addr = Ipv4Addr::new(10, 115, 55, 254);
+    pub const WEB: Ipv4Addr = Ipv4Addr::new(172, 20, 10, 2);
+    pub const FLOATING_HOST: Ipv4Addr = Ipv4Addr::new(172, 20, 10, 3);
+
+    pub fn new() -> Self {
+        let vpc = switch("vpc", 1500);
+        let extlan = switch("extlan", 1500);
+        let node = Netns::new("node");
+        let gateway = Netns::new("natgw");
+        let outside = Netns::new("outside");
+
+        vpc.veth("gw", &gateway, "net1");
+        vpc.ip(&["link", "set", "gw", "master", "br0"]);
+        gateway.ip(&[
+            "addr",
+            "add",
+            &format!("{}/24", Self::INTERNAL),
+            "dev",
+            "net1",
+        ]);
+
+        node.veth("eth1", &extlan, "node");
+        extlan.ip(&["link", "set", "node", "master", "br0"]);
+        node.ip(&[
+            "link", "add", "net2", "link", "eth1", "type", "macvlan", "mode", "bridge",
+        ]);
+        node.ip(&["link", "set", "net2", "netns", gateway.name()]);
+        gateway.ip(&["link", "set", "net2", "up"]);
+        gateway.ip(&[
+            "addr",
+            "add",
+            &format!("{}/21", Self::EXTERNAL),
+            "dev",
+            "net2",
+        ]);
+
+        outside.veth("eth0", &extlan, "outside");
+        extlan.ip(&["link", "set", "outside", "master", "br0"]);
+        outside.ip(&[
+            "addr",
+            "add",
+            &format!("{}/21", Self::GATEWAY_V4),
+            "dev",
+            "eth0",
+        ]);
+
+        let hosts = [("web", Self::WEB), ("fip", Self::FLOATING_HOST)]
+            .iter()
+            .enumerate()
+            .map(|(i, (role, addr))| {
+                let ns = Netns::new(role);
+                let port = format!("h{i}");
+                ns.veth("eth0", &vpc, &port);
+                vpc.ip(&["link", "set", &port, "master", "br0"]);
+                ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
+                ns.ip(&[
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &Self::INTERNAL.to_string(),
+                ]);
+                Host { ns, addr: *addr }
+            })
+            .collect();
+        Self {
+            hosts,
+            node,
+            gateway,
+            vpc,
+            extlan,
+            outside,
+        }
+    }
+
+    pub fn host(&self, addr: Ipv4Addr) -> &Host {
+        self.hosts
+            .iter()
+            .find(|h| h.addr == addr)
+            .unwrap_or_else(|| panic!("no host {addr} in this topology"))
+    }
+}
+
+impl Default for NatGatewayPod {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,7 @@
+//! Inside Kube-OVN's own gateway pods: the commands behind the scripts the
+//! controller runs there (`deploy/kube-ovn/image/`), under the names and
+//! with the exit codes and output Kube-OVN's own image has.
+//!
+//! `nat_gateway` serves a VpcNatGateway's `nat-gateway.sh` verbs.
+
+pub mod nat_gateway;
