@@ -56,6 +56,10 @@ pub struct Config {
     /// The translation log: JSON lines, IPFIX.
     #[serde(default)]
     pub audit: audit::Audit,
+    /// Source CIDRs the gateway routes out of the external interface
+    /// untranslated (Kube-OVN's `snat: false` policies); in no tenant.
+    #[serde(default)]
+    pub routed_sources: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
@@ -436,6 +440,7 @@ impl Config {
         let bfd_peers = self.plan_bfd(&mut problems);
         let hooks = self.plan_hooks(&mut problems);
         let audit = self.audit.plan(&mut problems);
+        let routed_sources = self.plan_routed_sources(&mut problems, &tenants);
         problems.into_result(Plan {
             internal: self.interfaces.internal.clone(),
             external: self.interfaces.external.clone(),
@@ -448,7 +453,43 @@ impl Config {
             return_routes,
             bfd_peers,
             audit,
+            routed_sources,
         })
+    }
+
+    /// `routedSources`: CIDRs, none inside a tenant's sources (a packet is
+    /// either translated or routed as it is, never both).
+    fn plan_routed_sources(
+        &self,
+        problems: &mut Problems,
+        tenants: &[PlannedTenant],
+    ) -> Vec<Ipv4Net> {
+        let mut planned = Vec::new();
+        for (i, text) in self.routed_sources.iter().enumerate() {
+            let field = format!("routedSources[{i}]");
+            match parse_cidr(text) {
+                Err(message) => problems.add(field, message),
+                Ok(net) => {
+                    let clash = tenants.iter().enumerate().find(|(_, t)| {
+                        t.sources
+                            .iter()
+                            .any(|s| s.contains(&net.network()) || net.contains(&s.network()))
+                    });
+                    if let Some((index, tenant)) = clash {
+                        problems.add(
+                            field,
+                            format!(
+                                "{net} overlaps the sources of {}",
+                                TenantField::new(index, &tenant.name)
+                            ),
+                        );
+                    } else {
+                        planned.push(net);
+                    }
+                }
+            }
+        }
+        planned
     }
 
     /// The hook setting of each managed interface. A file from before
@@ -937,6 +978,7 @@ pub struct Plan {
     pub return_routes: Vec<PlannedRoute>,
     pub bfd_peers: Vec<PlannedBfdPeer>,
     pub audit: audit::AuditPlan,
+    pub routed_sources: Vec<Ipv4Net>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1076,6 +1118,8 @@ pub struct Resolved {
     /// Macvlan next hops the agent creates, by name.
     pub macvlans: Vec<MacvlanSpec>,
     pub audit: audit::AuditPlan,
+    /// Sources routed out untranslated (`routedSources`).
+    pub routed_sources: Vec<Ipv4Net>,
 }
 
 impl Resolved {
@@ -1300,6 +1344,7 @@ impl Plan {
             arp_isolated: arp_isolated.into_iter().collect(),
             macvlans,
             audit: self.audit.clone(),
+            routed_sources: self.routed_sources.clone(),
         });
         match (problems.into_result(()), resolved) {
             (Ok(()), Some(resolved)) => Ok(resolved),

@@ -19,10 +19,12 @@ use std::{
 use anyhow::Context as _;
 use egress_common::{
     flow::{
-        DIR_OUTBOUND, FlowEntryV4, FlowKeyV4, PROTO_ICMP, PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_FIN,
-        TCP_RST, TCP_SYN,
+        DIR_OUTBOUND, FlowEntryV4, FlowKeyV4, PROTO_ICMP, PROTO_TCP, PROTO_UDP, STATE_CLOSE,
+        STATE_COUNT, STATE_ESTABLISHED, STATE_FIN_WAIT, STATE_ICMP, STATE_REPLIED, STATE_SYN_SENT,
+        STATE_TIME_WAIT, STATE_UNREPLIED, flow_state,
     },
     inbound::FLOW_F_INBOUND,
+    sweep::SelfSweep,
 };
 use serde::Serialize;
 
@@ -69,27 +71,22 @@ impl FlowState {
         }
     }
 
+    /// The dataplane's own sweep judges with the same function
+    /// (`egress_common::flow::flow_state`).
     pub fn of(proto: u8, outbound: &FlowEntryV4, reply: Option<&FlowEntryV4>) -> Self {
         let back = reply.map_or(0, |r| r.tcp_flags);
         let replied = reply.is_some_and(|r| r.packets > 0);
-        if proto != PROTO_TCP {
-            return if replied {
-                Self::Replied
-            } else {
-                Self::Unreplied
-            };
-        }
-        let out = outbound.tcp_flags;
-        if (out | back) & TCP_RST != 0 {
-            Self::Close
-        } else if out & TCP_FIN != 0 && back & TCP_FIN != 0 {
-            Self::TimeWait
-        } else if (out | back) & TCP_FIN != 0 {
-            Self::FinWait
-        } else if back & (TCP_SYN | TCP_ACK) != 0 {
-            Self::Established
-        } else {
-            Self::SynSent
+        match flow_state(proto, outbound.tcp_flags, back, replied) {
+            STATE_SYN_SENT => Self::SynSent,
+            STATE_ESTABLISHED => Self::Established,
+            STATE_FIN_WAIT => Self::FinWait,
+            STATE_TIME_WAIT => Self::TimeWait,
+            STATE_CLOSE => Self::Close,
+            STATE_REPLIED => Self::Replied,
+            // ICMP flows are unreplied or replied like UDP; their timeout
+            // is the protocol's (`timeout`).
+            STATE_ICMP if replied => Self::Replied,
+            _ => Self::Unreplied,
         }
     }
 
@@ -103,6 +100,29 @@ impl FlowState {
             Self::Unreplied => "UNREPLIED",
             Self::Replied => "REPLIED",
         }
+    }
+}
+
+/// The dataplane's own sweep (`SELF_SWEEP`) with these timeouts, walking
+/// every `interval`: for gateways where no agent process stays.
+pub fn self_sweep(interval: Duration, timeouts: &Timeouts) -> SelfSweep {
+    let mut timeouts_ns = [0u64; STATE_COUNT];
+    for (state, timeout) in [
+        (STATE_SYN_SENT, timeouts.tcp_syn_sent),
+        (STATE_ESTABLISHED, timeouts.tcp_established),
+        (STATE_FIN_WAIT, timeouts.tcp_fin_wait),
+        (STATE_TIME_WAIT, timeouts.tcp_time_wait),
+        (STATE_CLOSE, timeouts.tcp_close),
+        (STATE_UNREPLIED, timeouts.udp),
+        (STATE_REPLIED, timeouts.udp_replied),
+        (STATE_ICMP, timeouts.icmp),
+    ] {
+        timeouts_ns[state] = nanos(timeout);
+    }
+    SelfSweep {
+        interval_ns: nanos(interval),
+        timeouts_ns,
+        ..SelfSweep::default()
     }
 }
 
@@ -476,7 +496,7 @@ fn remove(maps: &mut Maps, key: &FlowKeyV4) -> anyhow::Result<bool> {
 
 #[cfg(test)]
 mod tests {
-    use egress_common::flow::{DIR_REPLY, REPLY_ZONE};
+    use egress_common::flow::{DIR_REPLY, REPLY_ZONE, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 
     use super::*;
 

@@ -190,3 +190,52 @@ shared_layout! {
         pub created_ns: u64,
     }
 }
+
+/// TCP: SYN sent, nothing back yet.
+pub const STATE_SYN_SENT: usize = 0;
+/// TCP: the peer answered the handshake.
+pub const STATE_ESTABLISHED: usize = 1;
+/// TCP: one side sent FIN.
+pub const STATE_FIN_WAIT: usize = 2;
+/// TCP: both sides sent FIN.
+pub const STATE_TIME_WAIT: usize = 3;
+/// TCP: either side sent RST.
+pub const STATE_CLOSE: usize = 4;
+/// UDP (and other datagrams): packets out, none back yet.
+pub const STATE_UNREPLIED: usize = 5;
+/// UDP: replies seen.
+pub const STATE_REPLIED: usize = 6;
+/// ICMP queries, whatever was seen: one timeout.
+pub const STATE_ICMP: usize = 7;
+/// Number of `STATE_*` values: the length of a timeout table.
+pub const STATE_COUNT: usize = 8;
+
+/// The protocol state of a flow (`STATE_*`, close to Linux conntrack's),
+/// from the TCP flags each direction accumulated and whether anything came
+/// back. One function for the agent's sweeper and the dataplane's own
+/// (`sweep`), so both expire a flow at the same moment.
+#[inline(always)]
+#[must_use]
+pub const fn flow_state(proto: u8, out_flags: u8, back_flags: u8, replied: bool) -> usize {
+    if proto == PROTO_ICMP {
+        return STATE_ICMP;
+    }
+    if proto != PROTO_TCP {
+        return if replied {
+            STATE_REPLIED
+        } else {
+            STATE_UNREPLIED
+        };
+    }
+    if (out_flags | back_flags) & TCP_RST != 0 {
+        STATE_CLOSE
+    } else if out_flags & TCP_FIN != 0 && back_flags & TCP_FIN != 0 {
+        STATE_TIME_WAIT
+    } else if (out_flags | back_flags) & TCP_FIN != 0 {
+        STATE_FIN_WAIT
+    } else if back_flags & (TCP_SYN | TCP_ACK) != 0 {
+        STATE_ESTABLISHED
+    } else {
+        STATE_SYN_SENT
+    }
+}

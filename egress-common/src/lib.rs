@@ -17,6 +17,7 @@ pub mod flow;
 pub mod inbound;
 pub mod names;
 pub mod redirect;
+pub mod sweep;
 pub mod tenant;
 
 /// Declares a map layout: `#[repr(C)]`, copyable, and `Pod` on the user side.

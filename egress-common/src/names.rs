@@ -45,8 +45,15 @@ pub const PORT_FORWARDS_V4: &str = "PORT_FWD_V4";
 /// host with a floating IP leaves from.
 pub const FLOATING_V4: &str = "FLOATING_V4";
 
+/// Array of one `SelfSweep`: flow expiry by the programs, where no agent
+/// process stays (a Kube-OVN egress gateway pod).
+pub const SELF_SWEEP: &str = "SELF_SWEEP";
+/// LPM trie `Key<[u8; 4]>` -> `u32` (unused): sources routed out of the
+/// external interface untranslated (Kube-OVN's `snat: false` policies).
+pub const ROUTED_SOURCES_V4: &str = "ROUTED_SRC_V4";
+
 /// Every map, in the order the agent pins them.
-pub const ALL_MAPS: [&str; 16] = [
+pub const ALL_MAPS: [&str; 18] = [
     TENANT_SOURCES_V4,
     INGRESS_PORTS,
     TENANTS,
@@ -63,6 +70,8 @@ pub const ALL_MAPS: [&str; 16] = [
     FLOW_EVENTS,
     PORT_FORWARDS_V4,
     FLOATING_V4,
+    SELF_SWEEP,
+    ROUTED_SOURCES_V4,
 ];
 
 /// XDP on internal interfaces: classify, track, translate, forward outbound traffic.
@@ -81,6 +90,9 @@ pub const PROG_NEIGH_FALLBACK: &str = "neigh_fallback";
 /// TC egress on the external interface: drops forwarded packets whose source is
 /// not an egress address, whatever path they took through the kernel.
 pub const PROG_LEAK_GUARD: &str = "leak_guard";
+/// TC ingress on internal interfaces, before the outbound program, where no
+/// agent process stays: expires idle flows (see `sweep`).
+pub const PROG_CONNTRACK_SWEEP: &str = "conntrack_sweep";
 /// Tracepoint `xdp:xdp_devmap_xmit`: counts frames a redirect target refused.
 pub const PROG_REDIRECT_XMIT: &str = "redirect_xmit";
 /// Tracepoint `xdp:xdp_redirect_err`: counts redirects refused before queueing.

@@ -34,7 +34,7 @@ const REFILL_CAP_NS: u64 = 10_000_000_000;
 /// verifier has always accepted on map values: the intrinsic, result
 /// unused, compiles to exactly that.
 #[inline(always)]
-fn add(counter: *mut u64) {
+pub fn add(counter: *mut u64) {
     // SAFETY: `counter` points into a map value, 8-aligned by layout.
     unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(counter, 1) };
 }

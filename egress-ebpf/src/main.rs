@@ -17,6 +17,9 @@
 //! arithmetic, `verdict` for the counted outcome of every packet and `zero`
 //! for zeroing that stays inline.
 //!
+//! `conntrack_sweep` (TC ingress, internal, only where no agent process
+//! stays) expires idle flows: see `sweep`.
+//!
 //! Off the packet's path, two tracepoint programs (`redirect_xmit`,
 //! `redirect_err`) count the redirects the kernel dropped after the XDP
 //! programs returned: see `redirect_errors`.
@@ -42,6 +45,7 @@ mod outbound;
 mod parse;
 mod redirect_errors;
 mod reply;
+mod sweep;
 mod tc;
 mod verdict;
 mod zero;
@@ -71,6 +75,14 @@ pub fn tc_outbound(ctx: TcContext) -> i32 {
 pub fn tc_reply(ctx: TcContext) -> i32 {
     hook::tc_pull_headers(&ctx);
     reply::run(&ctx)
+}
+
+/// Before `tc_outbound` where no agent sweeps: expires idle flows, hands
+/// every packet on (TC_ACT_UNSPEC: the next filter runs).
+#[classifier]
+pub fn conntrack_sweep(_ctx: TcContext) -> i32 {
+    sweep::maybe_walk();
+    aya_ebpf::bindings::TC_ACT_UNSPEC
 }
 
 #[classifier]

@@ -11,6 +11,7 @@ use egress_common::{
     events::{DEFAULT_EVENT_RING_BYTES, FlowEventV4},
     flow::{FlowEntryV4, FlowKeyV4, FragEntryV4, FragKeyV4},
     inbound::{FloatingKeyV4, ForwardKeyV4, ForwardV4},
+    sweep::SelfSweep,
     tenant::{IngressPortKey, MAX_TENANTS, SourceKeyV4, TenantInfo, TenantName, TenantUsage},
 };
 
@@ -89,3 +90,13 @@ pub static PORT_FWD_V4: HashMap<ForwardKeyV4, ForwardV4, 65_536> = HashMap::new(
 /// Hosts with a floating IP -> the address their new flows leave from.
 #[btf_map]
 pub static FLOATING_V4: HashMap<FloatingKeyV4, [u8; 4], 16_384> = HashMap::new();
+
+/// Flow expiry by the programs themselves (`sweep`); idle unless the agent
+/// set an interval because no agent process will stay.
+#[btf_map]
+pub static SELF_SWEEP: Array<SelfSweep, 1> = Array::new();
+
+/// Sources the external interface lets out untranslated (Kube-OVN's
+/// `snat: false` policies): the leak guard passes them. Values unused.
+#[btf_map]
+pub static ROUTED_SRC_V4: LpmTrie<[u8; 4], u32, 4_096> = LpmTrie::new();

@@ -8,12 +8,14 @@
 //!   forwarded packet (one that came in on some interface) may leave only
 //!   with an egress address as its source, whatever path the kernel took.
 //!   Locally generated traffic (the gateway's own, BFD, ICMP errors the kernel
-//!   sends) is not forwarded and passes.
+//!   sends) is not forwarded and passes, and so do sources the operator
+//!   routes untranslated (`ROUTED_SRC_V4`).
 
 use core::mem::MaybeUninit;
 
 use aya_ebpf::{
     bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, TC_ACT_SHOT},
+    btf_maps::lpm_trie::Key,
     helpers::bpf_redirect_neigh,
     programs::TcContext,
 };
@@ -25,7 +27,7 @@ use network_types::{
 
 use crate::{
     forward::{fib_lookup, fib_query_v4, role_of},
-    maps::EGRESS_ADDR_V4,
+    maps::{EGRESS_ADDR_V4, ROUTED_SRC_V4},
     verdict::count,
 };
 
@@ -82,7 +84,15 @@ pub fn leak_guard(ctx: &TcContext) -> i32 {
     if forwarded_from == 0 {
         return TC_ACT_OK;
     }
-    if ipv4_header(ctx).is_some_and(|ip| is_egress_addr(ip.src_addr)) {
+    let Some(ip) = ipv4_header(ctx) else {
+        count(Counter::TcLeakBlocked);
+        return TC_ACT_SHOT;
+    };
+    if is_egress_addr(ip.src_addr) {
+        return TC_ACT_OK;
+    }
+    if ROUTED_SRC_V4.get(&Key::new(32, ip.src_addr)).is_some() {
+        count(Counter::TcRoutedPassed);
         return TC_ACT_OK;
     }
     count(Counter::TcLeakBlocked);

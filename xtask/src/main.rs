@@ -136,13 +136,14 @@ fn test(root: &Path, args: &[String]) -> anyhow::Result<()> {
 }
 
 /// The test files that run the programs through BPF_PROG_TEST_RUN.
-const PACKET_TESTS: [&str; 6] = [
+const PACKET_TESTS: [&str; 7] = [
     "packets",
     "conntrack",
     "malformed",
     "isolation",
     "audit_events",
     "inbound",
+    "sweep",
 ];
 
 fn bench(root: &Path, short: bool, args: &[String]) -> anyhow::Result<()> {

@@ -24,6 +24,7 @@ use egress_common::{
     flow::{FlowEntryV4, FlowKeyV4, FragEntryV4, FragKeyV4},
     inbound::{FloatingKeyV4, ForwardKeyV4, ForwardV4},
     names,
+    sweep::SelfSweep,
     tenant::{
         ANY_PORT, IngressPortKey, MAX_EGRESS_ADDRS, MAX_TENANT_ID, MAX_TENANTS, PORT_PREFIX_BITS,
         SourceKeyV4, TENANT_F_ACTIVE, TENANT_F_FLOATING, TENANT_F_FORWARDS, TENANT_NAME_LEN,
@@ -54,6 +55,10 @@ pub struct Maps {
     pub forwards: HashMap<MapData, ForwardKeyV4, ForwardV4>,
     /// Hosts with a floating IP -> that address.
     pub floating: HashMap<MapData, FloatingKeyV4, [u8; 4]>,
+    /// Sources the leak guard lets out untranslated.
+    pub routed: LpmTrie<MapData, [u8; 4], u32>,
+    /// Flow expiry by the programs (idle while an agent sweeps).
+    pub self_sweep: Array<MapData, SelfSweep>,
     /// Entries the conntrack map can hold (two per flow).
     pub conntrack_capacity: u32,
 }
@@ -90,6 +95,8 @@ impl Maps {
             ended: typed!(pin_dir, names::TENANT_ENDED),
             forwards: typed!(pin_dir, names::PORT_FORWARDS_V4),
             floating: typed!(pin_dir, names::FLOATING_V4),
+            routed: typed!(pin_dir, names::ROUTED_SOURCES_V4),
+            self_sweep: typed!(pin_dir, names::SELF_SWEEP),
             conntrack_capacity: aya::maps::MapInfo::from_pin(pin_dir.join(names::CONNTRACK_V4))
                 .context("inspecting the conntrack map")?
                 .max_entries(),
@@ -235,6 +242,15 @@ impl Maps {
                 .insert(key, tenant, 0)
                 .context("writing TENANT_SRC_V4")?;
         }
+        for net in &desired.routed {
+            self.routed
+                .insert(
+                    &Key::new(u32::from(net.prefix_len()), net.addr().octets()),
+                    1,
+                    0,
+                )
+                .context("writing ROUTED_SRC_V4")?;
+        }
         // 3. Remove what is no longer wanted, classifier first.
         let wanted: BTreeSet<_> = desired
             .sources
@@ -249,6 +265,20 @@ impl Maps {
             .collect();
         for key in stale {
             self.sources.remove(&key).context("pruning TENANT_SRC_V4")?;
+        }
+        let routed: BTreeSet<(u32, [u8; 4])> = desired
+            .routed
+            .iter()
+            .map(|net| (u32::from(net.prefix_len()), net.addr().octets()))
+            .collect();
+        let stale: Vec<_> = self
+            .routed
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !routed.contains(&(k.prefix_len(), k.data())))
+            .collect();
+        for key in stale {
+            self.routed.remove(&key).context("pruning ROUTED_SRC_V4")?;
         }
         prune(
             &mut self.ingress_ports,
@@ -346,6 +376,8 @@ pub struct DesiredState {
     pub egress: Vec<([u8; 4], u32)>,
     pub forwards: Vec<(ForwardKeyV4, ForwardV4)>,
     pub floating: Vec<(FloatingKeyV4, [u8; 4])>,
+    /// Sources routed out untranslated.
+    pub routed: Vec<ipnet::Ipv4Net>,
     /// Tenant id of each tenant of the plan, in plan order.
     pub ids: Vec<u16>,
     /// Conntrack zones (ingress port ids) of each tenant, in plan order.
@@ -387,6 +419,7 @@ impl DesiredState {
             },
         ));
         state.interfaces = interfaces;
+        state.routed.clone_from(&resolved.routed_sources);
         state.ingress_ports = port_ids.iter().map(|(k, v)| (*k, *v)).collect();
         if !state.ingress_ports.is_empty() {
             state.config.flags |= CONFIG_F_INGRESS_PORTS;

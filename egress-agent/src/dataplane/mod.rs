@@ -107,6 +107,7 @@ impl Dataplane {
             names::PROG_TC_REPLY,
             names::PROG_NEIGH_FALLBACK,
             names::PROG_LEAK_GUARD,
+            names::PROG_CONNTRACK_SWEEP,
         ] {
             let program: &mut SchedClassifier = program_mut(&mut ebpf, name)?.try_into()?;
             program

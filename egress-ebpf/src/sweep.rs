@@ -1,0 +1,113 @@
+//! Sweep: flow expiry by the dataplane itself, where no agent process
+//! stays to do it (Kube-OVN's egress gateway pod: the init container
+//! attaches the programs and exits; the long-running one may not call
+//! bpf()).
+//!
+//! `conntrack_sweep` runs before the outbound program on the internal
+//! interfaces and hands every packet on untouched. Once per interval
+//! (`SELF_SWEEP`, 0 when an agent sweeps) the packet that finds the
+//! interval over walks the table with `bpf_for_each_map_elem`: each flow is
+//! judged from its outbound half, by the state both halves' flags give
+//! (`flow_state`, the agent's rule) and the later of their last packets,
+//! and ends with both halves; the tenant's ended count goes up as the
+//! agent's would, so quotas hold. A walk costs about a nanosecond per
+//! table slot, paid by one packet per interval.
+
+use core::ffi::c_void;
+
+use aya_ebpf::helpers::bpf_for_each_map_elem;
+use egress_common::{
+    flow::{DIR_OUTBOUND, FlowEntryV4, FlowKeyV4, STATE_COUNT, flow_state},
+    sweep::{ORPHAN_GRACE_NS, SelfSweep},
+};
+
+use crate::{
+    conntrack, limits,
+    maps::{CONNTRACK_V4, SELF_SWEEP, TENANT_ENDED},
+};
+
+/// What the walk's callback needs.
+#[repr(C)]
+struct Walk {
+    now: u64,
+    sweep: *mut SelfSweep,
+}
+
+/// Walks the table if the interval is over; cheap otherwise.
+#[inline(always)]
+pub fn maybe_walk() {
+    let Some(sweep) = SELF_SWEEP.get_ptr_mut(0) else {
+        return;
+    };
+    let now = conntrack::now();
+    // SAFETY: map value pointer returned by the kernel. Two CPUs may both
+    // see the interval over and walk at once: deleting a deleted flow
+    // fails and is counted once, by whoever succeeded.
+    unsafe {
+        let interval = (*sweep).interval_ns;
+        if interval == 0 || now.wrapping_sub((*sweep).last_ns) < interval {
+            return;
+        }
+        (*sweep).last_ns = now;
+        limits::add(&raw mut (*sweep).walks);
+    }
+    let mut walk = Walk { now, sweep };
+    // SAFETY: the map pointer is the map's definition (what the loader
+    // relocates to its fd), the callback a static function of the
+    // signature the helper documents, the context on this stack.
+    unsafe {
+        bpf_for_each_map_elem(
+            core::ptr::from_ref(&CONNTRACK_V4).cast_mut().cast(),
+            expire as *mut c_void,
+            (&raw mut walk).cast(),
+            0,
+        );
+    }
+}
+
+/// One table entry: ends its flow if idle past its state's timeout.
+/// Returns 0: continue the walk.
+#[inline(never)]
+extern "C" fn expire(
+    _map: *mut c_void,
+    key: *mut FlowKeyV4,
+    entry: *mut FlowEntryV4,
+    walk: *mut Walk,
+) -> i64 {
+    // SAFETY: the helper passes this entry's key and value and our context.
+    let (key, entry, walk) = unsafe { (&*key, &*entry, &*walk) };
+    let peer_key = key.peer_key(entry);
+    let Some(peer) = CONNTRACK_V4.get_ptr(peer_key) else {
+        if walk.now.wrapping_sub(entry.last_seen_ns) >= ORPHAN_GRACE_NS
+            && CONNTRACK_V4.remove(key).is_ok()
+        {
+            // SAFETY: map value pointer from the walk's context.
+            limits::add(unsafe { &raw mut (*walk.sweep).orphans });
+        }
+        return 0;
+    };
+    if key.direction != DIR_OUTBOUND {
+        // Judged once, from the outbound half.
+        return 0;
+    }
+    // SAFETY: map value pointer returned by the kernel.
+    let peer = unsafe { &*peer };
+    let state = flow_state(key.proto, entry.tcp_flags, peer.tcp_flags, peer.packets > 0);
+    // SAFETY: as above; `state` is below STATE_COUNT, the mask says so to
+    // the verifier.
+    let timeout = unsafe { (*walk.sweep).timeouts_ns[state & (STATE_COUNT - 1)] };
+    let last = entry.last_seen_ns.max(peer.last_seen_ns);
+    if walk.now.wrapping_sub(last) < timeout {
+        return 0;
+    }
+    let tenant = u32::from(entry.tenant);
+    let _ = CONNTRACK_V4.remove(peer_key);
+    if CONNTRACK_V4.remove(key).is_ok() {
+        if let Some(ended) = TENANT_ENDED.get_ptr_mut(tenant) {
+            limits::add(ended);
+        }
+        // SAFETY: map value pointer from the walk's context.
+        limits::add(unsafe { &raw mut (*walk.sweep).ended });
+    }
+    0
+}
