@@ -124,6 +124,10 @@ pub enum KubeOvnCommand {
         #[arg(allow_hyphen_values = true)]
         rules: Vec<String>,
     },
+    /// A VpcEgressGateway's init container (`init-vpc-egress-gateway.sh`):
+    /// load the dataplane with the pod's translation, attach it through
+    /// netlink filters that stay without any process, and exit.
+    AttachEgressGateway(crate::kube_ovn_pod::egress_gateway::AttachArgs),
 }
 
 impl Cli {
@@ -205,6 +209,11 @@ pub async fn execute(cli: Cli) -> i32 {
         Command::KubeOvn {
             command: KubeOvnCommand::NatGateway { verb, rules },
         } => return crate::kube_ovn_pod::nat_gateway::run(&instance, &verb, &rules).await,
+        Command::KubeOvn {
+            command: KubeOvnCommand::AttachEgressGateway(args),
+        } => crate::kube_ovn_pod::egress_gateway::attach(&instance, &args)
+            .await
+            .map_err(Into::into),
     };
     match result {
         Ok(()) => 0,

@@ -110,7 +110,15 @@ impl Instance {
 
     /// Removes the state files (the live view too: nothing serves any more).
     pub fn remove_state(&self) {
-        for name in ["state.json", "live.json", "live.json.new", "lock"] {
+        for name in [
+            "state.json",
+            "live.json",
+            "live.json.new",
+            "applied.json",
+            "applied.json.partial",
+            "events.sock",
+            "lock",
+        ] {
             let _ = std::fs::remove_file(self.run_dir.join(name));
         }
         let _ = std::fs::remove_dir(&self.run_dir);

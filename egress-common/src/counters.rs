@@ -110,13 +110,13 @@ pub enum Counter {
     /// Reply: a port forward's new flow was refused by its tenant's quota
     /// or rate.
     InDropTenantLimit,
-    /// TC: a forwarded packet from a routed source (`routedSources`, not
-    /// translated by design) left the external interface.
-    TcRoutedPassed,
+    /// A packet of a routed source (`routedSources`, never translated)
+    /// passed: out through the leak guard, or in towards it.
+    RoutedPassed,
 }
 
 /// Number of counters; the size of the `COUNTERS` array.
-pub const COUNTER_COUNT: u32 = Counter::TcRoutedPassed as u32 + 1;
+pub const COUNTER_COUNT: u32 = Counter::RoutedPassed as u32 + 1;
 
 impl Counter {
     /// Every counter, in index order.
@@ -165,7 +165,7 @@ impl Counter {
         Counter::InDropConntrackFull,
         Counter::InDropForwardBusy,
         Counter::InDropTenantLimit,
-        Counter::TcRoutedPassed,
+        Counter::RoutedPassed,
     ];
 
     /// Stable snake_case name, used in metrics and the CLI.
@@ -216,7 +216,7 @@ impl Counter {
             Counter::InDropConntrackFull => "in_drop_conntrack_full",
             Counter::InDropForwardBusy => "in_drop_forward_busy",
             Counter::InDropTenantLimit => "in_drop_tenant_limit",
-            Counter::TcRoutedPassed => "tc_routed_passed",
+            Counter::RoutedPassed => "routed_passed",
         }
     }
 }

@@ -12,6 +12,7 @@
 //! interface stops the kernel from doing it. Written once for both hooks
 //! (see `hook`).
 
+use aya_ebpf::btf_maps::lpm_trie::Key;
 use egress_common::{
     counters::Counter,
     flow::{DIR_OUTBOUND, FlowEntryV4, FlowKeyV4, TCP_RST},
@@ -26,7 +27,7 @@ use crate::{
     frags,
     hook::{Hook, L4Fix},
     limits,
-    maps::TENANTS,
+    maps::{ROUTED_SRC_V4, TENANTS},
     nat::{self, Side},
     parse::{self, ICMP_ECHO_REQUEST, IcmpError, Ipv4Frame, ParseError, Payload, Transport},
     verdict::{Verdict, count},
@@ -379,9 +380,16 @@ fn transmit<H: Hook>(
 /// leave the gateway's own and internal traffic to the kernel.
 #[inline(always)]
 fn unclassified<H: Hook>(ctx: &H, frame: &Ipv4Frame, ingress: u32) -> Result<Verdict, Counter> {
-    if forward::route_as_is(ctx, frame, ingress).leaves_external() {
-        Err(Counter::OutDropUnclassified)
-    } else {
-        Ok(Verdict::pass(Counter::OutPassNotEgress))
+    if !forward::route_as_is(ctx, frame, ingress).leaves_external() {
+        return Ok(Verdict::pass(Counter::OutPassNotEgress));
     }
+    // Routed sources leave as they are, through the kernel (whose
+    // forwarding the leak guard then lets out).
+    if ROUTED_SRC_V4
+        .get(&Key::new(32, frame.ip().src_addr))
+        .is_some()
+    {
+        return Ok(Verdict::pass(Counter::RoutedPassed));
+    }
+    Err(Counter::OutDropUnclassified)
 }

@@ -6,9 +6,11 @@
 //! floating IP (`inbound`), or nothing: the gateway is not a way in, so
 //! anything else sent to an egress address is dropped. So is anything
 //! the kernel would forward inside (to a tenant host or any internal
-//! network), before the kernel's own conntrack sees it. What is left (the
+//! network, routed sources excepted: they are reachable as they leave,
+//! untranslated), before the kernel's own conntrack sees it. What is left (the
 //! gateway's own addresses, ARP, routes to other places) goes to the kernel.
 
+use aya_ebpf::btf_maps::lpm_trie::Key;
 use egress_common::{
     config::ROLE_INTERNAL,
     counters::Counter,
@@ -21,7 +23,7 @@ use crate::{
     frags,
     hook::{Hook, L4Fix},
     inbound,
-    maps::EGRESS_ADDR_V4,
+    maps::{EGRESS_ADDR_V4, ROUTED_SRC_V4},
     nat::{self, Side},
     parse::{self, ICMP_ECHO_REPLY, IcmpError, Ipv4Frame, ParseError, Payload, Transport},
     verdict::Verdict,
@@ -78,6 +80,13 @@ fn process<H: Hook>(ctx: &H) -> Result<Verdict, Counter> {
 #[inline(always)]
 fn not_egress<H: Hook>(ctx: &H, frame: &Ipv4Frame, ingress: u32) -> Result<Verdict, Counter> {
     if forward::route_as_is(ctx, frame, ingress).leaves_through(ROLE_INTERNAL) {
+        // Routed sources are reachable as they are, as they leave.
+        if ROUTED_SRC_V4
+            .get(&Key::new(32, frame.ip().dst_addr))
+            .is_some()
+        {
+            return Ok(Verdict::pass(Counter::RoutedPassed));
+        }
         return Err(Counter::InDropToInternal);
     }
     Ok(Verdict::pass(Counter::InPassNotEgress))

@@ -92,7 +92,7 @@ pub fn leak_guard(ctx: &TcContext) -> i32 {
         return TC_ACT_OK;
     }
     if ROUTED_SRC_V4.get(&Key::new(32, ip.src_addr)).is_some() {
-        count(Counter::TcRoutedPassed);
+        count(Counter::RoutedPassed);
         return TC_ACT_OK;
     }
     count(Counter::TcLeakBlocked);

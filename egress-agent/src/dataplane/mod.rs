@@ -349,6 +349,68 @@ impl Dataplane {
         Ok(())
     }
 
+    /// Attaches through netlink filters (cls_bpf, direct action), which
+    /// stay attached when this process exits and need no pin: for Kube-OVN's
+    /// egress gateway pod, whose init container attaches and exits. TC on
+    /// every interface, `conntrack_sweep` before the outbound program.
+    /// Filters an earlier run left are detached first; returns whether
+    /// there were any.
+    pub fn attach_through_netlink(&mut self, resolved: &Resolved) -> anyhow::Result<bool> {
+        let mut plan: Vec<(&str, &LinkRef, TcAttachType, u16)> = Vec::new();
+        for link in &resolved.internal {
+            plan.push((names::PROG_CONNTRACK_SWEEP, link, TcAttachType::Ingress, 1));
+            plan.push((names::PROG_TC_OUTBOUND, link, TcAttachType::Ingress, 2));
+        }
+        plan.push((
+            names::PROG_TC_REPLY,
+            &resolved.external,
+            TcAttachType::Ingress,
+            1,
+        ));
+        plan.push((
+            names::PROG_LEAK_GUARD,
+            &resolved.external,
+            TcAttachType::Egress,
+            1,
+        ));
+        let mut replaced = false;
+        for (name, link, hook, _) in &plan {
+            match tc::qdisc_detach_program(&link.name, *hook, name) {
+                Ok(()) => replaced = true,
+                Err(tc::TcError::IoError(err)) if err.kind() == io::ErrorKind::NotFound => {}
+                Err(err) => {
+                    return Err(err).with_context(|| {
+                        format!("detaching an earlier {name} from {}", link.name)
+                    });
+                }
+            }
+        }
+        for (name, link, hook, priority) in plan {
+            if let Err(err) = tc::qdisc_add_clsact(&link.name)
+                && !matches!(&err, tc::TcError::IoError(e) if e.kind() == io::ErrorKind::AlreadyExists)
+            {
+                tracing::debug!(interface = %link.name, error = %err, "adding clsact");
+            }
+            let program: &mut SchedClassifier = program_mut(&mut self.ebpf, name)?.try_into()?;
+            let options = tc::TcAttachOptions::Netlink(tc::NlOptions {
+                priority,
+                ..tc::NlOptions::default()
+            });
+            let id = program
+                .attach_with_options(&link.name, hook, options)
+                .with_context(|| format!("attaching {name} to {} ({hook:?})", link.name))?;
+            // Dropping the link would delete the filter: it is meant to
+            // outlive this process.
+            std::mem::forget(program.take_link(id)?);
+            let hook_name = match hook {
+                TcAttachType::Ingress => "tc/ingress (netlink)",
+                _ => "tc/egress (netlink)",
+            };
+            self.record(link, name, hook_name, false);
+        }
+        Ok(replaced)
+    }
+
     /// Detaches every program and removes the pins: nothing of this
     /// instance remains in the kernel.
     pub fn shutdown(self) -> anyhow::Result<()> {

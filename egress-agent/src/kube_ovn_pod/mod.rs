@@ -2,6 +2,9 @@
 //! controller runs there (`deploy/kube-ovn/image/`), under the names and
 //! with the exit codes and output Kube-OVN's own image has.
 //!
-//! `nat_gateway` serves a VpcNatGateway's `nat-gateway.sh` verbs.
+//! `nat_gateway` serves a VpcNatGateway's `nat-gateway.sh` verbs;
+//! `egress_gateway` attaches a VpcEgressGateway pod's dataplane from its
+//! init container, to serve without any process.
 
+pub mod egress_gateway;
 pub mod nat_gateway;

@@ -1,0 +1,186 @@
+//! The VpcEgressGateway contract: `init-vpc-egress-gateway.sh` run with
+//! exactly the environment Kube-OVN's controller gives the init container,
+//! in a pod shaped like Kube-OVN's (`eth0` a veth on the VPC's switch,
+//! `net1` a macvlan, default interface settings). The script exits and
+//! leaves no process; the dataplane it attached goes on translating
+//! everything from the internal interface to the pod's external address,
+//! except the no-SNAT sources, which leave (and come back) as they are; the
+//! gateway is no way in; a second run (a restarted init container)
+//! replaces the programs and traffic goes on. Needs root.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use egress_tests::{
+    kube_ovn::PodScripts,
+    require_root,
+    shapes::KubeOvnPod,
+    traffic::{curl, http_server},
+};
+
+const SCRIPT: &str = "init-vpc-egress-gateway.sh";
+/// The internal subnet's gateway (OVN's router, here the node's switch).
+const INTERNAL_GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 16, 0, 1);
+const NO_SNAT: &str = "10.16.2.0/24";
+
+fn pod_with_router() -> KubeOvnPod {
+    let pod = KubeOvnPod::new();
+    // OVN's router between the VPC's subnets, where the gateway pod's
+    // table 1000 sends replies.
+    pod.node.ip(&["addr", "add", "10.16.0.1/16", "dev", "br0"]);
+    pod.node
+        .run("sysctl", &["-qw", "net.ipv4.conf.all.forwarding=1"]);
+    // The outside reaches the no-SNAT subnet through the gateway, as BGP
+    // would announce it.
+    pod.server.ip(&[
+        "route",
+        "add",
+        NO_SNAT,
+        "via",
+        &KubeOvnPod::GATEWAY_EXTERNAL.to_string(),
+    ]);
+    pod
+}
+
+fn scripts(pod: &KubeOvnPod) -> PodScripts {
+    let internal = INTERNAL_GATEWAY.to_string();
+    let external = KubeOvnPod::SERVER.to_string();
+    PodScripts::new(
+        &pod.gateway,
+        &[
+            ("INTERNAL_GATEWAY_IPV4", internal.as_str()),
+            ("EXTERNAL_GATEWAY_IPV4", external.as_str()),
+            ("NO_SNAT_SOURCES_IPV4", NO_SNAT),
+        ],
+    )
+}
+
+fn attach_processes() -> usize {
+    let out = std::process::Command::new("pgrep")
+        .args(["-f", "attach-egress-gateway"])
+        .output()
+        .expect("pgrep");
+    String::from_utf8_lossy(&out.stdout).lines().count()
+}
+
+#[test]
+fn the_init_script_leaves_a_dataplane_that_serves_without_any_process() {
+    if !require_root() {
+        return;
+    }
+    let pod = pod_with_router();
+    let scripts = scripts(&pod);
+    let said = scripts.run(SCRIPT, &[]);
+    assert!(
+        said.status.success(),
+        "{SCRIPT}: {:?}\n{}{}",
+        said.status,
+        said.stdout,
+        said.stderr
+    );
+    assert!(
+        said.stdout.contains("egress dataplane attached"),
+        "{}",
+        said.stdout
+    );
+    assert_eq!(attach_processes(), 0, "nothing of the init container stays");
+    let rules =
+        String::from_utf8_lossy(&pod.gateway.ip(&["-4", "rule", "show"]).stdout).into_owned();
+    for priority in ["1001:", "1002:", "1003:", "1004:"] {
+        assert!(
+            rules.contains(priority),
+            "Kube-OVN's policy routing: {rules}"
+        );
+    }
+
+    let outside = http_server(&pod.server, SocketAddrV4::new(KubeOvnPod::SERVER, 8080));
+    let url = format!("http://{}:8080/", KubeOvnPod::SERVER);
+    let masqueraded = format!("you are {}\n", KubeOvnPod::GATEWAY_EXTERNAL);
+    for pod_addr in [KubeOvnPod::POD_A, KubeOvnPod::STRANGER] {
+        let body =
+            curl(&pod.pod(pod_addr).ns, &url).unwrap_or_else(|err| panic!("{pod_addr} out: {err}"));
+        assert_eq!(
+            body, masqueraded,
+            "{pod_addr} leaves with the pod's address"
+        );
+    }
+    let body = curl(&pod.pod(KubeOvnPod::POD_B).ns, &url).expect("no-SNAT source out");
+    assert_eq!(
+        body,
+        format!("you are {}\n", KubeOvnPod::POD_B),
+        "a no-SNAT source leaves as it is"
+    );
+
+    // The gateway is no way in: the outside, routing to a translated pod
+    // through the gateway, reaches nothing.
+    let inside = http_server(
+        &pod.pod(KubeOvnPod::POD_A).ns,
+        SocketAddrV4::new(KubeOvnPod::POD_A, 80),
+    );
+    pod.server.ip(&[
+        "route",
+        "add",
+        "10.16.1.0/24",
+        "via",
+        &KubeOvnPod::GATEWAY_EXTERNAL.to_string(),
+    ]);
+    assert!(curl(&pod.server, &format!("http://{}/", KubeOvnPod::POD_A)).is_err());
+    assert!(inside.peer_ips().is_empty());
+
+    let status = scripts.status();
+    let counters = &status["counters"];
+    assert!(
+        counters["out_new_flow"].as_u64().unwrap_or(0) >= 2,
+        "{status}"
+    );
+    assert!(
+        counters["routed_passed"].as_u64().unwrap_or(0) >= 2,
+        "{status}"
+    );
+    assert!(
+        counters["in_drop_to_internal"].as_u64().unwrap_or(0) >= 1,
+        "{status}"
+    );
+
+    // A restarted init container runs the script again: the programs are
+    // replaced and traffic goes on.
+    let again = scripts.run(SCRIPT, &[]);
+    assert!(again.status.success(), "{}{}", again.stdout, again.stderr);
+    assert!(again.stdout.contains("replacing"), "{}", again.stdout);
+    let body = curl(&pod.pod(KubeOvnPod::POD_A).ns, &url).expect("out after a second run");
+    assert_eq!(body, masqueraded);
+    assert_eq!(
+        outside.peer_ips(),
+        [
+            KubeOvnPod::GATEWAY_EXTERNAL,
+            KubeOvnPod::GATEWAY_EXTERNAL,
+            KubeOvnPod::POD_B,
+            KubeOvnPod::GATEWAY_EXTERNAL
+        ]
+    );
+}
+
+#[test]
+fn ipv6_gateways_are_refused_rather_than_left_untranslated() {
+    if !require_root() {
+        return;
+    }
+    let pod = pod_with_router();
+    let internal = INTERNAL_GATEWAY.to_string();
+    let external = KubeOvnPod::SERVER.to_string();
+    let scripts = PodScripts::new(
+        &pod.gateway,
+        &[
+            ("INTERNAL_GATEWAY_IPV4", internal.as_str()),
+            ("EXTERNAL_GATEWAY_IPV4", external.as_str()),
+            ("INTERNAL_GATEWAY_IPV6", "fd00:10:16::1"),
+            ("EXTERNAL_GATEWAY_IPV6", "fd00:172:17::1"),
+        ],
+    );
+    let said = scripts.run(SCRIPT, &[]);
+    assert!(!said.status.success());
+    assert!(
+        said.stderr.contains("IPv6 egress is not served"),
+        "{}",
+        said.stderr
+    );
+}
