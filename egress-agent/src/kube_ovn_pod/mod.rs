@@ -2,6 +2,9 @@
 //! controller runs there (`deploy/kube-ovn/image/`), under the names and
 //! with the exit codes and output Kube-OVN's own image has.
 //!
-//! `nat_gateway` serves a VpcNatGateway's `nat-gateway.sh` verbs.
+//! `nat_gateway` serves a VpcNatGateway's `nat-gateway.sh` verbs; `bfdd`
+//! is the BFD responder of gateway pods with BFD enabled, with the command
+//! surface of Kube-OVN's bfdd supervisor and OpenBFDD's `bfdd-control`.
 
+pub mod bfdd;
 pub mod nat_gateway;
