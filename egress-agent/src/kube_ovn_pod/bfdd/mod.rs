@@ -113,13 +113,17 @@ pub async fn run() -> anyhow::Result<()> {
     let (changed_tx, mut changed) = watch::channel(());
     let listener = bind_control(&config.socket)?;
     tokio::spawn(serve_control(listener, Arc::clone(&shared), changed_tx));
+    // `:PORT` tries IPv6 (which takes IPv4 too) first; a kernel without
+    // IPv6 gets IPv4. Without the endpoint the HTTP liveness probe fails,
+    // so failing here says why sooner, as Kube-OVN's supervisor does.
+    let mut serving = Err(anyhow::anyhow!("no metrics address"));
     for address in config::metrics_addresses(&config.metrics)? {
-        match http::serve(address, Arc::clone(&shared)).await {
-            Ok(()) => break,
-            // `:PORT` tries IPv6 first; a kernel without IPv6 gets IPv4.
-            Err(err) => tracing::warn!("{err:#}"),
+        serving = http::serve(address, Arc::clone(&shared)).await;
+        if serving.is_ok() {
+            break;
         }
     }
+    serving?;
     tokio::spawn(watch_dataplane(
         handle,
         internal,
