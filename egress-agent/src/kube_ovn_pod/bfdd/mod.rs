@@ -385,3 +385,43 @@ pub async fn bfdd_control_client(args: Vec<String>) -> i32 {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sessions_answer_the_ipv4_peers_with_the_configured_timers() {
+        let sessions = Sessions {
+            min_tx_ms: 100,
+            min_rx_ms: 200,
+            multiplier: 5,
+            allowed: vec!["10.0.1.254".parse().unwrap(), "fd00::1".parse().unwrap()],
+        };
+        let peers = peer_configs(&sessions);
+        assert_eq!(
+            peers,
+            vec![PeerConfig {
+                address: Ipv4Addr::new(10, 0, 1, 254),
+                interface: None,
+                min_tx: Duration::from_millis(100),
+                min_rx: Duration::from_millis(200),
+                multiplier: 5,
+                passive: true,
+            }]
+        );
+    }
+
+    #[test]
+    fn health_follows_the_attachment() {
+        let attached = DataplaneStatus {
+            attached: true,
+            ..DataplaneStatus::default()
+        };
+        assert_eq!(health_of(&attached), bfd::Health::Serving);
+        assert_eq!(
+            health_of(&DataplaneStatus::default()),
+            bfd::Health::NotServing
+        );
+    }
+}
