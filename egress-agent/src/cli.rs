@@ -128,6 +128,29 @@ pub enum KubeOvnCommand {
     /// load the dataplane with the pod's translation, attach it through
     /// netlink filters that stay without any process, and exit.
     AttachEgressGateway(crate::kube_ovn_pod::egress_gateway::AttachArgs),
+    /// Kube-OVN's `kube-ovn-bfdd-supervisor`: `run` answers the VPC's BFD
+    /// sessions (from POD_IPS, BFD_PEER_IPS, BFD_MIN_TX, BFD_MIN_RX,
+    /// BFD_MULTI), AdminDown while the dataplane is not on the internal
+    /// interface; `live`, `ready`, `status` ask it over its control socket.
+    BfddSupervisor {
+        #[arg(value_enum)]
+        command: SupervisorCommand,
+    },
+    /// OpenBFDD's `bfdd-control`, the subset Kube-OVN's scripts use:
+    /// `status`, `allow IP`, `session new set mintx|minrx N ms`,
+    /// `session new set multi N`, `log type TYPE yes|no`.
+    BfddControl {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum SupervisorCommand {
+    Run,
+    Live,
+    Ready,
+    Status,
 }
 
 impl Cli {
@@ -206,20 +229,51 @@ pub async fn execute(cli: Cli) -> i32 {
         Command::Cleanup => agent::cleanup(&instance).await.map_err(Into::into),
         Command::Crd => crate::kubernetes::crd::print_crd().map_err(Into::into),
         Command::Log { command } => return log(&command),
-        Command::KubeOvn {
-            command: KubeOvnCommand::NatGateway { verb, rules },
-        } => return crate::kube_ovn_pod::nat_gateway::run(&instance, &verb, &rules).await,
-        Command::KubeOvn {
-            command: KubeOvnCommand::AttachEgressGateway(args),
-        } => crate::kube_ovn_pod::egress_gateway::attach(&instance, &args)
-            .await
-            .map_err(Into::into),
+        Command::KubeOvn { command } => return kube_ovn(&instance, command).await,
     };
     match result {
         Ok(()) => 0,
         Err(err) => {
             eprintln!("egress-agent: {err}");
             err.exit_code()
+        }
+    }
+}
+
+/// The pod commands keep Kube-OVN's exit codes and messages, which its
+/// probes and scripts read.
+async fn kube_ovn(instance: &Instance, command: KubeOvnCommand) -> i32 {
+    use crate::kube_ovn_pod::bfdd::{self, control::Request};
+    match command {
+        KubeOvnCommand::NatGateway { verb, rules } => {
+            crate::kube_ovn_pod::nat_gateway::run(instance, &verb, &rules).await
+        }
+        KubeOvnCommand::BfddSupervisor {
+            command: SupervisorCommand::Run,
+        } => match bfdd::run().await {
+            Ok(()) => 0,
+            Err(err) => {
+                eprintln!("BFD supervisor failed: {err:#}");
+                1
+            }
+        },
+        KubeOvnCommand::BfddSupervisor { command } => {
+            let request = match command {
+                SupervisorCommand::Live | SupervisorCommand::Run => Request::Live,
+                SupervisorCommand::Ready => Request::Ready,
+                SupervisorCommand::Status => Request::Status,
+            };
+            bfdd::probe(request).await
+        }
+        KubeOvnCommand::BfddControl { args } => bfdd::bfdd_control_client(args).await,
+        KubeOvnCommand::AttachEgressGateway(args) => {
+            match crate::kube_ovn_pod::egress_gateway::attach(instance, &args).await {
+                Ok(()) => 0,
+                Err(err) => {
+                    eprintln!("egress-agent: {err:#}");
+                    1
+                }
+            }
         }
     }
 }

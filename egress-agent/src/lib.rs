@@ -8,7 +8,8 @@
 //! creates), `sysctl` (forwarding, ARP isolation), `bpffs` (mounting it
 //! where it is missing), `instance` (pins, lock and state file), `agent` (the run loop),
 //! `stop` (SIGTERM and SIGINT as long operations see them), `conntrack`
-//! (flows and their state), `audit` (the translation log), `status` (reading an instance back), `cli`.
+//! (flows and their state), `audit` (the translation log), `status` (reading an instance back),
+//! `kube_ovn_pod` (commands inside Kube-OVN's gateway pods), `cli`.
 
 pub mod addresses;
 pub mod agent;

@@ -143,6 +143,7 @@ pub fn peer_configs(resolved: &crate::config::Resolved) -> Vec<bfd::PeerConfig> 
             min_tx: peer.min_tx,
             min_rx: peer.min_rx,
             multiplier: peer.multiplier,
+            passive: false,
         })
         .collect()
 }

@@ -32,6 +32,10 @@ pub struct PeerConfig {
     /// Detection multiplier: packets the peer may miss before we declare it
     /// down is this times the negotiated interval.
     pub multiplier: u8,
+    /// RFC 5880 §6.1 passive role: send nothing until the peer has been
+    /// heard (and again after it went silent), as a gateway pod that only
+    /// answers the router's sessions does.
+    pub passive: bool,
 }
 
 impl PeerConfig {
@@ -46,6 +50,7 @@ impl PeerConfig {
             min_tx: Self::DEFAULT_INTERVAL,
             min_rx: Self::DEFAULT_INTERVAL,
             multiplier: Self::DEFAULT_MULTIPLIER,
+            passive: false,
         }
     }
 

@@ -1,6 +1,7 @@
 //! Sockets and timers for the sessions of `session::Sessions`.
 //!
-//! One socket receives on 0.0.0.0:3784 for every peer: tokio's UdpSocket
+//! One socket receives on 3784 (of 0.0.0.0, or of one local address) for
+//! every peer: tokio's UdpSocket
 //! cannot return control messages, and the TTL (RFC 5881 §5) and arrival
 //! interface are control messages, so it is a nonblocking libc socket read
 //! with recvmsg under `AsyncFd`. Each peer sends from its own socket, with
@@ -61,6 +62,18 @@ impl Bfd {
     /// Sessions start AdminDown while `health` says NotServing.
     pub async fn start(
         peers: Vec<PeerConfig>,
+        health: watch::Receiver<Health>,
+    ) -> anyhow::Result<Bfd> {
+        Self::start_on(Ipv4Addr::UNSPECIFIED, peers, health).await
+    }
+
+    /// [`Bfd::start`], receiving only what is addressed to `listen` (a
+    /// gateway pod answers on its own address, as Kube-OVN's bfdd does
+    /// with `--listen`). Binding port 3784 needs CAP_NET_BIND_SERVICE and
+    /// nothing else.
+    pub async fn start_on(
+        listen: Ipv4Addr,
+        peers: Vec<PeerConfig>,
         mut health: watch::Receiver<Health>,
     ) -> anyhow::Result<Bfd> {
         let mut keys = Vec::with_capacity(peers.len());
@@ -74,7 +87,7 @@ impl Bfd {
                 bail!("BFD peer {} is configured twice", peer.address);
             }
             let ifindex = peer.interface.as_deref().map(interface_index).transpose()?;
-            let sender = sender_socket(peer.interface.as_deref())
+            let sender = sender_socket(listen, peer.interface.as_deref())
                 .with_context(|| format!("opening the BFD socket towards {}", peer.address))?;
             senders.push((
                 UdpSocket::from_std(sender)?,
@@ -87,7 +100,10 @@ impl Bfd {
             };
             keys.push((key, peer.clone()));
         }
-        let receiver = register(receive_socket().context("opening the BFD control port 3784")?)?;
+        let receiver = register(
+            receive_socket(listen)
+                .with_context(|| format!("opening the BFD control port {listen}:3784"))?,
+        )?;
         let initial = *health.borrow_and_update();
         let sessions = Arc::new(Mutex::new(Sessions::new(
             keys,
@@ -317,12 +333,12 @@ fn set_int_option(
     set_option(fd, level, name, &value.to_ne_bytes())
 }
 
-fn bind(fd: &OwnedFd, port: u16) -> io::Result<()> {
+fn bind(fd: &OwnedFd, local: Ipv4Addr, port: u16) -> io::Result<()> {
     let address = libc::sockaddr_in {
         sin_family: libc::AF_INET as libc::sa_family_t,
         sin_port: port.to_be(),
         sin_addr: libc::in_addr {
-            s_addr: u32::from(Ipv4Addr::UNSPECIFIED).to_be(),
+            s_addr: u32::from(local).to_be(),
         },
         sin_zero: [0; 8],
     };
@@ -340,7 +356,7 @@ fn bind(fd: &OwnedFd, port: u16) -> io::Result<()> {
     Ok(())
 }
 
-/// The shared receive socket on 0.0.0.0:3784, reporting each datagram's
+/// The shared receive socket on `local`:3784, reporting each datagram's
 /// TTL and arrival interface. SO_REUSEADDR lets a restarted agent bind
 /// while its predecessor's socket is still being torn down.
 fn register(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
@@ -349,18 +365,19 @@ fn register(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
     Ok(unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }?)
 }
 
-fn receive_socket() -> io::Result<OwnedFd> {
+fn receive_socket(local: Ipv4Addr) -> io::Result<OwnedFd> {
     let fd = udp_socket()?;
     set_int_option(&fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
     set_int_option(&fd, libc::IPPROTO_IP, libc::IP_RECVTTL, 1)?;
     set_int_option(&fd, libc::IPPROTO_IP, libc::IP_PKTINFO, 1)?;
-    bind(&fd, CONTROL_PORT)?;
+    bind(&fd, local, CONTROL_PORT)?;
     Ok(fd)
 }
 
-/// A socket towards one peer: TTL 255, a random port of the RFC 5881
+/// A socket towards one peer: TTL 255, from `local` (the peer expects
+/// answers from the address it calls), a random port of the RFC 5881
 /// range, and bound to the peer's interface if it has one.
-fn sender_socket(interface: Option<&str>) -> io::Result<std::net::UdpSocket> {
+fn sender_socket(local: Ipv4Addr, interface: Option<&str>) -> io::Result<std::net::UdpSocket> {
     let fd = udp_socket()?;
     set_int_option(
         &fd,
@@ -380,7 +397,7 @@ fn sender_socket(interface: Option<&str>) -> io::Result<std::net::UdpSocket> {
     let mut rng = rand::rng();
     let mut last_error = io::Error::from(io::ErrorKind::AddrInUse);
     for _ in 0..64 {
-        match bind(&fd, rng.random_range(SOURCE_PORTS)) {
+        match bind(&fd, local, rng.random_range(SOURCE_PORTS)) {
             Ok(()) => return Ok(std::net::UdpSocket::from(fd)),
             Err(err) if err.kind() == io::ErrorKind::AddrInUse => last_error = err,
             Err(err) => return Err(err),

@@ -49,6 +49,8 @@ pub struct Session {
     remote_desired_min_tx: Duration,
     remote_required_min_rx: Duration,
     remote_demand: bool,
+    /// §6.1 passive role: silent while bfd.RemoteDiscr is zero.
+    passive: bool,
     /// bfd.DesiredMinTxInterval: what we advertise.
     desired_min_tx: Duration,
     /// What our transmit interval is based on: lags `desired_min_tx` while
@@ -99,6 +101,7 @@ impl Session {
             // §6.8.1: 1 µs until the peer says otherwise.
             remote_required_min_rx: Duration::from_micros(1),
             remote_demand: false,
+            passive: false,
             desired_min_tx: slow,
             tx_basis: slow,
             polling: false,
@@ -113,6 +116,13 @@ impl Session {
             dropped: DropCounts::default(),
             rng: StdRng::seed_from_u64(seed),
         }
+    }
+
+    /// Takes the passive role (RFC 5880 §6.1): no packet goes out until
+    /// the peer's first one has arrived.
+    pub fn into_passive(mut self) -> Self {
+        self.passive = true;
+        self
     }
 
     pub fn state(&self) -> State {
@@ -172,7 +182,7 @@ impl Session {
     /// The earliest instant at which `on_timer` or `transmit` has work,
     /// apart from a packet already due at once.
     pub fn next_deadline(&self) -> Option<Instant> {
-        let tx = if self.send_now || self.final_due {
+        let tx = if self.silent() || self.send_now || self.final_due {
             // Already due; the caller sends at once.
             None
         } else {
@@ -290,6 +300,11 @@ impl Session {
     /// and packets announcing a state change go at once; the rest follow
     /// the jittered periodic interval.
     pub fn transmit(&mut self, now: Instant) -> Option<ControlPacket> {
+        // A pending state change waits in send_now and goes with the
+        // answer to the peer's first packet.
+        if self.silent() {
+            return None;
+        }
         let periodic_due = self.tx_interval().is_some() && now >= self.next_tx;
         if !(self.send_now || self.final_due || periodic_due) {
             return None;
@@ -316,6 +331,12 @@ impl Session {
             self.next_tx = now + self.jittered(interval);
         }
         Some(packet)
+    }
+
+    /// §6.8.7: a passive system must not transmit while bfd.RemoteDiscr is
+    /// zero (the peer not heard yet, or forgotten after its silence).
+    fn silent(&self) -> bool {
+        self.passive && self.remote_discriminator == 0
     }
 
     fn jittered(&mut self, interval: Duration) -> Duration {
@@ -451,6 +472,11 @@ impl Sessions {
                 detect_mult: config.multiplier,
             };
             let session = Session::new(timers, discriminator, health, rng.random(), now);
+            let session = if config.passive {
+                session.into_passive()
+            } else {
+                session
+            };
             entries.push((key, session));
         }
         Self {
@@ -1057,6 +1083,50 @@ mod tests {
         assert_eq!(s.transitions(), transitions + 1);
     }
 
+    #[test]
+    fn a_passive_session_is_silent_until_the_peer_is_heard() {
+        let t0 = Instant::now();
+        let mut s = session(t0).into_passive();
+        assert!(drain(&mut s, t0).is_empty());
+        assert!(drain(&mut s, t0 + 10 * SLOW_TX_INTERVAL).is_empty());
+        // Nothing to wake up for: a silent session must not make the
+        // runtime spin on a transmit time already past.
+        assert_eq!(s.next_deadline(), None);
+        s.receive(&from_peer(State::Down), t0 + 100 * MS);
+        let sent = drain(&mut s, t0 + 100 * MS);
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0].state, State::Init);
+        assert_eq!(sent[0].your_discriminator, REMOTE);
+        s.receive(&from_peer(State::Up), t0 + 200 * MS);
+        assert_eq!(s.state(), State::Up);
+    }
+
+    #[test]
+    fn a_passive_session_falls_silent_again_when_the_peer_does() {
+        let t0 = Instant::now();
+        let mut s = up_session(t0).into_passive();
+        drain(&mut s, t0);
+        let expired = t0 + 300 * MS;
+        s.on_timer(expired);
+        assert_eq!(s.state(), State::Down);
+        assert!(drain(&mut s, expired).is_empty());
+        assert!(drain(&mut s, expired + 10 * SLOW_TX_INTERVAL).is_empty());
+    }
+
+    #[test]
+    fn a_passive_session_not_serving_answers_admin_down_with_diag_6() {
+        let t0 = Instant::now();
+        let mut s = Session::new(timers(), LOCAL, Health::NotServing, 7, t0).into_passive();
+        assert!(drain(&mut s, t0).is_empty());
+        s.receive(&from_peer(State::Down), t0);
+        assert_eq!(s.state(), State::AdminDown);
+        let sent = drain(&mut s, t0);
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0].state, State::AdminDown);
+        assert_eq!(sent[0].diag, Diag::ConcatenatedPathDown);
+        assert_eq!(sent[0].your_discriminator, REMOTE);
+    }
+
     // The table behind the socket.
 
     fn table(now: Instant) -> Sessions {
@@ -1066,6 +1136,7 @@ mod tests {
             min_tx: 100 * MS,
             min_rx: 100 * MS,
             multiplier: 3,
+            passive: false,
         };
         let key = PeerKey {
             address: PEER,
