@@ -3,8 +3,8 @@
 //! the bfdd container (its environment, UID 65534 with only NET_ADMIN,
 //! NET_RAW and NET_BIND_SERVICE), in namespace "pod", against FRR's bfdd in
 //! namespace "ovn" in the role of OVN's BFD port (it opens the session;
-//! the pod only answers). The dataplane is the real BPF object's
-//! `tc_outbound` attached through netlink cls_bpf on the pod's interface.
+//! the pod only answers). The dataplane is attached as the egress
+//! gateway's init container attaches it (netlink cls_bpf, no process).
 //!
 //! - With the dataplane attached the session comes up; deleting the filter
 //!   takes it down (AdminDown, diag 6) within FRR's detection time plus the
@@ -23,15 +23,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::{
-    EbpfLoader,
-    programs::{SchedClassifier, TcAttachType, tc::NlOptions, tc::TcAttachOptions},
-};
 use egress_agent::kube_ovn_pod::bfdd::CHECK_INTERVAL;
 use egress_common::names;
 use egress_tests::{
-    agent::{agent_binary, http_get},
-    netns::{Netns, command_in},
+    agent::{agent_binary, http_get, run_cli},
+    netns::{Netns, command_in, unique_name},
     peers::{BfdRouter, Frr, PeerState, RouterTimers, TempDir, spawn_tied},
     require_root,
 };
@@ -63,41 +59,45 @@ fn link() -> (Netns, Netns) {
     pod.ip(&["addr", "add", &format!("{POD}/24"), "dev", POD_LINK]);
     ovn.ip(&["addr", "add", &format!("{OVN}/24"), "dev", OVN_LINK]);
     pod.run("tc", &["qdisc", "add", "dev", POD_LINK, "clsact"]);
+    // The pod's external interface, for the dataplane's external side.
+    pod.veth("net1", &ovn, "pod-ext");
+    pod.ip(&["addr", "add", "172.17.0.11/24", "dev", "net1"]);
     (pod, ovn)
 }
 
-/// The real `tc_outbound` on the pod interface's TC ingress, through
-/// netlink cls_bpf (as the pod-mode agent attaches it). The filter stays
-/// while the returned object lives or until `tc filter del` removes it.
-fn attach_dataplane(pod: &Netns) -> aya::Ebpf {
-    let ebpf = pod.within(|| {
-        let mut loader = EbpfLoader::new();
-        loader.map_max_entries(names::FLOW_EVENTS, 1 << 16);
-        loader.map_max_entries(names::CONNTRACK_V4, 1024);
-        let mut ebpf = loader
-            .load(egress_agent::dataplane::OBJECT)
-            .expect("loading the BPF object");
-        let program: &mut SchedClassifier = ebpf
-            .program_mut(names::PROG_TC_OUTBOUND)
-            .expect("tc_outbound in the object")
-            .try_into()
-            .expect("a classifier");
-        program.load().expect("verifying tc_outbound");
-        program
-            .attach_with_options(
-                POD_LINK,
-                TcAttachType::Ingress,
-                TcAttachOptions::Netlink(NlOptions::default()),
-            )
-            .expect("attaching tc_outbound through netlink");
-        ebpf
-    });
+/// The dataplane as the egress gateway's init container attaches it
+/// (`egress-agent kube-ovn attach-egress-gateway`, what
+/// `init-vpc-egress-gateway.sh` runs): netlink filters that stay without a
+/// process, on the pod's `net1` (`link`). Dropping the guard removes the
+/// instance's pins.
+fn attach_dataplane(pod: &Netns) -> AttachedDataplane {
+    let instance = unique_name("rsp");
+    let attached = run_cli(
+        &pod.path(),
+        &instance,
+        &[
+            "kube-ovn",
+            "attach-egress-gateway",
+            "--internal",
+            POD_LINK,
+            "--external",
+            "net1",
+            "--egress-ip",
+            "172.17.0.11",
+        ],
+    );
+    assert!(
+        attached.status.success(),
+        "attach-egress-gateway: {}{}",
+        attached.stdout,
+        attached.stderr
+    );
     let shown = String::from_utf8_lossy(
         &pod.run("tc", &["filter", "show", "dev", POD_LINK, "ingress"])
             .stdout,
     )
     .into_owned();
-    // What the responder reads: `filter protocol all pref 49152 bpf chain 0
+    // What the responder reads: `filter protocol all pref 2 bpf chain 0
     // handle 0x1 tc_outbound direct-action ...`.
     assert!(
         shown.contains(&format!(
@@ -106,7 +106,21 @@ fn attach_dataplane(pod: &Netns) -> aya::Ebpf {
         )),
         "tc does not show a cls_bpf tc_outbound: {shown}"
     );
-    ebpf
+    AttachedDataplane {
+        ns_path: pod.path(),
+        instance,
+    }
+}
+
+struct AttachedDataplane {
+    ns_path: String,
+    instance: String,
+}
+
+impl Drop for AttachedDataplane {
+    fn drop(&mut self) {
+        let _ = run_cli(&self.ns_path, &self.instance, &["cleanup"]);
+    }
 }
 
 fn detach_dataplane(pod: &Netns) {
