@@ -382,3 +382,112 @@ pub fn profile(
     );
     Ok(records)
 }
+
+/// Flows in the table while a walk of `conntrack_sweep` is timed.
+const SWEEP_FLOWS: u32 = 100_000;
+const SWEEP_WALKS: u32 = 20;
+
+/// What the dataplane's own flow expiry (`conntrack_sweep`, Kube-OVN egress
+/// gateway pods) costs: every packet while no walk is due, and one walk of
+/// the whole table (262,144 flows' room, `SWEEP_FLOWS` held, none expired,
+/// so each walk sees the same table).
+pub fn measure_sweep() -> Vec<Cost> {
+    use egress_agent::{config::Timeouts, conntrack};
+    use egress_common::names::PROG_CONNTRACK_SWEEP;
+
+    let mut h = Harness::with_config(&config(1));
+    h.hook = PacketHook::Tc;
+    let frame = frames::udp(
+        SocketAddrV4::new(Ipv4Addr::new(172, 20, 0, 10), 9),
+        SocketAddrV4::new(REMOTE, 9),
+        &[0; 18],
+    );
+    let hour = std::time::Duration::from_secs(3600);
+    let timeouts = Timeouts {
+        tcp_syn_sent: hour,
+        tcp_established: hour,
+        tcp_fin_wait: hour,
+        tcp_time_wait: hour,
+        tcp_close: hour,
+        udp: hour,
+        udp_replied: hour,
+        icmp: hour,
+    };
+    let mut idle = conntrack::self_sweep(hour, &timeouts);
+    idle.last_ns = conntrack::now_ns();
+    h.maps.self_sweep.set(0, idle, 0).expect("SELF_SWEEP");
+    let not_due = mean(CALLS, || {
+        h.time_internal_tc(PROG_CONNTRACK_SWEEP, &frame, REPEAT)
+    });
+
+    fill_table(&mut h, SWEEP_FLOWS);
+    let slots = h.maps.conntrack_capacity;
+    // Due at every run: each timed run walks the whole table.
+    let mut due = conntrack::self_sweep(std::time::Duration::from_nanos(1), &timeouts);
+    due.last_ns = 0;
+    h.maps.self_sweep.set(0, due, 0).expect("SELF_SWEEP");
+    let walk = mean(SWEEP_WALKS, || {
+        h.time_internal_tc(PROG_CONNTRACK_SWEEP, &frame, 1)
+    });
+    let after = h.maps.self_sweep.get(&0, 0).expect("SELF_SWEEP");
+    assert_eq!(after.ended, 0, "a timed walk must end nothing");
+    assert_eq!(
+        u64::from(SWEEP_WALKS),
+        after.walks,
+        "every timed run walked"
+    );
+    vec![
+        Cost {
+            hook: "tc",
+            path: "conntrack_sweep, no walk due (every packet, egress gateway pods)".into(),
+            ns_per_packet: not_due,
+            method: format!("mean of {CALLS} calls x {REPEAT} repeats"),
+        },
+        Cost {
+            hook: "tc",
+            path: format!(
+                "conntrack_sweep, one walk: {slots} slots, {SWEEP_FLOWS} flows ({:.2} ns per slot)",
+                walk / f64::from(slots)
+            ),
+            ns_per_packet: walk,
+            method: format!("mean of {SWEEP_WALKS} single runs, each a whole walk"),
+        },
+    ]
+}
+
+/// Puts `flows` idle UDP flows (both halves) into the table.
+fn fill_table(h: &mut Harness, flows: u32) {
+    let now = egress_agent::conntrack::now_ns();
+    for i in 0..flows {
+        let host = Ipv4Addr::from(0x0a00_0000 + i);
+        let port = (1024 + (i % 60_000)) as u16;
+        let outbound = FlowKeyV4 {
+            src: host.octets(),
+            dst: REMOTE.octets(),
+            src_port: 5353u16.to_be(),
+            dst_port: 53u16.to_be(),
+            proto: PROTO_UDP,
+            direction: DIR_OUTBOUND,
+            zone: 0,
+        };
+        let nat = Ipv4Addr::from(0xc0a8_1f00 + (i / 60_000));
+        let entry = FlowEntryV4 {
+            last_seen_ns: now,
+            nat_addr: nat.octets(),
+            nat_port: port.to_be(),
+            ..FlowEntryV4::default()
+        };
+        let reply = outbound.peer_key(&entry);
+        let back = FlowEntryV4 {
+            last_seen_ns: now,
+            nat_addr: host.octets(),
+            nat_port: 5353u16.to_be(),
+            ..FlowEntryV4::default()
+        };
+        h.maps
+            .conntrack
+            .insert(outbound, entry, 0)
+            .expect("outbound half");
+        h.maps.conntrack.insert(reply, back, 0).expect("reply half");
+    }
+}

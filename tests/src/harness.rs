@@ -354,6 +354,17 @@ impl Harness {
         }
     }
 
+    /// Any TC ingress program on the internal interface, `repeat` times on
+    /// one frame; the kernel's mean time per run (see `time_tc`).
+    pub fn time_internal_tc(
+        &self,
+        program: &str,
+        frame: &[u8],
+        repeat: u32,
+    ) -> std::time::Duration {
+        self.time_tc(program, self.internal, frame, repeat)
+    }
+
     /// A TC ingress program `repeat` times on one socket buffer built from
     /// `frame` (built once, outside the timed loop, as the kernel does for
     /// every skb test run); the kernel's mean time per run.

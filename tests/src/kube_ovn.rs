@@ -112,6 +112,13 @@ impl PodScripts {
             .unwrap_or_else(|err| panic!("status: {err}: {}{}", finished.stdout, finished.stderr))
     }
 
+    /// `egress-agent flows --json` of the pod's instance.
+    pub fn flows(&self) -> Vec<serde_json::Value> {
+        let finished = run_cli(&self.ns_path, &self.instance, &["flows", "--json"]);
+        serde_json::from_str(&finished.stdout)
+            .unwrap_or_else(|err| panic!("flows: {err}: {}{}", finished.stdout, finished.stderr))
+    }
+
     /// The agent's log, for failure messages.
     pub fn agent_log(&self) -> String {
         std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()

@@ -156,3 +156,49 @@ fn seed_rules_translate_both_ways_replay_idempotently_and_delete_exactly() {
     assert_eq!(rules_file(&scripts), initialized);
     assert_eq!(outside.peer_ips(), [EIP, FLOATING]);
 }
+
+#[test]
+fn flows_outlive_a_killed_agent_and_the_next_verb_brings_it_back() {
+    if !require_root() {
+        return;
+    }
+    let pod = NatGatewayPod::new();
+    let scripts = pod_scripts(&pod);
+    scripts.ok(SCRIPT, &["init", "net1,net2"]);
+    for (verb, rule) in SEED_RULES {
+        scripts.ok(SCRIPT, &[verb, rule]);
+    }
+    let _echo = udp_echo_server(
+        &pod.outside,
+        SocketAddrV4::new(NatGatewayPod::GATEWAY_V4, 5353),
+    );
+    let web = &pod.host(NatGatewayPod::WEB).ns;
+    let server = SocketAddrV4::new(NatGatewayPod::GATEWAY_V4, 5353);
+    assert!(udp_request(web, 40000, server, b"before").is_some());
+    let flows = scripts.flows();
+    assert_eq!(flows.len(), 1, "{flows:#?}");
+    let translated = flows[0]["translated"].clone();
+
+    // The agent dies without a word; the dataplane keeps translating.
+    let killed = scripts.agent_pid().expect("agent");
+    // SAFETY: kill(2) on the agent the scripts started.
+    unsafe { libc::kill(killed, libc::SIGKILL) };
+    while std::fs::read_to_string(format!("/proc/{killed}/stat"))
+        .is_ok_and(|stat| !stat.contains(") Z"))
+    {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(udp_request(web, 40000, server, b"meanwhile").is_some());
+
+    // The controller's next verb (a replay here) starts it again; it adopts
+    // the pinned table: the same flow, the same translation.
+    let (verb, rule) = SEED_RULES[2];
+    scripts.ok(SCRIPT, &[verb, rule]);
+    let restarted = scripts.agent_pid().expect("agent again");
+    assert_ne!(restarted, killed);
+    assert!(udp_request(web, 40000, server, b"after").is_some());
+    let flows = scripts.flows();
+    assert_eq!(flows.len(), 1, "{flows:#?}");
+    assert_eq!(flows[0]["translated"], translated);
+    assert_eq!(flows[0]["packets_out"], 3);
+}

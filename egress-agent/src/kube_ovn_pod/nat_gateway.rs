@@ -639,6 +639,7 @@ async fn execute(instance: &Instance, verb: &str, args: &[String]) -> anyhow::Re
             wait_applied(instance, &digest, pid, &files)?;
         }
         None => {
+            wait_for_lock(instance)?;
             let pid = start_agent(instance, &files)?;
             wait_applied(instance, &digest, pid, &files)?;
         }
@@ -727,6 +728,24 @@ fn running_agent(files: &Files) -> Option<i32> {
     ours.then_some(pid)
 }
 
+/// An agent that was just killed holds the instance's lock until its last
+/// thread is gone (its main thread is a zombie before that): give it a
+/// moment rather than fail the verb.
+fn wait_for_lock(instance: &Instance) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while instance.is_running() {
+        if Instant::now() >= deadline {
+            bail!(
+                "another egress-agent holds instance {} and is not the one this gateway \
+                 started; stop it first",
+                instance.name
+            );
+        }
+        std::thread::sleep(POLL);
+    }
+    Ok(())
+}
+
 /// Starts the agent in its own session, detached from the exec that runs
 /// this verb (whose streams must close when the verb ends), its log in a
 /// file.
@@ -747,6 +766,7 @@ fn start_agent(instance: &Instance, files: &Files) -> anyhow::Result<i32> {
         command.args(["--listen", &listen]);
     }
     command
+        .env("NO_COLOR", "1")
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
@@ -778,7 +798,7 @@ fn wait_applied(instance: &Instance, digest: &str, pid: i32, files: &Files) -> a
         if !alive(pid) {
             bail!(
                 "egress-agent (pid {pid}) exited; its last words:\n{}",
-                tail(&files.log(), 12)
+                tail(&files.log(), 40)
             );
         }
         if Instant::now() >= deadline {
