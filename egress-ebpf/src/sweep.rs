@@ -30,6 +30,8 @@ use crate::{
 #[repr(C)]
 struct Walk {
     now: u64,
+    /// The shortest of the timeouts and the orphan grace.
+    shortest: u64,
     sweep: *mut SelfSweep,
 }
 
@@ -51,7 +53,17 @@ pub fn maybe_walk() {
         (*sweep).last_ns = now;
         limits::add(&raw mut (*sweep).walks);
     }
-    let mut walk = Walk { now, sweep };
+    // SAFETY: as above.
+    let timeouts = unsafe { (*sweep).timeouts_ns };
+    let mut shortest = ORPHAN_GRACE_NS;
+    for timeout in timeouts {
+        shortest = shortest.min(timeout);
+    }
+    let mut walk = Walk {
+        now,
+        shortest,
+        sweep,
+    };
     // SAFETY: the map pointer is the map's definition (what the loader
     // relocates to its fd), the callback a static function of the
     // signature the helper documents, the context on this stack.
@@ -76,11 +88,16 @@ extern "C" fn expire(
 ) -> i64 {
     // SAFETY: the helper passes this entry's key and value and our context.
     let (key, entry, walk) = unsafe { (&*key, &*entry, &*walk) };
+    let idle = walk.now.wrapping_sub(entry.last_seen_ns);
+    // A half that saw a packet more recently than the shortest timeout
+    // (and the orphan grace) cannot end now, whatever its peer says: most
+    // of a busy table is passed over without a second lookup.
+    if idle < walk.shortest {
+        return 0;
+    }
     let peer_key = key.peer_key(entry);
     let Some(peer) = CONNTRACK_V4.get_ptr(peer_key) else {
-        if walk.now.wrapping_sub(entry.last_seen_ns) >= ORPHAN_GRACE_NS
-            && CONNTRACK_V4.remove(key).is_ok()
-        {
+        if idle >= ORPHAN_GRACE_NS && CONNTRACK_V4.remove(key).is_ok() {
             // SAFETY: map value pointer from the walk's context.
             limits::add(unsafe { &raw mut (*walk.sweep).orphans });
         }
