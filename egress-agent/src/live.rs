@@ -2,10 +2,7 @@
 //! BFD sessions), published every second to `/run/<instance>/live.json`
 //! for `egress-agent status`, and to `/metrics`.
 
-use std::{
-    fmt::Write as _,
-    sync::{Arc, Mutex, PoisonError},
-};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use anyhow::Context as _;
 use serde::Serialize;
@@ -45,40 +42,7 @@ impl Published {
             if sessions.is_empty() {
                 return;
             }
-            let _ = writeln!(
-                out,
-                "# HELP egress_bfd_session_up 1 while the BFD session with the peer is Up.\n\
-                 # TYPE egress_bfd_session_up gauge"
-            );
-            for s in sessions.iter() {
-                let up = u8::from(s.local_state == bfd::State::Up);
-                let _ = writeln!(out, "egress_bfd_session_up{{peer=\"{}\"}} {up}", s.address);
-            }
-            let _ = writeln!(
-                out,
-                "# HELP egress_bfd_transitions_total Session state changes.\n\
-                 # TYPE egress_bfd_transitions_total counter"
-            );
-            for s in sessions.iter() {
-                let _ = writeln!(
-                    out,
-                    "egress_bfd_transitions_total{{peer=\"{}\"}} {}",
-                    s.address, s.transitions
-                );
-            }
-            let _ = writeln!(
-                out,
-                "# HELP egress_bfd_packets_total BFD control packets by direction.\n\
-                 # TYPE egress_bfd_packets_total counter"
-            );
-            for s in sessions.iter() {
-                let _ = writeln!(
-                    out,
-                    "egress_bfd_packets_total{{peer=\"{}\",direction=\"in\"}} {}\n\
-                     egress_bfd_packets_total{{peer=\"{}\",direction=\"out\"}} {}",
-                    s.address, s.packets_in, s.address, s.packets_out
-                );
-            }
+            bfd::write_metrics(out, &sessions);
         });
     }
 

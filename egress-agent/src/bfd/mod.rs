@@ -109,3 +109,44 @@ pub struct PeerStatus {
     /// Datagrams from this peer's address that were dropped, by reason.
     pub dropped: DropCounts,
 }
+
+/// The sessions as Prometheus text: `egress_bfd_session_up`,
+/// `egress_bfd_transitions_total`, `egress_bfd_packets_total` per peer (the
+/// agent's `/metrics` and the Kube-OVN BFD responder's).
+pub fn write_metrics(out: &mut String, sessions: &[PeerStatus]) {
+    use std::fmt::Write as _;
+    let _ = writeln!(
+        out,
+        "# HELP egress_bfd_session_up 1 while the BFD session with the peer is Up.\n\
+         # TYPE egress_bfd_session_up gauge"
+    );
+    for s in sessions {
+        let up = u8::from(s.local_state == State::Up);
+        let _ = writeln!(out, "egress_bfd_session_up{{peer=\"{}\"}} {up}", s.address);
+    }
+    let _ = writeln!(
+        out,
+        "# HELP egress_bfd_transitions_total Session state changes.\n\
+         # TYPE egress_bfd_transitions_total counter"
+    );
+    for s in sessions {
+        let _ = writeln!(
+            out,
+            "egress_bfd_transitions_total{{peer=\"{}\"}} {}",
+            s.address, s.transitions
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP egress_bfd_packets_total BFD control packets by direction.\n\
+         # TYPE egress_bfd_packets_total counter"
+    );
+    for s in sessions {
+        let _ = writeln!(
+            out,
+            "egress_bfd_packets_total{{peer=\"{}\",direction=\"in\"}} {}\n\
+             egress_bfd_packets_total{{peer=\"{}\",direction=\"out\"}} {}",
+            s.address, s.packets_in, s.address, s.packets_out
+        );
+    }
+}

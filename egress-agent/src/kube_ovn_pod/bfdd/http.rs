@@ -2,7 +2,7 @@
 //! live, 503 "BFD supervisor is not live" otherwise) and `/metrics`, with
 //! Kube-OVN's session gauges and the project's `egress_bfd_*` names.
 
-use std::{convert::Infallible, fmt::Write as _, net::SocketAddr, sync::Arc};
+use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
 use anyhow::Context as _;
 use http_body_util::Full;
@@ -10,7 +10,7 @@ use hyper::{Request, Response, StatusCode, body::Bytes, server::conn::http1, ser
 use hyper_util::rt::TokioIo;
 
 use super::{SharedState, control::SupervisorStatus, lock, status};
-use crate::{bfd::State, metrics::gauge};
+use crate::metrics::gauge;
 
 /// Listens on `address` and serves until the runtime stops.
 pub async fn serve(address: SocketAddr, shared: SharedState) -> anyhow::Result<()> {
@@ -81,43 +81,6 @@ fn render(shared: &SharedState, now: &SupervisorStatus) -> String {
         .as_ref()
         .map(crate::bfd::Bfd::snapshot)
         .unwrap_or_default();
-    let _ = writeln!(
-        out,
-        "# HELP egress_bfd_session_up 1 while the BFD session with the peer is Up.\n\
-         # TYPE egress_bfd_session_up gauge"
-    );
-    for s in &sessions {
-        let _ = writeln!(
-            out,
-            "egress_bfd_session_up{{peer=\"{}\"}} {}",
-            s.address,
-            u8::from(s.local_state == State::Up)
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP egress_bfd_transitions_total Session state changes.\n\
-         # TYPE egress_bfd_transitions_total counter"
-    );
-    for s in &sessions {
-        let _ = writeln!(
-            out,
-            "egress_bfd_transitions_total{{peer=\"{}\"}} {}",
-            s.address, s.transitions
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP egress_bfd_packets_total BFD control packets by direction.\n\
-         # TYPE egress_bfd_packets_total counter"
-    );
-    for s in &sessions {
-        let _ = writeln!(
-            out,
-            "egress_bfd_packets_total{{peer=\"{}\",direction=\"in\"}} {}\n\
-             egress_bfd_packets_total{{peer=\"{}\",direction=\"out\"}} {}",
-            s.address, s.packets_in, s.address, s.packets_out
-        );
-    }
+    crate::bfd::write_metrics(&mut out, &sessions);
     out
 }
