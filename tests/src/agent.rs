@@ -61,6 +61,14 @@ pub struct Finished {
     pub stderr: String,
 }
 
+impl Finished {
+    /// What Kube-OVN's controller counts as success of a command it execs:
+    /// exit 0 and nothing on stderr.
+    pub fn succeeded(&self) -> bool {
+        self.status.success() && self.stderr.is_empty()
+    }
+}
+
 /// A running agent; stopped with SIGTERM (and its leftovers cleaned) on drop.
 pub struct Agent {
     pub instance: String,
@@ -343,27 +351,31 @@ pub fn run_to_exit(ns: &Netns, instance: &str, args: &[&str]) -> Finished {
     run_cli(&ns.path(), instance, args)
 }
 
-fn finish(mut command: Command) -> Finished {
+/// Runs `command` to its end, both streams read at once (a child that
+/// fills one pipe while the other is read to its end would never finish).
+/// Both must close: a daemon the command started that kept them open
+/// would hang it, as it would hang a controller's exec.
+pub fn finish(mut command: Command) -> Finished {
     let mut child = command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("spawning egress-agent");
+        .expect("spawning");
+    let mut err_pipe = child.stderr.take().expect("stderr");
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = err_pipe.read_to_string(&mut text);
+        text
+    });
     let mut stdout = String::new();
-    let mut stderr = String::new();
     child
         .stdout
         .take()
         .expect("stdout")
         .read_to_string(&mut stdout)
         .expect("stdout");
-    child
-        .stderr
-        .take()
-        .expect("stderr")
-        .read_to_string(&mut stderr)
-        .expect("stderr");
+    let stderr = reader.join().expect("stderr reader");
     let status = child.wait().expect("waiting");
     Finished {
         status,

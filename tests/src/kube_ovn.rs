@@ -3,14 +3,12 @@
 //! environment, `egress-agent` found on PATH, inside the pod's namespace.
 
 use std::{
-    io::Read as _,
     path::PathBuf,
-    process::{Command, ExitStatus, Stdio},
     time::{Duration, Instant},
 };
 
 use crate::{
-    agent::{agent_binary, run_cli},
+    agent::{Finished, agent_binary, finish, run_cli},
     netns::{Netns, command_in, unique_name},
 };
 
@@ -19,21 +17,6 @@ pub fn image_script(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../deploy/kube-ovn/image")
         .join(name)
-}
-
-/// What a script invocation said.
-#[derive(Debug)]
-pub struct Said {
-    pub status: ExitStatus,
-    pub stdout: String,
-    pub stderr: String,
-}
-
-impl Said {
-    /// What the controller counts as success: exit 0 and an empty stderr.
-    pub fn succeeded(&self) -> bool {
-        self.status.success() && self.stderr.is_empty()
-    }
 }
 
 /// One pod's scripts: its namespace, its environment, the instance and
@@ -62,7 +45,7 @@ impl PodScripts {
     }
 
     /// `bash <script> <args>` as the controller's exec runs it.
-    pub fn run(&self, script: &str, args: &[&str]) -> Said {
+    pub fn run(&self, script: &str, args: &[&str]) -> Finished {
         let bin_dir = agent_binary().parent().expect("bin dir").to_path_buf();
         let path = format!(
             "{}:{}",
@@ -77,20 +60,20 @@ impl PodScripts {
             .env("EGRESS_INSTANCE", &self.instance)
             .env("EGRESS_NAT_GATEWAY_DIR", &self.dir)
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-        said(command)
+        finish(command)
     }
 
     /// Runs a verb and insists on the controller's idea of success.
-    pub fn ok(&self, script: &str, args: &[&str]) -> Said {
-        let said = self.run(script, args);
+    pub fn ok(&self, script: &str, args: &[&str]) -> Finished {
+        let finished = self.run(script, args);
         assert!(
-            said.succeeded(),
+            finished.succeeded(),
             "{script} {args:?}: {:?}\nstdout: {}\nstderr: {}",
-            said.status,
-            said.stdout,
-            said.stderr
+            finished.status,
+            finished.stdout,
+            finished.stderr
         );
-        said
+        finished
     }
 
     /// The agent process the scripts started, if any runs.
@@ -148,36 +131,4 @@ fn is_zombie(pid: i32) -> bool {
         stat.rsplit_once(") ")
             .is_some_and(|(_, rest)| rest.starts_with('Z'))
     })
-}
-
-fn said(mut command: Command) -> Said {
-    let mut child = command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawning bash");
-    let mut stdout = String::new();
-    let mut stderr = String::new();
-    let mut err_pipe = child.stderr.take().expect("stderr");
-    let reader = std::thread::spawn(move || {
-        let mut text = String::new();
-        let _ = err_pipe.read_to_string(&mut text);
-        text
-    });
-    // Both streams must close for this to return: a daemon the script
-    // started that kept them open would hang the controller's exec too.
-    child
-        .stdout
-        .take()
-        .expect("stdout")
-        .read_to_string(&mut stdout)
-        .expect("stdout");
-    stderr.push_str(&reader.join().expect("stderr reader"));
-    let status = child.wait().expect("waiting for bash");
-    Said {
-        status,
-        stdout,
-        stderr,
-    }
 }
