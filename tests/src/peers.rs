@@ -48,6 +48,33 @@ pub trait BfdRouter {
     fn logs(&self) -> String;
 }
 
+/// How often `wait_for_peer` asks the router.
+const PEER_POLL: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// Polls the router until `done` holds; returns how long that took. Fails
+/// with the router's state and logs after `timeout`.
+pub fn wait_for_peer(
+    router: &dyn BfdRouter,
+    what: &str,
+    timeout: std::time::Duration,
+    done: impl Fn(&PeerState) -> bool,
+) -> std::time::Duration {
+    let start = std::time::Instant::now();
+    loop {
+        let state = router.state();
+        if done(&state) {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "{}: no {what} within {timeout:?}; it reports {state:?}\n{}",
+            router.name(),
+            router.logs()
+        );
+        std::thread::sleep(PEER_POLL);
+    }
+}
+
 /// Fails with a clear message when a program a test needs is missing.
 pub fn require_program(program: &str, package: &str) {
     let found = if program.contains('/') {

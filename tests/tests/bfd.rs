@@ -19,7 +19,7 @@ use egress_agent::bfd::{
 };
 use egress_tests::{
     netns::Netns,
-    peers::{BfdRouter, Bird, Frr, PeerState, RouterTimers},
+    peers::{BfdRouter, Bird, Frr, PeerState, RouterTimers, wait_for_peer},
     require_root,
 };
 use tokio::{runtime::Runtime, sync::watch};
@@ -83,28 +83,6 @@ fn ours(bfd: &Bfd) -> PeerStatus {
     bfd.snapshot().into_iter().next().expect("one session")
 }
 
-/// Polls the router until `done` holds; returns how long that took.
-fn wait_for_router(
-    router: &dyn BfdRouter,
-    what: &str,
-    timeout: Duration,
-    done: impl Fn(&PeerState) -> bool,
-) -> Duration {
-    let start = Instant::now();
-    loop {
-        let state = router.state();
-        if done(&state) {
-            return start.elapsed();
-        }
-        assert!(
-            start.elapsed() < timeout,
-            "{}: no {what} within {timeout:?}; it reports {state:?}",
-            router.name()
-        );
-        std::thread::sleep(POLL);
-    }
-}
-
 fn wait_for_ours(bfd: &Bfd, state: State, timeout: Duration) {
     let start = Instant::now();
     while ours(bfd).local_state != state {
@@ -148,7 +126,7 @@ fn interop(gw: &Netns, router: &dyn BfdRouter) {
     let (health, health_rx) = watch::channel(Health::Serving);
 
     let bfd = start_ours(gw, &runtime, health_rx);
-    let took = wait_for_router(router, "Up", COME_UP, is_up);
+    let took = wait_for_peer(router, "Up", COME_UP, is_up);
     wait_for_ours(&bfd, State::Up, Duration::from_secs(2));
     println!("{name}: session Up {took:?} after our start");
     let status = ours(&bfd);
@@ -163,7 +141,7 @@ fn interop(gw: &Netns, router: &dyn BfdRouter) {
     assert_eq!(status.dropped, DropCounts::default());
 
     health.send_replace(Health::NotServing);
-    let took = wait_for_router(router, "Down after NotServing", DETECTION + MARGIN, is_down);
+    let took = wait_for_peer(router, "Down after NotServing", DETECTION + MARGIN, is_down);
     println!("{name}: Down {took:?} after NotServing (detection time {DETECTION:?})");
     let status = ours(&bfd);
     assert_eq!(status.local_state, State::AdminDown);
@@ -173,14 +151,14 @@ fn interop(gw: &Netns, router: &dyn BfdRouter) {
     }
 
     health.send_replace(Health::Serving);
-    let took = wait_for_router(router, "Up after Serving", COME_UP, is_up);
+    let took = wait_for_peer(router, "Up after Serving", COME_UP, is_up);
     println!("{name}: Up again {took:?} after Serving");
 
     // Let a few packets pass at the fast rate, so that the abort is timed
     // from a session in steady state.
     std::thread::sleep(5 * INTERVAL);
     bfd.abort();
-    let took = wait_for_router(router, "Down after abort", DETECTION + MARGIN, is_down);
+    let took = wait_for_peer(router, "Down after abort", DETECTION + MARGIN, is_down);
     println!("{name}: Down {took:?} after abort (detection time {DETECTION:?})");
     // Without a goodbye the router can only time out: our last packet left
     // at most one interval before the abort, so that takes at least 200 ms
@@ -198,14 +176,14 @@ fn interop(gw: &Netns, router: &dyn BfdRouter) {
     }
 
     let bfd = start_ours(gw, &runtime, health.subscribe());
-    let took = wait_for_router(router, "Up after our restart", COME_UP, is_up);
+    let took = wait_for_peer(router, "Up after our restart", COME_UP, is_up);
     wait_for_ours(&bfd, State::Up, Duration::from_secs(2));
     println!("{name}: Up {took:?} after a fresh start");
 
     let shutdown = Instant::now();
     runtime.block_on(bfd.shutdown());
     let stopped = shutdown.elapsed();
-    wait_for_router(router, "Down after shutdown", DETECTION + MARGIN, is_down);
+    wait_for_peer(router, "Down after shutdown", DETECTION + MARGIN, is_down);
     let took = shutdown.elapsed();
     println!("{name}: Down {took:?} after shutdown began (shutdown took {stopped:?})");
     if let Some(diag) = router.remote_diag() {

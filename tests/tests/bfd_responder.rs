@@ -28,7 +28,7 @@ use egress_common::names;
 use egress_tests::{
     agent::{agent_binary, http_get, run_cli},
     netns::{Netns, command_in, unique_name},
-    peers::{BfdRouter, Frr, PeerState, RouterTimers, TempDir, spawn_tied},
+    peers::{BfdRouter, Frr, PeerState, RouterTimers, TempDir, spawn_tied, wait_for_peer},
     require_root,
 };
 
@@ -291,28 +291,6 @@ fn start_ovn(ovn: &Netns) -> Frr {
     )
 }
 
-/// Polls FRR until `done` holds; returns how long that took.
-fn wait_for_ovn(
-    frr: &Frr,
-    what: &str,
-    timeout: Duration,
-    done: impl Fn(&PeerState) -> bool,
-) -> Duration {
-    let start = Instant::now();
-    loop {
-        let state = frr.state();
-        if done(&state) {
-            return start.elapsed();
-        }
-        assert!(
-            start.elapsed() < timeout,
-            "FRR: no {what} within {timeout:?}; it reports {state:?}\n{}",
-            frr.logs()
-        );
-        std::thread::sleep(POLL);
-    }
-}
-
 fn assert_exit(output: &Output, success: bool, what: &str) {
     assert_eq!(output.status.success(), success, "{what}: {}", text(output));
 }
@@ -327,7 +305,7 @@ fn sessions_follow_the_dataplane_and_probes_answer_as_kube_ovn_expects() {
     let responder = Responder::start(&pod, &["kube-ovn-bfdd-supervisor", "run"]);
     let frr = start_ovn(&ovn);
 
-    wait_for_ovn(&frr, "session Up", COME_UP, |s| *s == PeerState::Up);
+    wait_for_peer(&frr, "session Up", COME_UP, |s| *s == PeerState::Up);
     let status = responder.status(&pod);
     assert_eq!(status["Live"], true, "{status}");
     assert_eq!(status["Ready"], true, "{status}");
@@ -390,7 +368,7 @@ fn sessions_follow_the_dataplane_and_probes_answer_as_kube_ovn_expects() {
     // detection time (we say AdminDown at the next check; the detection
     // time is the bound should that packet be lost).
     detach_dataplane(&pod);
-    let took = wait_for_ovn(
+    let took = wait_for_peer(
         &frr,
         "session down",
         DETECTION + MARGIN + CHECK_INTERVAL,
@@ -421,7 +399,7 @@ fn sessions_follow_the_dataplane_and_probes_answer_as_kube_ovn_expects() {
     drop(dataplane);
 
     let _dataplane = attach_dataplane(&pod);
-    wait_for_ovn(&frr, "session Up again", COME_UP, |s| *s == PeerState::Up);
+    wait_for_peer(&frr, "session Up again", COME_UP, |s| *s == PeerState::Up);
     assert_eq!(responder.status(&pod)["Sessions"][0]["State"], "Up");
 }
 
@@ -498,7 +476,7 @@ fn before_ovn_calls_the_pod_stays_silent_and_the_old_probes_say_so() {
     );
 
     let frr = start_ovn(&ovn);
-    wait_for_ovn(&frr, "session Up", COME_UP, |s| *s == PeerState::Up);
+    wait_for_peer(&frr, "session Up", COME_UP, |s| *s == PeerState::Up);
     let output = responder.probe(
         &pod,
         "bash",
