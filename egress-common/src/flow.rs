@@ -109,6 +109,14 @@ pub const TCP_ACK: u8 = 0x10;
 pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
+pub const PROTO_ICMPV6: u8 = 58;
+
+/// ICMP or ICMPv6: queries tracked by identifier, one timeout.
+#[inline(always)]
+#[must_use]
+pub const fn is_icmp(proto: u8) -> bool {
+    proto == PROTO_ICMP || proto == PROTO_ICMPV6
+}
 
 const _: () = assert!(core::mem::size_of::<FlowEntryV4>() == 64);
 
@@ -132,6 +140,104 @@ impl FlowKeyV4 {
     /// half's entry.
     #[must_use]
     pub fn peer_key(&self, entry: &FlowEntryV4) -> Self {
+        if self.direction == DIR_OUTBOUND {
+            Self {
+                src: self.dst,
+                dst: entry.nat_addr,
+                src_port: self.dst_port,
+                dst_port: entry.nat_port,
+                proto: self.proto,
+                direction: DIR_REPLY,
+                zone: REPLY_ZONE,
+            }
+        } else {
+            Self {
+                src: entry.nat_addr,
+                dst: self.src,
+                src_port: entry.nat_port,
+                dst_port: self.src_port,
+                proto: self.proto,
+                direction: DIR_OUTBOUND,
+                zone: entry.zone,
+            }
+        }
+    }
+}
+
+shared_layout! {
+    /// Key of `CONNTRACK_V6`: `FlowKeyV4` with IPv6 addresses (40 bytes,
+    /// in its own table so IPv4's keys stay 16 bytes).
+    pub struct FlowKeyV6 {
+        /// Source address, network byte order.
+        pub src: [u8; 16],
+        /// Destination address, network byte order.
+        pub dst: [u8; 16],
+        /// Source port (ICMPv6 echo request: identifier), network byte order.
+        pub src_port: u16,
+        /// Destination port (ICMPv6 echo reply: identifier), network byte order.
+        pub dst_port: u16,
+        /// Next header of the transport (after any extension headers).
+        pub proto: u8,
+        /// `DIR_OUTBOUND` or `DIR_REPLY`.
+        pub direction: u8,
+        /// As `FlowKeyV4::zone`.
+        pub zone: u16,
+    }
+}
+
+shared_layout! {
+    /// Value of `CONNTRACK_V6`: the fields of `FlowEntryV4`, with the
+    /// address widened and the order changed so nothing needs padding
+    /// (80 bytes).
+    pub struct FlowEntryV6 {
+        /// CLOCK_MONOTONIC_COARSE nanoseconds of the last packet in this direction.
+        pub last_seen_ns: u64,
+        /// Packets seen in this direction.
+        pub packets: u64,
+        /// Bytes of IP packets (header included) seen in this direction.
+        pub bytes: u64,
+        /// CLOCK_MONOTONIC_COARSE seconds when the flow was created.
+        pub created_s: u32,
+        /// As `FlowEntryV4::route_checked`.
+        pub route_checked: u32,
+        /// Outbound entry: egress address. Reply entry: tenant host address.
+        pub nat_addr: [u8; 16],
+        /// Port (or ICMPv6 id) belonging with `nat_addr`, network byte order.
+        pub nat_port: u16,
+        /// Tenant id.
+        pub tenant: u16,
+        /// The outbound key's zone, so a reply entry can name its peer.
+        pub zone: u16,
+        /// `TCP_*` flags seen in this direction, accumulated.
+        pub tcp_flags: u8,
+        /// `FLOW_F_*` bits.
+        pub flags: u8,
+        /// The cached next hop, as in `FlowEntryV4`.
+        pub route_ifindex: u32,
+        /// MTU of the cached route; 0: no route cached.
+        pub route_mtu: u16,
+        pub route_smac: [u8; 6],
+        pub route_dmac: [u8; 6],
+        pub _pad: [u8; 6],
+    }
+}
+
+const _: () = assert!(core::mem::size_of::<FlowKeyV6>() == 40);
+const _: () = assert!(core::mem::size_of::<FlowEntryV6>() == 80);
+
+impl FlowEntryV6 {
+    /// When the flow was created, on the dataplane's clock, to the second.
+    #[must_use]
+    pub const fn created_ns(&self) -> u64 {
+        self.created_s as u64 * 1_000_000_000
+    }
+}
+
+impl FlowKeyV6 {
+    /// The key of the other half of the flow whose half `self` is, given that
+    /// half's entry (as `FlowKeyV4::peer_key`).
+    #[must_use]
+    pub fn peer_key(&self, entry: &FlowEntryV6) -> Self {
         if self.direction == DIR_OUTBOUND {
             Self {
                 src: self.dst,
@@ -217,7 +323,7 @@ pub const STATE_COUNT: usize = 8;
 #[inline(always)]
 #[must_use]
 pub const fn flow_state(proto: u8, out_flags: u8, back_flags: u8, replied: bool) -> usize {
-    if proto == PROTO_ICMP {
+    if is_icmp(proto) {
         return STATE_ICMP;
     }
     if proto != PROTO_TCP {

@@ -6,7 +6,7 @@
 //! hidden padding, and implement `aya::Pod` so userspace maps can carry them.
 //!
 //! IPv4 has its own keys and values (`*V4`) so the hot path hashes 16-byte
-//! keys; IPv6 will get parallel `*V6` maps rather than widening these.
+//! keys; IPv6 has parallel `*V6` maps rather than wider keys for both.
 #![no_std]
 
 pub mod bench;

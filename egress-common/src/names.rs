@@ -52,8 +52,17 @@ pub const SELF_SWEEP: &str = "SELF_SWEEP";
 /// external interface untranslated (Kube-OVN's `snat: false` policies).
 pub const ROUTED_SOURCES_V4: &str = "ROUTED_SRC_V4";
 
+/// LPM trie `Key<SourceKeyV6>` -> tenant id (`u32`): which tenant an IPv6 source belongs to.
+pub const TENANT_SOURCES_V6: &str = "TENANT_SRC_V6";
+/// Array tenant id -> `TenantEgressV6`: each tenant's IPv6 egress addresses.
+pub const TENANT_ADDRS_V6: &str = "TENANT_ADDR_V6";
+/// Hash egress IPv6 address (`[u8; 16]`) -> tenant id (`u32`).
+pub const EGRESS_ADDRS_V6: &str = "EGRESS_ADDR_V6";
+/// Hash `FlowKeyV6` -> `FlowEntryV6`: both directions of every IPv6 flow.
+pub const CONNTRACK_V6: &str = "CONNTRACK_V6";
+
 /// Every map, in the order the agent pins them.
-pub const ALL_MAPS: [&str; 18] = [
+pub const ALL_MAPS: [&str; 22] = [
     TENANT_SOURCES_V4,
     INGRESS_PORTS,
     TENANTS,
@@ -72,6 +81,10 @@ pub const ALL_MAPS: [&str; 18] = [
     FLOATING_V4,
     SELF_SWEEP,
     ROUTED_SOURCES_V4,
+    TENANT_SOURCES_V6,
+    TENANT_ADDRS_V6,
+    EGRESS_ADDRS_V6,
+    CONNTRACK_V6,
 ];
 
 /// XDP on internal interfaces: classify, track, translate, forward outbound traffic.

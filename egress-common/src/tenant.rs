@@ -19,6 +19,28 @@ pub const ANY_PORT: u32 = 0;
 pub const PORT_PREFIX_BITS: u32 = 32;
 
 shared_layout! {
+    /// Data part of a `TENANT_SRC_V6` trie key: as `SourceKeyV4`, matching
+    /// `PORT_PREFIX_BITS + source prefix length` bits.
+    pub struct SourceKeyV6 {
+        /// Ingress port id, big-endian.
+        pub port_be: u32,
+        /// IPv6 source address, network byte order.
+        pub addr: [u8; 16],
+    }
+}
+
+shared_layout! {
+    /// Value of `TENANT_ADDR_V6`: a tenant's IPv6 egress addresses, beside
+    /// `TenantInfo` (which keeps their count) so IPv4's hot path reads no
+    /// wider a value than before.
+    pub struct TenantEgressV6 {
+        /// Network byte order; a flow picks one by hashing its source and
+        /// destination, as for IPv4.
+        pub addrs: [[u8; 16]; MAX_EGRESS_ADDRS],
+    }
+}
+
+shared_layout! {
     /// Data part of a `TENANT_SRC_V4` trie key. The trie matches
     /// `PORT_PREFIX_BITS + source prefix length` bits.
     pub struct SourceKeyV4 {
@@ -53,7 +75,8 @@ shared_layout! {
         pub port_max: u16,
         /// `TENANT_F_*` bits.
         pub flags: u32,
-        /// Future use: IPv6 egress addresses will live in a parallel map.
+        /// Valid entries of the tenant's `TENANT_ADDR_V6` value; 0 drops
+        /// the tenant's new IPv6 flows.
         pub egress_v6_count: u32,
         /// Egress IPv4 addresses, network byte order. A flow picks one by
         /// hashing its source and destination, so a host keeps one address

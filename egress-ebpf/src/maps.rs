@@ -9,10 +9,13 @@ use egress_common::{
     config::{DataplaneConfig, InterfaceInfo},
     counters::COUNTER_COUNT,
     events::{DEFAULT_EVENT_RING_BYTES, FlowEventV4},
-    flow::{FlowEntryV4, FlowKeyV4, FragEntryV4, FragKeyV4},
+    flow::{FlowEntryV4, FlowEntryV6, FlowKeyV4, FlowKeyV6, FragEntryV4, FragKeyV4},
     inbound::{FloatingKeyV4, ForwardKeyV4, ForwardV4},
     sweep::SelfSweep,
-    tenant::{IngressPortKey, MAX_TENANTS, SourceKeyV4, TenantInfo, TenantName, TenantUsage},
+    tenant::{
+        IngressPortKey, MAX_TENANTS, SourceKeyV4, SourceKeyV6, TenantEgressV6, TenantInfo,
+        TenantName, TenantUsage,
+    },
 };
 
 /// Source prefix (behind an ingress port id) -> tenant id.
@@ -100,3 +103,20 @@ pub static SELF_SWEEP: Array<SelfSweep, 1> = Array::new();
 /// `snat: false` policies): the leak guard passes them. Values unused.
 #[btf_map]
 pub static ROUTED_SRC_V4: LpmTrie<[u8; 4], u32, 4_096> = LpmTrie::new();
+
+/// IPv6 source prefix (behind an ingress port id) -> tenant id.
+#[btf_map]
+pub static TENANT_SRC_V6: LpmTrie<SourceKeyV6, u32, 65_536> = LpmTrie::new();
+
+/// Tenant id -> its IPv6 egress addresses (their count is in `TENANTS`).
+#[btf_map]
+pub static TENANT_ADDR_V6: Array<TenantEgressV6, { MAX_TENANTS as usize }> = Array::new();
+
+/// IPv6 egress address -> tenant id.
+#[btf_map]
+pub static EGRESS_ADDR_V6: HashMap<[u8; 16], u32, 65_536> = HashMap::new();
+
+/// Both halves of every IPv6 flow, kept as `CONNTRACK_V4` is. Sized by
+/// the agent like the IPv4 table.
+#[btf_map]
+pub static CONNTRACK_V6: HashMap<FlowKeyV6, FlowEntryV6, 131_072> = HashMap::new();
