@@ -159,7 +159,12 @@ fn walks_happen_once_per_interval() {
         &h,
         &frames::udp(sock(HOST_A, 7000), sock(REMOTE, 7000), b"x"),
     );
-    let mut sweep = conntrack::self_sweep(HOUR, &timeouts());
+    // An interval far longer than the test, but shorter than the machine
+    // has been up (a fresh CI machine's monotonic clock starts at boot, so
+    // "an hour ago" may not exist yet; building the tests alone takes
+    // minutes).
+    let interval = Duration::from_secs(60);
+    let mut sweep = conntrack::self_sweep(interval, &timeouts());
     sweep.last_ns = now_ns();
     set_sweep(&mut h, sweep);
     for _ in 0..3 {
@@ -173,7 +178,7 @@ fn walks_happen_once_per_interval() {
     );
 
     let mut due = sweep_state(&h);
-    due.last_ns = now_ns() - HOUR.as_nanos() as u64;
+    due.last_ns = now_ns() - interval.as_nanos() as u64;
     set_sweep(&mut h, due);
     sweep_packet(&h);
     sweep_packet(&h);
