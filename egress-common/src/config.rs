@@ -32,3 +32,13 @@ shared_layout! {
 pub const ROLE_INTERNAL: u32 = 1;
 /// Translated traffic leaves here; replies arrive here.
 pub const ROLE_EXTERNAL: u32 = 2;
+
+/// Slots of `V6_PROGRAMS_XDP` and `V6_PROGRAMS_TC` (one array per program
+/// type: the kernel lets only programs of the array's first user's type
+/// tail-call through it): the IPv6 program each IPv4 program tail-calls,
+/// and the IPv6 outbound program's own for new flows.
+pub const V6_SLOT_OUTBOUND: u32 = 0;
+pub const V6_SLOT_REPLY: u32 = 1;
+pub const V6_SLOT_NEW_FLOW: u32 = 2;
+/// Slots in each array.
+pub const V6_SLOTS: u32 = 3;

@@ -15,15 +15,17 @@ pub enum Counter {
     OutIcmpErrorTranslated,
     /// Outbound: a later fragment translated by its first fragment's memory.
     OutFragmentTranslated,
-    /// Outbound: not IPv4 (ARP, LLDP, IPv6...), left to the kernel.
-    OutPassNotIpv4,
+    /// Outbound: neither IPv4 nor IPv6 (ARP, LLDP, VLAN-tagged...), left
+    /// to the kernel.
+    OutPassNotIp,
     /// Outbound: not routed out of the external interface (to the gateway
     /// itself or another internal network), left to the kernel untranslated.
     OutPassNotEgress,
-    /// Outbound: TTL would expire here; the kernel answers time-exceeded.
+    /// Outbound: TTL (IPv6: hop limit) would expire here; the kernel
+    /// answers time-exceeded.
     OutPassTtlExceeded,
-    /// Outbound: too big for the external MTU with DF set; the kernel answers
-    /// fragmentation-needed.
+    /// Outbound: too big for the external MTU with DF set (IPv6: always);
+    /// the kernel answers fragmentation-needed (IPv6: packet too big).
     OutPassFragNeeded,
     /// Outbound: translated, but the next hop's MAC is unknown; handed to the
     /// TC fallback, which resolves it through the kernel.
@@ -56,8 +58,9 @@ pub enum Counter {
     InIcmpErrorTranslated,
     /// Reply: a later fragment translated by its first fragment's memory.
     InFragmentTranslated,
-    /// Reply: not IPv4 (ARP, LLDP, IPv6...), left to the kernel.
-    InPassNotIpv4,
+    /// Reply: neither IPv4 nor IPv6 (ARP, LLDP, VLAN-tagged...), left to
+    /// the kernel.
+    InPassNotIp,
     /// Reply: not addressed to an egress address, left to the kernel.
     InPassNotEgress,
     /// Reply: translated back, next hop MAC unknown; the kernel forwards it.
@@ -113,10 +116,30 @@ pub enum Counter {
     /// A packet of a routed source (`routedSources`, never translated)
     /// passed: out through the leak guard, or in towards it.
     RoutedPassed,
+    /// Outbound: IPv6 traffic of the link itself (Neighbor Discovery, MLD,
+    /// link-local or multicast addresses), left to the kernel.
+    OutPassLinkControl,
+    /// Reply: IPv6 traffic of the link itself, left to the kernel.
+    InPassLinkControl,
+    /// Outbound: an IPv6 extension-header chain longer than the dataplane
+    /// walks (`MAX_EXT_HEADERS`).
+    OutDropExtHeaders,
+    /// Reply: an IPv6 extension-header chain longer than the dataplane walks.
+    InDropExtHeaders,
+    /// Outbound: an IPv6 frame, and the IPv6 program was not loaded (the
+    /// tail call failed); left to the kernel, whose forwarding the leak
+    /// guard keeps from letting tenant sources out.
+    OutPassIpv6Unserved,
+    /// Reply: an IPv6 frame, and the IPv6 program was not loaded.
+    InPassIpv6Unserved,
+    /// Outbound: an IPv6 tenant packet opening a flow, and the new-flow
+    /// program was not loaded: dropped (a tenant source never leaves
+    /// untranslated).
+    OutDropIpv6Unserved,
 }
 
 /// Number of counters; the size of the `COUNTERS` array.
-pub const COUNTER_COUNT: u32 = Counter::RoutedPassed as u32 + 1;
+pub const COUNTER_COUNT: u32 = Counter::OutDropIpv6Unserved as u32 + 1;
 
 impl Counter {
     /// Every counter, in index order.
@@ -125,7 +148,7 @@ impl Counter {
         Counter::OutNewFlow,
         Counter::OutIcmpErrorTranslated,
         Counter::OutFragmentTranslated,
-        Counter::OutPassNotIpv4,
+        Counter::OutPassNotIp,
         Counter::OutPassNotEgress,
         Counter::OutPassTtlExceeded,
         Counter::OutPassFragNeeded,
@@ -142,7 +165,7 @@ impl Counter {
         Counter::InTranslated,
         Counter::InIcmpErrorTranslated,
         Counter::InFragmentTranslated,
-        Counter::InPassNotIpv4,
+        Counter::InPassNotIp,
         Counter::InPassNotEgress,
         Counter::InPassNeighFallback,
         Counter::InDropNoFlow,
@@ -166,6 +189,13 @@ impl Counter {
         Counter::InDropForwardBusy,
         Counter::InDropTenantLimit,
         Counter::RoutedPassed,
+        Counter::OutPassLinkControl,
+        Counter::InPassLinkControl,
+        Counter::OutDropExtHeaders,
+        Counter::InDropExtHeaders,
+        Counter::OutPassIpv6Unserved,
+        Counter::InPassIpv6Unserved,
+        Counter::OutDropIpv6Unserved,
     ];
 
     /// Stable snake_case name, used in metrics and the CLI.
@@ -176,7 +206,7 @@ impl Counter {
             Counter::OutFragmentTranslated => "out_fragment_translated",
             Counter::OutIcmpErrorTranslated => "out_icmp_error_translated",
             Counter::OutNewFlow => "out_new_flow",
-            Counter::OutPassNotIpv4 => "out_pass_not_ipv4",
+            Counter::OutPassNotIp => "out_pass_not_ip",
             Counter::OutPassNotEgress => "out_pass_not_egress",
             Counter::OutPassTtlExceeded => "out_pass_ttl_exceeded",
             Counter::OutPassFragNeeded => "out_pass_frag_needed",
@@ -193,7 +223,7 @@ impl Counter {
             Counter::InFragmentTranslated => "in_fragment_translated",
             Counter::InIcmpErrorTranslated => "in_icmp_error_translated",
             Counter::InTranslated => "in_translated",
-            Counter::InPassNotIpv4 => "in_pass_not_ipv4",
+            Counter::InPassNotIp => "in_pass_not_ip",
             Counter::InPassNotEgress => "in_pass_not_egress",
             Counter::InPassNeighFallback => "in_pass_neigh_fallback",
             Counter::InDropNoFlow => "in_drop_no_flow",
@@ -217,6 +247,13 @@ impl Counter {
             Counter::InDropForwardBusy => "in_drop_forward_busy",
             Counter::InDropTenantLimit => "in_drop_tenant_limit",
             Counter::RoutedPassed => "routed_passed",
+            Counter::OutPassLinkControl => "out_pass_link_control",
+            Counter::InPassLinkControl => "in_pass_link_control",
+            Counter::OutDropExtHeaders => "out_drop_ext_headers",
+            Counter::InDropExtHeaders => "in_drop_ext_headers",
+            Counter::OutPassIpv6Unserved => "out_pass_ipv6_unserved",
+            Counter::InPassIpv6Unserved => "in_pass_ipv6_unserved",
+            Counter::OutDropIpv6Unserved => "out_drop_ipv6_unserved",
         }
     }
 }

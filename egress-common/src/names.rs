@@ -61,8 +61,14 @@ pub const EGRESS_ADDRS_V6: &str = "EGRESS_ADDR_V6";
 /// Hash `FlowKeyV6` -> `FlowEntryV6`: both directions of every IPv6 flow.
 pub const CONNTRACK_V6: &str = "CONNTRACK_V6";
 
+/// Program arrays: the IPv6 XDP (TC) programs the IPv4 ones tail-call, at
+/// `config::V6_SLOT_*`. Pinned, so a dataplane left running without its
+/// agent keeps serving IPv6 (a program array empties when nothing holds it).
+pub const V6_PROGRAMS_XDP: &str = "V6_PROGRAMS_XDP";
+pub const V6_PROGRAMS_TC: &str = "V6_PROGRAMS_TC";
+
 /// Every map, in the order the agent pins them.
-pub const ALL_MAPS: [&str; 22] = [
+pub const ALL_MAPS: [&str; 24] = [
     TENANT_SOURCES_V4,
     INGRESS_PORTS,
     TENANTS,
@@ -85,6 +91,8 @@ pub const ALL_MAPS: [&str; 22] = [
     TENANT_ADDRS_V6,
     EGRESS_ADDRS_V6,
     CONNTRACK_V6,
+    V6_PROGRAMS_XDP,
+    V6_PROGRAMS_TC,
 ];
 
 /// XDP on internal interfaces: classify, track, translate, forward outbound traffic.
@@ -100,6 +108,19 @@ pub const PROG_TC_REPLY: &str = "tc_reply";
 /// TC ingress on internal interfaces running XDP: sends translated packets whose neighbour
 /// XDP could not resolve through the kernel's neighbour machinery.
 pub const PROG_NEIGH_FALLBACK: &str = "neigh_fallback";
+/// IPv6's part of `snat_outbound`, tail-called for IPv6 frames.
+pub const PROG_SNAT_OUTBOUND6: &str = "snat_outbound6";
+/// IPv6's part of `snat_reply`.
+pub const PROG_SNAT_REPLY6: &str = "snat_reply6";
+/// IPv6's part of `tc_outbound`.
+pub const PROG_TC_OUTBOUND6: &str = "tc_outbound6";
+/// IPv6's part of `tc_reply`.
+pub const PROG_TC_REPLY6: &str = "tc_reply6";
+/// A tenant's new IPv6 flow, tail-called from `snat_outbound6`.
+pub const PROG_SNAT_NEW_FLOW6: &str = "snat_new_flow6";
+/// A tenant's new IPv6 flow, tail-called from `tc_outbound6`.
+pub const PROG_TC_NEW_FLOW6: &str = "tc_new_flow6";
+
 /// TC egress on the external interface: drops forwarded packets whose source is
 /// not an egress address, whatever path they took through the kernel.
 pub const PROG_LEAK_GUARD: &str = "leak_guard";

@@ -11,12 +11,13 @@ use core::mem::MaybeUninit;
 use aya_ebpf::btf_maps::lpm_trie::Key;
 use egress_common::{
     config::CONFIG_F_INGRESS_PORTS,
-    tenant::{ANY_PORT, IngressPortKey, PORT_PREFIX_BITS, SourceKeyV4},
+    tenant::{ANY_PORT, IngressPortKey, PORT_PREFIX_BITS, SourceKeyV4, SourceKeyV6},
 };
 
 use crate::{
-    maps::{DP_CONFIG, INGRESS_PORTS, TENANT_SRC_V4},
+    maps::{DP_CONFIG, INGRESS_PORTS, TENANT_SRC_V4, TENANT_SRC_V6},
     parse::Ipv4Frame,
+    parse6::Ipv6Frame,
     zero,
 };
 
@@ -34,10 +35,24 @@ pub fn tenant_v4(frame: &Ipv4Frame, port: u32) -> Option<u16> {
     TENANT_SRC_V4.get(&key).map(|tenant| *tenant as u16)
 }
 
-/// The ingress port a frame arrived on: its (interface, destination MAC),
-/// its interface, or `ANY_PORT`. Also the conntrack zone of its flows.
+/// `tenant_v4` for an IPv6 source.
 #[inline(always)]
-pub fn ingress_port(frame: &Ipv4Frame, ifindex: u32) -> u32 {
+pub fn tenant_v6(frame: &Ipv6Frame, port: u32) -> Option<u16> {
+    let key = Key::new(
+        PORT_PREFIX_BITS + 128,
+        SourceKeyV6 {
+            port_be: port.to_be(),
+            addr: frame.ip().src_addr,
+        },
+    );
+    TENANT_SRC_V6.get(&key).map(|tenant| *tenant as u16)
+}
+
+/// The ingress port a frame sent to `dst_mac` arrived on: its (interface,
+/// destination MAC), its interface, or `ANY_PORT`. Also the conntrack zone
+/// of its flows.
+#[inline(always)]
+pub fn ingress_port(dst_mac: [u8; 6], ifindex: u32) -> u32 {
     let by_port = DP_CONFIG
         .get(0)
         .is_some_and(|config| config.flags & CONFIG_F_INGRESS_PORTS != 0);
@@ -46,7 +61,7 @@ pub fn ingress_port(frame: &Ipv4Frame, ifindex: u32) -> u32 {
     }
     let by_mac = IngressPortKey {
         ifindex,
-        mac: frame.eth().dst_addr,
+        mac: dst_mac,
         _pad: [0; 2],
     };
     if let Some(port) = INGRESS_PORTS.get_ptr(by_mac) {

@@ -13,15 +13,17 @@ use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_coarse_ns};
 use egress_common::{
     counters::Counter,
     flow::{
-        DIR_OUTBOUND, DIR_REPLY, FlowEntryV4, FlowKeyV4, REPLY_ZONE, TCP_ACK, TCP_FIN, TCP_RST,
-        TCP_SYN, seconds_of,
+        DIR_OUTBOUND, DIR_REPLY, FlowEntryV4, FlowEntryV6, FlowKeyV4, FlowKeyV6, REPLY_ZONE,
+        TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, seconds_of,
     },
     inbound::{FLOW_F_INBOUND, ForwardKeyV4, ForwardV4},
 };
 
 use crate::{
-    maps::{CONNTRACK_V4, PORT_FWD_V4},
+    forward::{self, Route},
+    maps::{CONNTRACK_V4, CONNTRACK_V6, NEW_FLOW_V6, NewFlowV6, PORT_FWD_V4},
     parse::{Ipv4Frame, Transport},
+    parse6::Ipv6Frame,
     zero,
 };
 
@@ -42,21 +44,50 @@ pub fn lookup(key: &FlowKeyV4) -> Option<*mut FlowEntryV4> {
     CONNTRACK_V4.get_ptr_mut(key)
 }
 
+#[inline(always)]
+pub fn lookup_v6(key: &FlowKeyV6) -> Option<*mut FlowEntryV6> {
+    CONNTRACK_V6.get_ptr_mut(key)
+}
+
+/// A flow half of either family: the clock, counters and flags `touch`
+/// keeps, which both entries name alike.
+pub trait FlowHalf {
+    /// (last_seen_ns, packets, bytes, tcp_flags)
+    fn counts(&mut self) -> (&mut u64, &mut u64, &mut u64, &mut u8);
+}
+
+macro_rules! flow_half {
+    ($entry:ty) => {
+        impl FlowHalf for $entry {
+            #[inline(always)]
+            fn counts(&mut self) -> (&mut u64, &mut u64, &mut u64, &mut u8) {
+                (
+                    &mut self.last_seen_ns,
+                    &mut self.packets,
+                    &mut self.bytes,
+                    &mut self.tcp_flags,
+                )
+            }
+        }
+    };
+}
+flow_half!(FlowEntryV4);
+flow_half!(FlowEntryV6);
+
 /// Counts a packet of `ip_len` bytes on one half of a flow.
 #[inline(always)]
-pub fn touch(entry: *mut FlowEntryV4, now: u64, ip_len: u16, tcp_flags: u8) {
+pub fn touch(entry: *mut impl FlowHalf, now: u64, ip_len: u16, tcp_flags: u8) {
     // SAFETY: `entry` came from a map lookup in this program run. The BPF
     // target has no atomic read-modify-write in `core`; a flow's packets
     // arrive on one CPU (RSS hashes the tuple), so a lost increment between
     // CPUs is rare and only ever touches statistics.
-    unsafe {
-        (*entry).last_seen_ns = now;
-        (*entry).packets += 1;
-        (*entry).bytes += u64::from(ip_len);
-        let seen = tcp_flags & (TCP_FIN | TCP_SYN | TCP_RST | TCP_ACK);
-        if seen & !(*entry).tcp_flags != 0 {
-            (*entry).tcp_flags |= seen;
-        }
+    let (last_seen_ns, packets, bytes, flags) = unsafe { (*entry).counts() };
+    *last_seen_ns = now;
+    *packets += 1;
+    *bytes += u64::from(ip_len);
+    let seen = tcp_flags & (TCP_FIN | TCP_SYN | TCP_RST | TCP_ACK);
+    if seen & !*flags != 0 {
+        *flags |= seen;
     }
 }
 
@@ -74,6 +105,24 @@ pub fn reopen_if_closed(key: &FlowKeyV4, entry: *mut FlowEntryV4, tcp_flags: u8)
         (*entry).tcp_flags = 0;
         let peer = key.peer_key(&*entry);
         if let Some(peer_entry) = CONNTRACK_V4.get_ptr_mut(peer) {
+            (*peer_entry).tcp_flags = 0;
+        }
+    }
+}
+
+/// `reopen_if_closed` for an IPv6 flow.
+#[inline(always)]
+pub fn reopen_if_closed_v6(key: &FlowKeyV6, entry: *mut FlowEntryV6, tcp_flags: u8) {
+    // SAFETY: as in `touch`.
+    unsafe {
+        if tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN
+            || (*entry).tcp_flags & (TCP_FIN | TCP_RST) == 0
+        {
+            return;
+        }
+        (*entry).tcp_flags = 0;
+        let peer = key.peer_key(&*entry);
+        if let Some(peer_entry) = CONNTRACK_V6.get_ptr_mut(peer) {
             (*peer_entry).tcp_flags = 0;
         }
     }
@@ -306,4 +355,160 @@ pub fn create_inbound(
         return Err(Counter::InDropForwardBusy);
     }
     Ok(Some(outbound_key))
+}
+
+/// The key of an IPv6 flow half a packet belongs to, as it arrived.
+#[inline(always)]
+pub fn key_of_v6(frame: &Ipv6Frame, transport: &Transport, direction: u8, zone: u16) -> FlowKeyV6 {
+    FlowKeyV6 {
+        src: frame.ip().src_addr,
+        dst: frame.ip().dst_addr,
+        src_port: transport.src_port,
+        dst_port: transport.dst_port,
+        proto: frame.proto,
+        direction,
+        zone,
+    }
+}
+
+/// What a new IPv6 flow translates to, and the packet that opens it
+/// (recorded on the outbound half before it is inserted).
+pub struct TranslationV6 {
+    pub addr: [u8; 16],
+    pub tenant: u16,
+    pub port_min: u16,
+    pub port_max: u16,
+    pub now: u64,
+    pub ip_len: u16,
+    pub tcp_flags: u8,
+    pub route: Route,
+}
+
+/// A fresh half of an IPv6 flow, written over `entry`.
+#[inline(always)]
+fn init_entry_v6(
+    entry: &mut FlowEntryV6,
+    now: u64,
+    nat_addr: [u8; 16],
+    nat_port: u16,
+    tenant: u16,
+    zone: u16,
+) {
+    // SAFETY: a plain C struct of integers; all-zero is a valid entry.
+    *entry = unsafe { core::mem::zeroed() };
+    entry.created_s = seconds_of(now);
+    entry.last_seen_ns = now;
+    entry.nat_addr = nat_addr;
+    entry.nat_port = nat_port;
+    entry.tenant = tenant;
+    entry.zone = zone;
+}
+
+/// Records the packet that opens a flow on its outbound half.
+#[inline(always)]
+fn record_first(entry: *mut FlowEntryV6, translation: &TranslationV6) {
+    touch(
+        entry,
+        translation.now,
+        translation.ip_len,
+        translation.tcp_flags,
+    );
+    forward::remember_route(entry, &translation.route, translation.now);
+}
+
+/// `create_outbound` for IPv6: the same claim of a port by inserting the
+/// reply half first, in `CONNTRACK_V6`. IPv6 egress addresses carry no
+/// port forwards, so no port is skipped.
+#[inline(always)]
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "the keys and entries live in map memory; passed by value they would be copied to the stack, which has no room for them"
+)]
+pub fn create_outbound_v6(
+    key: &FlowKeyV6,
+    translation: &TranslationV6,
+) -> Result<(([u8; 16], u16), bool), Counter> {
+    let now = translation.now;
+    // The new halves and the reply key live in a per-CPU map: the new-flow
+    // program's stack has no room for two 80-byte entries beside the rest.
+    let scratch = NEW_FLOW_V6
+        .get_ptr_mut(0)
+        .ok_or(Counter::OutDropConntrackFull)?;
+    // SAFETY: this CPU's slot; programs do not interrupt each other on a CPU.
+    let NewFlowV6 {
+        reply_key,
+        reply: reply_entry,
+        outbound: outbound_entry,
+    } = unsafe { &mut *scratch };
+    init_entry_v6(
+        reply_entry,
+        now,
+        key.src,
+        key.src_port,
+        translation.tenant,
+        key.zone,
+    );
+    *reply_key = FlowKeyV6 {
+        src: key.dst,
+        dst: translation.addr,
+        src_port: key.dst_port,
+        dst_port: 0,
+        proto: key.proto,
+        direction: DIR_REPLY,
+        zone: REPLY_ZONE,
+    };
+    let Some(width) = translation.port_max.checked_sub(translation.port_min) else {
+        return Err(Counter::OutDropPortsExhausted);
+    };
+    let span = u32::from(width) + 1;
+    // SAFETY: helper without arguments.
+    let start = unsafe { aya_ebpf::helpers::bpf_get_prandom_u32() } % span;
+    let probes = if span < MAX_PORT_PROBES {
+        span
+    } else {
+        MAX_PORT_PROBES
+    };
+    let mut claimed = false;
+    for attempt in 0..MAX_PORT_PROBES {
+        if attempt >= probes {
+            break;
+        }
+        let port = u32::from(translation.port_min) + (start + attempt) % span;
+        reply_key.dst_port = (port as u16).to_be();
+        match CONNTRACK_V6.insert(&*reply_key, &*reply_entry, u64::from(BPF_NOEXIST)) {
+            Ok(()) => {
+                claimed = true;
+                break;
+            }
+            Err(err) if err == -EEXIST => {}
+            Err(_) => return Err(Counter::OutDropConntrackFull),
+        }
+    }
+    if !claimed {
+        return Err(Counter::OutDropPortsExhausted);
+    }
+
+    init_entry_v6(
+        outbound_entry,
+        now,
+        translation.addr,
+        reply_key.dst_port,
+        translation.tenant,
+        key.zone,
+    );
+    record_first(outbound_entry, translation);
+    let translated = (outbound_entry.nat_addr, outbound_entry.nat_port);
+    match CONNTRACK_V6.insert(key, &*outbound_entry, u64::from(BPF_NOEXIST)) {
+        Ok(()) => Ok((translated, true)),
+        Err(err) => {
+            let _ = CONNTRACK_V6.remove(&*reply_key);
+            if err != -EEXIST {
+                return Err(Counter::OutDropConntrackFull);
+            }
+            let winner = lookup_v6(key).ok_or(Counter::OutDropConntrackFull)?;
+            record_first(winner, translation);
+            // SAFETY: map value pointer returned by the kernel.
+            Ok((unsafe { ((*winner).nat_addr, (*winner).nat_port) }, false))
+        }
+    }
 }

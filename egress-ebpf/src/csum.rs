@@ -43,3 +43,27 @@ pub fn udp_nonzero(check: [u8; 2]) -> [u8; 2] {
         check
     }
 }
+
+/// What changing a covered 128-bit field (an IPv6 address) adds to a
+/// checksum's sum: the old words taken out, the new ones added, unfolded
+/// (at most 16 words of 0xffff, so it fits 32 bits). TC hands it to
+/// `bpf_l4_csum_replace` as is; XDP folds it in with `apply_diff`.
+#[inline(always)]
+pub fn diff128(old: &[u8; 16], new: &[u8; 16]) -> u32 {
+    let mut sum = 0u32;
+    let mut at = 0;
+    while at < 16 {
+        sum += u32::from(!word([old[at], old[at + 1]])) + u32::from(word([new[at], new[at + 1]]));
+        at += 2;
+    }
+    sum
+}
+
+/// Checksum after changes whose sum (as `diff128` makes it) is `diff`.
+#[inline(always)]
+pub fn apply_diff(check: [u8; 2], diff: u32) -> [u8; 2] {
+    let sum = u64::from(!word(check)) + u64::from(diff);
+    let sum = (sum & 0xffff) + (sum >> 16);
+    let sum = (sum & 0xffff) + (sum >> 16);
+    (!(sum as u16)).to_ne_bytes()
+}

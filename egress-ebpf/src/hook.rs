@@ -32,7 +32,10 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 
-use crate::csum;
+use crate::{
+    csum,
+    maps::{V6_PROGRAMS_TC, V6_PROGRAMS_XDP},
+};
 
 /// A TCP or UDP checksum update owed after a translation: an address of
 /// the pseudo-header and a port changed.
@@ -48,6 +51,46 @@ pub struct L4Fix {
     pub udp: bool,
 }
 
+/// The IPv6 counterpart of [`L4Fix`]: an address of the pseudo-header
+/// changed (as a `csum::diff128` sum, 16 bytes being too wide for the
+/// helpers' replace-one-field form) and a port. ICMPv6 needs it too: its
+/// checksum covers the pseudo-header, unlike ICMP's.
+pub struct L4FixV6 {
+    pub check: *mut [u8; 2],
+    pub check_offset: usize,
+    pub addr_diff: u32,
+    pub old_port: u16,
+    pub new_port: u16,
+    /// UDP: a zero checksum (invalid in IPv6, RFC 8200 8.1) stays zero
+    /// rather than becoming a valid-looking one.
+    pub udp: bool,
+}
+
+/// A checksum update owed after a translation, applied by the hook last.
+pub trait ChecksumFix {
+    fn apply<H: Hook>(&self, ctx: &H);
+}
+
+impl ChecksumFix for L4Fix {
+    #[inline(always)]
+    fn apply<H: Hook>(&self, ctx: &H) {
+        ctx.finish_l4(self);
+    }
+}
+
+impl ChecksumFix for L4FixV6 {
+    #[inline(always)]
+    fn apply<H: Hook>(&self, ctx: &H) {
+        ctx.finish_l4_v6(self);
+    }
+}
+
+/// `bpf_l4_csum_replace`: the change is IPv6's, whose addresses
+/// `CHECKSUM_COMPLETE`'s sum covers without an IP header checksum
+/// compensating (uapi `BPF_F_IPV6`, Linux 6.16 and the stable kernels the
+/// fix went to; older kernels refuse the flag, see `finish_l4_v6`).
+const BPF_F_IPV6: u64 = 1 << 7;
+
 pub trait Hook: EbpfContext {
     /// Hands the packet to the kernel as it is now.
     const PASS: i32;
@@ -55,6 +98,9 @@ pub trait Hook: EbpfContext {
     const DROP: i32;
     /// Whether `redirect_neigh` can send a packet itself.
     const RESOLVES_NEIGHBOURS: bool;
+    /// Goes on in this hook's IPv6 program at `slot` (`V6_SLOT_*`);
+    /// returns only if that program is not loaded.
+    fn tail_call_v6(&self, slot: u32);
 
     fn data(&self) -> usize;
     fn data_end(&self) -> usize;
@@ -74,6 +120,8 @@ pub trait Hook: EbpfContext {
     fn wire_len(&self, tot_len: u16, headers_len: usize) -> u16;
     /// Applies a TCP/UDP checksum update; the last write to the packet.
     fn finish_l4(&self, fix: &L4Fix);
+    /// The same for IPv6 (TCP, UDP and ICMPv6).
+    fn finish_l4_v6(&self, fix: &L4FixV6);
     /// Sends the packet out of `ifindex`, its Ethernet header already set.
     fn redirect(&self, ifindex: u32) -> i32;
     /// Sends a packet whose next hop's MAC is unknown out of `ifindex`
@@ -143,6 +191,22 @@ impl Hook for XdpContext {
     }
 
     #[inline(always)]
+    fn finish_l4_v6(&self, fix: &L4FixV6) {
+        // SAFETY: as in `finish_l4`.
+        let check = unsafe { &mut *fix.check };
+        if fix.udp && csum::word(*check) == 0 {
+            return;
+        }
+        let updated = csum::apply_diff(*check, fix.addr_diff);
+        let updated = csum::replace16(updated, fix.old_port, fix.new_port);
+        *check = if fix.udp {
+            csum::udp_nonzero(updated)
+        } else {
+            updated
+        };
+    }
+
+    #[inline(always)]
     fn redirect(&self, ifindex: u32) -> i32 {
         // SAFETY: plain helper call.
         unsafe { bpf_redirect(ifindex, 0) as i32 }
@@ -151,6 +215,12 @@ impl Hook for XdpContext {
     #[inline(always)]
     fn redirect_neigh(&self, _ifindex: u32) -> Option<i32> {
         None
+    }
+
+    #[inline(always)]
+    fn tail_call_v6(&self, slot: u32) {
+        // SAFETY: a tail call; on success nothing after it runs.
+        unsafe { V6_PROGRAMS_XDP.tail_call(self, slot) };
     }
 }
 
@@ -251,6 +321,36 @@ impl Hook for TcContext {
     }
 
     #[inline(always)]
+    fn finish_l4_v6(&self, fix: &L4FixV6) {
+        let mangled = if fix.udp {
+            u64::from(BPF_F_MARK_MANGLED_0)
+        } else {
+            0
+        };
+        let pseudo = u64::from(BPF_F_PSEUDO_HDR) | mangled;
+        // A kernel without BPF_F_IPV6 refuses the call and changes nothing:
+        // then the checksum itself is still updated without it (only a
+        // CHECKSUM_COMPLETE skb's sum goes stale, which forwarding ignores).
+        if self
+            .l4_csum_replace(
+                fix.check_offset,
+                0,
+                u64::from(fix.addr_diff),
+                pseudo | BPF_F_IPV6,
+            )
+            .is_err()
+        {
+            let _ = self.l4_csum_replace(fix.check_offset, 0, u64::from(fix.addr_diff), pseudo);
+        }
+        let _ = self.l4_csum_replace(
+            fix.check_offset,
+            u64::from(fix.old_port),
+            u64::from(fix.new_port),
+            mangled | 2,
+        );
+    }
+
+    #[inline(always)]
     fn redirect(&self, ifindex: u32) -> i32 {
         // SAFETY: plain helper call.
         unsafe { bpf_redirect(ifindex, 0) as i32 }
@@ -260,5 +360,11 @@ impl Hook for TcContext {
     fn redirect_neigh(&self, ifindex: u32) -> Option<i32> {
         // SAFETY: plain helper call; a null nexthop lets the kernel route.
         Some(unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) } as i32)
+    }
+
+    #[inline(always)]
+    fn tail_call_v6(&self, slot: u32) {
+        // SAFETY: a tail call; on success nothing after it runs.
+        unsafe { V6_PROGRAMS_TC.tail_call(self, slot) };
     }
 }

@@ -10,6 +10,13 @@
 //! - `neigh_fallback` (TC ingress, internal interfaces on XDP) and
 //!   `leak_guard` (TC egress, external): see `tc`.
 //!
+//! IPv6 takes the same path in its own modules (`parse6`, `outbound6`,
+//! `reply6`), maps and programs (`snat_outbound6`, `snat_reply6`,
+//! `tc_outbound6`, `tc_reply6`), which the IPv4 programs tail-call when a
+//! frame carries IPv6 (`V6_PROGRAMS_XDP`, `V6_PROGRAMS_TC`): each program has BPF's 512 bytes of
+//! stack to itself, and IPv6's keys and entries would not fit beside
+//! IPv4's in one.
+//!
 //! The stages live one per module: `parse`, `classify`, `conntrack`,
 //! `limits` (a tenant's share of the table), `nat` (translate), `forward`,
 //! `events` (flows created, for the translation log), `inbound` (port
@@ -42,9 +49,12 @@ mod limits;
 mod maps;
 mod nat;
 mod outbound;
+mod outbound6;
 mod parse;
+mod parse6;
 mod redirect_errors;
 mod reply;
+mod reply6;
 mod sweep;
 mod tc;
 mod verdict;
@@ -75,6 +85,42 @@ pub fn tc_outbound(ctx: TcContext) -> i32 {
 pub fn tc_reply(ctx: TcContext) -> i32 {
     hook::tc_pull_headers(&ctx);
     reply::run(&ctx)
+}
+
+/// IPv6 frames, tail-called from `snat_outbound`: see `outbound6`.
+#[xdp]
+pub fn snat_outbound6(ctx: XdpContext) -> u32 {
+    outbound6::run(&ctx) as u32
+}
+
+/// IPv6 frames, tail-called from `snat_reply`: see `reply6`.
+#[xdp]
+pub fn snat_reply6(ctx: XdpContext) -> u32 {
+    reply6::run(&ctx) as u32
+}
+
+/// An IPv6 tenant packet opening a flow, tail-called from `snat_outbound6`.
+#[xdp]
+pub fn snat_new_flow6(ctx: XdpContext) -> u32 {
+    outbound6::run_new_flow(&ctx) as u32
+}
+
+/// An IPv6 tenant packet opening a flow, tail-called from `tc_outbound6`.
+#[classifier]
+pub fn tc_new_flow6(ctx: TcContext) -> i32 {
+    outbound6::run_new_flow(&ctx)
+}
+
+/// IPv6 frames, tail-called from `tc_outbound` (headers already pulled).
+#[classifier]
+pub fn tc_outbound6(ctx: TcContext) -> i32 {
+    outbound6::run(&ctx)
+}
+
+/// IPv6 frames, tail-called from `tc_reply` (headers already pulled).
+#[classifier]
+pub fn tc_reply6(ctx: TcContext) -> i32 {
+    reply6::run(&ctx)
 }
 
 /// Before `tc_outbound` where no agent sweeps: expires idle flows, hands

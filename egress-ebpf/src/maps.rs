@@ -2,7 +2,7 @@
 //! here are defaults the agent overrides at load time from its config.
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
     macros::btf_map,
 };
 use egress_common::{
@@ -120,3 +120,29 @@ pub static EGRESS_ADDR_V6: HashMap<[u8; 16], u32, 65_536> = HashMap::new();
 /// the agent like the IPv4 table.
 #[btf_map]
 pub static CONNTRACK_V6: HashMap<FlowKeyV6, FlowEntryV6, 131_072> = HashMap::new();
+
+/// The IPv6 XDP programs the IPv4 ones tail-call for IPv6 frames, at
+/// `egress_common::config::V6_SLOT_*`; filled by the agent at load.
+#[btf_map]
+pub static V6_PROGRAMS_XDP: ProgramArray<{ egress_common::config::V6_SLOTS as usize }> =
+    ProgramArray::new();
+
+/// The same for the TC programs.
+#[btf_map]
+pub static V6_PROGRAMS_TC: ProgramArray<{ egress_common::config::V6_SLOTS as usize }> =
+    ProgramArray::new();
+
+/// Scratch space for IPv6 FIB queries, one per CPU (see `forward::route_v6`).
+#[btf_map]
+pub static FIB_QUERY_V6: PerCpuArray<aya_ebpf::bindings::bpf_fib_lookup, 1> = PerCpuArray::new();
+
+/// Scratch space for a new IPv6 flow's halves, one per CPU (see
+/// `conntrack::create_outbound_v6`). Only the programs use it.
+pub struct NewFlowV6 {
+    pub reply_key: FlowKeyV6,
+    pub reply: FlowEntryV6,
+    pub outbound: FlowEntryV6,
+}
+
+#[btf_map]
+pub static NEW_FLOW_V6: PerCpuArray<NewFlowV6, 1> = PerCpuArray::new();

@@ -4,16 +4,17 @@
 //! only) and ICMP errors (outer address and the quoted packet inside).
 
 use egress_common::{
-    flow::FlowKeyV4,
+    flow::{FlowKeyV4, FlowKeyV6},
     inbound::FloatingKeyV4,
     tenant::{MAX_EGRESS_ADDRS, TENANT_F_FLOATING, TenantInfo},
 };
 
 use crate::{
     csum,
-    hook::L4Fix,
-    maps::FLOATING_V4,
+    hook::{L4Fix, L4FixV6},
+    maps::{FLOATING_V4, TENANT_ADDR_V6},
     parse::{IcmpError, Ipv4Frame, L4, QuotedL4, Transport},
+    parse6::Ipv6Frame,
 };
 
 /// The egress address for a new flow. Hashing source and destination (not
@@ -31,6 +32,22 @@ pub fn pick_egress(tenant: &TenantInfo, key: &FlowKeyV4) -> Option<[u8; 4]> {
     // can bound the result, so it may index the array.
     let index = (((mix >> 16) as usize) * count) >> 16;
     tenant.egress_v4.get(index).copied()
+}
+
+/// `pick_egress` for IPv6: the same hash over the addresses' last 32 bits
+/// (the host part, which varies; prefixes are shared), from the tenant's
+/// `TENANT_ADDR_V6` entry.
+#[inline(always)]
+pub fn pick_egress_v6(tenant_id: u16, tenant: &TenantInfo, key: &FlowKeyV6) -> Option<[u8; 16]> {
+    let count = tenant.egress_v6_count as usize;
+    if count == 0 || count > MAX_EGRESS_ADDRS {
+        return None;
+    }
+    let tail = |addr: &[u8; 16]| u32::from_ne_bytes([addr[12], addr[13], addr[14], addr[15]]);
+    let mix = (tail(&key.src) ^ tail(&key.dst).rotate_left(16)).wrapping_mul(0x9e37_79b1);
+    let index = (((mix >> 16) as usize) * count) >> 16;
+    let addrs = TENANT_ADDR_V6.get(u32::from(tenant_id))?;
+    addrs.addrs.get(index).copied()
 }
 
 /// The floating IP of a new flow's host, if it has one: looked up only
@@ -229,3 +246,60 @@ fn set_port(side: Side, source: &mut [u8; 2], destination: &mut [u8; 2], port: u
     *field = port.to_ne_bytes();
     old
 }
+
+/// `rewrite` for IPv6: one end of the packet becomes `addr`:`port`. Every
+/// transport's checksum (ICMPv6's too) covers the addresses, so each
+/// returns its update for the hook to apply last; there is no IP header
+/// checksum.
+#[inline(always)]
+pub fn rewrite_v6(
+    frame: &Ipv6Frame,
+    transport: &Transport,
+    side: Side,
+    addr: &[u8; 16],
+    port: u16,
+) -> L4FixV6 {
+    // SAFETY: header pointers were bounds-checked by the parser.
+    let ip = unsafe { &mut *frame.ip };
+    let field = if side == Side::Source {
+        &mut ip.src_addr
+    } else {
+        &mut ip.dst_addr
+    };
+    let addr_diff = csum::diff128(field, addr);
+    *field = *addr;
+    let (check, check_at, old_port, udp) = match transport.l4 {
+        L4::Tcp(tcp) => {
+            // SAFETY: as above.
+            let tcp = unsafe { &mut *tcp };
+            let old_port = set_port(side, &mut tcp.source, &mut tcp.dest, port);
+            (&raw mut tcp.check, TCP_CHECK_AT, old_port, false)
+        }
+        L4::Udp(udp) => {
+            // SAFETY: as above.
+            let udp = unsafe { &mut *udp };
+            let old_port = set_port(side, &mut udp.src, &mut udp.dst, port);
+            (&raw mut udp.check, UDP_CHECK_AT, old_port, true)
+        }
+        L4::IcmpEcho(icmp) => {
+            // SAFETY: as above; the identifier is the echo's "port".
+            let icmp = unsafe { &mut *icmp };
+            let old_id = u16::from_ne_bytes([icmp.data[0], icmp.data[1]]);
+            let id = port.to_ne_bytes();
+            icmp.data[0] = id[0];
+            icmp.data[1] = id[1];
+            (&raw mut icmp.check, ICMP_CHECK_AT, old_id, false)
+        }
+    };
+    L4FixV6 {
+        check: check.cast(),
+        check_offset: frame.l4_offset + check_at,
+        addr_diff,
+        old_port,
+        new_port: port,
+        udp,
+    }
+}
+
+/// Where the checksum sits in an ICMPv6 header.
+const ICMP_CHECK_AT: usize = 2;

@@ -14,6 +14,7 @@
 
 use aya_ebpf::btf_maps::lpm_trie::Key;
 use egress_common::{
+    config::V6_SLOT_OUTBOUND,
     counters::Counter,
     flow::{DIR_OUTBOUND, FlowEntryV4, FlowKeyV4, TCP_RST},
     tenant::TENANT_F_FORWARDS,
@@ -30,6 +31,7 @@ use crate::{
     maps::{ROUTED_SRC_V4, TENANTS},
     nat::{self, Side},
     parse::{self, ICMP_ECHO_REQUEST, IcmpError, Ipv4Frame, ParseError, Payload, Transport},
+    parse6,
     verdict::{Verdict, count},
 };
 
@@ -38,11 +40,25 @@ pub fn run<H: Hook>(ctx: &H) -> i32 {
     Verdict::finish::<H>(process(ctx))
 }
 
+/// A frame the IPv4 parser found no IPv4 in: IPv6 goes on in the IPv6
+/// program (a tail call, which returns only if that program is not
+/// loaded: then the kernel takes the packet, and the leak guard still
+/// keeps tenant sources in).
 #[inline(always)]
-fn parse_error(err: ParseError) -> Counter {
+fn ipv6<H: Hook>(ctx: &H) -> Verdict {
+    if !parse6::is_ipv6(ctx) {
+        return Verdict::pass(Counter::OutPassNotIp);
+    }
+    ctx.tail_call_v6(V6_SLOT_OUTBOUND);
+    Verdict::pass(Counter::OutPassIpv6Unserved)
+}
+
+#[inline(always)]
+pub fn parse_error(err: ParseError) -> Counter {
     match err {
         ParseError::Malformed => Counter::OutDropMalformed,
         ParseError::Unsupported => Counter::OutDropUnsupported,
+        ParseError::ExtHeaders => Counter::OutDropExtHeaders,
     }
 }
 
@@ -50,13 +66,13 @@ fn parse_error(err: ParseError) -> Counter {
 fn process<H: Hook>(ctx: &H) -> Result<Verdict, Counter> {
     // Parse, as far as needed to know whether the packet is ours.
     let Some(frame) = parse::ipv4(ctx).map_err(parse_error)? else {
-        return Ok(Verdict::pass(Counter::OutPassNotIpv4));
+        return Ok(ipv6(ctx));
     };
     if frame.to_group() {
         return Ok(Verdict::pass(Counter::OutPassNotEgress));
     }
     let ingress = ctx.ingress_ifindex();
-    let port = classify::ingress_port(&frame, ingress);
+    let port = classify::ingress_port(frame.eth().dst_addr, ingress);
 
     // Conntrack before classification: a flow's tenant was decided by its
     // first packet, so the packets of an established flow skip the tenant
@@ -369,11 +385,18 @@ fn transmit<H: Hook>(
     counter: Counter,
 ) -> Verdict {
     forward::decrement_ttl(frame);
-    forward::out(ctx, frame, route, fix, counter, Counter::OutNeighRedirected)
-        // Translated already, so the kernel sees an egress address as the
-        // source: the TC fallback sends it on, and without it the kernel
-        // drops it as a martian. Either way no tenant address leaves.
-        .unwrap_or(Verdict::pass(Counter::OutPassNeighFallback))
+    forward::out(
+        ctx,
+        frame.eth,
+        route,
+        fix,
+        counter,
+        Counter::OutNeighRedirected,
+    )
+    // Translated already, so the kernel sees an egress address as the
+    // source: the TC fallback sends it on, and without it the kernel
+    // drops it as a martian. Either way no tenant address leaves.
+    .unwrap_or(Verdict::pass(Counter::OutPassNeighFallback))
 }
 
 /// A source that belongs to no tenant: fail closed towards the outside, but

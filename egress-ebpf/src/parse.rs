@@ -27,6 +27,8 @@ use crate::{hook::Hook, zero};
 pub enum ParseError {
     Malformed,
     Unsupported,
+    /// IPv6: more extension headers than `parse6::MAX_EXT_HEADERS`.
+    ExtHeaders,
 }
 
 /// ICMP types the NAT tracks like ports.

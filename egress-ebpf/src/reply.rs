@@ -13,6 +13,7 @@
 use aya_ebpf::btf_maps::lpm_trie::Key;
 use egress_common::{
     config::ROLE_INTERNAL,
+    config::V6_SLOT_REPLY,
     counters::Counter,
     flow::{DIR_REPLY, FlowEntryV4, FlowKeyV4, REPLY_ZONE},
 };
@@ -26,6 +27,7 @@ use crate::{
     maps::{EGRESS_ADDR_V4, ROUTED_SRC_V4},
     nat::{self, Side},
     parse::{self, ICMP_ECHO_REPLY, IcmpError, Ipv4Frame, ParseError, Payload, Transport},
+    parse6,
     verdict::Verdict,
 };
 
@@ -34,11 +36,25 @@ pub fn run<H: Hook>(ctx: &H) -> i32 {
     Verdict::finish::<H>(process(ctx))
 }
 
+/// A frame the IPv4 parser found no IPv4 in: IPv6 goes on in the IPv6
+/// program (a tail call, which returns only if that program is not
+/// loaded: then the kernel takes the packet, and the leak guard still
+/// keeps tenant sources in).
 #[inline(always)]
-fn parse_error(err: ParseError) -> Counter {
+fn ipv6<H: Hook>(ctx: &H) -> Verdict {
+    if !parse6::is_ipv6(ctx) {
+        return Verdict::pass(Counter::InPassNotIp);
+    }
+    ctx.tail_call_v6(V6_SLOT_REPLY);
+    Verdict::pass(Counter::InPassIpv6Unserved)
+}
+
+#[inline(always)]
+pub fn parse_error(err: ParseError) -> Counter {
     match err {
         ParseError::Malformed => Counter::InDropMalformed,
         ParseError::Unsupported => Counter::InDropUnsupported,
+        ParseError::ExtHeaders => Counter::InDropExtHeaders,
     }
 }
 
@@ -46,7 +62,7 @@ fn parse_error(err: ParseError) -> Counter {
 fn process<H: Hook>(ctx: &H) -> Result<Verdict, Counter> {
     // Parse, as far as needed to see whether the packet is ours.
     let Some(frame) = parse::ipv4(ctx).map_err(parse_error)? else {
-        return Ok(Verdict::pass(Counter::InPassNotIpv4));
+        return Ok(ipv6(ctx));
     };
     let ingress = ctx.ingress_ifindex();
     // A reply of a tracked flow is addressed to an egress address by
@@ -249,8 +265,15 @@ fn deliver<H: Hook>(
     if forward::sends_itself::<H>(&route) {
         forward::decrement_ttl(frame);
     }
-    forward::out(ctx, frame, route, fix, counter, Counter::InNeighRedirected)
-        // The kernel forwards it inside (resolving the neighbour, or
-        // fragmenting a packet without DF); it decrements the TTL itself.
-        .unwrap_or(Verdict::pass(Counter::InPassNeighFallback))
+    forward::out(
+        ctx,
+        frame.eth,
+        route,
+        fix,
+        counter,
+        Counter::InNeighRedirected,
+    )
+    // The kernel forwards it inside (resolving the neighbour, or
+    // fragmenting a packet without DF); it decrements the TTL itself.
+    .unwrap_or(Verdict::pass(Counter::InPassNeighFallback))
 }

@@ -9,7 +9,8 @@
 //!   with an egress address as its source, whatever path the kernel took.
 //!   Locally generated traffic (the gateway's own, BFD, ICMP errors the kernel
 //!   sends) is not forwarded and passes, and so do sources the operator
-//!   routes untranslated (`ROUTED_SRC_V4`).
+//!   routes untranslated (`ROUTED_SRC_V4`). Both families: a forwarded
+//!   IPv6 packet leaves only from an IPv6 egress address.
 
 use core::mem::MaybeUninit;
 
@@ -22,24 +23,35 @@ use aya_ebpf::{
 use egress_common::{config::ROLE_EXTERNAL, counters::Counter};
 use network_types::{
     eth::{EthHdr, EtherType},
-    ip::Ipv4Hdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
 };
 
 use crate::{
-    forward::{fib_lookup, fib_query_v4, role_of},
-    maps::{EGRESS_ADDR_V4, ROUTED_SRC_V4},
+    forward::{fib_lookup, fib_query_v4, role_of, words},
+    maps::{EGRESS_ADDR_V4, EGRESS_ADDR_V6, ROUTED_SRC_V4},
     verdict::count,
+    zero,
 };
 
-/// The IPv4 header of an IPv4 frame, `None` for anything else.
-#[inline(always)]
-fn ipv4_header(ctx: &TcContext) -> Option<Ipv4Hdr> {
-    let eth: EthHdr = ctx.load(0).ok()?;
-    if eth.ether_type != EtherType::Ipv4 as u16 {
-        return None;
-    }
-    ctx.load(EthHdr::LEN).ok()
+/// The network header of a frame, as far as these programs look.
+enum Network {
+    V4(Ipv4Hdr),
+    V6(Ipv6Hdr),
 }
+
+#[inline(always)]
+fn network_header(ctx: &TcContext) -> Option<Network> {
+    let eth: EthHdr = ctx.load(0).ok()?;
+    if eth.ether_type == EtherType::Ipv4 as u16 {
+        return ctx.load(EthHdr::LEN).ok().map(Network::V4);
+    }
+    if eth.ether_type == EtherType::Ipv6 as u16 {
+        return ctx.load(EthHdr::LEN).ok().map(Network::V6);
+    }
+    None
+}
+
+const AF_INET6: u8 = 10;
 
 #[inline(always)]
 fn is_egress_addr(addr: [u8; 4]) -> bool {
@@ -47,25 +59,37 @@ fn is_egress_addr(addr: [u8; 4]) -> bool {
 }
 
 #[inline(always)]
+fn is_egress_addr_v6(addr: &[u8; 16]) -> bool {
+    EGRESS_ADDR_V6.get_ptr(addr).is_some()
+}
+
+#[inline(always)]
 pub fn neigh_fallback(ctx: &TcContext) -> i32 {
-    let Some(ip) = ipv4_header(ctx) else {
-        return TC_ACT_OK;
-    };
-    if !is_egress_addr(ip.src_addr) {
-        return TC_ACT_OK;
-    }
-    // A translated packet on an internal interface: XDP handed it over.
-    let mut slot = MaybeUninit::uninit();
     // SAFETY: the context pointer is the program's own skb.
     let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex };
-    let params = fib_query_v4(
-        &mut slot,
-        ip.proto,
-        ip.tos,
-        ip.src_addr,
-        ip.dst_addr,
-        ingress,
-    );
+    let mut slot = MaybeUninit::uninit();
+    // A translated packet on an internal interface: XDP handed it over.
+    let params = match network_header(ctx) {
+        Some(Network::V4(ip)) if is_egress_addr(ip.src_addr) => fib_query_v4(
+            &mut slot,
+            ip.proto,
+            ip.tos,
+            ip.src_addr,
+            ip.dst_addr,
+            ingress,
+        ),
+        Some(Network::V6(ip)) if is_egress_addr_v6(&ip.src_addr) => {
+            // SAFETY: a plain C struct; all-zero is its documented initial state.
+            let params = unsafe { zero::zeroed(&mut slot) };
+            params.family = AF_INET6;
+            params.l4_protocol = ip.next_hdr;
+            params.__bindgen_anon_3.ipv6_src = words(&ip.src_addr);
+            params.__bindgen_anon_4.ipv6_dst = words(&ip.dst_addr);
+            params.ifindex = ingress;
+            params
+        }
+        _ => return TC_ACT_OK,
+    };
     let ret = fib_lookup(ctx, params);
     let routed = ret == BPF_FIB_LKUP_RET_SUCCESS || ret == BPF_FIB_LKUP_RET_NO_NEIGH;
     if routed && role_of(params.ifindex) == ROLE_EXTERNAL {
@@ -84,9 +108,13 @@ pub fn leak_guard(ctx: &TcContext) -> i32 {
     if forwarded_from == 0 {
         return TC_ACT_OK;
     }
-    let Some(ip) = ipv4_header(ctx) else {
-        count(Counter::TcLeakBlocked);
-        return TC_ACT_SHOT;
+    let ip = match network_header(ctx) {
+        Some(Network::V4(ip)) => ip,
+        Some(Network::V6(ip)) if is_egress_addr_v6(&ip.src_addr) => return TC_ACT_OK,
+        _ => {
+            count(Counter::TcLeakBlocked);
+            return TC_ACT_SHOT;
+        }
     };
     if is_egress_addr(ip.src_addr) {
         return TC_ACT_OK;

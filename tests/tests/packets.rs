@@ -434,8 +434,8 @@ fn non_ip_and_tagged_frames_go_to_the_kernel() {
         assert_eq!(h.outbound(frame).action, XDP_PASS);
         assert_eq!(h.reply(frame).action, XDP_PASS);
     }
-    assert_eq!(h.counter(Counter::OutPassNotIpv4), 3);
-    assert_eq!(h.counter(Counter::InPassNotIpv4), 3);
+    assert_eq!(h.counter(Counter::OutPassNotIp), 3);
+    assert_eq!(h.counter(Counter::InPassNotIp), 3);
     // Multicast from a tenant (IGMP, OSPF hellos) is link-local control.
     let igmp = frames::udp(sock(HOST_A, 1), sock(Ipv4Addr::new(224, 0, 0, 22), 2), b"x");
     assert_eq!(h.outbound(&igmp).action, XDP_PASS);

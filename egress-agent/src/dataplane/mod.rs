@@ -63,6 +63,53 @@ pub struct Attachment {
     pub reason: String,
 }
 
+/// Puts the IPv6 programs where the IPv4 ones tail-call them. Until this
+/// runs, IPv6 frames pass to the kernel (`*_ipv6_unserved`), which the
+/// leak guard keeps from forwarding tenant sources out.
+fn fill_v6_programs(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+    use egress_common::config::{V6_SLOT_NEW_FLOW, V6_SLOT_OUTBOUND, V6_SLOT_REPLY};
+    for (array, programs) in [
+        (
+            names::V6_PROGRAMS_XDP,
+            [
+                (V6_SLOT_OUTBOUND, names::PROG_SNAT_OUTBOUND6),
+                (V6_SLOT_REPLY, names::PROG_SNAT_REPLY6),
+                (V6_SLOT_NEW_FLOW, names::PROG_SNAT_NEW_FLOW6),
+            ],
+        ),
+        (
+            names::V6_PROGRAMS_TC,
+            [
+                (V6_SLOT_OUTBOUND, names::PROG_TC_OUTBOUND6),
+                (V6_SLOT_REPLY, names::PROG_TC_REPLY6),
+                (V6_SLOT_NEW_FLOW, names::PROG_TC_NEW_FLOW6),
+            ],
+        ),
+    ] {
+        let mut fds = Vec::new();
+        for (slot, name) in programs {
+            let fd = ebpf
+                .program(name)
+                .with_context(|| format!("program {name} missing from the object"))?
+                .fd()
+                .with_context(|| format!("{name} is not loaded"))?
+                .try_clone()
+                .with_context(|| format!("duplicating the descriptor of {name}"))?;
+            fds.push((slot, name, fd));
+        }
+        let map = ebpf
+            .map_mut(array)
+            .with_context(|| format!("map {array} missing from the object"))?;
+        let mut slots = aya::maps::ProgramArray::try_from(map)?;
+        for (slot, name, fd) in fds {
+            slots
+                .set(slot, &fd, 0)
+                .with_context(|| format!("placing {name} in {array}"))?;
+        }
+    }
+    Ok(())
+}
+
 /// Where a program's link to one interface is pinned.
 pub fn link_pin(pin_dir: &Path, program: &str, ifindex: u32) -> PathBuf {
     pin_dir.join(LINKS_DIR).join(format!("{program}@{ifindex}"))
@@ -96,7 +143,13 @@ impl Dataplane {
         loader.map_max_entries(names::CONNTRACK_V4, conntrack_entries);
         loader.map_max_entries(names::FLOW_EVENTS, event_ring_bytes);
         let mut ebpf = loader.load(OBJECT).context("loading the BPF object")?;
-        for name in [names::PROG_SNAT_OUTBOUND, names::PROG_SNAT_REPLY] {
+        for name in [
+            names::PROG_SNAT_OUTBOUND,
+            names::PROG_SNAT_REPLY,
+            names::PROG_SNAT_OUTBOUND6,
+            names::PROG_SNAT_REPLY6,
+            names::PROG_SNAT_NEW_FLOW6,
+        ] {
             let program: &mut Xdp = program_mut(&mut ebpf, name)?.try_into()?;
             program
                 .load()
@@ -108,12 +161,16 @@ impl Dataplane {
             names::PROG_NEIGH_FALLBACK,
             names::PROG_LEAK_GUARD,
             names::PROG_CONNTRACK_SWEEP,
+            names::PROG_TC_OUTBOUND6,
+            names::PROG_TC_REPLY6,
+            names::PROG_TC_NEW_FLOW6,
         ] {
             let program: &mut SchedClassifier = program_mut(&mut ebpf, name)?.try_into()?;
             program
                 .load()
                 .with_context(|| format!("verifying {name}"))?;
         }
+        fill_v6_programs(&mut ebpf)?;
         Ok(Self {
             ebpf,
             pin_dir: pin_dir.to_owned(),

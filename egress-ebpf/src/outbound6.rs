@@ -1,0 +1,235 @@
+//! Outbound, IPv6: a tenant's IPv6 traffic arriving on an internal
+//! interface, the same path as `outbound` with the family's own header,
+//! maps and checksums.
+//!
+//! parse -> (link control to the kernel) -> conntrack -> classify (first
+//! packets only) -> limits (new flows only) -> route -> translate ->
+//! forward. What the kernel answers as a router (hop limit ending here,
+//! packets too big for the next link: IPv6 routers never fragment) goes to
+//! it untouched, and an unclassified source never leaves: the leak guard
+//! covers IPv6 as well.
+//!
+//! Not yet for IPv6: ICMPv6 errors from tenant hosts, fragments, port
+//! forwards and floating IPs, and flow events for the translation log.
+
+use egress_common::{
+    config::V6_SLOT_NEW_FLOW,
+    counters::Counter,
+    flow::{DIR_OUTBOUND, FlowEntryV6, FlowKeyV6, TCP_RST},
+};
+
+use crate::{
+    classify, conntrack,
+    conntrack::TranslationV6,
+    forward::{self, Route},
+    hook::Hook,
+    limits,
+    maps::TENANTS,
+    nat::{self, Side},
+    outbound::parse_error,
+    parse::Transport,
+    parse6::{self, ICMPV6_ECHO_REQUEST, Ipv6Frame},
+    verdict::{Verdict, count},
+};
+
+/// Packets of tracked flows, and what no tenant sent.
+#[inline(always)]
+pub fn run<H: Hook>(ctx: &H) -> i32 {
+    Verdict::finish::<H>(process(ctx, false))
+}
+
+/// A tenant's packet that opens a flow, tail-called from `run`: a new
+/// flow's two entries, keys and route need a program's whole stack.
+#[inline(always)]
+pub fn run_new_flow<H: Hook>(ctx: &H) -> i32 {
+    Verdict::finish::<H>(process(ctx, true))
+}
+
+/// The path for both programs; `new_flows` tells which one this is. The
+/// new-flow program parses and looks up again (a new flow costs far more
+/// than that), so a flow created by another CPU meanwhile is joined.
+#[inline(always)]
+fn process<H: Hook>(ctx: &H, new_flows: bool) -> Result<Verdict, Counter> {
+    let Some(frame) = parse6::ipv6(ctx).map_err(parse_error)? else {
+        return Ok(Verdict::pass(Counter::OutPassNotIp));
+    };
+    if frame.is_link_control() {
+        return Ok(Verdict::pass(Counter::OutPassLinkControl));
+    }
+    let ingress = ctx.ingress_ifindex();
+    // SAFETY: the Ethernet header was bounds-checked by the parser.
+    let port = classify::ingress_port(unsafe { (*frame.eth).dst_addr }, ingress);
+    match parse6::transport(ctx, &frame, ICMPV6_ECHO_REQUEST) {
+        Ok(transport) => {
+            let key = conntrack::key_of_v6(&frame, &transport, DIR_OUTBOUND, port as u16);
+            if !new_flows && let Some(entry) = conntrack::lookup_v6(&key) {
+                if let Some(expiring) = expiring(&frame) {
+                    return expiring;
+                }
+                return established(ctx, &frame, &transport, &key, entry, ingress);
+            }
+            let Some(tenant) = classify::tenant_v6(&frame, port) else {
+                return unclassified(ctx, &frame, ingress);
+            };
+            if let Some(expiring) = expiring(&frame) {
+                return expiring;
+            }
+            if !new_flows {
+                ctx.tail_call_v6(V6_SLOT_NEW_FLOW);
+                return Err(Counter::OutDropIpv6Unserved);
+            }
+            new_flow(ctx, &frame, &transport, &key, tenant)
+        }
+        Err(err) => match classify::tenant_v6(&frame, port) {
+            Some(_) => Err(parse_error(err)),
+            None => unclassified(ctx, &frame, ingress),
+        },
+    }
+}
+
+/// A tenant's packet whose hop limit ends here: the kernel answers it with
+/// time-exceeded from its own address.
+#[inline(always)]
+fn expiring(frame: &Ipv6Frame) -> Option<Result<Verdict, Counter>> {
+    (frame.ip().hop_limit <= 1).then_some(Ok(Verdict::pass(Counter::OutPassTtlExceeded)))
+}
+
+/// A packet of a tracked flow: its cached next hop (or the FIB), its
+/// translation, out.
+#[inline(always)]
+fn established<H: Hook>(
+    ctx: &H,
+    frame: &Ipv6Frame,
+    transport: &Transport,
+    key: &FlowKeyV6,
+    entry: *mut FlowEntryV6,
+    ingress: u32,
+) -> Result<Verdict, Counter> {
+    // SAFETY: map value pointer returned by the kernel.
+    let (nat_addr, nat_port) = unsafe { ((*entry).nat_addr, (*entry).nat_port) };
+    let now = conntrack::now();
+    let wire_len = forward::wire_len_v6(ctx, frame, transport);
+    let route = forward::flow_route(entry, now, wire_len, || {
+        let route = forward::route_v6(
+            ctx,
+            frame,
+            ingress,
+            &nat_addr,
+            &key.dst,
+            (transport.src_port, transport.dst_port),
+            wire_len,
+        );
+        match not_leaving(&route) {
+            Some(verdict) => Err(verdict),
+            None => Ok(route),
+        }
+    });
+    let route = match route {
+        Ok(route) => route,
+        Err(verdict) => return Ok(verdict),
+    };
+    conntrack::reopen_if_closed_v6(key, entry, transport.tcp_flags);
+    conntrack::touch(entry, now, frame.ip_len(), transport.tcp_flags);
+    Ok(send(ctx, frame, transport, (&nat_addr, nat_port), route))
+}
+
+/// The first packet of a flow: pick its egress address, route it, claim a
+/// port and create both halves (or join the flow another CPU just
+/// created), then send it like any other.
+#[inline(always)]
+fn new_flow<H: Hook>(
+    ctx: &H,
+    frame: &Ipv6Frame,
+    transport: &Transport,
+    key: &FlowKeyV6,
+    tenant: u16,
+) -> Result<Verdict, Counter> {
+    let ingress = ctx.ingress_ifindex();
+    if transport.tcp_flags & TCP_RST != 0 {
+        return Err(Counter::OutDropInvalid);
+    }
+    let info = TENANTS
+        .get(u32::from(tenant))
+        .ok_or(Counter::OutDropNoEgressAddr)?;
+    let addr = nat::pick_egress_v6(tenant, info, key).ok_or(Counter::OutDropNoEgressAddr)?;
+    let route = forward::route_v6(
+        ctx,
+        frame,
+        ingress,
+        &addr,
+        &key.dst,
+        (transport.src_port, transport.dst_port),
+        forward::wire_len_v6(ctx, frame, transport),
+    );
+    if let Some(verdict) = not_leaving(&route) {
+        return Ok(verdict);
+    }
+    let now = conntrack::now();
+    let usage = limits::admit(tenant, info, now)?;
+    let translation = TranslationV6 {
+        addr,
+        tenant,
+        port_min: info.port_min,
+        port_max: info.port_max,
+        now,
+        ip_len: frame.ip_len(),
+        tcp_flags: transport.tcp_flags,
+        route,
+    };
+    let ((nat_addr, nat_port), created) = conntrack::create_outbound_v6(key, &translation)
+        .map_err(|refused| limits::refused(usage, refused))?;
+    if created {
+        limits::created(usage);
+    }
+    count(Counter::OutNewFlow);
+    Ok(send(ctx, frame, transport, (&nat_addr, nat_port), route))
+}
+
+/// Traffic that will not leave through the external interface as it is,
+/// and what becomes of it; `None` when it can be translated and sent. A
+/// packet too big for the route goes to the kernel, which answers with
+/// packet-too-big (IPv6 routers never fragment).
+#[inline(always)]
+fn not_leaving(route: &Route) -> Option<Verdict> {
+    if !route.leaves_external() {
+        return Some(Verdict::pass(Counter::OutPassNotEgress));
+    }
+    if let Route::TooBig { .. } = route {
+        return Some(Verdict::pass(Counter::OutPassFragNeeded));
+    }
+    None
+}
+
+/// Translates a packet of a flow to `(nat_addr, nat_port)` and sends it
+/// one router hop on.
+#[inline(always)]
+fn send<H: Hook>(
+    ctx: &H,
+    frame: &Ipv6Frame,
+    transport: &Transport,
+    (nat_addr, nat_port): (&[u8; 16], u16),
+    route: Route,
+) -> Verdict {
+    let fix = nat::rewrite_v6(frame, transport, Side::Source, nat_addr, nat_port);
+    forward::decrement_hop_limit(frame);
+    forward::out(
+        ctx,
+        frame.eth,
+        route,
+        Some(fix),
+        Counter::OutTranslated,
+        Counter::OutNeighRedirected,
+    )
+    // Translated already: the TC fallback sends it on (see `outbound`).
+    .unwrap_or(Verdict::pass(Counter::OutPassNeighFallback))
+}
+
+/// A source that belongs to no tenant: fail closed towards the outside,
+/// leave the gateway's own and internal traffic to the kernel.
+#[inline(always)]
+fn unclassified<H: Hook>(ctx: &H, frame: &Ipv6Frame, ingress: u32) -> Result<Verdict, Counter> {
+    if !forward::route_as_is_v6(ctx, frame, ingress).leaves_external() {
+        return Ok(Verdict::pass(Counter::OutPassNotEgress));
+    }
+    Err(Counter::OutDropUnclassified)
+}

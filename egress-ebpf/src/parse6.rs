@@ -1,0 +1,241 @@
+//! Parse, IPv6: the frame's IPv6 header, its extension headers and the
+//! transport header of a flow, with the same bounds checks (`parse::ptr_at`)
+//! and the same `Transport` the IPv4 path uses.
+//!
+//! Extension headers (hop-by-hop, routing, destination options) are walked
+//! up to `MAX_EXT_HEADERS`; a longer chain gets its own verdict
+//! (`ParseError::ExtHeaders`) rather than a guess. Fragments are not
+//! translated yet: a fragment header is `Unsupported`. Both verdicts come
+//! from `transport`, after classification, so only a tenant's packets
+//! are judged by them. Link-local and
+//! multicast traffic (Neighbor Discovery, MLD, router advertisements) never
+//! reaches the NAT: `is_link_control` sends it to the kernel first.
+
+use egress_common::flow::{PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
+use network_types::{
+    eth::{EthHdr, EtherType},
+    icmp::Icmpv6Hdr,
+    ip::Ipv6Hdr,
+    tcp::TcpHdr,
+    udp::UdpHdr,
+};
+
+use crate::{
+    hook::Hook,
+    parse::{L4, ParseError, Transport, ptr_at},
+};
+
+/// ICMPv6 echo messages (RFC 4443 4), tracked like ports.
+pub const ICMPV6_ECHO_REQUEST: u8 = 128;
+pub const ICMPV6_ECHO_REPLY: u8 = 129;
+
+/// Extension headers the walk steps over (RFC 8200 4.1).
+const NEXT_HOP_BY_HOP: u8 = 0;
+const NEXT_ROUTING: u8 = 43;
+const NEXT_FRAGMENT: u8 = 44;
+const NEXT_DEST_OPTIONS: u8 = 60;
+
+/// Extension headers walked before the transport header; real traffic
+/// carries at most one or two.
+pub const MAX_EXT_HEADERS: usize = 4;
+
+/// An IPv6 packet in an Ethernet frame, its extension headers walked.
+pub struct Ipv6Frame {
+    pub eth: *mut EthHdr,
+    pub ip: *mut Ipv6Hdr,
+    /// Where the transport header starts.
+    pub l4_offset: usize,
+    /// The transport protocol (the last next-header value).
+    pub proto: u8,
+}
+
+impl Ipv6Frame {
+    #[inline(always)]
+    pub fn ip(&self) -> &Ipv6Hdr {
+        // SAFETY: `ipv6` checked the whole header lies inside the frame.
+        unsafe { &*self.ip }
+    }
+
+    /// The IPv6 header's length plus its payload's: what a route's MTU is
+    /// checked against, and what the flow's byte counters add.
+    #[inline(always)]
+    pub fn ip_len(&self) -> u16 {
+        let payload = u16::from_be_bytes(self.ip().payload_len);
+        payload.saturating_add(Ipv6Hdr::LEN as u16)
+    }
+
+    /// Bytes from the transport header to the end of the packet.
+    #[inline(always)]
+    pub fn transport_len(&self) -> usize {
+        EthHdr::LEN + usize::from(self.ip_len()) - self.l4_offset
+    }
+
+    /// Traffic of the link itself, which is the kernel's: link-local or
+    /// unspecified addresses (Neighbor Discovery, router solicitations,
+    /// DAD probes) and multicast (MLD, all-nodes, all-routers).
+    #[inline(always)]
+    pub fn is_link_control(&self) -> bool {
+        let ip = self.ip();
+        is_multicast(&ip.dst_addr)
+            || is_link_local(&ip.dst_addr)
+            || is_link_local(&ip.src_addr)
+            || ip.src_addr == [0; 16]
+    }
+}
+
+#[inline(always)]
+fn is_multicast(addr: &[u8; 16]) -> bool {
+    addr[0] == 0xff
+}
+
+/// fe80::/10.
+#[inline(always)]
+fn is_link_local(addr: &[u8; 16]) -> bool {
+    addr[0] == 0xfe && addr[1] & 0xc0 == 0x80
+}
+
+/// Whether the frame's EtherType is IPv6 (untagged, as `ipv6` requires).
+#[inline(always)]
+pub fn is_ipv6(ctx: &impl Hook) -> bool {
+    ptr_at::<EthHdr>(ctx, 0).is_ok_and(|eth| {
+        // SAFETY: bounds checked by ptr_at.
+        let ether_type = unsafe { (*eth).ether_type };
+        ether_type == EtherType::Ipv6 as u16 && !ctx.vlan_tagged()
+    })
+}
+
+/// `Ok(None)` for frames that do not carry IPv6.
+#[inline(always)]
+pub fn ipv6(ctx: &impl Hook) -> Result<Option<Ipv6Frame>, ParseError> {
+    let eth: *mut EthHdr = ptr_at(ctx, 0)?;
+    // SAFETY: bounds checked by ptr_at.
+    if unsafe { (*eth).ether_type } != EtherType::Ipv6 as u16 || ctx.vlan_tagged() {
+        return Ok(None);
+    }
+    let ip: *mut Ipv6Hdr = ptr_at(ctx, EthHdr::LEN)?;
+    // SAFETY: bounds checked by ptr_at.
+    let hdr = unsafe { &*ip };
+    if hdr.vcf[0] >> 4 != 6 {
+        return Err(ParseError::Malformed);
+    }
+    let payload = usize::from(u16::from_be_bytes(hdr.payload_len));
+    // A zero payload length is a jumbogram's (RFC 2675), or a BIG TCP
+    // super-packet's; neither is ours to translate.
+    if payload == 0 && ctx.len() > EthHdr::LEN + Ipv6Hdr::LEN {
+        return Err(ParseError::Unsupported);
+    }
+    // Against the whole packet: a TC skb's payload may lie beyond the
+    // linear headers. Ethernet padding may follow the packet.
+    if EthHdr::LEN + Ipv6Hdr::LEN + payload > ctx.len() {
+        return Err(ParseError::Malformed);
+    }
+    let mut next = hdr.next_hdr;
+    let mut offset = EthHdr::LEN + Ipv6Hdr::LEN;
+    for _ in 0..MAX_EXT_HEADERS {
+        match next {
+            NEXT_HOP_BY_HOP | NEXT_ROUTING | NEXT_DEST_OPTIONS => {
+                // Next header, then the length in 8-byte units beyond the first 8.
+                let ext: *const [u8; 2] = ptr_at(ctx, offset)?;
+                // SAFETY: bounds checked by ptr_at.
+                let ext = unsafe { *ext };
+                next = ext[0];
+                offset += (usize::from(ext[1]) + 1) * 8;
+            }
+            _ => break,
+        }
+    }
+    // A chain the walk did not finish, or a fragment, is kept as the
+    // frame's protocol: `transport` refuses it, after the packet was
+    // classified (what no tenant sent is not the NAT's to judge).
+    if offset > EthHdr::LEN + Ipv6Hdr::LEN + payload {
+        return Err(ParseError::Malformed);
+    }
+    Ok(Some(Ipv6Frame {
+        eth,
+        ip,
+        l4_offset: offset,
+        proto: next,
+    }))
+}
+
+/// The transport header of a flow; `echo_type` is the ICMPv6 echo message
+/// this direction starts or continues flows with. ICMPv6's header is laid
+/// out as ICMP's (type, code, checksum, identifier), so it travels in
+/// `L4::IcmpEcho`; only its checksum differs (it covers a pseudo-header),
+/// which `nat::rewrite_v6` knows.
+#[inline(always)]
+pub fn transport(
+    ctx: &impl Hook,
+    frame: &Ipv6Frame,
+    echo_type: u8,
+) -> Result<Transport, ParseError> {
+    let l4 = frame.l4_offset;
+    let available = frame.transport_len();
+    match frame.proto {
+        NEXT_HOP_BY_HOP | NEXT_ROUTING | NEXT_DEST_OPTIONS => Err(ParseError::ExtHeaders),
+        // Fragments are not translated yet.
+        NEXT_FRAGMENT => Err(ParseError::Unsupported),
+        PROTO_TCP => {
+            let tcp: *mut TcpHdr = ptr_at(ctx, l4)?;
+            // SAFETY: bounds checked by ptr_at.
+            let hdr = unsafe { &*tcp };
+            let data_offset = usize::from(hdr.doff()) * 4;
+            if data_offset < TcpHdr::LEN || available < data_offset {
+                return Err(ParseError::Malformed);
+            }
+            let bytes: *const [u8; 14] = tcp.cast();
+            // SAFETY: inside the 20-byte header checked above.
+            let flags = unsafe { (*bytes)[13] };
+            Ok(Transport {
+                l4: L4::Tcp(tcp),
+                src_port: u16::from_ne_bytes(hdr.source),
+                dst_port: u16::from_ne_bytes(hdr.dest),
+                tcp_flags: flags,
+                header_len: data_offset,
+            })
+        }
+        PROTO_UDP => {
+            let udp: *mut UdpHdr = ptr_at(ctx, l4)?;
+            // SAFETY: bounds checked by ptr_at.
+            let hdr = unsafe { &*udp };
+            let udp_len = usize::from(u16::from_be_bytes(hdr.len));
+            if udp_len < UdpHdr::LEN || udp_len > available {
+                return Err(ParseError::Malformed);
+            }
+            Ok(Transport {
+                l4: L4::Udp(udp),
+                src_port: u16::from_ne_bytes(hdr.src),
+                dst_port: u16::from_ne_bytes(hdr.dst),
+                tcp_flags: 0,
+                header_len: UdpHdr::LEN,
+            })
+        }
+        PROTO_ICMPV6 => {
+            let icmp: *mut Icmpv6Hdr = ptr_at(ctx, l4)?;
+            // SAFETY: bounds checked by ptr_at.
+            let hdr = unsafe { &*icmp };
+            if available < size_of::<Icmpv6Hdr>() {
+                return Err(ParseError::Malformed);
+            }
+            if hdr.type_ != echo_type || hdr.code != 0 {
+                // Errors quoting a translated packet are not translated
+                // yet; the rest of ICMPv6 is link control, handled above.
+                return Err(ParseError::Unsupported);
+            }
+            let id = u16::from_ne_bytes([hdr.data[0], hdr.data[1]]);
+            let (src_port, dst_port) = if hdr.type_ == ICMPV6_ECHO_REQUEST {
+                (id, 0)
+            } else {
+                (0, id)
+            };
+            Ok(Transport {
+                l4: L4::IcmpEcho(icmp.cast()),
+                src_port,
+                dst_port,
+                tcp_flags: 0,
+                header_len: size_of::<Icmpv6Hdr>(),
+            })
+        }
+        _ => Err(ParseError::Unsupported),
+    }
+}

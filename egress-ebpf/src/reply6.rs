@@ -1,0 +1,141 @@
+//! Reply, IPv6: IPv6 traffic arriving on the external interface, the same
+//! path as `reply` with the family's own header, maps and checksums.
+//!
+//! parse -> (link control to the kernel) -> conntrack -> route ->
+//! translate -> forward. A packet to an IPv6 egress address is a reply of
+//! a tracked flow or nothing (dropped and counted); one the kernel would
+//! forward inside is dropped (the gateway is not a way in); the rest (the
+//! gateway's own addresses, routes to other places) is the kernel's.
+//!
+//! Not yet for IPv6: ICMPv6 errors about translated packets (so path-MTU
+//! discovery towards a narrower link beyond the gateway does not reach the
+//! tenant host), fragments, port forwards and floating IPs.
+
+use egress_common::{
+    config::ROLE_INTERNAL,
+    counters::Counter,
+    flow::{DIR_REPLY, FlowEntryV6, FlowKeyV6, REPLY_ZONE},
+};
+
+use crate::{
+    conntrack,
+    forward::{self, Route},
+    hook::{Hook, L4FixV6},
+    maps::EGRESS_ADDR_V6,
+    nat::{self, Side},
+    parse::Transport,
+    parse6::{self, ICMPV6_ECHO_REPLY, Ipv6Frame},
+    reply::parse_error,
+    verdict::Verdict,
+};
+
+#[inline(always)]
+pub fn run<H: Hook>(ctx: &H) -> i32 {
+    Verdict::finish::<H>(process(ctx))
+}
+
+#[inline(always)]
+fn process<H: Hook>(ctx: &H) -> Result<Verdict, Counter> {
+    let Some(frame) = parse6::ipv6(ctx).map_err(parse_error)? else {
+        return Ok(Verdict::pass(Counter::InPassNotIp));
+    };
+    if frame.is_link_control() {
+        return Ok(Verdict::pass(Counter::InPassLinkControl));
+    }
+    let ingress = ctx.ingress_ifindex();
+    match parse6::transport(ctx, &frame, ICMPV6_ECHO_REPLY) {
+        Ok(transport) => {
+            let key = conntrack::key_of_v6(&frame, &transport, DIR_REPLY, REPLY_ZONE);
+            match conntrack::lookup_v6(&key) {
+                Some(entry) => flow(ctx, &frame, &transport, &key, entry, ingress),
+                None if to_egress_address(&frame) => Err(Counter::InDropNoFlow),
+                None => not_egress(ctx, &frame, ingress),
+            }
+        }
+        _ if !to_egress_address(&frame) => not_egress(ctx, &frame, ingress),
+        Err(err) => Err(parse_error(err)),
+    }
+}
+
+/// A packet from outside that is not for an egress address: the kernel's,
+/// unless the kernel would forward it inside.
+#[inline(always)]
+fn not_egress<H: Hook>(ctx: &H, frame: &Ipv6Frame, ingress: u32) -> Result<Verdict, Counter> {
+    if forward::route_as_is_v6(ctx, frame, ingress).leaves_through(ROLE_INTERNAL) {
+        return Err(Counter::InDropToInternal);
+    }
+    Ok(Verdict::pass(Counter::InPassNotEgress))
+}
+
+#[inline(always)]
+fn to_egress_address(frame: &Ipv6Frame) -> bool {
+    EGRESS_ADDR_V6.get_ptr(frame.ip().dst_addr).is_some()
+}
+
+/// A reply of a flow: back to the tenant host it belongs to.
+#[inline(always)]
+fn flow<H: Hook>(
+    ctx: &H,
+    frame: &Ipv6Frame,
+    transport: &Transport,
+    key: &FlowKeyV6,
+    entry: *mut FlowEntryV6,
+    ingress: u32,
+) -> Result<Verdict, Counter> {
+    // The kernel's time-exceeded would quote the translated header, naming
+    // the tenant host to the outside.
+    if frame.ip().hop_limit <= 1 {
+        return Err(Counter::InDropTtlExceeded);
+    }
+    // SAFETY: map value pointer returned by the kernel.
+    let (host_addr, host_port) = unsafe { ((*entry).nat_addr, (*entry).nat_port) };
+    let now = conntrack::now();
+    let wire_len = forward::wire_len_v6(ctx, frame, transport);
+    let route = forward::flow_route(entry, now, wire_len, || {
+        let route = forward::route_v6(
+            ctx,
+            frame,
+            ingress,
+            &key.src,
+            &host_addr,
+            (transport.src_port, host_port),
+            wire_len,
+        );
+        check_return(&route).map(|()| route)
+    })?;
+    conntrack::touch(entry, now, frame.ip_len(), transport.tcp_flags);
+    let fix = nat::rewrite_v6(frame, transport, Side::Destination, &host_addr, host_port);
+    Ok(deliver(ctx, frame, route, fix))
+}
+
+/// The way back must lead inside, and the packet must fit: the kernel's
+/// packet-too-big would quote the tenant host, like time-exceeded.
+#[inline(always)]
+fn check_return(route: &Route) -> Result<(), Counter> {
+    if !route.leaves_through(ROLE_INTERNAL) {
+        return Err(Counter::InDropNoRoute);
+    }
+    if let Route::TooBig { .. } = route {
+        return Err(Counter::InDropTooBig);
+    }
+    Ok(())
+}
+
+/// One router hop towards the tenant host, for a packet already translated.
+#[inline(always)]
+fn deliver<H: Hook>(ctx: &H, frame: &Ipv6Frame, route: Route, fix: L4FixV6) -> Verdict {
+    if forward::sends_itself::<H>(&route) {
+        forward::decrement_hop_limit(frame);
+    }
+    forward::out(
+        ctx,
+        frame.eth,
+        route,
+        Some(fix),
+        Counter::InTranslated,
+        Counter::InNeighRedirected,
+    )
+    // The kernel forwards it inside (resolving the neighbour); it
+    // decrements the hop limit itself.
+    .unwrap_or(Verdict::pass(Counter::InPassNeighFallback))
+}
