@@ -1016,7 +1016,13 @@ async fn sync_addresses_and_state(
     mut state: RunState,
     stop: &Stop,
 ) -> anyhow::Result<RunState> {
-    let wanted: Vec<Ipv4Addr> = resolved.egress_addresses().collect();
+    let wanted: Vec<Ipv4Addr> = resolved
+        .egress_addresses()
+        .filter_map(|addr| match addr {
+            std::net::IpAddr::V4(addr) => Some(addr),
+            std::net::IpAddr::V6(_) => None,
+        })
+        .collect();
     let external_mac = system
         .link_by_index(resolved.external.index)
         .and_then(|l| l.mac);
