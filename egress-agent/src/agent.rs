@@ -15,7 +15,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashSet},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     path::{Path, PathBuf},
     sync::{
         Arc,
@@ -990,13 +990,16 @@ fn end_disallowed_flows(
         .iter()
         .zip(desired.ids.iter().zip(&desired.zones))
         .map(|(tenant, (id, zones))| {
+            let by_source = tenant.ingress.is_empty();
+            // Empty sources allow any source: a tenant chosen by source
+            // with none of a family keeps no flow of that family.
+            let keeps_v4 = !(by_source && tenant.sources.is_empty());
+            let keeps_v6 = !(by_source && tenant.sources_v6.is_empty());
             let allowed = conntrack::Allowed {
-                egress: tenant.egress.clone(),
-                sources: if tenant.ingress.is_empty() {
-                    tenant.sources.clone()
-                } else {
-                    Vec::new()
-                },
+                egress: only_if(keeps_v4, &tenant.egress),
+                egress_v6: only_if(keeps_v6, &tenant.egress_v6),
+                sources: only_if(by_source, &tenant.sources),
+                sources_v6: only_if(by_source, &tenant.sources_v6),
                 zones: zones.clone(),
                 forwards: tenant.forwards.clone(),
                 floating: tenant.floating.clone(),
@@ -1005,6 +1008,11 @@ fn end_disallowed_flows(
         })
         .collect();
     conntrack::end_flows_not_allowed(maps, &allowed)
+}
+
+/// `list`, or nothing when `keep` is false.
+fn only_if<T: Clone>(keep: bool, list: &[T]) -> Vec<T> {
+    if keep { list.to_vec() } else { Vec::new() }
 }
 
 async fn sync_addresses_and_state(
@@ -1057,8 +1065,12 @@ async fn sync_addresses_and_state(
         .map(|(tenant, id)| TenantRecord {
             id: *id,
             name: tenant.name.clone(),
-            sources: tenant.sources.iter().map(ToString::to_string).collect(),
-            egress: tenant.egress.clone(),
+            sources: (tenant.sources.iter().map(ToString::to_string))
+                .chain(tenant.sources_v6.iter().map(ToString::to_string))
+                .collect(),
+            egress: (tenant.egress.iter().copied().map(IpAddr::V4))
+                .chain(tenant.egress_v6.iter().copied().map(IpAddr::V6))
+                .collect(),
             ports: tenant.ports,
             ingress: tenant.ingress.clone(),
         })

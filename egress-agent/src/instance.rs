@@ -8,7 +8,7 @@
 use std::{
     fs::File,
     io::{self, Write as _},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     os::fd::AsRawFd as _,
     path::{Path, PathBuf},
 };
@@ -161,7 +161,8 @@ pub struct TenantRecord {
     pub id: u16,
     pub name: String,
     pub sources: Vec<String>,
-    pub egress: Vec<Ipv4Addr>,
+    /// Both families (written as strings, so older files read the same).
+    pub egress: Vec<IpAddr>,
     pub ports: PortRange,
     pub ingress: Vec<IngressPort>,
 }

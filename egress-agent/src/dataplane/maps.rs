@@ -116,6 +116,27 @@ impl Maps {
         })
     }
 
+    /// A tenant's egress addresses as the maps hold them, IPv4 then IPv6
+    /// (`info` is its `TENANTS` value, already read).
+    pub fn egress_addresses(&self, id: u32, info: &TenantInfo) -> Vec<std::net::IpAddr> {
+        let v4 = (info.egress_v4_count as usize).min(info.egress_v4.len());
+        let mut addrs: Vec<std::net::IpAddr> = info.egress_v4[..v4]
+            .iter()
+            .map(|a| std::net::Ipv4Addr::from(*a).into())
+            .collect();
+        if info.egress_v6_count > 0
+            && let Ok(v6) = self.tenant_egress_v6.get(&id, 0)
+        {
+            let count = (info.egress_v6_count as usize).min(v6.addrs.len());
+            addrs.extend(
+                v6.addrs[..count]
+                    .iter()
+                    .map(|a| std::net::IpAddr::from(std::net::Ipv6Addr::from(*a))),
+            );
+        }
+        addrs
+    }
+
     /// Tenant ids in use, by name, as the maps record them.
     pub fn tenant_ids(&self) -> anyhow::Result<BTreeMap<String, u16>> {
         let mut ids = BTreeMap::new();
