@@ -1,8 +1,12 @@
 //! Egress addresses on the external interface.
 //!
-//! Each egress address is added as a /32, so the kernel answers ARP for it
-//! without gaining a subnet route, and announced with a gratuitous ARP so
-//! neighbours update caches at once. The agent only takes away what it
+//! Each egress address is added as a /32 (IPv6: a /128), so the kernel
+//! answers ARP (neighbour solicitations) for it without gaining a subnet
+//! route, and announced with a gratuitous ARP (an unsolicited Neighbor
+//! Advertisement) so neighbours update caches at once. IPv6 addresses skip
+//! duplicate address detection (`IFA_F_NODAD`): it would hold an address
+//! tentative, unusable, for a second or more, and the validator already
+//! refused addresses configured elsewhere on this machine. The agent only takes away what it
 //! added. It knows which those are from two records: the kernel's, since
 //! every address it adds carries the address protocol [`PROTO_EGRESS`]
 //! (IFA_PROTO, Linux 6.1+; iproute2 6.2+ shows `proto 234`), which survives
@@ -23,14 +27,14 @@ use std::{
     collections::HashSet,
     fmt::Write as _,
     io,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
 };
 
 use futures::StreamExt as _;
 use rtnetlink::{
     AddressMessageBuilder, Handle,
-    packet_route::address::{AddressAttribute, AddressProtocol},
+    packet_route::address::{AddressAttribute, AddressFlags, AddressHeaderFlags, AddressProtocol},
 };
 
 use crate::{config::LinkRef, stop::Stop, system::SystemView};
@@ -62,27 +66,24 @@ pub async fn add_missing(
     handle: &Handle,
     link: &LinkRef,
     mac: Option<[u8; 6]>,
-    wanted: &[Ipv4Addr],
-    owned: &mut Vec<Ipv4Addr>,
+    wanted: &[IpAddr],
+    owned: &mut Vec<IpAddr>,
     system: &SystemView,
     stop: &Stop,
 ) -> anyhow::Result<()> {
-    let present: HashSet<Ipv4Addr> = system
+    let present: HashSet<IpAddr> = system
         .addresses
         .iter()
         .filter(|a| a.index == link.index)
-        .filter_map(|a| match a.addr {
-            IpAddr::V4(addr) => Some(addr),
-            IpAddr::V6(_) => None,
-        })
+        .map(|a| a.addr)
         .collect();
-    let ours: HashSet<Ipv4Addr> = owned.iter().copied().collect();
-    let mut theirs: Vec<Ipv4Addr> = wanted
+    let ours: HashSet<IpAddr> = owned.iter().copied().collect();
+    let mut theirs: Vec<IpAddr> = wanted
         .iter()
         .copied()
         .filter(|a| present.contains(a) && !ours.contains(a))
         .collect();
-    let missing: Vec<Ipv4Addr> = wanted
+    let missing: Vec<IpAddr> = wanted
         .iter()
         .copied()
         .filter(|a| !present.contains(a))
@@ -95,7 +96,7 @@ pub async fn add_missing(
             failure = Some(anyhow::Error::from(interrupted));
             break;
         }
-        let results: Vec<(Ipv4Addr, Result<(), rtnetlink::Error>)> =
+        let results: Vec<(IpAddr, Result<(), rtnetlink::Error>)> =
             futures::stream::iter(batch.iter().copied())
                 .map(|addr| async move { (addr, add_one(handle, link.index, addr).await) })
                 .buffer_unordered(IN_FLIGHT)
@@ -108,8 +109,11 @@ pub async fn add_missing(
                 Err(err) if errno(&err) == Some(libc::EEXIST) => theirs.push(addr),
                 Err(err) => {
                     failure.get_or_insert_with(|| {
-                        anyhow::Error::from(err)
-                            .context(format!("adding {addr}/32 to {}", link.name))
+                        anyhow::Error::from(err).context(format!(
+                            "adding {addr}/{} to {}",
+                            host_prefix(addr),
+                            link.name
+                        ))
                     });
                 }
             }
@@ -157,29 +161,70 @@ pub async fn add_missing(
     {
         let ifindex = link.index;
         // Off the runtime: a busy NIC may make the socket wait for room.
-        let announced =
-            tokio::task::spawn_blocking(move || announce_all(ifindex, mac, &added)).await;
+        let (v4, v6) = by_family(&added);
+        let announced = tokio::task::spawn_blocking(move || {
+            (
+                announce_all(ifindex, mac, &v4),
+                advertise_all(ifindex, mac, &v6),
+            )
+        })
+        .await;
         match announced {
-            Ok(Ok(())) => {}
-            Ok(Err(err)) => tracing::warn!(
-                error = %err,
-                "gratuitous ARP failed; neighbours learn the addresses on their next ARP"
-            ),
-            Err(err) => tracing::warn!(error = %err, "gratuitous ARP task failed"),
+            Ok((arp, na)) => {
+                if let Err(err) = arp {
+                    tracing::warn!(
+                        error = %err,
+                        "gratuitous ARP failed; neighbours learn the addresses on their next ARP"
+                    );
+                }
+                if let Err(err) = na {
+                    tracing::warn!(
+                        error = %err,
+                        "unsolicited Neighbor Advertisement failed; neighbours learn the \
+                         addresses on their next solicitation"
+                    );
+                }
+            }
+            Err(err) => tracing::warn!(error = %err, "address announcement task failed"),
         }
     }
     Ok(())
 }
 
-async fn add_one(handle: &Handle, ifindex: u32, addr: Ipv4Addr) -> Result<(), rtnetlink::Error> {
-    let mut request = handle.address().add(ifindex, IpAddr::V4(addr), 32);
+/// The prefix length of one address alone: 32 or 128.
+fn host_prefix(addr: IpAddr) -> u8 {
+    if addr.is_ipv4() { 32 } else { 128 }
+}
+
+/// The IPv4 and the IPv6 ones of `addrs`.
+fn by_family(addrs: &[IpAddr]) -> (Vec<Ipv4Addr>, Vec<Ipv6Addr>) {
+    let (mut v4, mut v6) = (Vec::new(), Vec::new());
+    for addr in addrs {
+        match addr {
+            IpAddr::V4(addr) => v4.push(*addr),
+            IpAddr::V6(addr) => v6.push(*addr),
+        }
+    }
+    (v4, v6)
+}
+
+async fn add_one(handle: &Handle, ifindex: u32, addr: IpAddr) -> Result<(), rtnetlink::Error> {
+    let mut request = handle.address().add(ifindex, addr, host_prefix(addr));
+    let message = request.message_mut();
     // Ignored by kernels before 6.1, which keep no protocol.
-    request
-        .message_mut()
+    message
         .attributes
         .push(AddressAttribute::Protocol(AddressProtocol::Other(
             PROTO_EGRESS,
         )));
+    if addr.is_ipv6() {
+        // Usable at once, not tentative while DAD runs. The header has the
+        // flag's low byte; IFA_FLAGS, where present, is what the kernel reads.
+        message.header.flags |= AddressHeaderFlags::Nodad;
+        message
+            .attributes
+            .push(AddressAttribute::Flags(AddressFlags::Nodad));
+    }
     request.execute().await
 }
 
@@ -192,17 +237,23 @@ fn errno(err: &rtnetlink::Error) -> Option<i32> {
 
 /// Removes addresses this agent added. Failures are logged: at shutdown
 /// there is nothing better to do than to carry on removing the rest.
-pub async fn remove(handle: &Handle, link: &LinkRef, addrs: &[Ipv4Addr]) {
+pub async fn remove(handle: &Handle, link: &LinkRef, addrs: &[IpAddr]) {
     if addrs.is_empty() {
         return;
     }
-    let results: Vec<(Ipv4Addr, Result<(), rtnetlink::Error>)> =
+    let results: Vec<(IpAddr, Result<(), rtnetlink::Error>)> =
         futures::stream::iter(addrs.iter().copied())
             .map(|addr| async move {
-                let message = AddressMessageBuilder::<Ipv4Addr>::new()
-                    .index(link.index)
-                    .address(addr, 32)
-                    .build();
+                let message = match addr {
+                    IpAddr::V4(addr) => AddressMessageBuilder::<Ipv4Addr>::new()
+                        .index(link.index)
+                        .address(addr, 32)
+                        .build(),
+                    IpAddr::V6(addr) => AddressMessageBuilder::<Ipv6Addr>::new()
+                        .index(link.index)
+                        .address(addr, 128)
+                        .build(),
+                };
                 (addr, handle.address().del(message).execute().await)
             })
             .buffer_unordered(IN_FLIGHT)
@@ -235,7 +286,7 @@ pub async fn remove(handle: &Handle, link: &LinkRef, addrs: &[Ipv4Addr]) {
         );
     }
     if let Some((_, first)) = failed.first() {
-        let addrs: Vec<Ipv4Addr> = failed.iter().map(|(addr, _)| *addr).collect();
+        let addrs: Vec<IpAddr> = failed.iter().map(|(addr, _)| *addr).collect();
         tracing::warn!(
             error = %first,
             "could not remove {} from {}",
@@ -247,7 +298,7 @@ pub async fn remove(handle: &Handle, link: &LinkRef, addrs: &[Ipv4Addr]) {
 
 /// "1 egress address (a)", "3 egress addresses (a, b, c)", "9998 egress
 /// addresses (a, b, ... and 9990 more)": one line whatever the count.
-pub fn counted(addrs: &[Ipv4Addr], noun: &str) -> String {
+pub fn counted<A: ToString>(addrs: &[A], noun: &str) -> String {
     let mut text = format!(
         "{} {noun}{}",
         addrs.len(),
@@ -316,6 +367,120 @@ pub fn announce_all(ifindex: u32, mac: [u8; 6], addrs: &[Ipv4Addr]) -> io::Resul
     first_error.map_or(Ok(()), Err)
 }
 
+/// The ICMPv6 message of an unsolicited Neighbor Advertisement for
+/// `target` at `mac` (RFC 4861 4.4, 7.2.6): override set so neighbours
+/// replace what they cached, solicited and router clear, and the target
+/// link-layer address option. The checksum is left 0: the kernel fills it
+/// in for raw ICMPv6 sockets.
+pub fn neighbor_advertisement(target: Ipv6Addr, mac: [u8; 6]) -> [u8; 32] {
+    const TYPE_NEIGHBOR_ADVERTISEMENT: u8 = 136;
+    const FLAG_OVERRIDE: u8 = 0x20;
+    const OPTION_TARGET_LINK_LAYER: u8 = 2;
+    let mut message = [0u8; 32];
+    message[0] = TYPE_NEIGHBOR_ADVERTISEMENT;
+    message[4] = FLAG_OVERRIDE;
+    message[8..24].copy_from_slice(&target.octets());
+    // Option length counts 8-byte units.
+    message[24..26].copy_from_slice(&[OPTION_TARGET_LINK_LAYER, 1]);
+    message[26..32].copy_from_slice(&mac);
+    message
+}
+
+/// Advertises each of `addrs` to all nodes (ff02::1) on `ifindex`, from
+/// the address itself, through one raw ICMPv6 socket: the IPv6 gratuitous
+/// ARP. Hop limit 255, or receivers discard it (RFC 4861 7.1.2). Raw
+/// ICMPv6 rather than a packet socket like ARP: the kernel routes, fills
+/// in the checksum and the IPv6 header, and `IPV6_PKTINFO` picks interface
+/// and source per message. The addresses were added without DAD, so they
+/// are usable as a source at once.
+pub fn advertise_all(ifindex: u32, mac: [u8; 6], addrs: &[Ipv6Addr]) -> io::Result<()> {
+    if addrs.is_empty() {
+        return Ok(());
+    }
+    // SAFETY: plain socket(2) call; the result is checked before use.
+    let fd = unsafe { libc::socket(libc::AF_INET6, libc::SOCK_RAW, libc::IPPROTO_ICMPV6) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor we own.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    let hops: libc::c_int = 255;
+    // SAFETY: the option value is a valid c_int of the length given.
+    let set = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IPV6,
+            libc::IPV6_MULTICAST_HOPS,
+            (&raw const hops).cast(),
+            size_of::<libc::c_int>() as u32,
+        )
+    };
+    if set < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: all-zero is a valid sockaddr_in6; family and address are set below.
+    let mut all_nodes: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+    all_nodes.sin6_family = libc::AF_INET6 as u16;
+    all_nodes.sin6_addr.s6_addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1).octets();
+    all_nodes.sin6_scope_id = ifindex;
+    let mut first_error = None;
+    for addr in addrs {
+        let mut message = neighbor_advertisement(*addr, mac);
+        if let Err(err) = send_from(&socket, &mut message, &all_nodes, *addr, ifindex) {
+            first_error.get_or_insert(err);
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+/// Sends `message` to `to`, from `source` on `ifindex` (`IPV6_PKTINFO`).
+fn send_from(
+    socket: &OwnedFd,
+    message: &mut [u8],
+    to: &libc::sockaddr_in6,
+    source: Ipv6Addr,
+    ifindex: u32,
+) -> io::Result<()> {
+    // u64 words keep the control buffer aligned for cmsghdr.
+    let mut control = [0u64; 8];
+    let info = libc::in6_pktinfo {
+        ipi6_addr: libc::in6_addr {
+            s6_addr: source.octets(),
+        },
+        ipi6_ifindex: ifindex,
+    };
+    let mut iov = libc::iovec {
+        iov_base: message.as_mut_ptr().cast(),
+        iov_len: message.len(),
+    };
+    // SAFETY: all-zero is a valid msghdr; every pointer set below outlives the call.
+    let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
+    header.msg_name = (to as *const libc::sockaddr_in6).cast_mut().cast();
+    header.msg_namelen = size_of::<libc::sockaddr_in6>() as u32;
+    header.msg_iov = &raw mut iov;
+    header.msg_iovlen = 1;
+    header.msg_control = control.as_mut_ptr().cast();
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE(size_of::<libc::in6_pktinfo>() as u32) } as usize;
+    assert!(space <= size_of_val(&control), "control buffer too small");
+    header.msg_controllen = space;
+    // SAFETY: the control buffer holds one cmsghdr with an in6_pktinfo
+    // (checked above); CMSG_FIRSTHDR and CMSG_DATA stay inside it.
+    let sent = unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&raw const header);
+        (*cmsg).cmsg_level = libc::IPPROTO_IPV6;
+        (*cmsg).cmsg_type = libc::IPV6_PKTINFO;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<libc::in6_pktinfo>() as u32) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast(), info);
+        libc::sendmsg(socket.as_raw_fd(), &raw const header, 0)
+    };
+    if sent < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -340,5 +505,41 @@ mod tests {
             "{many}"
         );
         assert!(many.ends_with("10.0.0.8, ... and 9990 more)"), "{many}");
+    }
+
+    #[test]
+    fn a_neighbor_advertisement_overrides_and_names_the_mac() {
+        let target: Ipv6Addr = "2001:db8:31::101".parse().unwrap();
+        let mac = [2, 0, 0, 0, 0, 0x31];
+        let message = neighbor_advertisement(target, mac);
+        assert_eq!(message[0], 136, "type: Neighbor Advertisement");
+        assert_eq!(message[1], 0, "code");
+        assert_eq!(&message[2..4], &[0, 0], "checksum: the kernel's");
+        assert_eq!(message[4], 0x20, "override only: not solicited, no router");
+        assert_eq!(&message[5..8], &[0, 0, 0]);
+        assert_eq!(&message[8..24], &target.octets());
+        assert_eq!(
+            &message[24..26],
+            &[2, 1],
+            "target link-layer option, 8 bytes"
+        );
+        assert_eq!(&message[26..32], &mac);
+    }
+
+    #[test]
+    fn addresses_split_by_family_and_count_in_either() {
+        let addrs: Vec<IpAddr> = vec![
+            "192.168.31.101".parse().unwrap(),
+            "2001:db8:31::101".parse().unwrap(),
+        ];
+        let (v4, v6) = by_family(&addrs);
+        assert_eq!(v4, [Ipv4Addr::new(192, 168, 31, 101)]);
+        assert_eq!(v6, ["2001:db8:31::101".parse::<Ipv6Addr>().unwrap()]);
+        assert_eq!(host_prefix(addrs[0]), 32);
+        assert_eq!(host_prefix(addrs[1]), 128);
+        assert_eq!(
+            counted(&addrs, "egress address"),
+            "2 egress addresses (192.168.31.101, 2001:db8:31::101)"
+        );
     }
 }

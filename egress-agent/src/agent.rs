@@ -15,7 +15,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashSet},
-    net::Ipv4Addr,
+    net::IpAddr,
     path::{Path, PathBuf},
     sync::{
         Arc,
@@ -90,7 +90,7 @@ pub async fn validate(
 struct Owned {
     links: BTreeSet<u32>,
     external_ifindex: u32,
-    addresses: Vec<Ipv4Addr>,
+    addresses: Vec<IpAddr>,
 }
 
 impl Owned {
@@ -164,13 +164,13 @@ struct Applied {
     pins_existed: bool,
     external: LinkRef,
     /// Egress addresses this agent added (or adopted from a predecessor).
-    addresses: Vec<Ipv4Addr>,
+    addresses: Vec<IpAddr>,
     sysctls: Vec<sysctl::Changed>,
     /// Macvlan next hops this agent (or its predecessor) created.
     macvlans: Vec<macvlans::Created>,
     /// What a predecessor that left its dataplane serving had added: ours
     /// to remove on the way out, but not if this agent fails to take over.
-    inherited_addresses: Vec<Ipv4Addr>,
+    inherited_addresses: Vec<IpAddr>,
     inherited_sysctls: usize,
     /// Ifindexes of the predecessor's macvlans.
     inherited_macvlans: BTreeSet<u32>,
@@ -212,8 +212,8 @@ impl Applied {
             pins = %instance.pin_dir.display(),
             "leaving the dataplane found at startup serving as it was"
         );
-        let inherited: HashSet<Ipv4Addr> = self.inherited_addresses.iter().copied().collect();
-        let own: Vec<Ipv4Addr> = self
+        let inherited: HashSet<IpAddr> = self.inherited_addresses.iter().copied().collect();
+        let own: Vec<IpAddr> = self
             .addresses
             .iter()
             .copied()
@@ -990,13 +990,16 @@ fn end_disallowed_flows(
         .iter()
         .zip(desired.ids.iter().zip(&desired.zones))
         .map(|(tenant, (id, zones))| {
+            let by_source = tenant.ingress.is_empty();
+            // Empty sources allow any source: a tenant chosen by source
+            // with none of a family keeps no flow of that family.
+            let keeps_v4 = !(by_source && tenant.sources.is_empty());
+            let keeps_v6 = !(by_source && tenant.sources_v6.is_empty());
             let allowed = conntrack::Allowed {
-                egress: tenant.egress.clone(),
-                sources: if tenant.ingress.is_empty() {
-                    tenant.sources.clone()
-                } else {
-                    Vec::new()
-                },
+                egress: only_if(keeps_v4, &tenant.egress),
+                egress_v6: only_if(keeps_v6, &tenant.egress_v6),
+                sources: only_if(by_source, &tenant.sources),
+                sources_v6: only_if(by_source, &tenant.sources_v6),
                 zones: zones.clone(),
                 forwards: tenant.forwards.clone(),
                 floating: tenant.floating.clone(),
@@ -1005,6 +1008,11 @@ fn end_disallowed_flows(
         })
         .collect();
     conntrack::end_flows_not_allowed(maps, &allowed)
+}
+
+/// `list`, or nothing when `keep` is false.
+fn only_if<T: Clone>(keep: bool, list: &[T]) -> Vec<T> {
+    if keep { list.to_vec() } else { Vec::new() }
 }
 
 async fn sync_addresses_and_state(
@@ -1016,7 +1024,7 @@ async fn sync_addresses_and_state(
     mut state: RunState,
     stop: &Stop,
 ) -> anyhow::Result<RunState> {
-    let wanted: Vec<Ipv4Addr> = resolved.egress_addresses().collect();
+    let wanted: Vec<IpAddr> = resolved.egress_addresses().collect();
     let external_mac = system
         .link_by_index(resolved.external.index)
         .and_then(|l| l.mac);
@@ -1034,8 +1042,8 @@ async fn sync_addresses_and_state(
     .await?;
     stop.check()?;
     // Owned addresses that are no longer wanted go now.
-    let wanted: HashSet<Ipv4Addr> = wanted.into_iter().collect();
-    let unwanted: Vec<Ipv4Addr> = applied
+    let wanted: HashSet<IpAddr> = wanted.into_iter().collect();
+    let unwanted: Vec<IpAddr> = applied
         .addresses
         .iter()
         .copied()
@@ -1051,8 +1059,12 @@ async fn sync_addresses_and_state(
         .map(|(tenant, id)| TenantRecord {
             id: *id,
             name: tenant.name.clone(),
-            sources: tenant.sources.iter().map(ToString::to_string).collect(),
-            egress: tenant.egress.clone(),
+            sources: (tenant.sources.iter().map(ToString::to_string))
+                .chain(tenant.sources_v6.iter().map(ToString::to_string))
+                .collect(),
+            egress: (tenant.egress.iter().copied().map(IpAddr::V4))
+                .chain(tenant.egress_v6.iter().copied().map(IpAddr::V6))
+                .collect(),
             ports: tenant.ports,
             ingress: tenant.ingress.clone(),
         })
@@ -1221,9 +1233,9 @@ pub async fn cleanup(instance: &Instance) -> anyhow::Result<()> {
             ),
             index: state.external_ifindex,
         };
-        let mut ours: BTreeSet<Ipv4Addr> = state.added_addresses.iter().copied().collect();
+        let mut ours: BTreeSet<IpAddr> = state.added_addresses.iter().copied().collect();
         ours.extend(system.owned_on(state.external_ifindex));
-        let ours: Vec<Ipv4Addr> = ours.into_iter().collect();
+        let ours: Vec<IpAddr> = ours.into_iter().collect();
         addresses::remove(&handle, &external, &ours).await;
         macvlans::remove(&handle, &state.macvlans).await;
         sysctl::restore(&state.sysctls);

@@ -300,8 +300,12 @@ async fn check(instance: &Instance, config: &std::path::Path) -> Result<(), RunE
         );
     }
     for tenant in &resolved.tenants {
-        let sources: Vec<_> = tenant.sources.iter().map(ToString::to_string).collect();
-        let egress: Vec<_> = tenant.egress.iter().map(ToString::to_string).collect();
+        let sources: Vec<_> = (tenant.sources.iter().map(ToString::to_string))
+            .chain(tenant.sources_v6.iter().map(ToString::to_string))
+            .collect();
+        let egress: Vec<_> = (tenant.egress.iter().map(ToString::to_string))
+            .chain(tenant.egress_v6.iter().map(ToString::to_string))
+            .collect();
         print!(
             "  tenant {}: {} -> {} (ports {}-{})",
             tenant.name,

@@ -10,13 +10,13 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     fmt,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     time::Duration,
 };
 
 use egress_common::tenant::{MAX_EGRESS_ADDRS, MAX_TENANT_ID, TENANT_NAME_LEN};
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -129,10 +129,12 @@ pub struct Interfaces {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Tenant {
     pub name: String,
-    /// Source CIDRs of the tenant's hosts.
+    /// Source CIDRs of the tenant's hosts, IPv4 or IPv6 (a dual-stack
+    /// tenant lists both).
     #[serde(default)]
     pub sources: Vec<String>,
-    /// Addresses the tenant's traffic leaves with.
+    /// Addresses the tenant's traffic leaves with: IPv4 ones for its IPv4
+    /// sources, IPv6 ones for its IPv6 sources.
     #[serde(rename = "egressIPs", default)]
     pub egress_ips: Vec<String>,
     /// Where the tenant's traffic comes in, when sources alone cannot tell
@@ -521,13 +523,17 @@ impl Config {
         let mut planned: Vec<PlannedRoute> = Vec::new();
         for (i, route) in self.return_routes.iter().enumerate() {
             let field = format!("returnRoutes[{i}]");
-            let destination = match route.destination.parse::<Ipv4Net>() {
-                Ok(net) if net.trunc() == net => Some(net),
-                Ok(net) => {
+            let destination = match route.destination.parse::<IpNet>() {
+                Ok(IpNet::V4(net)) if net.trunc() == net => Some(net),
+                Ok(IpNet::V4(net)) => {
                     problems.add(
                         format!("{field}.destination"),
                         format!("{net} has host bits set; did you mean {}?", net.trunc()),
                     );
+                    None
+                }
+                Ok(IpNet::V6(net)) => {
+                    problems.add(format!("{field}.destination"), ipv6_not_here(net));
                     None
                 }
                 Err(_) => {
@@ -538,13 +544,9 @@ impl Config {
                     None
                 }
             };
-            let via = route.via.parse::<Ipv4Addr>().ok();
-            if via.is_none() {
-                problems.add(
-                    format!("{field}.via"),
-                    format!("{:?} is not an IPv4 address", route.via),
-                );
-            }
+            let via = parse_ipv4(&route.via)
+                .map_err(|message| problems.add(format!("{field}.via"), message))
+                .ok();
             if let Some(interface) = &route.interface {
                 check_ifname(problems, &format!("{field}.interface"), interface);
             }
@@ -569,12 +571,12 @@ impl Config {
         let mut planned: Vec<PlannedBfdPeer> = Vec::new();
         for (i, peer) in self.bfd.peers.iter().enumerate() {
             let field = format!("bfd.peers[{i}]");
-            let Ok(address) = peer.address.parse::<Ipv4Addr>() else {
-                problems.add(
-                    format!("{field}.address"),
-                    format!("{:?} is not an IPv4 address", peer.address),
-                );
-                continue;
+            let address = match parse_ipv4(&peer.address) {
+                Ok(address) => address,
+                Err(message) => {
+                    problems.add(format!("{field}.address"), message);
+                    continue;
+                }
             };
             for (name, value) in [("minTxMs", peer.min_tx_ms), ("minRxMs", peer.min_rx_ms)] {
                 if !BFD_INTERVAL_MS.contains(&value) {
@@ -646,7 +648,7 @@ impl Config {
             );
         }
         let mut names: HashMap<&str, usize> = HashMap::new();
-        let mut egress_owner: BTreeMap<Ipv4Addr, String> = BTreeMap::new();
+        let mut egress_owner: BTreeMap<IpAddr, String> = BTreeMap::new();
         let mut planned = Vec::with_capacity(self.tenants.len());
         for (index, tenant) in self.tenants.iter().enumerate() {
             let at = TenantField::new(index, &tenant.name);
@@ -657,18 +659,29 @@ impl Config {
                     format!("{} is already the name of tenants[{first}]", tenant.name),
                 );
             }
-            let sources = parse_sources(problems, &at, &tenant.sources);
-            // A tenant with floating IPs may have no egress IP (a NAT
-            // gateway's host with only a floating IP): its hosts with one
-            // leave from it, the others get nothing out.
-            let has_floating = !tenant.floating_ips.is_empty();
-            let egress = parse_egress(problems, &at, &tenant.egress_ips, has_floating);
-            for (i, addr) in egress.iter().enumerate() {
+            let mut written = WrittenAt::default();
+            let (sources, sources_v6) = parse_sources(problems, &at, &tenant.sources, &mut written);
+            let (egress, egress_v6) = parse_egress(problems, &at, &tenant.egress_ips, &mut written);
+            check_families(
+                problems,
+                &at,
+                tenant,
+                (&sources, &sources_v6),
+                (&egress, &egress_v6),
+            );
+            let addrs = (egress.iter().copied().map(IpAddr::V4).zip(&written.egress)).chain(
+                egress_v6
+                    .iter()
+                    .copied()
+                    .map(IpAddr::V6)
+                    .zip(&written.egress_v6),
+            );
+            for (addr, i) in addrs {
                 let here = at.field(&format!("egressIPs[{i}]"));
-                if let Some(owner) = egress_owner.get(addr) {
+                if let Some(owner) = egress_owner.get(&addr) {
                     problems.add(here, format!("{addr} is already claimed by {owner}"));
                 } else {
-                    egress_owner.insert(*addr, at.to_string());
+                    egress_owner.insert(addr, at.to_string());
                 }
             }
             let ports = tenant.ports.unwrap_or(DEFAULT_PORTS);
@@ -740,7 +753,10 @@ impl Config {
             planned.push(PlannedTenant {
                 name: tenant.name.clone(),
                 sources,
+                sources_v6,
                 egress,
+                egress_v6,
+                written,
                 ingress,
                 ports,
                 limits,
@@ -769,7 +785,7 @@ fn parse_next_hop(text: &str) -> Result<Ipv4Addr, String> {
     let not_an_address = || format!("{text:?} is not an IPv4 address like 172.18.0.201/32");
     let addr = match addr.parse::<IpAddr>() {
         Ok(IpAddr::V4(addr)) => addr,
-        Ok(IpAddr::V6(addr)) => return Err(format!("{addr}: IPv6 is not supported yet")),
+        Ok(IpAddr::V6(addr)) => return Err(ipv6_not_here(addr)),
         Err(_) => return Err(not_an_address()),
     };
     match prefix.map(str::parse::<u8>) {
@@ -1011,12 +1027,47 @@ pub struct ResolvedBfdPeer {
 pub struct PlannedTenant {
     pub name: String,
     pub sources: Vec<Ipv4Net>,
+    pub sources_v6: Vec<Ipv6Net>,
+    /// Translate the IPv4 sources.
     pub egress: Vec<Ipv4Addr>,
+    /// Translate the IPv6 sources.
+    pub egress_v6: Vec<Ipv6Addr>,
+    /// Where each of the above was written.
+    pub written: WrittenAt,
     pub ingress: Vec<PlannedIngress>,
     pub ports: PortRange,
     pub limits: TenantLimits,
     pub forwards: Vec<inbound::PlannedForward>,
     pub floating: Vec<inbound::PlannedFloating>,
+}
+
+/// Where each parsed entry of a tenant's `sources` and `egressIPs` was
+/// written (its index in the file's list), by family: problems found after
+/// the lists were split by family still name the entry the operator wrote.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WrittenAt {
+    pub sources: Vec<usize>,
+    pub sources_v6: Vec<usize>,
+    pub egress: Vec<usize>,
+    pub egress_v6: Vec<usize>,
+}
+
+impl PlannedTenant {
+    /// Both families' sources, each with the index it was written at.
+    fn written_sources(&self) -> impl Iterator<Item = (IpNet, usize)> + '_ {
+        let v4 = self.sources.iter().map(|n| IpNet::V4(*n));
+        let v6 = self.sources_v6.iter().map(|n| IpNet::V6(*n));
+        v4.zip(self.written.sources.iter().copied())
+            .chain(v6.zip(self.written.sources_v6.iter().copied()))
+    }
+
+    /// Both families' egress IPs, each with the index it was written at.
+    fn written_egress(&self) -> impl Iterator<Item = (IpAddr, usize)> + '_ {
+        let v4 = self.egress.iter().map(|a| IpAddr::V4(*a));
+        let v6 = self.egress_v6.iter().map(|a| IpAddr::V6(*a));
+        v4.zip(self.written.egress.iter().copied())
+            .chain(v6.zip(self.written.egress_v6.iter().copied()))
+    }
 }
 
 /// What one tenant may take of the dataplane (see `limits` in egress-ebpf).
@@ -1081,7 +1132,9 @@ pub struct IngressPort {
 pub struct ResolvedTenant {
     pub name: String,
     pub sources: Vec<Ipv4Net>,
+    pub sources_v6: Vec<Ipv6Net>,
     pub egress: Vec<Ipv4Addr>,
+    pub egress_v6: Vec<Ipv6Addr>,
     pub ingress: Vec<IngressPort>,
     pub ports: PortRange,
     pub limits: TenantLimits,
@@ -1132,13 +1185,14 @@ impl Resolved {
     }
 
     /// Every address the gateway answers for outside: each tenant's egress
-    /// IPs and floating IPs.
-    pub fn egress_addresses(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
+    /// IPs (both families) and floating IPs.
+    pub fn egress_addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {
         self.tenants.iter().flat_map(|t| {
-            t.egress
-                .iter()
-                .copied()
-                .chain(t.floating.iter().map(|f| f.address))
+            let v4 = t.egress.iter().copied();
+            let floating = t.floating.iter().map(|f| f.address);
+            v4.chain(floating)
+                .map(IpAddr::V4)
+                .chain(t.egress_v6.iter().copied().map(IpAddr::V6))
         })
     }
 }
@@ -1242,9 +1296,9 @@ impl Plan {
             }
             ports.sort_unstable();
             ports.dedup();
-            for (i, addr) in tenant.egress.iter().enumerate() {
+            for (addr, i) in tenant.written_egress() {
                 let holder = holders
-                    .get(&IpAddr::V4(*addr))
+                    .get(&addr)
                     .and_then(|index| system.link_by_index(*index));
                 if let Some(holder) = holder
                     && Some(holder.index) != external.as_ref().map(|e| e.index)
@@ -1256,7 +1310,7 @@ impl Plan {
                             holder.name
                         ),
                     );
-                } else if let Some(message) = gateway_own.as_ref().and_then(|g| g.refusal(*addr)) {
+                } else if let Some(message) = gateway_own.as_ref().and_then(|g| g.refusal(addr)) {
                     problems.add(at.field(&format!("egressIPs[{i}]")), message);
                 }
             }
@@ -1274,7 +1328,9 @@ impl Plan {
                             holder.name
                         ))
                     }
-                    _ => gateway_own.as_ref().and_then(|g| g.refusal(addr)),
+                    _ => gateway_own
+                        .as_ref()
+                        .and_then(|g| g.refusal(IpAddr::V4(addr))),
                 };
                 if let Some(message) = refusal {
                     problems.add(at.field(&format!("floatingIPs[{i}].address")), message);
@@ -1283,7 +1339,9 @@ impl Plan {
             tenants.push(ResolvedTenant {
                 name: tenant.name.clone(),
                 sources: tenant.sources.clone(),
+                sources_v6: tenant.sources_v6.clone(),
                 egress: tenant.egress.clone(),
+                egress_v6: tenant.egress_v6.clone(),
                 ingress: ports,
                 ports: tenant.ports,
                 limits: tenant.limits,
@@ -1291,7 +1349,7 @@ impl Plan {
                 floating: tenant.floating.clone(),
             });
         }
-        check_port_scoped_overlaps(&mut problems, &tenants);
+        check_port_scoped_overlaps(&mut problems, &self.tenants, &tenants);
         let mut return_routes = Vec::new();
         for (i, route) in self.return_routes.iter().enumerate() {
             let ifindex = match &route.interface {
@@ -1360,8 +1418,8 @@ impl Plan {
 /// gateway could no longer be reached or reach out there.
 struct GatewayOwn {
     interface: String,
-    /// Addresses of the interface this agent did not add.
-    own: HashMap<Ipv4Addr, u8>,
+    /// Addresses of the interface this agent did not add, both families.
+    own: HashMap<IpAddr, u8>,
     /// Gateways of the routes through it, with a route that uses each.
     next_hops: HashMap<Ipv4Addr, String>,
     /// The subnets of its own addresses, whose network and broadcast
@@ -1378,13 +1436,13 @@ impl GatewayOwn {
             .iter()
             .filter(|a| a.index == external.index)
         {
-            let IpAddr::V4(addr) = facts.addr else {
-                continue;
-            };
             if facts.egress_owned {
                 continue;
             }
-            own.insert(addr, facts.prefix_len);
+            own.insert(facts.addr, facts.prefix_len);
+            let IpAddr::V4(addr) = facts.addr else {
+                continue;
+            };
             if facts.prefix_len <= 30
                 && let Ok(net) = Ipv4Net::new(addr, facts.prefix_len)
             {
@@ -1409,8 +1467,9 @@ impl GatewayOwn {
         }
     }
 
-    /// Why `addr` cannot be an egress IP, if it is one of these.
-    fn refusal(&self, addr: Ipv4Addr) -> Option<String> {
+    /// Why `addr` cannot be an egress IP, if it is one of these. Next hops
+    /// and subnets are known for IPv4 only (IPv6 routes are not read).
+    fn refusal(&self, addr: IpAddr) -> Option<String> {
         let interface = &self.interface;
         if let Some(prefix_len) = self.own.get(&addr) {
             return Some(format!(
@@ -1419,6 +1478,9 @@ impl GatewayOwn {
                  gateway off; pick an unused address"
             ));
         }
+        let IpAddr::V4(addr) = addr else {
+            return None;
+        };
         if let Some(destination) = self.next_hops.get(&addr) {
             return Some(format!(
                 "{addr} is the gateway's next hop on {interface} (route {destination} via \
@@ -1833,54 +1895,55 @@ fn check_tenant_name(problems: &mut Problems, at: &TenantField<'_>, name: &str) 
     }
 }
 
+/// A tenant's sources, split by family; `written` learns where each was.
 fn parse_sources(
     problems: &mut Problems,
     at: &TenantField<'_>,
     sources: &[String],
-) -> Vec<Ipv4Net> {
+    written: &mut WrittenAt,
+) -> (Vec<Ipv4Net>, Vec<Ipv6Net>) {
     if sources.is_empty() {
         problems.add(at.field("sources"), "must list at least one source CIDR");
     }
-    let mut parsed: Vec<Ipv4Net> = Vec::with_capacity(sources.len());
+    let (mut v4, mut v6) = (Vec::new(), Vec::new());
     for (i, text) in sources.iter().enumerate() {
         let field = at.field(&format!("sources[{i}]"));
-        match parse_cidr(text) {
-            Ok(net) if parsed.contains(&net) => {
+        match parse_source(text) {
+            Ok(IpNet::V4(net)) if v4.contains(&net) => {
                 problems.add(field, format!("{net} is listed twice"));
             }
-            Ok(net) => parsed.push(net),
+            Ok(IpNet::V6(net)) if v6.contains(&net) => {
+                problems.add(field, format!("{net} is listed twice"));
+            }
+            Ok(IpNet::V4(net)) => {
+                v4.push(net);
+                written.sources.push(i);
+            }
+            Ok(IpNet::V6(net)) => {
+                v6.push(net);
+                written.sources_v6.push(i);
+            }
             Err(message) => problems.add(field, message),
         }
     }
-    parsed
+    (v4, v6)
 }
 
+/// A tenant's egress IPs, split by family; `written` learns where each was.
 fn parse_egress(
     problems: &mut Problems,
     at: &TenantField<'_>,
     egress: &[String],
-    may_be_empty: bool,
-) -> Vec<Ipv4Addr> {
-    if egress.is_empty() && !may_be_empty {
-        problems.add(
-            at.field("egressIPs"),
-            "must list at least one egress address (or the tenant's floatingIPs)",
-        );
-    }
-    if egress.len() > MAX_EGRESS_ADDRS {
-        problems.add(
-            at.field("egressIPs"),
-            format!(
-                "{} addresses, at most {MAX_EGRESS_ADDRS} per tenant",
-                egress.len()
-            ),
-        );
-    }
-    let mut parsed = Vec::with_capacity(egress.len());
+    written: &mut WrittenAt,
+) -> (Vec<Ipv4Addr>, Vec<Ipv6Addr>) {
+    let (mut v4, mut v6) = (Vec::new(), Vec::new());
     for (i, text) in egress.iter().enumerate() {
         let field = at.field(&format!("egressIPs[{i}]"));
         match text.trim().parse::<IpAddr>() {
-            Ok(IpAddr::V4(addr)) if parsed.contains(&addr) => {
+            Ok(IpAddr::V4(addr)) if v4.contains(&addr) => {
+                problems.add(field, format!("{addr} is listed twice"));
+            }
+            Ok(IpAddr::V6(addr)) if v6.contains(&addr) => {
                 problems.add(field, format!("{addr} is listed twice"));
             }
             Ok(IpAddr::V4(addr))
@@ -1891,17 +1954,94 @@ fn parse_egress(
             {
                 problems.add(field, format!("{addr} cannot be a source address"));
             }
-            Ok(IpAddr::V4(addr)) => parsed.push(addr),
-            Ok(IpAddr::V6(addr)) => {
-                problems.add(field, format!("{addr}: IPv6 egress is not supported yet"));
+            Ok(IpAddr::V4(addr)) => {
+                v4.push(addr);
+                written.egress.push(i);
             }
-            Err(_) => problems.add(field, format!("{text:?} is not an IPv4 address")),
+            Ok(IpAddr::V6(addr)) => match unusable_v6_egress(addr) {
+                Some(why) => problems.add(field, format!("{addr} {why}")),
+                None => {
+                    v6.push(addr);
+                    written.egress_v6.push(i);
+                }
+            },
+            Err(_) => problems.add(field, format!("{text:?} is not an IPv4 or IPv6 address")),
         }
     }
-    parsed
+    for (family, count) in [("IPv4", v4.len()), ("IPv6", v6.len())] {
+        if count > MAX_EGRESS_ADDRS {
+            problems.add(
+                at.field("egressIPs"),
+                format!(
+                    "{count} {family} addresses, at most {MAX_EGRESS_ADDRS} per tenant in each \
+                     address family"
+                ),
+            );
+        }
+    }
+    (v4, v6)
 }
 
-/// A CIDR with no host bits set; a bare address means /32.
+/// Why an IPv6 address cannot be an egress IP, if it cannot.
+fn unusable_v6_egress(addr: Ipv6Addr) -> Option<&'static str> {
+    if addr.is_unspecified() || addr.is_loopback() || addr.is_multicast() {
+        Some("cannot be a source address")
+    } else if addr.is_unicast_link_local() {
+        Some("is link-local: translated flows leave the link, their replies could not come back")
+    } else if addr.to_ipv4_mapped().is_some() {
+        Some("is an IPv4-mapped IPv6 address: write the IPv4 address itself")
+    } else {
+        None
+    }
+}
+
+/// Packets are translated within their family (NAT44, NAT66), never
+/// across: each family of sources needs egress IPs of its own family.
+/// Floating IPs stand in for IPv4 egress IPs (a NAT gateway's host with
+/// only a floating IP: its hosts with one leave from it, the others get
+/// nothing out); they are IPv4 only, so never for IPv6 sources.
+fn check_families(
+    problems: &mut Problems,
+    at: &TenantField<'_>,
+    tenant: &Tenant,
+    (sources, sources_v6): (&[Ipv4Net], &[Ipv6Net]),
+    (egress, egress_v6): (&[Ipv4Addr], &[Ipv6Addr]),
+) {
+    let has_floating = !tenant.floating_ips.is_empty();
+    if tenant.egress_ips.is_empty() {
+        if !has_floating {
+            problems.add(
+                at.field("egressIPs"),
+                "must list at least one egress address (or the tenant's floatingIPs)",
+            );
+        } else if !sources_v6.is_empty() {
+            problems.add(
+                at.field("egressIPs"),
+                "the IPv6 sources need at least one IPv6 egress address (floatingIPs are IPv4 only)",
+            );
+        }
+        return;
+    }
+    // Only when some address parsed: a list of typos is reported entry by entry.
+    if egress.is_empty() && egress_v6.is_empty() {
+        return;
+    }
+    if !sources.is_empty() && egress.is_empty() && !has_floating {
+        problems.add(
+            at.field("egressIPs"),
+            "the IPv4 sources need at least one IPv4 egress address (or the tenant's \
+             floatingIPs): IPv6 addresses translate only IPv6 sources",
+        );
+    }
+    if !sources_v6.is_empty() && egress_v6.is_empty() {
+        problems.add(
+            at.field("egressIPs"),
+            "the IPv6 sources need at least one IPv6 egress address: IPv4 addresses \
+             translate only IPv4 sources",
+        );
+    }
+}
+
 /// The most new flows per second (and burst) a tenant may be given: far
 /// beyond any single gateway, and small enough for the dataplane's token
 /// arithmetic.
@@ -1999,24 +2139,21 @@ impl Resolved {
     }
 }
 
-pub fn parse_cidr(text: &str) -> Result<Ipv4Net, String> {
+/// A tenant's source prefix, IPv4 or IPv6, with no host bits set; a bare
+/// address means its whole width (/32, /128).
+pub fn parse_source(text: &str) -> Result<IpNet, String> {
+    parse_prefix(text, "172.20.10.0/24 or fd00:10::/64")
+}
+
+/// A prefix of either family with no host bits set; `example` says what
+/// was expected when `text` is none.
+fn parse_prefix(text: &str, example: &str) -> Result<IpNet, String> {
     let text = text.trim();
+    let not_a_cidr = || format!("{text:?} is not a CIDR like {example}");
     let net = if text.contains('/') {
-        match text.parse::<ipnet::IpNet>() {
-            Ok(ipnet::IpNet::V4(net)) => net,
-            Ok(ipnet::IpNet::V6(net)) => {
-                return Err(format!("{net}: IPv6 sources are not supported yet"));
-            }
-            Err(_) => return Err(format!("{text:?} is not a CIDR like 172.20.10.0/24")),
-        }
+        text.parse::<IpNet>().map_err(|_| not_a_cidr())?
     } else {
-        match text.parse::<IpAddr>() {
-            Ok(IpAddr::V4(addr)) => Ipv4Net::from(addr),
-            Ok(IpAddr::V6(addr)) => {
-                return Err(format!("{addr}: IPv6 sources are not supported yet"));
-            }
-            Err(_) => return Err(format!("{text:?} is not a CIDR like 172.20.10.0/24")),
-        }
+        IpNet::from(text.parse::<IpAddr>().map_err(|_| not_a_cidr())?)
     };
     if net.addr() != net.network() {
         return Err(format!(
@@ -2025,6 +2162,30 @@ pub fn parse_cidr(text: &str) -> Result<Ipv4Net, String> {
         ));
     }
     Ok(net)
+}
+
+/// An IPv4 prefix, where IPv6 is not supported yet (everything but a
+/// tenant's sources): an IPv6 one is refused as such.
+pub fn parse_cidr(text: &str) -> Result<Ipv4Net, String> {
+    match parse_prefix(text, "172.20.10.0/24")? {
+        IpNet::V4(net) => Ok(net),
+        IpNet::V6(net) => Err(ipv6_not_here(net)),
+    }
+}
+
+/// An IPv4 address, where IPv6 is not supported yet (everything but a
+/// tenant's egressIPs): an IPv6 one is refused as such.
+pub fn parse_ipv4(text: &str) -> Result<Ipv4Addr, String> {
+    match text.trim().parse::<IpAddr>() {
+        Ok(IpAddr::V4(addr)) => Ok(addr),
+        Ok(IpAddr::V6(addr)) => Err(ipv6_not_here(addr)),
+        Err(_) => Err(format!("{text:?} is not an IPv4 address")),
+    }
+}
+
+/// The refusal of an IPv6 value where only IPv4 is supported.
+pub fn ipv6_not_here(value: impl fmt::Display) -> String {
+    format!("{value}: IPv6 is not supported here yet (only in tenants' sources and egressIPs)")
 }
 
 pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
@@ -2046,25 +2207,52 @@ pub fn format_mac(mac: [u8; 6]) -> String {
 
 /// A source prefix and where it was written.
 struct SourceAt {
-    net: Ipv4Net,
+    net: IpNet,
     tenant: usize,
     index: usize,
 }
 
+/// A prefix as (family, first, last) address: IPv4 sorts before IPv6, and
+/// within a family the numbers compare as the addresses do.
+fn span(net: &IpNet) -> (bool, u128, u128) {
+    match net {
+        IpNet::V4(net) => (
+            false,
+            u128::from(u32::from(net.network())),
+            u128::from(u32::from(net.broadcast())),
+        ),
+        IpNet::V6(net) => (true, u128::from(net.network()), u128::from(net.broadcast())),
+    }
+}
+
+/// An address as (family, number), comparable with `span`'s bounds.
+fn point(addr: IpAddr) -> (bool, u128) {
+    match addr {
+        IpAddr::V4(addr) => (false, u128::from(u32::from(addr))),
+        IpAddr::V6(addr) => (true, u128::from(addr)),
+    }
+}
+
 /// Sources of tenants that share no ingress port must not overlap: a
-/// packet's source would name two tenants. Sorted by network address, a
-/// prefix overlaps an earlier one exactly when it starts before the widest
-/// earlier prefix ends, so one pass finds every clash.
+/// packet's source would name two tenants. Sorted by family and network
+/// address, a prefix overlaps an earlier one exactly when it starts before
+/// the widest earlier prefix of its family ends, so one pass finds every
+/// clash.
 fn overlaps(items: &mut [SourceAt]) -> Vec<(usize, usize)> {
-    items.sort_by_key(|s| (u32::from(s.net.network()), s.net.prefix_len()));
+    items.sort_by_key(|s| {
+        let (family, start, _) = span(&s.net);
+        (family, start, s.net.prefix_len())
+    });
     let mut clashes = Vec::new();
     let mut widest: Option<usize> = None;
     for i in 0..items.len() {
-        if let Some(w) = widest
-            && u32::from(items[i].net.network()) <= u32::from(items[w].net.broadcast())
-        {
-            clashes.push((w, i));
-            continue;
+        let (family, start, _) = span(&items[i].net);
+        if let Some(w) = widest {
+            let (widest_family, _, widest_end) = span(&items[w].net);
+            if family == widest_family && start <= widest_end {
+                clashes.push((w, i));
+                continue;
+            }
         }
         widest = Some(i);
     }
@@ -2095,30 +2283,29 @@ fn check_source_overlaps(problems: &mut Problems, tenants: &[PlannedTenant]) {
         .enumerate()
         .filter(|(_, t)| t.ingress.is_empty())
         .flat_map(|(tenant, t)| {
-            t.sources
-                .iter()
-                .enumerate()
-                .map(move |(index, net)| SourceAt {
-                    net: *net,
-                    tenant,
-                    index,
-                })
+            t.written_sources()
+                .map(move |(net, index)| SourceAt { net, tenant, index })
         })
         .collect();
     report_overlaps(problems, &names, &mut items);
 }
 
-fn check_port_scoped_overlaps(problems: &mut Problems, tenants: &[ResolvedTenant]) {
-    let names: Vec<&str> = tenants.iter().map(|t| t.name.as_str()).collect();
+/// `planned` and `resolved` are the same tenants in the same order: the
+/// ports are resolved, the written indices planned.
+fn check_port_scoped_overlaps(
+    problems: &mut Problems,
+    planned: &[PlannedTenant],
+    resolved: &[ResolvedTenant],
+) {
+    let names: Vec<&str> = resolved.iter().map(|t| t.name.as_str()).collect();
     let mut by_port: BTreeMap<IngressPort, Vec<SourceAt>> = BTreeMap::new();
-    for (tenant, t) in tenants.iter().enumerate() {
-        for port in &t.ingress {
-            for (index, net) in t.sources.iter().enumerate() {
-                by_port.entry(*port).or_default().push(SourceAt {
-                    net: *net,
-                    tenant,
-                    index,
-                });
+    for (tenant, (p, r)) in planned.iter().zip(resolved).enumerate() {
+        for port in &r.ingress {
+            for (net, index) in p.written_sources() {
+                by_port
+                    .entry(*port)
+                    .or_default()
+                    .push(SourceAt { net, tenant, index });
             }
         }
     }
@@ -2130,30 +2317,31 @@ fn check_port_scoped_overlaps(problems: &mut Problems, tenants: &[ResolvedTenant
 /// An egress address inside a tenant's sources would be translated to
 /// itself and classified as the tenant's host at once.
 fn check_egress_outside_sources(problems: &mut Problems, tenants: &[PlannedTenant]) {
-    let mut ranges: Vec<(u32, u32)> = tenants
+    let mut ranges: Vec<(bool, u128, u128)> = tenants
         .iter()
-        .flat_map(|t| t.sources.iter())
-        .map(|n| (u32::from(n.network()), u32::from(n.broadcast())))
+        .flat_map(PlannedTenant::written_sources)
+        .map(|(net, _)| span(&net))
         .collect();
     ranges.sort_unstable();
-    // Merged into disjoint intervals, one binary search answers "inside any?".
-    let mut merged: Vec<(u32, u32)> = Vec::with_capacity(ranges.len());
-    for (start, end) in ranges {
+    // Merged into disjoint intervals per family, one binary search answers
+    // "inside any?".
+    let mut merged: Vec<(bool, u128, u128)> = Vec::with_capacity(ranges.len());
+    for (family, start, end) in ranges {
         match merged.last_mut() {
-            Some(last) if start <= last.1 => last.1 = last.1.max(end),
-            _ => merged.push((start, end)),
+            Some(last) if last.0 == family && start <= last.2 => last.2 = last.2.max(end),
+            _ => merged.push((family, start, end)),
         }
     }
     for (index, tenant) in tenants.iter().enumerate() {
-        for (i, addr) in tenant.egress.iter().enumerate() {
-            let value = u32::from(*addr);
-            let upto = merged.partition_point(|(start, _)| *start <= value);
-            if upto == 0 || merged[upto - 1].1 < value {
+        for (addr, i) in tenant.written_egress() {
+            let (family, value) = point(addr);
+            let upto = merged.partition_point(|(f, start, _)| (*f, *start) <= (family, value));
+            if upto == 0 || merged[upto - 1].0 != family || merged[upto - 1].2 < value {
                 continue;
             }
             let owner = tenants
                 .iter()
-                .position(|t| t.sources.iter().any(|n| n.contains(addr)))
+                .position(|t| t.written_sources().any(|(n, _)| n.contains(&addr)))
                 .unwrap_or(index);
             let owner = TenantField::new(owner, &tenants[owner].name);
             problems.add(

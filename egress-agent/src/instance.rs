@@ -8,7 +8,7 @@
 use std::{
     fs::File,
     io::{self, Write as _},
-    net::Ipv4Addr,
+    net::IpAddr,
     os::fd::AsRawFd as _,
     path::{Path, PathBuf},
 };
@@ -148,7 +148,8 @@ pub struct RunState {
     pub tenants: Vec<TenantRecord>,
     pub external_ifindex: u32,
     /// Egress addresses the agent added (and will remove).
-    pub added_addresses: Vec<Ipv4Addr>,
+    /// Both families (written as strings, so older files read the same).
+    pub added_addresses: Vec<IpAddr>,
     pub sysctls: Vec<sysctl::Changed>,
     /// Macvlan next hops the agent created (and will remove); absent from
     /// the files of agents before `ingress[].create`.
@@ -161,7 +162,8 @@ pub struct TenantRecord {
     pub id: u16,
     pub name: String,
     pub sources: Vec<String>,
-    pub egress: Vec<Ipv4Addr>,
+    /// Both families (written as strings, so older files read the same).
+    pub egress: Vec<IpAddr>,
     pub ports: PortRange,
     pub ingress: Vec<IngressPort>,
 }

@@ -195,10 +195,8 @@ impl Exporter {
                 series(&mut f.packets, &labels, ended.packets + live.packets);
                 series(&mut f.bytes, &labels, ended.bytes + live.bytes);
             }
-            let count = (info.egress_v4_count as usize).min(info.egress_v4.len());
             let range = u64::from(info.port_max.saturating_sub(info.port_min)) + 1;
-            for addr in &info.egress_v4[..count] {
-                let addr = std::net::Ipv4Addr::from(*addr);
+            for addr in maps.egress_addresses(u32::from(id), &info) {
                 let labels = format!("{tenant},address=\"{addr}\"");
                 let in_use = held.ports_in_use.get(&addr).copied().unwrap_or(0);
                 series(&mut f.ports_in_use, &labels, in_use as u64);

@@ -5,18 +5,18 @@
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
-    net::Ipv4Addr,
+    net::IpAddr,
     path::PathBuf,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::bail;
-use egress_common::counters::Counter;
+use egress_common::{counters::Counter, flow::is_icmp};
 use serde::Serialize;
 
 use crate::{
     audit::pipeline::AuditView,
-    conntrack::{self, Flow, FlowState},
+    conntrack::{self, Flow, FlowEntry as _, FlowKey, FlowState},
     dataplane::{Attachment, maps::Maps},
     instance::{Instance, RunState, process_alive},
 };
@@ -46,7 +46,7 @@ pub struct TenantStatus {
     pub id: u16,
     pub name: String,
     pub sources: Vec<String>,
-    pub egress: Vec<Ipv4Addr>,
+    pub egress: Vec<IpAddr>,
     pub flows: usize,
     /// Flows the tenant may hold (its quota).
     pub max_flows: u32,
@@ -88,12 +88,15 @@ pub fn collect(instance: &Instance) -> anyhow::Result<Status> {
     let maps = open_maps(instance)?;
     let running = instance.is_running();
     let state: Option<RunState> = instance.read_state()?;
-    let entries = maps.flows();
-    let conntrack_entries = entries.len();
+    let (entries, entries_v6) = (maps.flows(), maps.flows_v6());
+    let conntrack_entries = entries.len() + entries_v6.len();
     let (flows, _) = conntrack::pair(entries);
+    let (flows_v6, _) = conntrack::pair(entries_v6);
     let mut per_tenant: BTreeMap<u16, usize> = BTreeMap::new();
-    for flow in &flows {
-        *per_tenant.entry(flow.tenant()).or_default() += 1;
+    let tenants_of_flows =
+        (flows.iter().map(Flow::tenant)).chain(flows_v6.iter().map(Flow::tenant));
+    for tenant in tenants_of_flows {
+        *per_tenant.entry(tenant).or_default() += 1;
     }
     let usage = maps.tenant_usage()?;
     let limited = |id: u16, mut row: TenantStatus| {
@@ -135,11 +138,7 @@ pub fn collect(instance: &Instance) -> anyhow::Result<Status> {
                         id,
                         name,
                         sources: Vec::new(),
-                        egress: info.egress_v4
-                            [..(info.egress_v4_count as usize).min(info.egress_v4.len())]
-                            .iter()
-                            .map(|a| Ipv4Addr::from(*a))
-                            .collect(),
+                        egress: maps.egress_addresses(u32::from(id), &info),
                         flows: per_tenant.get(&id).copied().unwrap_or(0),
                         ..TenantStatus::default()
                     },
@@ -170,7 +169,7 @@ pub fn collect(instance: &Instance) -> anyhow::Result<Status> {
             Vec::new()
         },
         tenants,
-        flows: flows.len(),
+        flows: flows.len() + flows_v6.len(),
         conntrack_entries,
         conntrack_capacity: maps.conntrack_capacity,
         redirect_drops: crate::redirects::rows(&instance.pin_dir),
@@ -411,53 +410,65 @@ pub fn flow_rows(instance: &Instance, tenant: Option<&str>) -> anyhow::Result<Ve
         .into_iter()
         .map(|(name, id)| (id, name))
         .collect();
-    let (mut flows, _) = conntrack::pair(maps.flows());
-    flows.sort_by_key(|f| (f.tenant(), f.outbound.created_ns()));
     let now = conntrack::now_ns();
-    let seconds = |ns: u64| Duration::from_nanos(now.saturating_sub(ns)).as_secs_f64();
-    Ok(flows
+    let (flows, _) = conntrack::pair(maps.flows());
+    let (flows_v6, _) = conntrack::pair(maps.flows_v6());
+    let mut rows: Vec<(u16, u64, FlowRow)> = flows
         .iter()
-        .map(|flow: &Flow| {
-            let key = &flow.outbound_key;
-            let proto = key.proto;
-            let original = format!(
-                "{} -> {}",
-                conntrack::endpoint(proto, key.src, key.src_port),
-                conntrack::endpoint(proto, key.dst, key.dst_port)
-            );
-            let translated = format!(
-                "{} -> {}",
-                conntrack::endpoint(proto, flow.outbound.nat_addr, flow.outbound.nat_port),
-                conntrack::endpoint(proto, key.dst, key.dst_port)
-            );
-            let (original, translated) = if proto == egress_common::flow::PROTO_ICMP {
-                (
-                    format!("{original} id {}", u16::from_be(key.src_port)),
-                    format!("{translated} id {}", u16::from_be(flow.outbound.nat_port)),
-                )
-            } else {
-                (original, translated)
-            };
-            FlowRow {
-                tenant: names
-                    .get(&flow.tenant())
-                    .cloned()
-                    .unwrap_or_else(|| format!("#{}", flow.tenant())),
-                proto: conntrack::proto_name(proto),
-                inbound: flow.outbound.flags & egress_common::inbound::FLOW_F_INBOUND != 0,
-                original,
-                translated,
-                state: flow.state(),
-                age_seconds: seconds(flow.outbound.created_ns()),
-                idle_seconds: seconds(flow.last_seen_ns()),
-                packets_out: flow.outbound.packets,
-                packets_in: flow.reply.map_or(0, |r| r.packets),
-                bytes_out: flow.outbound.bytes,
-                bytes_in: flow.reply.map_or(0, |r| r.bytes),
-            }
-        })
-        .filter(|row| tenant.is_none_or(|t| row.tenant == t))
-        .collect())
+        .map(|flow| flow_row(flow, &names, now))
+        .chain(flows_v6.iter().map(|flow| flow_row(flow, &names, now)))
+        .filter(|(_, _, row)| tenant.is_none_or(|t| row.tenant == t))
+        .collect();
+    // By tenant, then by age, whatever the family.
+    rows.sort_by_key(|(tenant, created, _)| (*tenant, *created));
+    Ok(rows.into_iter().map(|(_, _, row)| row).collect())
+}
+
+/// One flow's row, with the tenant id and creation time it sorts by.
+fn flow_row<K: FlowKey>(
+    flow: &Flow<K>,
+    names: &BTreeMap<u16, String>,
+    now: u64,
+) -> (u16, u64, FlowRow) {
+    let seconds = |ns: u64| Duration::from_nanos(now.saturating_sub(ns)).as_secs_f64();
+    let key = &flow.outbound_key;
+    let proto = key.proto();
+    let remote = conntrack::endpoint(proto, key.dst(), key.dst_port());
+    let original = format!(
+        "{} -> {remote}",
+        conntrack::endpoint(proto, key.src(), key.src_port())
+    );
+    let outbound = &flow.outbound;
+    let translated = format!(
+        "{} -> {remote}",
+        conntrack::endpoint(proto, outbound.nat_addr(), outbound.nat_port())
+    );
+    let (original, translated) = if is_icmp(proto) {
+        (
+            format!("{original} id {}", u16::from_be(key.src_port())),
+            format!("{translated} id {}", u16::from_be(outbound.nat_port())),
+        )
+    } else {
+        (original, translated)
+    };
+    let row = FlowRow {
+        tenant: names
+            .get(&flow.tenant())
+            .cloned()
+            .unwrap_or_else(|| format!("#{}", flow.tenant())),
+        proto: conntrack::proto_name(proto),
+        inbound: outbound.flags() & egress_common::inbound::FLOW_F_INBOUND != 0,
+        original,
+        translated,
+        state: flow.state(),
+        age_seconds: seconds(outbound.created_ns()),
+        idle_seconds: seconds(flow.last_seen_ns()),
+        packets_out: outbound.packets(),
+        packets_in: flow.reply.map_or(0, |r| r.packets()),
+        bytes_out: outbound.bytes(),
+        bytes_in: flow.reply.map_or(0, |r| r.bytes()),
+    };
+    (flow.tenant(), outbound.created_ns(), row)
 }
 
 pub fn render_flows(rows: &[FlowRow]) -> String {
@@ -531,4 +542,62 @@ fn table(header: &[&str], rows: impl Iterator<Item = Vec<String>>) -> String {
 /// Counter values by name, for tests and metrics.
 pub fn counter_value(status: &Status, counter: Counter) -> u64 {
     status.counters.get(counter.name()).copied().unwrap_or(0)
+}
+
+#[cfg(test)]
+mod flow_row_tests {
+    use std::net::Ipv6Addr;
+
+    use egress_common::flow::{DIR_OUTBOUND, FlowEntryV6, FlowKeyV6, PROTO_ICMPV6, PROTO_TCP};
+
+    use super::*;
+
+    fn v6(addr: &str) -> [u8; 16] {
+        addr.parse::<Ipv6Addr>().expect("IPv6").octets()
+    }
+
+    fn row(proto: u8) -> FlowRow {
+        let flow = Flow {
+            outbound_key: FlowKeyV6 {
+                src: v6("fd00:10::5"),
+                dst: v6("2001:db8:113::7"),
+                src_port: 7u16.to_be(),
+                dst_port: 443u16.to_be(),
+                proto,
+                direction: DIR_OUTBOUND,
+                zone: 0,
+            },
+            outbound: FlowEntryV6 {
+                nat_addr: v6("2001:db8:31::101"),
+                nat_port: 40000u16.to_be(),
+                tenant: 3,
+                packets: 2,
+                ..FlowEntryV6::default()
+            },
+            reply: None,
+        };
+        let names = BTreeMap::from([(3, "tenant-a".to_owned())]);
+        let (tenant, _, row) = flow_row(&flow, &names, 0);
+        assert_eq!(tenant, 3);
+        row
+    }
+
+    #[test]
+    fn ipv6_flows_are_listed_with_bracketed_endpoints() {
+        let tcp = row(PROTO_TCP);
+        assert_eq!(tcp.tenant, "tenant-a");
+        assert_eq!(tcp.original, "[fd00:10::5]:7 -> [2001:db8:113::7]:443");
+        assert_eq!(
+            tcp.translated,
+            "[2001:db8:31::101]:40000 -> [2001:db8:113::7]:443"
+        );
+        assert_eq!(tcp.packets_out, 2);
+        let icmp = row(PROTO_ICMPV6);
+        assert_eq!(icmp.proto, "icmpv6");
+        assert_eq!(icmp.original, "fd00:10::5 -> 2001:db8:113::7 id 7");
+        assert_eq!(
+            icmp.translated,
+            "2001:db8:31::101 -> 2001:db8:113::7 id 40000"
+        );
+    }
 }

@@ -125,9 +125,8 @@ impl SystemView {
 
     /// Takes `addrs` on `ifindex` for the agent's own, as its state file
     /// says (kernels before 6.1 keep no IFA_PROTO mark).
-    pub fn claim(&mut self, ifindex: u32, addrs: &[Ipv4Addr]) {
-        let addrs: std::collections::HashSet<IpAddr> =
-            addrs.iter().map(|a| IpAddr::V4(*a)).collect();
+    pub fn claim<A: Copy + Into<IpAddr>>(&mut self, ifindex: u32, addrs: &[A]) {
+        let addrs: std::collections::HashSet<IpAddr> = addrs.iter().map(|a| (*a).into()).collect();
         for facts in &mut self.addresses {
             if facts.index == ifindex && addrs.contains(&facts.addr) {
                 facts.egress_owned = true;
@@ -135,15 +134,12 @@ impl SystemView {
         }
     }
 
-    /// The IPv4 addresses on `ifindex` that this agent added.
-    pub fn owned_on(&self, ifindex: u32) -> Vec<Ipv4Addr> {
+    /// The addresses (both families) on `ifindex` that this agent added.
+    pub fn owned_on(&self, ifindex: u32) -> Vec<IpAddr> {
         self.addresses
             .iter()
             .filter(|a| a.index == ifindex && a.egress_owned)
-            .filter_map(|a| match a.addr {
-                IpAddr::V4(addr) => Some(addr),
-                IpAddr::V6(_) => None,
-            })
+            .map(|a| a.addr)
             .collect()
     }
 

@@ -157,7 +157,7 @@ impl AuditHandle {
                     .position(|r| *r == ended.reason)
                     .unwrap_or(0);
                 entry.by_reason[reason] += 1;
-                let (outbound, inbound) = ring::traffic(&ended.flow);
+                let (outbound, inbound) = ended.flow.traffic();
                 add(&mut entry.outbound, outbound);
                 add(&mut entry.inbound, inbound);
             }

@@ -14,10 +14,10 @@ use std::{
 
 use anyhow::Context as _;
 use aya::maps::{Map, MapData, RingBuf};
-use egress_common::{events::FlowEventV4, flow::FlowKeyV4, names};
+use egress_common::{events::FlowEventV4, names};
 use jiff::{SignedDuration, Timestamp};
 
-use super::event::{EventKind, Traffic, TranslationEvent, protocol_name};
+use super::event::{EventKind, TranslationEvent, protocol_name};
 use crate::conntrack::{self, EndedFlow};
 
 /// The pinned ring, opened for reading.
@@ -84,10 +84,10 @@ fn endpoint(addr: [u8; 4], port_be: u16) -> SocketAddr {
     SocketAddr::new(IpAddr::V4(Ipv4Addr::from(addr)), u16::from_be(port_be))
 }
 
-/// The part of a record both creations and ends share.
+/// The part of a record both creations and ends share: the protocol and
+/// the (inside, outside, destination) ends.
 fn record(
-    key: &FlowKeyV4,
-    (nat_addr, nat_port): ([u8; 4], u16),
+    (proto, (inside, outside, destination)): (u8, (SocketAddr, SocketAddr, SocketAddr)),
     tenant: (u16, &str),
     start: Timestamp,
     record_destinations: bool,
@@ -98,10 +98,10 @@ fn record(
         start,
         tenant: tenant.1.to_owned(),
         tenant_id: tenant.0,
-        protocol: protocol_name(key.proto),
-        inside: endpoint(key.src, key.src_port),
-        outside: endpoint(nat_addr, nat_port),
-        destination: record_destinations.then(|| endpoint(key.dst, key.dst_port)),
+        protocol: protocol_name(proto),
+        inside,
+        outside,
+        destination: record_destinations.then_some(destination),
         reason: None,
         outbound: None,
         inbound: None,
@@ -115,9 +115,14 @@ pub fn created(
     clock: &WallClock,
     record_destinations: bool,
 ) -> TranslationEvent {
+    let key = &event.key;
+    let ends = (
+        endpoint(key.src, key.src_port),
+        endpoint(event.nat_addr, event.nat_port),
+        endpoint(key.dst, key.dst_port),
+    );
     record(
-        &event.key,
-        (event.nat_addr, event.nat_port),
+        (key.proto, ends),
         (event.tenant, tenant_name),
         clock.at(event.time_ns),
         record_destinations,
@@ -133,37 +138,25 @@ pub fn ended(
 ) -> TranslationEvent {
     let flow = &ended.flow;
     let mut event = record(
-        &flow.outbound_key,
-        (flow.outbound.nat_addr, flow.outbound.nat_port),
+        (flow.proto(), flow.endpoints()),
         (flow.tenant(), tenant_name),
-        clock.at(flow.outbound.created_ns()),
+        clock.at(flow.created_ns()),
         record_destinations,
     );
     event.event = EventKind::End;
     event.time = clock.wall();
     event.reason = Some(ended.reason);
-    let (outbound, inbound) = traffic(flow);
+    let (outbound, inbound) = flow.traffic();
     event.outbound = Some(outbound);
     event.inbound = Some(inbound);
     event
 }
 
-/// What a flow carried each way: outwards, and back to the tenant host.
-pub fn traffic(flow: &conntrack::Flow) -> (Traffic, Traffic) {
-    let outbound = Traffic {
-        packets: flow.outbound.packets,
-        bytes: flow.outbound.bytes,
-    };
-    let inbound = flow.reply.map_or_else(Traffic::default, |reply| Traffic {
-        packets: reply.packets,
-        bytes: reply.bytes,
-    });
-    (outbound, inbound)
-}
-
 #[cfg(test)]
 mod tests {
-    use egress_common::flow::{DIR_OUTBOUND, FlowEntryV4, PROTO_TCP};
+    use egress_common::flow::{
+        DIR_OUTBOUND, FlowEntryV4, FlowEntryV6, FlowKeyV4, FlowKeyV6, PROTO_ICMPV6, PROTO_TCP,
+    };
 
     use super::*;
     use crate::audit::event::EndReason;
@@ -210,7 +203,8 @@ mod tests {
                     bytes: 3000,
                     ..FlowEntryV4::default()
                 }),
-            },
+            }
+            .into(),
             reason: EndReason::Expired,
         };
         let clock = WallClock {
@@ -226,5 +220,59 @@ mod tests {
         assert_eq!(event.destination, None);
         assert_eq!(event.inbound.map(|t| t.bytes), Some(3000));
         assert_eq!(event.outbound.map(|t| t.packets), Some(4));
+    }
+
+    #[test]
+    fn an_ended_ipv6_flow_is_recorded_with_ipv6_ends() {
+        let key = FlowKeyV6 {
+            src: "fd00:10::5".parse::<std::net::Ipv6Addr>().unwrap().octets(),
+            dst: "2001:db8:113::7"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+                .octets(),
+            src_port: 7u16.to_be(),
+            dst_port: 0,
+            proto: PROTO_ICMPV6,
+            direction: DIR_OUTBOUND,
+            zone: 0,
+        };
+        let outbound = FlowEntryV6 {
+            created_s: 5,
+            nat_addr: "2001:db8:31::101"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+                .octets(),
+            nat_port: 40312u16.to_be(),
+            tenant: 3,
+            packets: 1,
+            bytes: 104,
+            ..FlowEntryV6::default()
+        };
+        let flow = EndedFlow {
+            flow: conntrack::Flow {
+                outbound_key: key,
+                outbound,
+                reply: None,
+            }
+            .into(),
+            reason: EndReason::Expired,
+        };
+        let clock = WallClock {
+            mono_ns: 65_000_000_000,
+            wall: "2026-12-02T14:04:00Z".parse().expect("time"),
+        };
+        let event = ended(&flow, "tenant-a", &clock, true);
+        assert_eq!(event.protocol, "icmpv6");
+        assert_eq!(event.inside, "[fd00:10::5]:7".parse().expect("addr"));
+        assert_eq!(
+            event.outside,
+            "[2001:db8:31::101]:40312".parse().expect("addr")
+        );
+        assert_eq!(
+            event.destination,
+            Some("[2001:db8:113::7]:0".parse().expect("addr"))
+        );
+        assert_eq!(event.outbound.map(|t| t.bytes), Some(104));
+        assert_eq!(event.inbound.map(|t| t.packets), Some(0));
     }
 }

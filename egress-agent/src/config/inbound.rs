@@ -9,13 +9,13 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddrV4, SocketAddrV6},
 };
 
 use ipnet::Ipv4Net;
 use serde::Deserialize;
 
-use super::{PlannedTenant, Problems, TenantField};
+use super::{PlannedTenant, Problems, TenantField, ipv6_not_here, parse_ipv4};
 
 /// A port forward as written.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -83,17 +83,14 @@ pub(super) fn plan(
     let mut planned = Vec::with_capacity(forwards.len());
     for (i, forward) in forwards.iter().enumerate() {
         let here = at.field(&format!("portForwards[{i}]"));
-        let egress_ip = forward.egress_ip.parse::<Ipv4Addr>();
+        let egress_ip = parse_ipv4(&forward.egress_ip);
         match &egress_ip {
             Ok(addr) if !egress.contains(addr) => problems.add(
                 format!("{here}.egressIP"),
                 format!("{addr} is not one of this tenant's egressIPs"),
             ),
             Ok(_) => {}
-            Err(_) => problems.add(
-                format!("{here}.egressIP"),
-                format!("{:?} is not an IPv4 address", forward.egress_ip),
-            ),
+            Err(message) => problems.add(format!("{here}.egressIP"), message),
         }
         let proto = protocol_number(&forward.protocol);
         if proto.is_none() {
@@ -115,6 +112,9 @@ pub(super) fn plan(
                 format!("{} is not in this tenant's sources", to.ip()),
             ),
             Ok(_) => {}
+            Err(_) if forward.to.trim().parse::<SocketAddrV6>().is_ok() => {
+                problems.add(format!("{here}.to"), ipv6_not_here(&forward.to));
+            }
             Err(_) => problems.add(
                 format!("{here}.to"),
                 format!("{:?} is not host:port like 172.20.10.2:80", forward.to),
@@ -134,14 +134,11 @@ pub(super) fn plan(
     let mut floats = Vec::with_capacity(floating.len());
     for (i, float) in floating.iter().enumerate() {
         let here = at.field(&format!("floatingIPs[{i}]"));
-        let address = float.address.parse::<Ipv4Addr>();
-        if address.is_err() {
-            problems.add(
-                format!("{here}.address"),
-                format!("{:?} is not an IPv4 address", float.address),
-            );
+        let address = parse_ipv4(&float.address);
+        if let Err(message) = &address {
+            problems.add(format!("{here}.address"), message);
         }
-        let host = float.host.parse::<Ipv4Addr>();
+        let host = parse_ipv4(&float.host);
         match &host {
             Ok(host) if !inside(sources, *host) => problems.add(
                 format!("{here}.host"),
@@ -155,10 +152,7 @@ pub(super) fn plan(
                     );
                 }
             }
-            Err(_) => problems.add(
-                format!("{here}.host"),
-                format!("{:?} is not an IPv4 address", float.host),
-            ),
+            Err(message) => problems.add(format!("{here}.host"), message),
         }
         if let (Ok(address), Ok(host)) = (address, host) {
             floats.push(PlannedFloating { address, host });

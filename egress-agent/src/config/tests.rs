@@ -1,5 +1,5 @@
 use std::{
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     time::Duration,
 };
 
@@ -193,7 +193,7 @@ interfaces:
 tenants:
   - name: dup
     sources: []
-    egressIPs: [2001:db8::1, not-an-ip]
+    egressIPs: [fe80::1, not-an-ip]
     ports: {min: 2000, max: 1000}
   - name: dup
     sources: [fd00::/64]
@@ -209,15 +209,11 @@ conntrack:
         "also an internal interface",
     );
     assert_problem(&problems, "tenants[0] (dup).sources", "at least one source");
-    assert_problem(
-        &problems,
-        "tenants[0] (dup).egressIPs[0]",
-        "IPv6 egress is not supported",
-    );
+    assert_problem(&problems, "tenants[0] (dup).egressIPs[0]", "link-local");
     assert_problem(
         &problems,
         "tenants[0] (dup).egressIPs[1]",
-        "not an IPv4 address",
+        "not an IPv4 or IPv6 address",
     );
     assert_problem(&problems, "tenants[0] (dup).ports", "need 1 <= min <= max");
     assert_problem(
@@ -227,8 +223,8 @@ conntrack:
     );
     assert_problem(
         &problems,
-        "tenants[1] (dup).sources[0]",
-        "IPv6 sources are not supported",
+        "tenants[1] (dup).egressIPs",
+        "the IPv6 sources need at least one IPv6 egress address",
     );
     assert_problem(
         &problems,
@@ -1277,5 +1273,346 @@ fn quotas_and_rates_are_checked_field_by_field() {
             limited.tenants[0].limits.new_flow_burst
         ),
         (50, 50)
+    );
+}
+
+/// The seed with tenant-b dual-stack: its IPv6 source written between two
+/// IPv4 ones, its IPv6 egress IP first, so written indices differ from
+/// each family's own.
+const DUAL_STACK: &str = "\
+interfaces:
+  internal: [eth0]
+  external: eth1
+tenants:
+  - name: tenant-a
+    sources: [172.20.10.0/24, 'fd00:10::/64']
+    egressIPs: [192.168.31.101, '2001:db8:31::101']
+  - name: tenant-b
+    sources: [172.20.20.0/24, 'fd00:20::/64', 172.20.21.0/24]
+    egressIPs: ['2001:db8:31::150', 192.168.31.150]
+";
+
+#[test]
+fn a_dual_stack_tenant_plans_each_family_apart() {
+    let plan = plan(DUAL_STACK).expect("dual-stack tenants are valid");
+    let b = &plan.tenants[1];
+    assert_eq!(
+        b.sources,
+        [
+            "172.20.20.0/24".parse::<Ipv4Net>().unwrap(),
+            "172.20.21.0/24".parse().unwrap()
+        ]
+    );
+    assert_eq!(b.sources_v6, ["fd00:20::/64".parse::<Ipv6Net>().unwrap()]);
+    assert_eq!(b.egress, [Ipv4Addr::new(192, 168, 31, 150)]);
+    assert_eq!(
+        b.egress_v6,
+        ["2001:db8:31::150".parse::<Ipv6Addr>().unwrap()]
+    );
+    assert_eq!(b.written.sources, [0, 2]);
+    assert_eq!(b.written.sources_v6, [1]);
+    assert_eq!(
+        (&b.written.egress[..], &b.written.egress_v6[..]),
+        (&[1][..], &[0][..])
+    );
+    let resolved = plan.resolve(&machine()).expect("resolves");
+    assert_eq!(resolved.tenants[1].sources_v6, b.sources_v6);
+    assert_eq!(resolved.tenants[1].egress_v6, b.egress_v6);
+    let addresses: Vec<String> = resolved.egress_addresses().map(|a| a.to_string()).collect();
+    assert_eq!(
+        addresses,
+        [
+            "192.168.31.101",
+            "2001:db8:31::101",
+            "192.168.31.150",
+            "2001:db8:31::150"
+        ]
+    );
+}
+
+#[test]
+fn an_ipv6_only_tenant_needs_no_ipv4_egress_ip() {
+    let text = "\
+interfaces: {internal: [eth0], external: eth1}
+tenants:
+  - name: v6
+    sources: ['fd00:30::/48', 'fd00:31::5']
+    egressIPs: ['2001:db8:31::30']
+";
+    let plan = plan(text).expect("valid");
+    assert!(plan.tenants[0].sources.is_empty() && plan.tenants[0].egress.is_empty());
+    assert_eq!(
+        plan.tenants[0].sources_v6[1],
+        "fd00:31::5/128".parse::<Ipv6Net>().unwrap(),
+        "a bare IPv6 address is a /128"
+    );
+}
+
+#[test]
+fn malformed_ipv6_sources_name_their_field() {
+    let text = DUAL_STACK.replace("'fd00:20::/64'", "'fd00:20::1/64'");
+    assert_problem(
+        &problems(&text),
+        "tenants[1] (tenant-b).sources[1]",
+        "host bits set; did you mean fd00:20::/64",
+    );
+    let text = DUAL_STACK.replace("'fd00:20::/64'", "'fd00:20::/129'");
+    assert_problem(
+        &problems(&text),
+        "tenants[1] (tenant-b).sources[1]",
+        "not a CIDR",
+    );
+    let text = DUAL_STACK.replace("'fd00:20::/64'", "'fd00:20::/64', 'fd00:20::/64'");
+    assert_problem(
+        &problems(&text),
+        "tenants[1] (tenant-b).sources[2]",
+        "fd00:20::/64 is listed twice",
+    );
+}
+
+#[test]
+fn overlapping_ipv6_sources_of_two_tenants_are_refused_at_the_written_index() {
+    let text = DUAL_STACK.replace("'fd00:20::/64'", "'fd00:10::8000/113'");
+    assert_problem(
+        &problems(&text),
+        "tenants[1] (tenant-b).sources[1]",
+        "overlaps fd00:10::/64 of tenants[0] (tenant-a)",
+    );
+}
+
+#[test]
+fn ipv4_and_ipv6_sources_never_overlap_each_other() {
+    // ::ac14:a00/120 has the same numbers as 172.20.10.0/24.
+    let text = DUAL_STACK.replace("'fd00:20::/64'", "'::ac14:a00/120'");
+    plan(&text).expect("different families cannot overlap");
+}
+
+#[test]
+fn an_ipv6_egress_ip_claimed_twice_is_refused() {
+    let text = DUAL_STACK.replace("2001:db8:31::150", "2001:db8:31::101");
+    assert_problem(
+        &problems(&text),
+        "tenants[1] (tenant-b).egressIPs[0]",
+        "2001:db8:31::101 is already claimed by tenants[0] (tenant-a)",
+    );
+    let text = DUAL_STACK.replace("2001:db8:31::150'", "2001:db8:31::150', '2001:db8:31::150'");
+    assert_problem(
+        &problems(&text),
+        "tenants[1] (tenant-b).egressIPs[1]",
+        "listed twice",
+    );
+}
+
+#[test]
+fn an_ipv6_egress_ip_inside_tenant_sources_is_refused() {
+    let text = DUAL_STACK.replace("2001:db8:31::150", "fd00:10::7");
+    assert_problem(
+        &problems(&text),
+        "tenants[1] (tenant-b).egressIPs[0]",
+        "fd00:10::7 lies inside the sources of tenants[0] (tenant-a)",
+    );
+    // Its own sources too, and not across families.
+    let text = DUAL_STACK.replace("2001:db8:31::150", "fd00:20::1");
+    assert_problem(
+        &problems(&text),
+        "tenants[1] (tenant-b).egressIPs[0]",
+        "inside the sources of tenants[1] (tenant-b)",
+    );
+    let text = DUAL_STACK.replace("2001:db8:31::150", "::ac14:a07");
+    plan(&text).expect("::ac14:a07 is not 172.20.10.7");
+}
+
+#[test]
+fn unusable_ipv6_egress_ips_are_refused() {
+    for (addr, needle) in [
+        ("::", "cannot be a source address"),
+        ("::1", "cannot be a source address"),
+        ("ff02::1", "cannot be a source address"),
+        ("fe80::5", "link-local"),
+        ("::ffff:192.168.31.150", "IPv4-mapped"),
+    ] {
+        let text = DUAL_STACK.replace("2001:db8:31::150", addr);
+        assert_problem(
+            &problems(&text),
+            "tenants[1] (tenant-b).egressIPs[0]",
+            needle,
+        );
+    }
+}
+
+#[test]
+fn at_most_eight_egress_ips_per_family() {
+    let v4: Vec<String> = (1..=8).map(|i| format!("192.168.31.{}", 150 + i)).collect();
+    let v6: Vec<String> = (1..=8)
+        .map(|i| format!("'2001:db8:31::{:x}'", 0x150 + i))
+        .collect();
+    let both = format!("egressIPs: [{}, {}]", v4.join(", "), v6.join(", "));
+    let text = DUAL_STACK.replace("egressIPs: ['2001:db8:31::150', 192.168.31.150]", &both);
+    plan(&text).expect("eight of each family fit");
+    let nine = format!(
+        "egressIPs: [192.168.31.150, {}, '2001:db8:31::1ff']",
+        v6.join(", ")
+    );
+    let text = DUAL_STACK.replace("egressIPs: ['2001:db8:31::150', 192.168.31.150]", &nine);
+    assert_problem(
+        &problems(&text),
+        "tenants[1] (tenant-b).egressIPs",
+        "9 IPv6 addresses, at most 8 per tenant",
+    );
+}
+
+#[test]
+fn each_family_of_sources_needs_egress_ips_of_its_own_family() {
+    let text = DUAL_STACK.replace("['2001:db8:31::150', 192.168.31.150]", "[192.168.31.150]");
+    assert_problem(
+        &problems(&text),
+        "tenants[1] (tenant-b).egressIPs",
+        "the IPv6 sources need at least one IPv6 egress address",
+    );
+    let text = DUAL_STACK.replace(
+        "['2001:db8:31::150', 192.168.31.150]",
+        "['2001:db8:31::150']",
+    );
+    assert_problem(
+        &problems(&text),
+        "tenants[1] (tenant-b).egressIPs",
+        "the IPv4 sources need at least one IPv4 egress address",
+    );
+}
+
+#[test]
+fn floating_ips_stand_in_for_ipv4_egress_ips_only() {
+    let floating_only = |sources: &str| {
+        format!(
+            "interfaces: {{internal: [eth0], external: eth1}}
+tenants:
+  - name: nat
+    sources: {sources}
+    floatingIPs: [{{address: 192.168.31.160, host: 172.20.10.5}}]
+"
+        )
+    };
+    plan(&floating_only("[172.20.10.0/24]")).expect("an IPv4 tenant may have floating IPs only");
+    assert_problem(
+        &problems(&floating_only("[172.20.10.0/24, 'fd00:10::/64']")),
+        "tenants[0] (nat).egressIPs",
+        "the IPv6 sources need at least one IPv6 egress address (floatingIPs are IPv4 only)",
+    );
+}
+
+fn with_v6_address(index: u32, addr: &str, egress_owned: bool) -> SystemView {
+    let mut system = machine();
+    system.addresses.push(AddressFacts {
+        index,
+        addr: addr.parse().unwrap(),
+        prefix_len: 64,
+        egress_owned,
+    });
+    system
+}
+
+#[test]
+fn an_ipv6_egress_ip_held_by_another_interface_is_refused() {
+    let problems = plan(DUAL_STACK)
+        .unwrap()
+        .resolve(&with_v6_address(4, "2001:db8:31::150", false))
+        .expect_err("refused");
+    assert_problem(
+        &problems,
+        "tenants[1] (tenant-b).egressIPs[0]",
+        "2001:db8:31::150 is already configured on mgmt",
+    );
+}
+
+#[test]
+fn the_gateways_own_ipv6_address_is_refused_and_the_agents_is_its_own() {
+    let problems = plan(DUAL_STACK)
+        .unwrap()
+        .resolve(&with_v6_address(3, "2001:db8:31::150", false))
+        .expect_err("refused");
+    assert_problem(
+        &problems,
+        "tenants[1] (tenant-b).egressIPs[0]",
+        "the gateway's own address on eth1",
+    );
+    plan(DUAL_STACK)
+        .unwrap()
+        .resolve(&with_v6_address(3, "2001:db8:31::150", true))
+        .expect("an address this agent added is its own");
+}
+
+#[test]
+fn tenants_on_the_same_ingress_port_must_not_overlap_in_ipv6_either() {
+    let dual = SHARED_POD_CIDR
+        .replace(
+            "sources: [10.128.0.0/14]\n    egressIPs: [192.168.55.113]",
+            "sources: [10.128.0.0/14, 'fd00:128::/56']\n    egressIPs: [192.168.55.113, '2001:db8:55::113']",
+        )
+        .replace(
+            "sources: [10.128.0.0/14]\n    egressIPs: [192.168.55.114]",
+            "sources: ['fd00:128::/64', 10.128.0.0/14]\n    egressIPs: [192.168.55.114, '2001:db8:55::114']",
+        );
+    plan(&dual)
+        .unwrap()
+        .resolve(&machine_with_macvlan())
+        .expect("different ingress ports may share IPv6 sources");
+    let same_port = dual.replace("'02:00:00:00:00:aa'", "'02:00:00:00:00:bb'");
+    let problems = plan(&same_port)
+        .unwrap()
+        .resolve(&machine_with_macvlan())
+        .expect_err("refused");
+    assert_problem(
+        &problems,
+        "tenants[1] (ns-red).sources[0]",
+        "overlaps fd00:128::/56 of tenants[0] (ns-blue)",
+    );
+    assert_problem(
+        &problems,
+        "tenants[1] (ns-red).sources[1]",
+        "overlaps 10.128.0.0/14 of tenants[0] (ns-blue)",
+    );
+}
+
+#[test]
+fn everything_else_that_takes_addresses_refuses_ipv6_by_field() {
+    let text = format!(
+        "{}    portForwards:
+      - {{egressIP: '2001:db8:31::101', protocol: tcp, port: 80, to: '[fd00:10::2]:80'}}
+    floatingIPs: [{{address: '2001:db8:31::160', host: 'fd00:10::5'}}]
+returnRoutes:
+  - {{destination: 'fd00:99::/64', via: 172.20.10.2}}
+  - {{destination: 10.16.1.0/24, via: 'fd00:10::2'}}
+bfd:
+  peers: [{{address: 'fe80::1'}}]
+routedSources: ['fd00:77::/64']
+",
+        DUAL_STACK.split("  - name: tenant-b").next().unwrap()
+    );
+    let found = problems(&text);
+    for field in [
+        "tenants[0] (tenant-a).portForwards[0].egressIP",
+        "tenants[0] (tenant-a).portForwards[0].to",
+        "tenants[0] (tenant-a).floatingIPs[0].address",
+        "tenants[0] (tenant-a).floatingIPs[0].host",
+        "returnRoutes[0].destination",
+        "returnRoutes[1].via",
+        "bfd.peers[0].address",
+        "routedSources[0]",
+    ] {
+        assert_problem(&found, field, "IPv6 is not supported here yet");
+    }
+}
+
+#[test]
+fn ipv4_only_parsers_refuse_ipv6_as_such() {
+    let cidr = parse_cidr("fd00::/64").expect_err("IPv4 only");
+    assert!(cidr.contains("IPv6 is not supported here yet"), "{cidr}");
+    let addr = parse_ipv4(" fd00::1 ").expect_err("IPv4 only");
+    assert!(addr.contains("IPv6 is not supported here yet"), "{addr}");
+    assert_eq!(parse_ipv4(" 10.0.0.1 "), Ok(Ipv4Addr::new(10, 0, 0, 1)));
+    assert!(
+        parse_ipv4("ten")
+            .unwrap_err()
+            .contains("not an IPv4 address")
     );
 }

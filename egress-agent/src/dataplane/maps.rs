@@ -21,14 +21,14 @@ use egress_common::{
         ROLE_EXTERNAL, ROLE_INTERNAL,
     },
     counters::Counter,
-    flow::{FlowEntryV4, FlowKeyV4, FragEntryV4, FragKeyV4},
+    flow::{FlowEntryV4, FlowEntryV6, FlowKeyV4, FlowKeyV6, FragEntryV4, FragKeyV4},
     inbound::{FloatingKeyV4, ForwardKeyV4, ForwardV4},
     names,
     sweep::SelfSweep,
     tenant::{
         ANY_PORT, IngressPortKey, MAX_EGRESS_ADDRS, MAX_TENANT_ID, MAX_TENANTS, PORT_PREFIX_BITS,
-        SourceKeyV4, TENANT_F_ACTIVE, TENANT_F_FLOATING, TENANT_F_FORWARDS, TENANT_NAME_LEN,
-        TenantInfo, TenantName, TenantUsage,
+        SourceKeyV4, SourceKeyV6, TENANT_F_ACTIVE, TENANT_F_FLOATING, TENANT_F_FORWARDS,
+        TENANT_NAME_LEN, TenantEgressV6, TenantInfo, TenantName, TenantUsage,
     },
 };
 
@@ -44,6 +44,14 @@ pub struct Maps {
     pub egress: HashMap<MapData, [u8; 4], u32>,
     pub conntrack: HashMap<MapData, FlowKeyV4, FlowEntryV4>,
     pub frags: HashMap<MapData, FragKeyV4, FragEntryV4>,
+    /// IPv6 sources -> tenant id, as `sources`.
+    pub sources_v6: LpmTrie<MapData, SourceKeyV6, u32>,
+    /// Tenant id -> its IPv6 egress addresses (their count: `TenantInfo`).
+    pub tenant_egress_v6: Array<MapData, TenantEgressV6>,
+    /// IPv6 egress address -> tenant id, as `egress`.
+    pub egress_v6: HashMap<MapData, [u8; 16], u32>,
+    /// Both halves of every IPv6 flow, as `conntrack`.
+    pub conntrack_v6: HashMap<MapData, FlowKeyV6, FlowEntryV6>,
     pub interfaces: HashMap<MapData, u32, InterfaceInfo>,
     pub config: Array<MapData, DataplaneConfig>,
     pub counters: PerCpuArray<MapData, u64>,
@@ -59,7 +67,8 @@ pub struct Maps {
     pub routed: LpmTrie<MapData, [u8; 4], u32>,
     /// Flow expiry by the programs (idle while an agent sweeps).
     pub self_sweep: Array<MapData, SelfSweep>,
-    /// Entries the conntrack map can hold (two per flow).
+    /// Entries each family's conntrack map can hold (two per flow; both
+    /// tables are sized from the one `conntrack.maxFlows`).
     pub conntrack_capacity: u32,
 }
 
@@ -88,6 +97,10 @@ impl Maps {
             egress: typed!(pin_dir, names::EGRESS_ADDRS_V4),
             conntrack: typed!(pin_dir, names::CONNTRACK_V4),
             frags: typed!(pin_dir, names::FRAGS_V4),
+            sources_v6: typed!(pin_dir, names::TENANT_SOURCES_V6),
+            tenant_egress_v6: typed!(pin_dir, names::TENANT_ADDRS_V6),
+            egress_v6: typed!(pin_dir, names::EGRESS_ADDRS_V6),
+            conntrack_v6: typed!(pin_dir, names::CONNTRACK_V6),
             interfaces: typed!(pin_dir, names::INTERFACES),
             config: typed!(pin_dir, names::CONFIG),
             counters: typed!(pin_dir, names::COUNTERS),
@@ -101,6 +114,27 @@ impl Maps {
                 .context("inspecting the conntrack map")?
                 .max_entries(),
         })
+    }
+
+    /// A tenant's egress addresses as the maps hold them, IPv4 then IPv6
+    /// (`info` is its `TENANTS` value, already read).
+    pub fn egress_addresses(&self, id: u32, info: &TenantInfo) -> Vec<std::net::IpAddr> {
+        let v4 = (info.egress_v4_count as usize).min(info.egress_v4.len());
+        let mut addrs: Vec<std::net::IpAddr> = info.egress_v4[..v4]
+            .iter()
+            .map(|a| std::net::Ipv4Addr::from(*a).into())
+            .collect();
+        if info.egress_v6_count > 0
+            && let Ok(v6) = self.tenant_egress_v6.get(&id, 0)
+        {
+            let count = (info.egress_v6_count as usize).min(v6.addrs.len());
+            addrs.extend(
+                v6.addrs[..count]
+                    .iter()
+                    .map(|a| std::net::IpAddr::from(std::net::Ipv6Addr::from(*a))),
+            );
+        }
+        addrs
     }
 
     /// Tenant ids in use, by name, as the maps record them.
@@ -194,7 +228,15 @@ impl Maps {
     /// did not change is never disturbed.
     pub fn sync(&mut self, desired: &DesiredState) -> anyhow::Result<()> {
         // 1. Everything a classified packet will look up, before the
-        //    classifier can return it.
+        //    classifier can return it. A tenant's IPv6 addresses before the
+        //    count in TENANTS that says how many of them to use; emptied
+        //    only once the count is 0 (below).
+        let no_v6 = TenantEgressV6::default();
+        for (id, addrs) in desired.tenant_egress_v6.iter().filter(|(_, a)| *a != no_v6) {
+            self.tenant_egress_v6
+                .set(u32::from(*id), addrs, 0)
+                .context("writing TENANT_ADDR_V6")?;
+        }
         for (id, info, name) in &desired.tenants {
             let id = u32::from(*id);
             self.tenant_names
@@ -211,6 +253,11 @@ impl Maps {
             self.egress
                 .insert(addr, tenant, 0)
                 .context("writing EGRESS_ADDR_V4")?;
+        }
+        for (addr, tenant) in &desired.egress_v6 {
+            self.egress_v6
+                .insert(addr, tenant, 0)
+                .context("writing EGRESS_ADDR_V6")?;
         }
         for (key, port) in &desired.ingress_ports {
             self.ingress_ports
@@ -242,6 +289,11 @@ impl Maps {
                 .insert(key, tenant, 0)
                 .context("writing TENANT_SRC_V4")?;
         }
+        for (key, tenant) in &desired.sources_v6 {
+            self.sources_v6
+                .insert(key, tenant, 0)
+                .context("writing TENANT_SRC_V6")?;
+        }
         for net in &desired.routed {
             self.routed
                 .insert(
@@ -252,34 +304,24 @@ impl Maps {
                 .context("writing ROUTED_SRC_V4")?;
         }
         // 3. Remove what is no longer wanted, classifier first.
-        let wanted: BTreeSet<_> = desired
-            .sources
-            .iter()
-            .map(|(k, _)| lpm_key_bytes(k))
-            .collect();
-        let stale: Vec<_> = self
-            .sources
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !wanted.contains(&lpm_key_bytes(k)))
-            .collect();
-        for key in stale {
-            self.sources.remove(&key).context("pruning TENANT_SRC_V4")?;
-        }
-        let routed: BTreeSet<(u32, [u8; 4])> = desired
-            .routed
-            .iter()
-            .map(|net| (u32::from(net.prefix_len()), net.addr().octets()))
-            .collect();
-        let stale: Vec<_> = self
-            .routed
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !routed.contains(&(k.prefix_len(), k.data())))
-            .collect();
-        for key in stale {
-            self.routed.remove(&key).context("pruning ROUTED_SRC_V4")?;
-        }
+        prune_trie(
+            &mut self.sources,
+            desired.sources.iter().map(|(k, _)| lpm_key_bytes(k)),
+            "TENANT_SRC_V4",
+        )?;
+        prune_trie(
+            &mut self.sources_v6,
+            desired.sources_v6.iter().map(|(k, _)| lpm_key_bytes(k)),
+            "TENANT_SRC_V6",
+        )?;
+        prune_trie(
+            &mut self.routed,
+            desired
+                .routed
+                .iter()
+                .map(|net| (u32::from(net.prefix_len()), net.addr().octets())),
+            "ROUTED_SRC_V4",
+        )?;
         prune(
             &mut self.ingress_ports,
             desired.ingress_ports.iter().map(|(k, _)| *k),
@@ -303,6 +345,16 @@ impl Maps {
             "EGRESS_ADDR_V4",
         )?;
         prune(
+            &mut self.egress_v6,
+            desired.egress_v6.iter().map(|(k, _)| *k),
+            "EGRESS_ADDR_V6",
+        )?;
+        for (id, _) in desired.tenant_egress_v6.iter().filter(|(_, a)| *a == no_v6) {
+            self.tenant_egress_v6
+                .set(u32::from(*id), no_v6, 0)
+                .context("clearing TENANT_ADDR_V6")?;
+        }
+        prune(
             &mut self.interfaces,
             desired.interfaces.iter().map(|(k, _)| *k),
             "INTERFACES",
@@ -317,14 +369,41 @@ impl Maps {
                 self.tenant_names
                     .set(u32::from(id), encode_name(""), 0)
                     .context("clearing TENANT_NAMES")?;
+                self.tenant_egress_v6
+                    .set(u32::from(id), TenantEgressV6::default(), 0)
+                    .context("clearing TENANT_ADDR_V6")?;
             }
         }
         Ok(())
     }
 }
 
-fn lpm_key_bytes(key: &Key<SourceKeyV4>) -> (u32, u32, [u8; 4]) {
-    (key.prefix_len(), key.data().port_be, key.data().addr)
+/// A trie key as something to compare: its prefix length and data.
+fn lpm_key_bytes<K: aya::Pod>(key: &Key<K>) -> (u32, K) {
+    (key.prefix_len(), key.data())
+}
+
+/// Removes the keys of a trie that `keep` does not list.
+fn prune_trie<K, V>(
+    trie: &mut LpmTrie<MapData, K, V>,
+    keep: impl Iterator<Item = (u32, K)>,
+    name: &str,
+) -> anyhow::Result<()>
+where
+    K: aya::Pod + Ord,
+    V: aya::Pod,
+{
+    let keep: BTreeSet<(u32, K)> = keep.collect();
+    let stale: Vec<Key<K>> = trie
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| !keep.contains(&lpm_key_bytes(k)))
+        .collect();
+    for key in stale {
+        trie.remove(&key)
+            .with_context(|| format!("pruning {name}"))?;
+    }
+    Ok(())
 }
 
 fn prune<K, V>(
@@ -372,8 +451,13 @@ pub struct DesiredState {
     pub interfaces: Vec<(u32, InterfaceInfo)>,
     pub tenants: Vec<(u16, TenantInfo, TenantName)>,
     pub sources: Vec<(Key<SourceKeyV4>, u32)>,
+    pub sources_v6: Vec<(Key<SourceKeyV6>, u32)>,
     pub ingress_ports: Vec<(IngressPortKey, u32)>,
     pub egress: Vec<([u8; 4], u32)>,
+    pub egress_v6: Vec<([u8; 16], u32)>,
+    /// Every tenant's IPv6 egress addresses (`TenantInfo::egress_v6_count`
+    /// says how many are its own; see `egress_v6_slots`).
+    pub tenant_egress_v6: Vec<(u16, TenantEgressV6)>,
     pub forwards: Vec<(ForwardKeyV4, ForwardV4)>,
     pub floating: Vec<(FloatingKeyV4, [u8; 4])>,
     /// Sources routed out untranslated.
@@ -436,15 +520,22 @@ impl DesiredState {
                 new_flow_burst: tenant.limits.new_flow_burst,
                 ..TenantInfo::default()
             };
-            if tenant.egress.len() > MAX_EGRESS_ADDRS {
+            if tenant.egress.len() > MAX_EGRESS_ADDRS || tenant.egress_v6.len() > MAX_EGRESS_ADDRS {
                 bail!(
-                    "tenant {} has more than {MAX_EGRESS_ADDRS} egress addresses",
+                    "tenant {} has more than {MAX_EGRESS_ADDRS} egress addresses of a family",
                     tenant.name
                 );
             }
             for (slot, addr) in info.egress_v4.iter_mut().zip(&tenant.egress) {
                 *slot = addr.octets();
                 state.egress.push((addr.octets(), u32::from(id)));
+            }
+            info.egress_v6_count = tenant.egress_v6.len() as u32;
+            state
+                .tenant_egress_v6
+                .push((id, egress_v6_slots(&tenant.egress_v6)));
+            for addr in &tenant.egress_v6 {
+                state.egress_v6.push((addr.octets(), u32::from(id)));
             }
 
             let ports: Vec<u32> = if tenant.ingress.is_empty() {
@@ -475,6 +566,16 @@ impl DesiredState {
                         },
                     );
                     state.sources.push((key, u32::from(id)));
+                }
+                for net in &tenant.sources_v6 {
+                    let key = Key::new(
+                        PORT_PREFIX_BITS + u32::from(net.prefix_len()),
+                        SourceKeyV6 {
+                            port_be: port.to_be(),
+                            addr: net.network().octets(),
+                        },
+                    );
+                    state.sources_v6.push((key, u32::from(id)));
                 }
             }
         }
@@ -535,6 +636,21 @@ impl DesiredState {
             info.flags |= TENANT_F_FLOATING;
         }
     }
+}
+
+/// A tenant's `TENANT_ADDR_V6` value. The slots past its own addresses
+/// repeat them: the address array and the count live in two maps, written
+/// one after the other, so a packet may read a new array with the old,
+/// larger count; every slot it can pick is then still one of the tenant's
+/// current addresses, never a zero or a withdrawn one.
+pub fn egress_v6_slots(addrs: &[std::net::Ipv6Addr]) -> TenantEgressV6 {
+    let mut value = TenantEgressV6::default();
+    if !addrs.is_empty() {
+        for (i, slot) in value.addrs.iter_mut().enumerate() {
+            *slot = addrs[i % addrs.len()].octets();
+        }
+    }
+    value
 }
 
 fn port_key(port: &IngressPort) -> IngressPortKey {
@@ -611,5 +727,127 @@ impl Maps {
     pub fn flows(&self) -> Vec<(FlowKeyV4, FlowEntryV4)> {
         batch::entries(&self.conntrack, batch::DEFAULT_CHUNK)
             .unwrap_or_else(|_| self.conntrack.iter().filter_map(Result::ok).collect())
+    }
+
+    /// Every entry of the IPv6 conntrack table, as [`Self::flows`].
+    pub fn flows_v6(&self) -> Vec<(FlowKeyV6, FlowEntryV6)> {
+        batch::entries(&self.conntrack_v6, batch::DEFAULT_CHUNK)
+            .unwrap_or_else(|_| self.conntrack_v6.iter().filter_map(Result::ok).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv6Addr};
+
+    use super::*;
+    use crate::{
+        config::Config,
+        system::{AddressFacts, LinkFacts, SystemView},
+    };
+
+    fn resolved(yaml: &str) -> Resolved {
+        let link = |index: u32, name: &str| LinkFacts {
+            index,
+            name: name.to_owned(),
+            mac: Some([2, 0, 0, 0, 0, index as u8]),
+            kind: Some("veth".to_owned()),
+            parent: None,
+            xdp_features: None,
+        };
+        let system = SystemView {
+            links: vec![link(2, "eth0"), link(3, "eth1")],
+            addresses: vec![AddressFacts {
+                index: 3,
+                addr: IpAddr::V4([192, 168, 31, 2].into()),
+                prefix_len: 24,
+                egress_owned: false,
+            }],
+            next_hops: Vec::new(),
+        };
+        Config::parse(yaml)
+            .expect("YAML")
+            .plan()
+            .expect("valid")
+            .resolve(&system)
+            .expect("resolves")
+    }
+
+    const DUAL_STACK: &str = "\
+interfaces: {internal: [eth0], external: eth1}
+tenants:
+  - name: v4-only
+    sources: [172.20.10.0/24]
+    egressIPs: [192.168.31.101]
+  - name: dual
+    sources: [172.20.20.0/24, 'fd00:20::/64', 'fd00:21::5']
+    egressIPs: [192.168.31.150, '2001:db8:31::150', '2001:db8:31::151', '2001:db8:31::152']
+";
+
+    #[test]
+    fn ipv6_sources_and_egress_ips_fill_their_own_maps() {
+        let state = DesiredState::build(&resolved(DUAL_STACK), &BTreeMap::new(), &BTreeMap::new())
+            .expect("builds");
+        let (dual, info) = (state.tenants[1].0, state.tenants[1].1);
+        assert_eq!((info.egress_v4_count, info.egress_v6_count), (1, 3));
+        assert_eq!(state.tenants[0].1.egress_v6_count, 0);
+        let sources: Vec<(u32, SourceKeyV6, u32)> = state
+            .sources_v6
+            .iter()
+            .map(|(k, id)| (k.prefix_len(), k.data(), *id))
+            .collect();
+        let key = |addr: &str| SourceKeyV6 {
+            port_be: ANY_PORT.to_be(),
+            addr: addr.parse::<Ipv6Addr>().unwrap().octets(),
+        };
+        assert_eq!(
+            sources,
+            [
+                (PORT_PREFIX_BITS + 64, key("fd00:20::"), u32::from(dual)),
+                (PORT_PREFIX_BITS + 128, key("fd00:21::5"), u32::from(dual)),
+            ]
+        );
+        assert_eq!(state.sources.len(), 2, "the IPv4 trie keeps IPv4 only");
+        let egress: Vec<(Ipv6Addr, u32)> = state
+            .egress_v6
+            .iter()
+            .map(|(a, id)| (Ipv6Addr::from(*a), *id))
+            .collect();
+        assert_eq!(egress.len(), 3);
+        assert!(egress.iter().all(|(_, id)| *id == u32::from(dual)));
+        let slots = &state.tenant_egress_v6;
+        assert_eq!(slots.len(), 2, "every tenant's slot is written");
+        assert_eq!(slots[0].1, TenantEgressV6::default());
+        assert_eq!(slots[1].0, dual);
+    }
+
+    #[test]
+    fn slots_past_a_tenants_ipv6_addresses_repeat_them() {
+        let addrs: Vec<Ipv6Addr> = ["2001:db8::1", "2001:db8::2", "2001:db8::3"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        let value = egress_v6_slots(&addrs);
+        for (i, slot) in value.addrs.iter().enumerate() {
+            assert_eq!(Ipv6Addr::from(*slot), addrs[i % 3], "slot {i}");
+        }
+        assert_eq!(egress_v6_slots(&[]), TenantEgressV6::default());
+    }
+
+    #[test]
+    fn ipv6_sources_behind_an_ingress_port_are_keyed_by_it() {
+        let yaml = "\
+interfaces: {internal: [eth0], external: eth1}
+tenants:
+  - name: behind-mac
+    sources: ['fd00:20::/64']
+    egressIPs: ['2001:db8:31::150']
+    ingress: [{interface: eth0, mac: '02:00:00:00:00:aa'}]
+";
+        let state = DesiredState::build(&resolved(yaml), &BTreeMap::new(), &BTreeMap::new())
+            .expect("builds");
+        let port = state.ingress_ports[0].1;
+        assert_ne!(port, ANY_PORT);
+        assert_eq!(state.sources_v6[0].0.data().port_be, port.to_be());
     }
 }

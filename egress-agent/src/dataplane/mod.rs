@@ -31,7 +31,7 @@ use aya::{
     },
 };
 use egress_common::{
-    flow::{FlowEntryV4, FlowKeyV4},
+    flow::{FlowEntryV4, FlowEntryV6, FlowKeyV4, FlowKeyV6},
     names,
 };
 use serde::{Deserialize, Serialize};
@@ -133,14 +133,26 @@ impl Dataplane {
                 pin_dir.display()
             )
         })?;
+        // One setting sizes both families' tables: each holds
+        // `conntrack.maxFlows` flows of its own family.
         let conntrack_entries = max_flows.saturating_mul(2);
-        check_pinned_conntrack(pin_dir, conntrack_entries)?;
+        check_pinned_conntrack::<FlowKeyV4, FlowEntryV4>(
+            pin_dir,
+            names::CONNTRACK_V4,
+            conntrack_entries,
+        )?;
+        check_pinned_conntrack::<FlowKeyV6, FlowEntryV6>(
+            pin_dir,
+            names::CONNTRACK_V6,
+            conntrack_entries,
+        )?;
         replace_resized_ring(pin_dir, event_ring_bytes)?;
         let mut loader = EbpfLoader::new();
         for name in names::ALL_MAPS {
             loader.map_pin_path(name, pin_dir.join(name));
         }
         loader.map_max_entries(names::CONNTRACK_V4, conntrack_entries);
+        loader.map_max_entries(names::CONNTRACK_V6, conntrack_entries);
         loader.map_max_entries(names::FLOW_EVENTS, event_ring_bytes);
         let mut ebpf = loader.load(OBJECT).context("loading the BPF object")?;
         for name in [
@@ -485,17 +497,18 @@ fn program_mut<'a>(
         .with_context(|| format!("the BPF object has no program {name}"))
 }
 
-/// A conntrack map pinned by an earlier run with another size or kind
-/// cannot be reused silently: aya would adopt it as it is (an LRU table from
-/// before per-tenant quotas would go on evicting other tenants' flows).
-fn check_pinned_conntrack(pin_dir: &Path, entries: u32) -> anyhow::Result<()> {
-    let path = pin_dir.join(names::CONNTRACK_V4);
+/// A conntrack map (`name`, keyed by `K`, holding `V`) pinned by an
+/// earlier run with another size or kind cannot be reused silently: aya
+/// would adopt it as it is (an LRU table from before per-tenant quotas
+/// would go on evicting other tenants' flows).
+fn check_pinned_conntrack<K, V>(pin_dir: &Path, name: &str, entries: u32) -> anyhow::Result<()> {
+    let path = pin_dir.join(name);
     let info = match aya::maps::MapInfo::from_pin(&path) {
         Ok(info) => info,
         Err(_) if !path.exists() => return Ok(()),
         Err(err) => return Err(err).with_context(|| format!("inspecting {}", path.display())),
     };
-    let (key_size, value_size) = (size_of::<FlowKeyV4>(), size_of::<FlowEntryV4>());
+    let (key_size, value_size) = (size_of::<K>(), size_of::<V>());
     let kind = info.map_type().ok();
     if kind != Some(aya::maps::MapType::Hash) {
         bail!(

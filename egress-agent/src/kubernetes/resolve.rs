@@ -593,11 +593,9 @@ impl<'a> Candidate<'a> {
         }
         let mut egress = Vec::new();
         for (i, text) in spec.egress_ips.iter().enumerate() {
-            match text.trim().parse::<Ipv4Addr>() {
+            match config::parse_ipv4(text) {
                 Ok(addr) => egress.push(addr),
-                Err(_) => problems.push(format!(
-                    "spec.egressIPs[{i}]: {text:?} is not an IPv4 address"
-                )),
+                Err(message) => problems.push(format!("spec.egressIPs[{i}]: {message}")),
             }
         }
         if let Some(name) = &spec.external_interface
@@ -614,11 +612,9 @@ impl<'a> Candidate<'a> {
         let bfd = spec.bfd.as_ref().filter(|b| b.enabled).and_then(|bfd| {
             let mut peers = Vec::new();
             for text in &bfd.peers {
-                match text.trim().parse::<Ipv4Addr>() {
+                match config::parse_ipv4(text) {
                     Ok(addr) => peers.push(addr),
-                    Err(_) => {
-                        problems.push(format!("spec.bfd.peers: {text:?} is not an IPv4 address"))
-                    }
+                    Err(message) => problems.push(format!("spec.bfd.peers: {message}")),
                 }
             }
             if bfd.peers.is_empty() {
