@@ -22,7 +22,7 @@ pub enum Tcp {
     Rst,
 }
 
-fn tcp_header(src: u16, dst: u16, kind: Tcp) -> TcpHeader {
+pub fn tcp_header(src: u16, dst: u16, kind: Tcp) -> TcpHeader {
     let mut header = TcpHeader::new(src, dst, 1000, 64240);
     match kind {
         Tcp::Syn => header.syn = true,

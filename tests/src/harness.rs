@@ -55,6 +55,77 @@ tenants:
 conntrack: {maxFlows: 4096}
 ";
 
+/// Both seed tenants dual-stack: each family leaves from its own egress
+/// address.
+pub const CONFIG_DUAL_STACK: &str = "\
+interfaces: {internal: [int0], external: ext0}
+tenants:
+  - name: tenant-a
+    sources: [172.20.10.0/24, 2001:db8:10::/64]
+    egressIPs: [192.168.31.101, 2001:db8:31::101]
+  - name: tenant-b
+    sources: [172.20.20.0/24, 2001:db8:20::/64]
+    egressIPs: [192.168.31.150, 2001:db8:31::150]
+conntrack: {maxFlows: 4096}
+";
+
+/// The IPv6 side of the harness's routes, as the IPv4 table above:
+///
+/// | destination | route |
+/// | --- | --- |
+/// | 2001:db8:100::/48 | via 2001:db8:31::1 on ext0, neighbour known |
+/// | 2001:db8:200::/48 | via 2001:db8:31::1, route MTU 1280 |
+/// | 2001:db8:10::/64, 2001:db8:20::/64 | connected on int0; hosts ::10 known |
+fn ipv6_routes(ns: &Netns) {
+    // Forwarding on, as on a gateway (the FIB helper refuses otherwise);
+    // addresses without duplicate detection so they serve at once.
+    ns.run("sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"]);
+    for cidr in ["2001:db8:10::1/64", "2001:db8:20::1/64"] {
+        ns.ip(&["addr", "add", cidr, "dev", INTERNAL, "nodad"]);
+    }
+    ns.ip(&["addr", "add", "2001:db8:31::2/64", "dev", EXTERNAL, "nodad"]);
+    ns.ip(&[
+        "route",
+        "add",
+        "2001:db8:100::/48",
+        "via",
+        "2001:db8:31::1",
+        "dev",
+        EXTERNAL,
+    ]);
+    ns.ip(&[
+        "route",
+        "add",
+        "2001:db8:200::/48",
+        "via",
+        "2001:db8:31::1",
+        "dev",
+        EXTERNAL,
+        "mtu",
+        "lock",
+        "1280",
+    ]);
+    let mac = |m: [u8; 6]| egress_agent::config::format_mac(m);
+    for (addr, lladdr, dev) in [
+        ("2001:db8:31::1", ROUTER_MAC, EXTERNAL),
+        ("2001:db8:10::10", HOST_A_MAC, INTERNAL),
+        ("2001:db8:20::10", HOST_B_MAC, INTERNAL),
+    ] {
+        ns.ip(&[
+            "-6",
+            "neigh",
+            "replace",
+            addr,
+            "lladdr",
+            &mac(lladdr),
+            "dev",
+            dev,
+            "nud",
+            "permanent",
+        ]);
+    }
+}
+
 /// Which compilation of the packet path a harness runs: XDP (`snat_*`) or
 /// TC (`tc_*`). `EGRESS_TEST_HOOK=tc` selects TC for a whole test run, so
 /// every packet test proves both hooks with the same frames and the same
@@ -188,6 +259,7 @@ impl Harness {
                 &["-qw", &format!("net.ipv4.conf.{interface}.forwarding=1")],
             );
         }
+        ipv6_routes(&ns);
 
         // The test thread itself enters the namespace: test runs resolve the
         // ingress ifindex, and the FIB, in the caller's namespace.

@@ -22,6 +22,7 @@ pub mod apiserver;
 pub mod cleanup;
 pub mod collector;
 pub mod frames;
+pub mod frames6;
 pub mod harness;
 pub mod kube_ovn;
 pub mod netns;

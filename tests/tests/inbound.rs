@@ -184,6 +184,7 @@ fn removing_a_rule_ends_the_flows_it_opened_and_nothing_else() {
             host_port: 53,
         }],
         floating: Vec::new(),
+        ..conntrack::Allowed::default()
     };
     let tenant_b = conntrack::Allowed {
         egress: vec![EGRESS_B],
@@ -194,6 +195,7 @@ fn removing_a_rule_ends_the_flows_it_opened_and_nothing_else() {
             address: FLOATING,
             host: HOST_B,
         }],
+        ..conntrack::Allowed::default()
     };
     let allowed = HashMap::from([
         (ids["tenant-a"], tenant_a),
@@ -201,7 +203,7 @@ fn removing_a_rule_ends_the_flows_it_opened_and_nothing_else() {
     ]);
     let ended = conntrack::end_flows_not_allowed(&mut h.maps, &allowed).expect("ending");
     assert_eq!(ended.len(), 1, "only the TCP forward's flow: {ended:#?}");
-    assert_eq!(u16::from_be(ended[0].flow.outbound.nat_port), 8888);
+    assert_eq!(ended[0].flow.endpoints().1.port(), 8888);
 
     // Without the floating IP, both flows through it end.
     let allowed = HashMap::from([(

@@ -136,8 +136,9 @@ fn test(root: &Path, args: &[String]) -> anyhow::Result<()> {
 }
 
 /// The test files that run the programs through BPF_PROG_TEST_RUN.
-const PACKET_TESTS: [&str; 7] = [
+const PACKET_TESTS: [&str; 8] = [
     "packets",
+    "packets6",
     "conntrack",
     "malformed",
     "isolation",

@@ -1,0 +1,244 @@
+//! The IPv6 packet path on crafted frames (BPF_PROG_TEST_RUN): NAT66 for
+//! TCP, UDP and ICMPv6 echo both ways with every checksum recomputed from
+//! scratch, dual-stack tenants, link control left to the kernel, the
+//! fail-closed cases and the extension-header walk. Both hooks: `cargo
+//! xtask test` runs this file on XDP and again on TC. Needs root.
+
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
+
+use egress_common::counters::Counter;
+use egress_tests::{
+    frames::{self, Tcp, View},
+    frames6::{self, View6, assert_checksums},
+    harness::{
+        CONFIG_DUAL_STACK, HOST_A_MAC, Harness, ROUTER_MAC, TC_ACT_OK, TC_ACT_SHOT, XDP_DROP,
+        XDP_PASS, XDP_REDIRECT,
+    },
+    require_root,
+};
+
+const HOST_A: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x10, 0, 0, 0, 0, 0x10);
+const HOST_B: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x20, 0, 0, 0, 0, 0x10);
+/// In no tenant's sources, but on an internal network.
+const STRANGER: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x10, 1, 0, 0, 0, 0x99);
+const GATEWAY_INSIDE: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x10, 0, 0, 0, 0, 1);
+const EGRESS_A: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x31, 0, 0, 0, 0, 0x101);
+const EGRESS_B: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x31, 0, 0, 0, 0, 0x150);
+const REMOTE: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 7);
+/// Behind a link with an MTU of 1280.
+const NARROW: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x200, 0, 0, 0, 0, 7);
+
+fn harness() -> Option<Harness> {
+    require_root().then(|| Harness::with_config(CONFIG_DUAL_STACK))
+}
+
+fn sock(ip: Ipv6Addr, port: u16) -> SocketAddrV6 {
+    SocketAddrV6::new(ip, port, 0, 0)
+}
+
+#[track_caller]
+fn translate_out(h: &Harness, frame: &[u8]) -> Vec<u8> {
+    let out = h.outbound(frame);
+    assert_eq!(out.action, XDP_REDIRECT, "outbound verdict");
+    assert_checksums(&out.frame);
+    out.frame
+}
+
+#[track_caller]
+fn translate_back(h: &Harness, frame: &[u8]) -> Vec<u8> {
+    let out = h.reply(frame);
+    assert_eq!(out.action, XDP_REDIRECT, "reply verdict");
+    assert_checksums(&out.frame);
+    out.frame
+}
+
+#[test]
+fn tcp_is_translated_both_ways() {
+    let Some(h) = harness() else { return };
+    let syn = frames6::tcp(sock(HOST_A, 40000), sock(REMOTE, 443), Tcp::Syn, b"");
+    let out = translate_out(&h, &syn);
+    let view = View6::new(&out);
+    assert_eq!(view.src(), EGRESS_A);
+    assert_eq!(view.dst(), REMOTE);
+    assert_eq!(view.dst_port(), 443);
+    assert!(view.src_port() >= 1024, "ports come from 1024-65535");
+    assert_eq!(view.hop_limit(), 63, "one router hop");
+    assert_eq!(view.eth_dst(), ROUTER_MAC, "to the next hop the FIB named");
+    assert_eq!(h.counter(Counter::OutNewFlow), 1);
+
+    let syn_ack = frames6::tcp(
+        sock(REMOTE, 443),
+        sock(EGRESS_A, view.src_port()),
+        Tcp::SynAck,
+        b"",
+    );
+    let back = translate_back(&h, &syn_ack);
+    let back = View6::new(&back);
+    assert_eq!((back.dst(), back.dst_port()), (HOST_A, 40000));
+    assert_eq!((back.src(), back.src_port()), (REMOTE, 443));
+    assert_eq!(back.eth_dst(), HOST_A_MAC);
+    assert_eq!(back.hop_limit(), 63);
+
+    // The rest of the connection keeps its translation.
+    let ack = frames6::tcp(sock(HOST_A, 40000), sock(REMOTE, 443), Tcp::Ack, b"GET /");
+    let again = translate_out(&h, &ack);
+    assert_eq!(View6::new(&again).src_port(), view.src_port());
+    assert_eq!(h.counter(Counter::OutNewFlow), 1);
+    assert_eq!(h.counter(Counter::OutTranslated), 2);
+    assert_eq!(h.counter(Counter::InTranslated), 1);
+}
+
+#[test]
+fn udp_and_echo_are_translated_both_ways() {
+    let Some(h) = harness() else { return };
+    let out = translate_out(
+        &h,
+        &frames6::udp(sock(HOST_B, 5353), sock(REMOTE, 53), b"query"),
+    );
+    let view = View6::new(&out);
+    assert_eq!(view.src(), EGRESS_B);
+    let back = translate_back(
+        &h,
+        &frames6::udp(sock(REMOTE, 53), sock(EGRESS_B, view.src_port()), b"answer"),
+    );
+    let back = View6::new(&back);
+    assert_eq!((back.dst(), back.dst_port()), (HOST_B, 5353));
+
+    let out = translate_out(&h, &frames6::echo_request(HOST_A, REMOTE, 77, 1));
+    let view = View6::new(&out);
+    assert_eq!(view.src(), EGRESS_A);
+    let id = view.echo_id();
+    let back = translate_back(&h, &frames6::echo_reply(REMOTE, EGRESS_A, id, 1));
+    let back = View6::new(&back);
+    assert_eq!((back.dst(), back.echo_id()), (HOST_A, 77));
+}
+
+#[test]
+fn each_family_leaves_from_its_own_egress_address() {
+    let Some(h) = harness() else { return };
+    let v4 = frames::udp(
+        SocketAddrV4::new(Ipv4Addr::new(172, 20, 10, 10), 7000),
+        SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 7), 53),
+        b"x",
+    );
+    let out = h.outbound(&v4);
+    assert_eq!(out.action, XDP_REDIRECT);
+    frames::assert_checksums(&out.frame);
+    assert_eq!(
+        View::new(&out.frame).src(),
+        Ipv4Addr::new(192, 168, 31, 101)
+    );
+    let out = translate_out(
+        &h,
+        &frames6::udp(sock(HOST_A, 7000), sock(REMOTE, 53), b"x"),
+    );
+    assert_eq!(View6::new(&out).src(), EGRESS_A);
+    assert_eq!(h.counter(Counter::OutNewFlow), 2);
+}
+
+#[test]
+fn link_control_goes_to_the_kernel_untouched() {
+    let Some(h) = harness() else { return };
+    let solicitation = frames6::neighbor_solicitation(HOST_A, GATEWAY_INSIDE);
+    let out = h.outbound(&solicitation);
+    assert_eq!(out.action, XDP_PASS);
+    assert_eq!(out.frame, solicitation, "passed as it came");
+    let link_local = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0x10);
+    let from_link_local = frames6::udp(sock(link_local, 546), sock(REMOTE, 547), b"x");
+    assert_eq!(h.outbound(&from_link_local).action, XDP_PASS);
+    let router_solicitation = frames6::neighbor_solicitation(REMOTE, EGRESS_A);
+    assert_eq!(h.reply(&router_solicitation).action, XDP_PASS);
+    assert_eq!(h.counter(Counter::OutPassLinkControl), 2);
+    assert_eq!(h.counter(Counter::InPassLinkControl), 1);
+    assert_eq!(h.flow_count(), 0);
+}
+
+#[test]
+fn sources_in_no_tenant_never_leave_but_may_reach_the_gateway() {
+    let Some(h) = harness() else { return };
+    let out = h.outbound(&frames6::udp(sock(STRANGER, 1), sock(REMOTE, 53), b"x"));
+    assert_eq!(out.action, XDP_DROP);
+    assert_eq!(h.counter(Counter::OutDropUnclassified), 1);
+    let to_gateway = frames6::udp(sock(STRANGER, 1), sock(GATEWAY_INSIDE, 53), b"x");
+    assert_eq!(h.outbound(&to_gateway).action, XDP_PASS);
+    assert_eq!(h.counter(Counter::OutPassNotEgress), 1);
+    assert_eq!(h.flow_count(), 0);
+}
+
+#[test]
+fn unsolicited_traffic_from_outside_reaches_no_tenant() {
+    let Some(h) = harness() else { return };
+    let to_egress = frames6::tcp(sock(REMOTE, 443), sock(EGRESS_A, 40000), Tcp::Syn, b"");
+    assert_eq!(h.reply(&to_egress).action, XDP_DROP);
+    assert_eq!(h.counter(Counter::InDropNoFlow), 1);
+    let to_host = frames6::tcp(sock(REMOTE, 443), sock(HOST_A, 22), Tcp::Syn, b"");
+    assert_eq!(h.reply(&to_host).action, XDP_DROP);
+    assert_eq!(h.counter(Counter::InDropToInternal), 1);
+    assert_eq!(h.flow_count(), 0);
+}
+
+#[test]
+fn what_a_router_answers_is_left_to_the_kernel() {
+    let Some(h) = harness() else { return };
+    let expiring = frames6::with_hop_limit(
+        &frames6::udp(sock(HOST_A, 1), sock(REMOTE, 33434), b"probe"),
+        1,
+    );
+    assert_eq!(h.outbound(&expiring).action, XDP_PASS);
+    assert_eq!(h.counter(Counter::OutPassTtlExceeded), 1);
+    // Too big for the 1280-byte link: the kernel answers packet-too-big.
+    let big = frames6::udp(sock(HOST_A, 1), sock(NARROW, 9), &[0u8; 1400]);
+    assert_eq!(h.outbound(&big).action, XDP_PASS);
+    assert_eq!(h.counter(Counter::OutPassFragNeeded), 1);
+    assert_eq!(h.flow_count(), 0, "nothing was translated");
+
+    // A reply about to expire is dropped: the kernel's answer would quote
+    // the tenant host.
+    let out = translate_out(&h, &frames6::udp(sock(HOST_A, 2), sock(REMOTE, 53), b"q"));
+    let port = View6::new(&out).src_port();
+    let back = frames6::with_hop_limit(
+        &frames6::udp(sock(REMOTE, 53), sock(EGRESS_A, port), b"a"),
+        1,
+    );
+    assert_eq!(h.reply(&back).action, XDP_DROP);
+    assert_eq!(h.counter(Counter::InDropTtlExceeded), 1);
+}
+
+#[test]
+fn extension_headers_are_walked_to_a_bound() {
+    let Some(h) = harness() else { return };
+    let udp = frames6::udp(sock(HOST_A, 9000), sock(REMOTE, 53), b"opts");
+    let two = frames6::with_dest_options(&udp, 2);
+    let out = translate_out(&h, &two);
+    let view = View6::new(&out);
+    assert_eq!(
+        (view.src(), view.proto(), view.dst_port()),
+        (EGRESS_A, 17, 53)
+    );
+
+    let five = frames6::with_dest_options(&udp, 5);
+    assert_eq!(h.outbound(&five).action, XDP_DROP);
+    assert_eq!(h.counter(Counter::OutDropExtHeaders), 1);
+    let fragment = frames6::as_first_fragment(&udp);
+    assert_eq!(h.outbound(&fragment).action, XDP_DROP);
+    assert_eq!(h.counter(Counter::OutDropUnsupported), 1);
+    // The same from a source in no tenant is judged as unclassified.
+    let stranger = frames6::with_dest_options(
+        &frames6::udp(sock(STRANGER, 9000), sock(REMOTE, 53), b"opts"),
+        5,
+    );
+    assert_eq!(h.outbound(&stranger).action, XDP_DROP);
+    assert_eq!(h.counter(Counter::OutDropUnclassified), 1);
+}
+
+#[test]
+fn the_leak_guard_covers_ipv6() {
+    let Some(h) = harness() else { return };
+    let tenant = frames6::udp(sock(HOST_A, 1), sock(REMOTE, 53), b"x");
+    let translated = frames6::udp(sock(EGRESS_A, 1), sock(REMOTE, 53), b"x");
+    assert_eq!(h.tc("leak_guard", &tenant, h.internal), TC_ACT_SHOT);
+    assert_eq!(h.tc("leak_guard", &translated, h.internal), TC_ACT_OK);
+    assert_eq!(h.tc("leak_guard", &tenant, 0), TC_ACT_OK, "not forwarded");
+    assert_eq!(h.counter(Counter::TcLeakBlocked), 1);
+}
+
