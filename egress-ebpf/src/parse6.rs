@@ -94,6 +94,24 @@ fn is_link_local(addr: &[u8; 16]) -> bool {
     addr[0] == 0xfe && addr[1] & 0xc0 == 0x80
 }
 
+/// Neighbor Discovery (RFC 4861 4: router solicitation and advertisement,
+/// neighbor solicitation and advertisement, redirect).
+const ND_FIRST: u8 = 133;
+const ND_LAST: u8 = 137;
+
+/// Whether the packet is Neighbor Discovery, whatever its addresses: the
+/// kernel resolving a next hop for a translated packet solicits from the
+/// egress address, so the answer comes back to a global address.
+#[inline(always)]
+pub fn is_neighbor_discovery(ctx: &impl Hook, frame: &Ipv6Frame) -> bool {
+    frame.proto == PROTO_ICMPV6
+        && ptr_at::<Icmpv6Hdr>(ctx, frame.l4_offset).is_ok_and(|icmp| {
+            // SAFETY: bounds checked by ptr_at.
+            let kind = unsafe { (*icmp).type_ };
+            (ND_FIRST..=ND_LAST).contains(&kind)
+        })
+}
+
 /// Whether the frame's EtherType is IPv6 (untagged, as `ipv6` requires).
 #[inline(always)]
 pub fn is_ipv6(ctx: &impl Hook) -> bool {

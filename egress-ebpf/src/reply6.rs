@@ -39,7 +39,7 @@ fn process<H: Hook>(ctx: &H) -> Result<Verdict, Counter> {
     let Some(frame) = parse6::ipv6(ctx).map_err(parse_error)? else {
         return Ok(Verdict::pass(Counter::InPassNotIp));
     };
-    if frame.is_link_control() {
+    if frame.is_link_control() || parse6::is_neighbor_discovery(ctx, &frame) {
         return Ok(Verdict::pass(Counter::InPassLinkControl));
     }
     let ingress = ctx.ingress_ifindex();

@@ -78,6 +78,23 @@ pub fn neighbor_solicitation(src: Ipv6Addr, target: Ipv6Addr) -> Vec<u8> {
     out
 }
 
+/// A solicited Neighbor Advertisement for `target`, unicast from `src` to
+/// `dst` (both global, as when the kernel solicited from an egress address).
+pub fn neighbor_advertisement(src: Ipv6Addr, dst: Ipv6Addr, target: Ipv6Addr) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(PEER_MAC, GATEWAY_MAC)
+        .ipv6(src.octets(), dst.octets(), 255)
+        .icmpv6(Icmpv6Type::Unknown {
+            type_u8: 136,
+            code_u8: 0,
+            // Solicited and override.
+            bytes5to8: [0x60, 0, 0, 0],
+        })
+        .write(&mut out, &target.octets())
+        .expect("building a neighbor advertisement");
+    out
+}
+
 /// `frame` (UDP or TCP over IPv6) with `count` destination-options headers
 /// of 8 bytes inserted before its transport header.
 pub fn with_dest_options(frame: &[u8], count: usize) -> Vec<u8> {

@@ -10,7 +10,10 @@
 //! 192.168.31.0/24 with the server, so the server reaches the egress
 //! addresses by ARP, as a partner's firewall on the same segment would.
 
-use std::net::Ipv4Addr;
+use std::{
+    net::{Ipv4Addr, Ipv6Addr},
+    time::{Duration, Instant},
+};
 
 use crate::netns::Netns;
 
@@ -22,6 +25,42 @@ pub const HOST_A: Ipv4Addr = Ipv4Addr::new(172, 20, 10, 10);
 pub const HOST_B: Ipv4Addr = Ipv4Addr::new(172, 20, 20, 10);
 /// A host in a subnet the gateway routes but no tenant owns.
 pub const STRANGER: Ipv4Addr = Ipv4Addr::new(172, 20, 30, 10);
+
+/// The IPv6 side of the topology (`Topology::add_ipv6`): each host's /24
+/// has a /64 beside it, 2001:db8:<third octet>::/64, the host at ::10
+/// and the gateway at ::1; the external link is 2001:db8:31::/64.
+pub const SERVER_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x31, 0, 0, 0, 0, 1);
+pub const GATEWAY_EXTERNAL_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x31, 0, 0, 0, 0, 2);
+pub const EGRESS_A_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x31, 0, 0, 0, 0, 0x101);
+pub const EGRESS_B_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x31, 0, 0, 0, 0, 0x150);
+
+/// A host's IPv6 address beside its IPv4 one (`add_ipv6`).
+pub fn ipv6_of(addr: Ipv4Addr) -> Ipv6Addr {
+    // 172.20.10.10 -> 2001:db8:10::10: the octet's decimal digits, read as
+    // hexadecimal, so the two addresses look alike.
+    let subnet = u16::from_str_radix(&addr.octets()[2].to_string(), 16).expect("digits");
+    Ipv6Addr::new(0x2001, 0xdb8, subnet, 0, 0, 0, 0, 0x10)
+}
+
+/// The seed's tenants dual-stack: each family leaves from its own address.
+pub fn dual_stack_config(max_flows: u32) -> String {
+    format!(
+        "\
+interfaces:
+  internal: [eth0]
+  external: eth1
+tenants:
+  - name: tenant-a
+    sources: [172.20.10.0/24, 2001:db8:10::/64]
+    egressIPs: [{EGRESS_A}, {EGRESS_A_V6}]
+  - name: tenant-b
+    sources: [172.20.20.0/24, 2001:db8:20::/64]
+    egressIPs: [{EGRESS_B}, {EGRESS_B_V6}]
+conntrack:
+  maxFlows: {max_flows}
+"
+    )
+}
 
 /// The seed's two tenants, as the YAML configuration names them.
 pub fn seed_config(max_flows: u32) -> String {
@@ -133,6 +172,64 @@ impl Topology {
         far.ip(&["route", "add", "default", "via", "10.99.0.1"]);
         self.far = Some(far);
         FAR_SERVER
+    }
+
+    /// Gives every host, the gateway and the server IPv6 addresses beside
+    /// their IPv4 ones (see `SERVER_V6`), with the gateway routing between
+    /// them, and waits until duplicate address detection let every address
+    /// serve. Interfaces keep their defaults otherwise.
+    pub fn add_ipv6(&self) {
+        self.gateway
+            .run("sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"]);
+        self.gateway.ip(&[
+            "addr",
+            "add",
+            &format!("{GATEWAY_EXTERNAL_V6}/64"),
+            "dev",
+            "eth1",
+        ]);
+        self.gateway.ip(&[
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &SERVER_V6.to_string(),
+        ]);
+        self.external
+            .ip(&["addr", "add", &format!("{SERVER_V6}/64"), "dev", "eth0"]);
+        let mut routers: Vec<Ipv6Addr> = Vec::new();
+        for host in &self.hosts {
+            let addr = ipv6_of(host.addr);
+            let router = Ipv6Addr::from(u128::from(addr) & !0xffff_u128 | 1);
+            host.ns
+                .ip(&["addr", "add", &format!("{addr}/64"), "dev", "eth0"]);
+            host.ns
+                .ip(&["-6", "route", "add", "default", "via", &router.to_string()]);
+            if !routers.contains(&router) {
+                self.gateway
+                    .ip(&["addr", "add", &format!("{router}/64"), "dev", "eth0"]);
+                routers.push(router);
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for ns in [&self.gateway, &self.external]
+            .into_iter()
+            .chain(self.hosts.iter().map(|h| &h.ns))
+        {
+            loop {
+                let out = ns.try_run("ip", &["-6", "addr", "show", "tentative"]);
+                if String::from_utf8_lossy(&out.stdout).trim().is_empty() {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "IPv6 addresses still tentative in {}",
+                    ns.name()
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
     }
 
     pub fn host(&self, addr: Ipv4Addr) -> &Host {

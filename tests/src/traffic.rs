@@ -3,7 +3,7 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, TcpListener, UdpSocket},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -25,6 +25,17 @@ pub struct Server {
 impl Server {
     pub fn peers(&self) -> Vec<SocketAddr> {
         self.peers.lock().expect("peers").clone()
+    }
+
+    /// The IPv6 peers, for the servers of dual-stack tests.
+    pub fn peer_ips_v6(&self) -> Vec<Ipv6Addr> {
+        self.peers()
+            .into_iter()
+            .filter_map(|p| match p.ip() {
+                IpAddr::V6(ip) => Some(ip),
+                IpAddr::V4(_) => None,
+            })
+            .collect()
     }
 
     pub fn peer_ips(&self) -> Vec<Ipv4Addr> {
@@ -49,7 +60,8 @@ impl Drop for Server {
 
 /// An HTTP/1.1 server that answers every GET with the address it saw:
 /// the "log" of the partner's web server.
-pub fn http_server(ns: &Netns, addr: SocketAddrV4) -> Server {
+pub fn http_server(ns: &Netns, addr: impl Into<SocketAddr>) -> Server {
+    let addr: SocketAddr = addr.into();
     let peers = Arc::new(Mutex::new(Vec::new()));
     let stop = Arc::new(AtomicBool::new(false));
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -103,7 +115,8 @@ pub fn curl(ns: &Netns, url: &str) -> Result<String, String> {
 }
 
 /// A UDP server that echoes every datagram back and records its sender.
-pub fn udp_echo_server(ns: &Netns, addr: SocketAddrV4) -> Server {
+pub fn udp_echo_server(ns: &Netns, addr: impl Into<SocketAddr>) -> Server {
+    let addr: SocketAddr = addr.into();
     let peers = Arc::new(Mutex::new(Vec::new()));
     let stop = Arc::new(AtomicBool::new(false));
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -137,13 +150,18 @@ pub fn udp_echo_server(ns: &Netns, addr: SocketAddrV4) -> Server {
 pub fn udp_request(
     ns: &Netns,
     local_port: u16,
-    to: SocketAddrV4,
+    to: impl Into<SocketAddr>,
     payload: &[u8],
 ) -> Option<Vec<u8>> {
     let payload = payload.to_vec();
+    let to: SocketAddr = to.into();
     ns.within(move || {
-        let socket =
-            UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, local_port)).expect("bind");
+        let unspecified = if to.is_ipv6() {
+            IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+        } else {
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+        };
+        let socket = UdpSocket::bind(SocketAddr::new(unspecified, local_port)).expect("bind");
         socket
             .set_read_timeout(Some(Duration::from_secs(2)))
             .expect("timeout");
@@ -179,7 +197,8 @@ pub fn udp_send_df(ns: &Netns, to: SocketAddrV4, len: usize) -> std::io::Result<
 }
 
 /// `ping -c count` from inside a namespace; true if every echo came back.
-pub fn ping(ns: &Netns, dst: Ipv4Addr, count: u32) -> bool {
+pub fn ping(ns: &Netns, dst: impl Into<IpAddr>, count: u32) -> bool {
+    let dst: IpAddr = dst.into();
     ns.try_run(
         "ping",
         &[

@@ -146,10 +146,16 @@ fn link_control_goes_to_the_kernel_untouched() {
     let link_local = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0x10);
     let from_link_local = frames6::udp(sock(link_local, 546), sock(REMOTE, 547), b"x");
     assert_eq!(h.outbound(&from_link_local).action, XDP_PASS);
-    let router_solicitation = frames6::neighbor_solicitation(REMOTE, EGRESS_A);
-    assert_eq!(h.reply(&router_solicitation).action, XDP_PASS);
+    let solicitation = frames6::neighbor_solicitation(REMOTE, EGRESS_A);
+    assert_eq!(h.reply(&solicitation).action, XDP_PASS);
+    // The kernel resolving a translated packet's next hop solicits from
+    // the egress address; the answer comes back between global addresses.
+    let router = Ipv6Addr::new(0x2001, 0xdb8, 0x31, 0, 0, 0, 0, 1);
+    let advertisement = frames6::neighbor_advertisement(router, EGRESS_A, router);
+    assert_eq!(h.reply(&advertisement).action, XDP_PASS);
     assert_eq!(h.counter(Counter::OutPassLinkControl), 2);
-    assert_eq!(h.counter(Counter::InPassLinkControl), 1);
+    assert_eq!(h.counter(Counter::InPassLinkControl), 2);
+    assert_eq!(h.counter(Counter::InDropUnsupported), 0);
     assert_eq!(h.flow_count(), 0);
 }
 
@@ -241,4 +247,3 @@ fn the_leak_guard_covers_ipv6() {
     assert_eq!(h.tc("leak_guard", &tenant, 0), TC_ACT_OK, "not forwarded");
     assert_eq!(h.counter(Counter::TcLeakBlocked), 1);
 }
-

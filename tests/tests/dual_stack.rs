@@ -1,0 +1,117 @@
+//! Dual-stack tenants end to end: the seed topology with IPv6 beside IPv4
+//! (hosts, gateway and server keep the kernel's interface defaults,
+//! duplicate address detection included), the real `egress-agent`, and
+//! servers on the external side that record who they see. Each family
+//! leaves from its own egress address; a host in no tenant gets nothing
+//! out in either; nothing from outside reaches a tenant host. Needs root.
+
+use std::net::{Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+
+use egress_tests::{
+    agent::Agent,
+    require_root,
+    topology::{
+        EGRESS_A, EGRESS_A_V6, EGRESS_B_V6, GATEWAY_EXTERNAL_V6, HOST_A, HOST_B, SERVER, SERVER_V6,
+        STRANGER, Topology, dual_stack_config, ipv6_of,
+    },
+    traffic::{curl, http_server, ping, udp_echo_server, udp_request},
+};
+
+fn start() -> Option<(Topology, Agent)> {
+    if !require_root() {
+        return None;
+    }
+    let topology = Topology::seed();
+    topology.add_ipv6();
+    let agent = Agent::start(&topology.gateway, &dual_stack_config(4096));
+    Some((topology, agent))
+}
+
+fn v6(ip: Ipv6Addr, port: u16) -> SocketAddr {
+    SocketAddr::V6(SocketAddrV6::new(ip, port, 0, 0))
+}
+
+#[test]
+fn http_leaves_from_each_familys_egress_address() {
+    let Some((net, agent)) = start() else { return };
+    let server4 = http_server(&net.external, SocketAddrV4::new(SERVER, 8080));
+    let server6 = http_server(&net.external, v6(SERVER_V6, 8080));
+    let host_a = &net.host(HOST_A).ns;
+
+    let over_v4 = curl(host_a, &format!("http://{SERVER}:8080/")).expect("GET over IPv4");
+    let over_v6 = curl(host_a, &format!("http://[{SERVER_V6}]:8080/")).expect("GET over IPv6");
+    let from_b = curl(&net.host(HOST_B).ns, &format!("http://[{SERVER_V6}]:8080/"))
+        .expect("tenant-b GET over IPv6");
+
+    assert_eq!(over_v4, format!("you are {EGRESS_A}\n"));
+    assert_eq!(over_v6, format!("you are {EGRESS_A_V6}\n"));
+    assert_eq!(from_b, format!("you are {EGRESS_B_V6}\n"));
+    assert_eq!(server4.peer_ips(), [EGRESS_A]);
+    assert_eq!(server6.peer_ips_v6(), [EGRESS_A_V6, EGRESS_B_V6]);
+    let flows = agent.flows();
+    assert!(
+        flows
+            .iter()
+            .any(|f| f.to_string().contains(&EGRESS_A_V6.to_string())),
+        "`flows` lists the IPv6 flows: {flows:#?}"
+    );
+}
+
+#[test]
+fn udp_and_ping_over_ipv6_are_translated_both_ways() {
+    let Some((net, agent)) = start() else { return };
+    let server = udp_echo_server(&net.external, v6(SERVER_V6, 9999));
+    let host_a = &net.host(HOST_A).ns;
+    let answer = udp_request(host_a, 0, v6(SERVER_V6, 9999), b"hello");
+    assert_eq!(answer.as_deref(), Some(&b"hello"[..]));
+    assert_eq!(server.peer_ips_v6(), [EGRESS_A_V6]);
+    assert!(ping(host_a, SERVER_V6, 3), "ping6 through the gateway");
+    assert!(agent.counter("in_translated") >= 4);
+}
+
+#[test]
+fn a_host_outside_every_tenant_gets_nothing_out_in_either_family() {
+    let Some((net, agent)) = start() else { return };
+    let server4 = http_server(&net.external, SocketAddrV4::new(SERVER, 8080));
+    let server6 = http_server(&net.external, v6(SERVER_V6, 8080));
+    let stranger = &net.host(STRANGER).ns;
+    assert!(curl(stranger, &format!("http://{SERVER}:8080/")).is_err());
+    assert!(curl(stranger, &format!("http://[{SERVER_V6}]:8080/")).is_err());
+    assert!(!ping(stranger, SERVER_V6, 1));
+    assert!(server4.peers().is_empty() && server6.peers().is_empty());
+    assert!(agent.counter("out_drop_unclassified") > 0);
+    // The gateway itself stays reachable for it (its router address).
+    let router = Ipv6Addr::from(u128::from(ipv6_of(STRANGER)) & !0xffff_u128 | 1);
+    assert!(
+        ping(stranger, router, 1),
+        "the gateway answers its own address"
+    );
+}
+
+#[test]
+fn unsolicited_ipv6_from_outside_reaches_no_tenant_host() {
+    let Some((net, agent)) = start() else { return };
+    let host_a = ipv6_of(HOST_A);
+    let listener = udp_echo_server(&net.host(HOST_A).ns, v6(host_a, 7777));
+    // The outside knows the way to the tenant network, as an attacker
+    // next to the gateway would.
+    net.external.ip(&[
+        "-6",
+        "route",
+        "add",
+        "2001:db8:10::/64",
+        "via",
+        &GATEWAY_EXTERNAL_V6.to_string(),
+    ]);
+    assert_eq!(
+        udp_request(&net.external, 0, v6(EGRESS_A_V6, 7777), b"knock"),
+        None
+    );
+    assert_eq!(
+        udp_request(&net.external, 0, v6(host_a, 7777), b"knock"),
+        None
+    );
+    assert!(listener.peers().is_empty(), "{:?}", listener.peers());
+    assert!(agent.counter("in_drop_no_flow") > 0);
+    assert!(agent.counter("in_drop_to_internal") > 0);
+}
