@@ -30,7 +30,7 @@ use egress_agent::{
 };
 use egress_common::{
     counters::Counter,
-    flow::{FlowEntryV4, FlowKeyV4},
+    flow::{FlowEntryV4, FlowKeyV4, FlowKeyV6},
     names,
 };
 
@@ -600,6 +600,7 @@ impl Harness {
     /// Every conntrack entry has its other half: the invariant no packet
     /// may break, whatever it contains.
     #[track_caller]
+    /// Both families' tables hold whole flows only.
     pub fn assert_no_half_entries(&self) {
         let entries = self.maps.flows();
         let keys: std::collections::HashSet<FlowKeyV4> = entries.iter().map(|(k, _)| *k).collect();
@@ -609,6 +610,19 @@ impl Harness {
                 "half a flow in conntrack: {key:?} -> {entry:?}"
             );
         }
+        let entries = self.maps.flows_v6();
+        let keys: std::collections::HashSet<FlowKeyV6> = entries.iter().map(|(k, _)| *k).collect();
+        for (key, entry) in &entries {
+            assert!(
+                keys.contains(&key.peer_key(entry)),
+                "half an IPv6 flow in conntrack: {key:?} -> {entry:?}"
+            );
+        }
+    }
+
+    /// IPv6 flows in the table.
+    pub fn flow_count_v6(&self) -> usize {
+        self.maps.flows_v6().len() / 2
     }
 
     pub fn flow_count(&self) -> usize {

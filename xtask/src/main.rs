@@ -136,9 +136,10 @@ fn test(root: &Path, args: &[String]) -> anyhow::Result<()> {
 }
 
 /// The test files that run the programs through BPF_PROG_TEST_RUN.
-const PACKET_TESTS: [&str; 8] = [
+const PACKET_TESTS: [&str; 9] = [
     "packets",
     "packets6",
+    "malformed6",
     "conntrack",
     "malformed",
     "isolation",
