@@ -535,6 +535,10 @@ fn prog_costs(plan: &Plan, mut each: impl FnMut(&progcost::Cost)) -> Vec<progcos
             costs.push(cost);
         }
     }
+    for cost in progcost::measure_v6(plan.prog_cost_singles) {
+        each(&cost);
+        costs.push(cost);
+    }
     for cost in progcost::measure_sweep() {
         each(&cost);
         costs.push(cost);

@@ -17,18 +17,21 @@
 
 use std::{
     fmt::Write as _,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6},
 };
 
 use anyhow::Context as _;
 use aya::maps::lpm_trie::Key;
 use egress_common::{
-    flow::{DIR_OUTBOUND, DIR_REPLY, FlowEntryV4, FlowKeyV4, PROTO_UDP, REPLY_ZONE},
-    tenant::{ANY_PORT, PORT_PREFIX_BITS, SourceKeyV4},
+    flow::{
+        DIR_OUTBOUND, DIR_REPLY, FlowEntryV4, FlowEntryV6, FlowKeyV4, FlowKeyV6, PROTO_UDP,
+        REPLY_ZONE,
+    },
+    tenant::{ANY_PORT, PORT_PREFIX_BITS, SourceKeyV4, SourceKeyV6},
 };
 use egress_tests::{
-    frames,
-    harness::{Harness, PacketHook},
+    frames, frames6,
+    harness::{CONFIG_DUAL_STACK, Harness, PacketHook},
 };
 use serde::Serialize;
 
@@ -278,6 +281,166 @@ fn measure_hook(tenants: u32, singles: u16, hook: PacketHook) -> Vec<Cost> {
             ),
         },
     ]
+}
+
+const REMOTE_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 7);
+/// The IPv6 identity flow's address: an egress address routed inside.
+const LOOP_ADDR_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x31, 0, 0, 0, 0, 0x201);
+/// A host of tenant-a in `CONFIG_DUAL_STACK`.
+const HOST_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x10, 0, 0, 0, 0, 0x10);
+
+/// Adds an IPv6 identity flow to tenant-a of `CONFIG_DUAL_STACK`, as
+/// `identity_flow` does for IPv4; returns its frames (hop limit 255, so
+/// 250 repeats never reach the limit).
+fn identity_flow_v6(h: &mut Harness) -> (Vec<u8>, Vec<u8>) {
+    let ns = h.netns();
+    ns.ip(&[
+        "-6",
+        "route",
+        "add",
+        &format!("{LOOP_ADDR_V6}/128"),
+        "dev",
+        "int0",
+    ]);
+    ns.ip(&[
+        "-6",
+        "neigh",
+        "replace",
+        &LOOP_ADDR_V6.to_string(),
+        "lladdr",
+        "02:00:00:00:02:01",
+        "dev",
+        "int0",
+        "nud",
+        "permanent",
+    ]);
+    let tenant = h.maps.tenant_ids().expect("tenant ids")["tenant-a"];
+    let source = Key::new(
+        PORT_PREFIX_BITS + 128,
+        SourceKeyV6 {
+            port_be: ANY_PORT.to_be(),
+            addr: LOOP_ADDR_V6.octets(),
+        },
+    );
+    h.maps
+        .sources_v6
+        .insert(&source, u32::from(tenant), 0)
+        .expect("source");
+    h.maps
+        .egress_v6
+        .insert(LOOP_ADDR_V6.octets(), u32::from(tenant), 0)
+        .expect("egress");
+    let outbound = FlowKeyV6 {
+        src: LOOP_ADDR_V6.octets(),
+        dst: REMOTE_V6.octets(),
+        src_port: LOOP_PORT.to_be(),
+        dst_port: 53u16.to_be(),
+        proto: PROTO_UDP,
+        direction: DIR_OUTBOUND,
+        zone: ANY_PORT as u16,
+    };
+    let entry = FlowEntryV6 {
+        nat_addr: LOOP_ADDR_V6.octets(),
+        nat_port: LOOP_PORT.to_be(),
+        tenant,
+        ..FlowEntryV6::default()
+    };
+    h.maps
+        .conntrack_v6
+        .insert(outbound, entry, 0)
+        .expect("outbound half");
+    let reply = FlowKeyV6 {
+        src: REMOTE_V6.octets(),
+        dst: LOOP_ADDR_V6.octets(),
+        src_port: 53u16.to_be(),
+        dst_port: LOOP_PORT.to_be(),
+        proto: PROTO_UDP,
+        direction: DIR_REPLY,
+        zone: REPLY_ZONE,
+    };
+    h.maps
+        .conntrack_v6
+        .insert(reply, entry, 0)
+        .expect("reply half");
+    let sock = |ip: Ipv6Addr, port: u16| SocketAddrV6::new(ip, port, 0, 0);
+    let limit = |frame: Vec<u8>| frames6::with_hop_limit(&frame, 255);
+    (
+        limit(frames6::udp(
+            sock(LOOP_ADDR_V6, LOOP_PORT),
+            sock(REMOTE_V6, 53),
+            &[0; 18],
+        )),
+        limit(frames6::udp(
+            sock(REMOTE_V6, 53),
+            sock(LOOP_ADDR_V6, LOOP_PORT),
+            &[0; 18],
+        )),
+    )
+}
+
+/// IPv6's costs beside IPv4's: hit both ways and a new flow, on each hook,
+/// with the dual-stack seed tenants. Each IPv6 packet pays the IPv4
+/// program's EtherType test and a tail call into the IPv6 program (a new
+/// flow a second one), which these figures include.
+pub fn measure_v6(singles: u16) -> Vec<Cost> {
+    let mut costs = Vec::new();
+    for hook in [PacketHook::Xdp, PacketHook::Tc] {
+        let mut h = Harness::with_config(CONFIG_DUAL_STACK);
+        h.hook = hook;
+        let (outbound, reply) = identity_flow_v6(&mut h);
+        let out = h.outbound(&outbound);
+        assert_eq!(
+            out.action,
+            egress_tests::harness::XDP_REDIRECT,
+            "the IPv6 identity flow must be a hit"
+        );
+        assert_eq!(frames6::View6::new(&out.frame).src(), LOOP_ADDR_V6);
+        assert_eq!(h.reply(&reply).action, egress_tests::harness::XDP_REDIRECT);
+        let hit = mean(CALLS, || h.time_outbound(&outbound, REPEAT));
+        let back = mean(CALLS, || h.time_reply(&reply, REPEAT));
+        let hit_single = mean(u32::from(singles), || h.time_outbound(&outbound, 1));
+        let mut port = 2000u16;
+        let new_single = mean(u32::from(singles), || {
+            port += 1;
+            h.time_outbound(
+                &frames6::udp(
+                    SocketAddrV6::new(HOST_V6, port, 0, 0),
+                    SocketAddrV6::new(REMOTE_V6, 53, 0, 0),
+                    &[0; 18],
+                ),
+                1,
+            )
+        });
+        assert!(
+            h.counter(egress_common::counters::Counter::OutNewFlow) >= u64::from(singles),
+            "every timed IPv6 new flow must be created"
+        );
+        let hook = hook_name(hook);
+        let repeated = format!("mean of {CALLS} calls x {REPEAT} repeats");
+        costs.extend([
+            Cost {
+                hook,
+                path: "IPv6 outbound, conntrack hit, 2 tenants".into(),
+                ns_per_packet: hit,
+                method: repeated.clone(),
+            },
+            Cost {
+                hook,
+                path: "IPv6 reply, conntrack hit, 2 tenants".into(),
+                ns_per_packet: back,
+                method: repeated,
+            },
+            Cost {
+                hook,
+                path: "IPv6 outbound, new flow, 2 tenants".into(),
+                ns_per_packet: hit + (new_single - hit_single),
+                method: format!(
+                    "hit + (single new-flow run {new_single:.0} - single hit run {hit_single:.0}), {singles} runs each"
+                ),
+            },
+        ]);
+    }
+    costs
 }
 
 /// Runs `measure` with the programs reporting new flows, and a thread
