@@ -1,12 +1,13 @@
-//! The egress demo: two tenants and a stranger behind one gateway, a
-//! partner's server outside. Shows that the server sees tenant-a as
-//! 192.168.31.101 and tenant-b as 192.168.31.150 for TCP, UDP and ping,
-//! that the stranger gets nothing out, and cleans up (also on Ctrl-C or
-//! failure). Run it with `cargo xtask demo`, as root.
+//! The egress demo: two dual-stack tenants and a stranger behind one
+//! gateway, a partner's server outside. Shows that the server sees
+//! tenant-a as 192.168.31.101 and tenant-b as 192.168.31.150 for TCP, UDP
+//! and ping, and as 2001:db8:31::101 and ::150 over IPv6, that the
+//! stranger gets nothing out in either family, and cleans up (also on
+//! Ctrl-C or failure). Run it with `cargo xtask demo`, as root.
 
 use std::{
     collections::BTreeSet,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
     process::ExitCode,
 };
 
@@ -14,7 +15,10 @@ use egress_tests::{
     agent::Agent,
     cleanup,
     netns::Netns,
-    topology::{EGRESS_A, EGRESS_B, HOST_A, HOST_B, SERVER, STRANGER, Topology, seed_config},
+    topology::{
+        EGRESS_A, EGRESS_A_V6, EGRESS_B, EGRESS_B_V6, HOST_A, HOST_B, SERVER, SERVER_V6, STRANGER,
+        Topology, dual_stack_config, ipv6_of,
+    },
     traffic::{Capture, Seen, Server, curl, http_server, ping, udp_echo_server, udp_request},
 };
 
@@ -23,7 +27,9 @@ struct Check {
 }
 
 impl Check {
-    fn report(&mut self, what: &str, saw: Option<Ipv4Addr>, want: Option<Ipv4Addr>) {
+    fn report<A: Into<IpAddr>>(&mut self, what: &str, saw: Option<A>, want: Option<A>) {
+        let (saw, want): (Option<IpAddr>, Option<IpAddr>) =
+            (saw.map(Into::into), want.map(Into::into));
         let ok = saw == want;
         let saw_text = saw.map_or("nothing (blocked at the gateway)".to_owned(), |ip| {
             format!("server saw {ip}")
@@ -96,6 +102,46 @@ fn exercise(
     );
 }
 
+/// The same over IPv6: HTTP and UDP as the server sees them, ping6 by
+/// whether it is answered.
+fn exercise_v6(
+    check: &mut Check,
+    label: &str,
+    host: &Netns,
+    want: Option<Ipv6Addr>,
+    servers: (&Server, &Server),
+) {
+    let (http, udp) = servers;
+    println!("{label}");
+    let new_peer = |server: &Server, before: usize| server.peer_ips_v6().get(before).copied();
+    let before = http.peer_ips_v6().len();
+    let _ = curl(host, &format!("http://[{SERVER_V6}]:8080/"));
+    check.report(
+        &format!("TCP  HTTP GET http://[{SERVER_V6}]:8080/"),
+        new_peer(http, before),
+        want,
+    );
+    let before = udp.peer_ips_v6().len();
+    let to = SocketAddr::V6(SocketAddrV6::new(SERVER_V6, 9999, 0, 0));
+    let _ = udp_request(host, 0, to, b"hello");
+    check.report(
+        &format!("UDP  datagram to [{SERVER_V6}]:9999"),
+        new_peer(udp, before),
+        want,
+    );
+    let replied = ping(host, SERVER_V6, 2);
+    let ok = replied == want.is_some();
+    println!(
+        "  {:<44} {:<36} {}",
+        format!("ICMP ping {SERVER_V6}"),
+        if replied { "answered" } else { "no answer" },
+        if ok { "ok" } else { "FAILED" }
+    );
+    if !ok {
+        check.failures += 1;
+    }
+}
+
 fn main() -> ExitCode {
     cleanup::on_signal();
     if !egress_tests::require_root() {
@@ -112,7 +158,8 @@ fn main() -> ExitCode {
     println!("  stranger      {STRANGER}  ─┘      (no tenant)");
     println!();
     let net = Topology::seed();
-    let config = seed_config(65536);
+    net.add_ipv6();
+    let config = dual_stack_config(65536);
     println!(
         "configuration:\n{}",
         config
@@ -164,8 +211,31 @@ fn main() -> ExitCode {
         &capture,
     );
 
+    let http6 = http_server(
+        &net.external,
+        SocketAddr::V6(SocketAddrV6::new(SERVER_V6, 8080, 0, 0)),
+    );
+    let udp6 = udp_echo_server(
+        &net.external,
+        SocketAddr::V6(SocketAddrV6::new(SERVER_V6, 9999, 0, 0)),
+    );
+    println!("\nover IPv6 (each family leaves from its own egress address):");
+    for (name, host, want) in [
+        ("tenant-a", HOST_A, Some(EGRESS_A_V6)),
+        ("tenant-b", HOST_B, Some(EGRESS_B_V6)),
+        ("stranger", STRANGER, None),
+    ] {
+        exercise_v6(
+            &mut check,
+            &format!("{name} ({}):", ipv6_of(host)),
+            &net.host(host).ns,
+            want,
+            (&http6, &udp6),
+        );
+    }
+
     println!("\nthe server's HTTP log:");
-    for peer in http.peers() {
+    for peer in http.peers().into_iter().chain(http6.peers()) {
         println!("  {peer} \"GET / HTTP/1.1\" 200");
     }
     let seen = capture.finish();
