@@ -36,9 +36,11 @@ pub const ROLE_EXTERNAL: u32 = 2;
 /// Slots of `V6_PROGRAMS_XDP` and `V6_PROGRAMS_TC` (one array per program
 /// type: the kernel lets only programs of the array's first user's type
 /// tail-call through it): the IPv6 program each IPv4 program tail-calls,
-/// and the IPv6 outbound program's own for new flows.
+/// the IPv6 outbound program's own for new flows, and the one both IPv6
+/// programs call for ICMPv6 errors about packets of flows.
 pub const V6_SLOT_OUTBOUND: u32 = 0;
 pub const V6_SLOT_REPLY: u32 = 1;
 pub const V6_SLOT_NEW_FLOW: u32 = 2;
+pub const V6_SLOT_ICMP_ERR: u32 = 3;
 /// Slots in each array.
-pub const V6_SLOTS: u32 = 3;
+pub const V6_SLOTS: u32 = 4;

@@ -120,6 +120,11 @@ pub const PROG_TC_REPLY6: &str = "tc_reply6";
 pub const PROG_SNAT_NEW_FLOW6: &str = "snat_new_flow6";
 /// A tenant's new IPv6 flow, tail-called from `tc_outbound6`.
 pub const PROG_TC_NEW_FLOW6: &str = "tc_new_flow6";
+/// An ICMPv6 error about a packet of a flow, either way, tail-called from
+/// `snat_outbound6` and `snat_reply6`.
+pub const PROG_SNAT_ICMP6_ERR: &str = "snat_icmp6_err";
+/// The same, tail-called from `tc_outbound6` and `tc_reply6`.
+pub const PROG_TC_ICMP6_ERR: &str = "tc_icmp6_err";
 
 /// TC egress on the external interface: drops forwarded packets whose source is
 /// not an egress address, whatever path they took through the kernel.

@@ -12,7 +12,8 @@
 //!
 //! IPv6 takes the same path in its own modules (`parse6`, `outbound6`,
 //! `reply6`), maps and programs (`snat_outbound6`, `snat_reply6`,
-//! `tc_outbound6`, `tc_reply6`), which the IPv4 programs tail-call when a
+//! `tc_outbound6`, `tc_reply6`, with `icmp6`'s `snat_icmp6_err` and
+//! `tc_icmp6_err` for ICMPv6 errors), which the IPv4 programs tail-call when a
 //! frame carries IPv6 (`V6_PROGRAMS_XDP`, `V6_PROGRAMS_TC`): each program has BPF's 512 bytes of
 //! stack to itself, and IPv6's keys and entries would not fit beside
 //! IPv4's in one.
@@ -44,6 +45,7 @@ mod events;
 mod forward;
 mod frags;
 mod hook;
+mod icmp6;
 mod inbound;
 mod limits;
 mod maps;
@@ -109,6 +111,19 @@ pub fn snat_new_flow6(ctx: XdpContext) -> u32 {
 #[classifier]
 pub fn tc_new_flow6(ctx: TcContext) -> i32 {
     outbound6::run_new_flow(&ctx)
+}
+
+/// An ICMPv6 error about a packet of a flow, either way, tail-called from
+/// `snat_outbound6` and `snat_reply6`: see `icmp6`.
+#[xdp]
+pub fn snat_icmp6_err(ctx: XdpContext) -> u32 {
+    icmp6::run(&ctx) as u32
+}
+
+/// The same, tail-called from `tc_outbound6` and `tc_reply6`.
+#[classifier]
+pub fn tc_icmp6_err(ctx: TcContext) -> i32 {
+    icmp6::run(&ctx)
 }
 
 /// IPv6 frames, tail-called from `tc_outbound` (headers already pulled).

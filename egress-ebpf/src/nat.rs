@@ -14,7 +14,7 @@ use crate::{
     hook::{L4Fix, L4FixV6},
     maps::{FLOATING_V4, TENANT_ADDR_V6},
     parse::{IcmpError, Ipv4Frame, L4, QuotedL4, Transport},
-    parse6::Ipv6Frame,
+    parse6::{IcmpErrorV6, Ipv6Frame},
 };
 
 /// The egress address for a new flow. Hashing source and destination (not
@@ -303,3 +303,96 @@ pub fn rewrite_v6(
 
 /// Where the checksum sits in an ICMPv6 header.
 const ICMP_CHECK_AT: usize = 2;
+
+/// `rewrite_icmp_error` for IPv6: the outer `side` becomes `addr`, and so
+/// does the other side of the quoted packet, whose port (or echo id)
+/// becomes `port`. The caller checked the two addresses are the same.
+///
+/// Every change inside the ICMPv6 message (the quoted address, port and
+/// transport checksum, which covers the quoted addresses: a quoted echo's
+/// too) is folded into the ICMPv6 checksum here, so the message's own sum
+/// does not move. The outer address is in the ICMPv6 checksum's
+/// pseudo-header only: that update is returned, owed like a transport's
+/// (see `hook`), so TC keeps a `CHECKSUM_COMPLETE` sum right.
+#[inline(always)]
+pub fn rewrite_icmp_error_v6(
+    frame: &Ipv6Frame,
+    error: &IcmpErrorV6,
+    side: Side,
+    addr: &[u8; 16],
+    port: u16,
+) -> L4FixV6 {
+    // SAFETY: header pointers were bounds-checked by the parser.
+    let (icmp, inner) = unsafe { (&mut *error.icmp, &mut *error.inner_ip) };
+    let inner_side = side.opposite();
+    let inner_field = if inner_side == Side::Source {
+        &mut inner.src_addr
+    } else {
+        &mut inner.dst_addr
+    };
+    let inner_diff = csum::diff128(inner_field, addr);
+    *inner_field = *addr;
+    let mut check = csum::apply_diff(icmp.check, inner_diff);
+    match error.inner_l4 {
+        QuotedL4::Ports {
+            ports,
+            check: l4_check,
+            udp,
+        } => {
+            // SAFETY: bounds-checked by the parser.
+            let ports = unsafe { &mut *ports };
+            let at = if inner_side == Side::Source { 0 } else { 2 };
+            let old_port = u16::from_ne_bytes([ports[at], ports[at + 1]]);
+            let new = port.to_ne_bytes();
+            ports[at] = new[0];
+            ports[at + 1] = new[1];
+            check = csum::replace16(check, old_port, port);
+            if let Some(l4_check) = l4_check {
+                // SAFETY: bounds-checked by the parser.
+                let l4_check = unsafe { &mut *l4_check };
+                if !(udp && csum::word(*l4_check) == 0) {
+                    let old = *l4_check;
+                    let mut updated = csum::apply_diff(old, inner_diff);
+                    updated = csum::replace16(updated, old_port, port);
+                    if udp {
+                        updated = csum::udp_nonzero(updated);
+                    }
+                    *l4_check = updated;
+                    check = csum::replace16(check, csum::word(old), csum::word(updated));
+                }
+            }
+        }
+        QuotedL4::Echo(echo) => {
+            // SAFETY: bounds-checked by the parser.
+            let echo = unsafe { &mut *echo };
+            let old_id = u16::from_ne_bytes([echo.data[0], echo.data[1]]);
+            let old_echo_check = echo.check;
+            let updated = csum::apply_diff(echo.check, inner_diff);
+            echo.check = csum::replace16(updated, old_id, port);
+            let id = port.to_ne_bytes();
+            echo.data[0] = id[0];
+            echo.data[1] = id[1];
+            check = csum::replace16(check, old_id, port);
+            check = csum::replace16(check, csum::word(old_echo_check), csum::word(echo.check));
+        }
+    }
+    icmp.check = check;
+    // SAFETY: header pointer bounds-checked by the parser.
+    let ip = unsafe { &mut *frame.ip };
+    let outer = if side == Side::Source {
+        &mut ip.src_addr
+    } else {
+        &mut ip.dst_addr
+    };
+    let addr_diff = csum::diff128(outer, addr);
+    *outer = *addr;
+    L4FixV6 {
+        check: (&raw mut icmp.check).cast(),
+        check_offset: frame.l4_offset + ICMP_CHECK_AT,
+        addr_diff,
+        // No port of the outer message changes.
+        old_port: 0,
+        new_port: 0,
+        udp: false,
+    }
+}

@@ -9,11 +9,14 @@
 //! it untouched, and an unclassified source never leaves: the leak guard
 //! covers IPv6 as well.
 //!
-//! Not yet for IPv6: ICMPv6 errors from tenant hosts, fragments, port
-//! forwards and floating IPs, and flow events for the translation log.
+//! ICMPv6 errors from tenant hosts about replies they received go on in
+//! their own program: see `icmp6`.
+//!
+//! Not yet for IPv6: fragments, port forwards and floating IPs, and flow
+//! events for the translation log.
 
 use egress_common::{
-    config::V6_SLOT_NEW_FLOW,
+    config::{V6_SLOT_ICMP_ERR, V6_SLOT_NEW_FLOW},
     counters::Counter,
     flow::{DIR_OUTBOUND, FlowEntryV6, FlowKeyV6, TCP_RST},
 };
@@ -22,7 +25,7 @@ use crate::{
     classify, conntrack,
     conntrack::TranslationV6,
     forward::{self, Route},
-    hook::Hook,
+    hook::{Hook, L4FixV6},
     limits,
     maps::TENANTS,
     nat::{self, Side},
@@ -81,6 +84,15 @@ fn process<H: Hook>(ctx: &H, new_flows: bool) -> Result<Verdict, Counter> {
             new_flow(ctx, &frame, &transport, &key, tenant)
         }
         Err(err) => match classify::tenant_v6(&frame, port) {
+            // A tenant host's error about a reply it received: `icmp6` (a
+            // tail call, which returns only if that program is not loaded).
+            Some(_) if parse6::is_icmp_error(ctx, &frame) => {
+                if let Some(expiring) = expiring(&frame) {
+                    return expiring;
+                }
+                ctx.tail_call_v6(V6_SLOT_ICMP_ERR);
+                Err(Counter::OutDropUnsupported)
+            }
             Some(_) => Err(parse_error(err)),
             None => unclassified(ctx, &frame, ingress),
         },
@@ -190,7 +202,7 @@ fn new_flow<H: Hook>(
 /// packet too big for the route goes to the kernel, which answers with
 /// packet-too-big (IPv6 routers never fragment).
 #[inline(always)]
-fn not_leaving(route: &Route) -> Option<Verdict> {
+pub fn not_leaving(route: &Route) -> Option<Verdict> {
     if !route.leaves_external() {
         return Some(Verdict::pass(Counter::OutPassNotEgress));
     }
@@ -211,13 +223,26 @@ fn send<H: Hook>(
     route: Route,
 ) -> Verdict {
     let fix = nat::rewrite_v6(frame, transport, Side::Source, nat_addr, nat_port);
+    transmit(ctx, frame, route, fix, Counter::OutTranslated)
+}
+
+/// Sends a packet already translated (`fix` is its checksum update, still
+/// owed) one router hop on, counted as `counter`.
+#[inline(always)]
+pub fn transmit<H: Hook>(
+    ctx: &H,
+    frame: &Ipv6Frame,
+    route: Route,
+    fix: L4FixV6,
+    counter: Counter,
+) -> Verdict {
     forward::decrement_hop_limit(frame);
     forward::out(
         ctx,
         frame.eth,
         route,
         Some(fix),
-        Counter::OutTranslated,
+        counter,
         Counter::OutNeighRedirected,
     )
     // Translated already: the TC fallback sends it on (see `outbound`).

@@ -7,12 +7,13 @@
 //! forward inside is dropped (the gateway is not a way in); the rest (the
 //! gateway's own addresses, routes to other places) is the kernel's.
 //!
-//! Not yet for IPv6: ICMPv6 errors about translated packets (so path-MTU
-//! discovery towards a narrower link beyond the gateway does not reach the
-//! tenant host), fragments, port forwards and floating IPs.
+//! ICMPv6 errors about translated packets (path-MTU discovery, traceroute)
+//! go on in their own program: see `icmp6`.
+//!
+//! Not yet for IPv6: fragments, port forwards and floating IPs.
 
 use egress_common::{
-    config::ROLE_INTERNAL,
+    config::{ROLE_INTERNAL, V6_SLOT_ICMP_ERR},
     counters::Counter,
     flow::{DIR_REPLY, FlowEntryV6, FlowKeyV6, REPLY_ZONE},
 };
@@ -53,6 +54,12 @@ fn process<H: Hook>(ctx: &H) -> Result<Verdict, Counter> {
             }
         }
         _ if !to_egress_address(&frame) => not_egress(ctx, &frame, ingress),
+        // An error about a packet of a flow: `icmp6` (a tail call, which
+        // returns only if that program is not loaded).
+        Err(_) if parse6::is_icmp_error(ctx, &frame) => {
+            ctx.tail_call_v6(V6_SLOT_ICMP_ERR);
+            Err(Counter::InDropUnsupported)
+        }
         Err(err) => Err(parse_error(err)),
     }
 }
@@ -105,13 +112,13 @@ fn flow<H: Hook>(
     })?;
     conntrack::touch(entry, now, frame.ip_len(), transport.tcp_flags);
     let fix = nat::rewrite_v6(frame, transport, Side::Destination, &host_addr, host_port);
-    Ok(deliver(ctx, frame, route, fix))
+    Ok(deliver(ctx, frame, route, fix, Counter::InTranslated))
 }
 
 /// The way back must lead inside, and the packet must fit: the kernel's
 /// packet-too-big would quote the tenant host, like time-exceeded.
 #[inline(always)]
-fn check_return(route: &Route) -> Result<(), Counter> {
+pub fn check_return(route: &Route) -> Result<(), Counter> {
     if !route.leaves_through(ROLE_INTERNAL) {
         return Err(Counter::InDropNoRoute);
     }
@@ -121,9 +128,16 @@ fn check_return(route: &Route) -> Result<(), Counter> {
     Ok(())
 }
 
-/// One router hop towards the tenant host, for a packet already translated.
+/// One router hop towards the tenant host, for a packet already translated
+/// (`fix` is its checksum update, still owed), counted as `counter`.
 #[inline(always)]
-fn deliver<H: Hook>(ctx: &H, frame: &Ipv6Frame, route: Route, fix: L4FixV6) -> Verdict {
+pub fn deliver<H: Hook>(
+    ctx: &H,
+    frame: &Ipv6Frame,
+    route: Route,
+    fix: L4FixV6,
+    counter: Counter,
+) -> Verdict {
     if forward::sends_itself::<H>(&route) {
         forward::decrement_hop_limit(frame);
     }
@@ -132,7 +146,7 @@ fn deliver<H: Hook>(ctx: &H, frame: &Ipv6Frame, route: Route, fix: L4FixV6) -> V
         frame.eth,
         route,
         Some(fix),
-        Counter::InTranslated,
+        counter,
         Counter::InNeighRedirected,
     )
     // The kernel forwards it inside (resolving the neighbour); it

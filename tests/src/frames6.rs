@@ -124,6 +124,31 @@ pub fn as_first_fragment(frame: &[u8]) -> Vec<u8> {
     out
 }
 
+/// An ICMPv6 error (`kind`: destination unreachable, packet too big, time
+/// exceeded, parameter problem) from `from` to `to`, quoting `quoted` (an
+/// IPv6 packet, without Ethernet) cut to `quote_len` bytes; its checksum
+/// computed over the pseudo-header and the whole quote.
+pub fn icmp_error(
+    from: Ipv6Addr,
+    to: Ipv6Addr,
+    kind: Icmpv6Type,
+    quoted: &[u8],
+    quote_len: usize,
+) -> Vec<u8> {
+    let mut out = Vec::new();
+    builder(from, to)
+        .icmpv6(kind)
+        .write(&mut out, &quoted[..quote_len.min(quoted.len())])
+        .expect("building an ICMPv6 error");
+    out
+}
+
+/// The IPv6 packet inside a frame (what an ICMPv6 error would quote).
+pub fn ip_packet(frame: &[u8]) -> &[u8] {
+    let payload = usize::from(u16::from_be_bytes([frame[ETH_LEN + 4], frame[ETH_LEN + 5]]));
+    &frame[ETH_LEN..ETH_LEN + IPV6_LEN + payload]
+}
+
 /// `frame` with the hop limit set to `limit`.
 pub fn with_hop_limit(frame: &[u8], limit: u8) -> Vec<u8> {
     let mut out = frame.to_vec();
@@ -207,8 +232,36 @@ impl<'a> View6<'a> {
         u16::from_be_bytes([self.l4()[4], self.l4()[5]])
     }
 
+    pub fn icmp_type(&self) -> u8 {
+        self.l4()[0]
+    }
+
+    /// Whether this is an ICMPv6 error (types 1 to 4), which quotes a packet.
+    pub fn is_icmp_error(&self) -> bool {
+        self.proto() == 58 && (1..=4).contains(&self.icmp_type())
+    }
+
+    /// The packet an ICMPv6 error quotes, viewed as a frame of its own
+    /// (this frame's Ethernet header in front).
+    pub fn quoted(&self) -> Vec<u8> {
+        let mut frame = self.frame[..ETH_LEN].to_vec();
+        frame.extend_from_slice(&self.l4()[8..]);
+        frame
+    }
+
+    /// Whether the quoted packet is whole (not cut short).
+    fn quote_is_whole(quoted: &[u8]) -> bool {
+        let payload = usize::from(u16::from_be_bytes([
+            quoted[ETH_LEN + 4],
+            quoted[ETH_LEN + 5],
+        ]));
+        quoted.len() >= ETH_LEN + IPV6_LEN + payload
+    }
+
     /// Checks the TCP, UDP or ICMPv6 checksum, computed from scratch with
-    /// its pseudo-header (RFC 8200 8.1). IPv6 has no header checksum.
+    /// its pseudo-header (RFC 8200 8.1), and for an ICMPv6 error quoting a
+    /// whole packet, the quoted packet's checksum too. IPv6 has no header
+    /// checksum.
     pub fn verify_checksums(&self) -> Result<(), String> {
         let (proto, _) = self.transport();
         let l4 = self.l4();
@@ -226,6 +279,14 @@ impl<'a> View6<'a> {
         };
         if internet_checksum(&all) != 0 {
             return Err(format!("{named} checksum is wrong"));
+        }
+        if self.is_icmp_error() && l4.len() >= 8 + IPV6_LEN {
+            let quoted = self.quoted();
+            if Self::quote_is_whole(&quoted) {
+                View6::new(&quoted)
+                    .verify_checksums()
+                    .map_err(|e| format!("quoted packet: {e}"))?;
+            }
         }
         Ok(())
     }

@@ -34,6 +34,9 @@ pub const GATEWAY_EXTERNAL_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x31, 0, 
 pub const EGRESS_A_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x31, 0, 0, 0, 0, 0x101);
 pub const EGRESS_B_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x31, 0, 0, 0, 0, 0x150);
 
+/// The far server's IPv6 address (`add_far_server`, then `add_ipv6`).
+pub const FAR_SERVER_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x99, 0, 0, 0, 0, 2);
+
 /// A host's IPv6 address beside its IPv4 one (`add_ipv6`).
 pub fn ipv6_of(addr: Ipv4Addr) -> Ipv6Addr {
     // 172.20.10.10 -> 2001:db8:10::10: the octet's decimal digits, read as
@@ -212,9 +215,20 @@ impl Topology {
                 routers.push(router);
             }
         }
+        if let Some(far) = &self.far {
+            // The external namespace routes on to the far server, its link
+            // keeping the MTU `add_far_server` gave it.
+            self.external
+                .run("sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"]);
+            self.external
+                .ip(&["addr", "add", "2001:db8:99::1/64", "dev", "far0"]);
+            far.ip(&["addr", "add", &format!("{FAR_SERVER_V6}/64"), "dev", "eth0"]);
+            far.ip(&["-6", "route", "add", "default", "via", "2001:db8:99::1"]);
+        }
         let deadline = Instant::now() + Duration::from_secs(10);
         for ns in [&self.gateway, &self.external]
             .into_iter()
+            .chain(self.far.iter())
             .chain(self.hosts.iter().map(|h| &h.ns))
         {
             loop {

@@ -438,10 +438,11 @@ fn send_all(stream: &mut std::net::TcpStream, bytes: u64) -> std::io::Result<()>
 pub fn bulk_transfer(
     client: &Netns,
     server: &Netns,
-    server_addr: SocketAddrV4,
+    server_addr: impl Into<SocketAddr>,
     bytes: u64,
     download: bool,
 ) -> Result<Received, String> {
+    let server_addr: SocketAddr = server_addr.into();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let serving = server.enter(move || -> std::io::Result<Option<Received>> {
         let listener = TcpListener::bind(server_addr)?;
@@ -464,7 +465,7 @@ pub fn bulk_transfer(
         .map_err(|_| "server did not start".to_owned())?;
     let client_side = client.within(move || -> std::io::Result<Received> {
         let mut stream =
-            std::net::TcpStream::connect_timeout(&server_addr.into(), Duration::from_secs(5))?;
+            std::net::TcpStream::connect_timeout(&server_addr, Duration::from_secs(5))?;
         stream.set_read_timeout(Some(STALL))?;
         stream.set_write_timeout(Some(STALL))?;
         if download {

@@ -11,10 +11,10 @@ use egress_tests::{
     agent::Agent,
     require_root,
     topology::{
-        EGRESS_A, EGRESS_A_V6, EGRESS_B_V6, GATEWAY_EXTERNAL_V6, HOST_A, HOST_B, SERVER, SERVER_V6,
-        STRANGER, Topology, dual_stack_config, ipv6_of,
+        EGRESS_A, EGRESS_A_V6, EGRESS_B_V6, FAR_SERVER_V6, GATEWAY_EXTERNAL_V6, HOST_A, HOST_B,
+        SERVER, SERVER_V6, STRANGER, Topology, dual_stack_config, ipv6_of,
     },
-    traffic::{curl, http_server, ping, udp_echo_server, udp_request},
+    traffic::{Received, bulk_transfer, curl, http_server, ping, udp_echo_server, udp_request},
 };
 
 fn start() -> Option<(Topology, Agent)> {
@@ -114,4 +114,39 @@ fn unsolicited_ipv6_from_outside_reaches_no_tenant_host() {
     assert!(listener.peers().is_empty(), "{:?}", listener.peers());
     assert!(agent.counter("in_drop_no_flow") > 0);
     assert!(agent.counter("in_drop_to_internal") > 0);
+}
+
+#[test]
+fn path_mtu_discovery_over_ipv6_works_through_the_gateway() {
+    if !require_root() {
+        return;
+    }
+    let mut net = Topology::seed();
+    net.add_far_server(1280);
+    net.add_ipv6();
+    let agent = Agent::start(&net.gateway, &dual_stack_config(4096));
+    let host = &net.host(HOST_A).ns;
+    let far = net.far.as_ref().expect("far server");
+    // Full-size segments from the tenant hit the 1280-byte hop: the router
+    // answers packet-too-big to the egress address, and the gateway must
+    // hand it to the tenant host, or the upload stalls.
+    let received = bulk_transfer(host, far, v6(FAR_SERVER_V6, 7002), 16 << 20, false)
+        .expect("upload across the narrow hop");
+    assert_eq!(
+        received,
+        Received {
+            bytes: 16 << 20,
+            intact: true
+        }
+    );
+    assert!(
+        agent.counter("in_icmp_error_translated") > 0,
+        "the router's packet-too-big came back translated"
+    );
+    let route = host.ip(&["-6", "route", "get", &FAR_SERVER_V6.to_string()]);
+    let route = String::from_utf8_lossy(&route.stdout);
+    assert!(
+        route.contains("mtu 1280"),
+        "the tenant host learned the path MTU: {route}"
+    );
 }

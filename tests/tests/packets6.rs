@@ -1,10 +1,16 @@
 //! The IPv6 packet path on crafted frames (BPF_PROG_TEST_RUN): NAT66 for
 //! TCP, UDP and ICMPv6 echo both ways with every checksum recomputed from
 //! scratch, dual-stack tenants, link control left to the kernel, the
-//! fail-closed cases and the extension-header walk. Both hooks: `cargo
+//! fail-closed cases, the extension-header walk and ICMPv6 errors about
+//! translated packets, both ways. Both hooks: `cargo
 //! xtask test` runs this file on XDP and again on TC. Needs root.
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
+
+use etherparse::{
+    Icmpv6Type,
+    icmpv6::{DestUnreachableCode, TimeExceededCode},
+};
 
 use egress_common::counters::Counter;
 use egress_tests::{
@@ -27,6 +33,9 @@ const EGRESS_B: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x31, 0, 0, 0, 0, 0x150)
 const REMOTE: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 7);
 /// Behind a link with an MTU of 1280.
 const NARROW: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x200, 0, 0, 0, 0, 7);
+/// The next hop on the external link, which sends ICMPv6 errors.
+const ROUTER: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x31, 0, 0, 0, 0, 1);
+const TIME_EXCEEDED: Icmpv6Type = Icmpv6Type::TimeExceeded(TimeExceededCode::HopLimitExceeded);
 
 fn harness() -> Option<Harness> {
     require_root().then(|| Harness::with_config(CONFIG_DUAL_STACK))
@@ -246,4 +255,176 @@ fn the_leak_guard_covers_ipv6() {
     assert_eq!(h.tc("leak_guard", &translated, h.internal), TC_ACT_OK);
     assert_eq!(h.tc("leak_guard", &tenant, 0), TC_ACT_OK, "not forwarded");
     assert_eq!(h.counter(Counter::TcLeakBlocked), 1);
+}
+
+#[test]
+fn packet_too_big_about_a_translated_segment_comes_back_to_the_host() {
+    let Some(h) = harness() else { return };
+    // Path-MTU discovery: the router's packet-too-big must name the host's
+    // own segment, or the host never lowers its MTU.
+    let syn = frames6::tcp(sock(HOST_A, 40000), sock(REMOTE, 443), Tcp::Syn, &[7; 100]);
+    let sent = translate_out(&h, &syn);
+    let quote = frames6::ip_packet(&sent);
+    let error = frames6::icmp_error(
+        ROUTER,
+        EGRESS_A,
+        Icmpv6Type::PacketTooBig { mtu: 1280 },
+        quote,
+        quote.len(),
+    );
+    // Every checksum, the quoted segment's included (the quote is whole).
+    let back = translate_back(&h, &error);
+    let view = View6::new(&back);
+    assert_eq!(
+        (view.src(), view.dst(), view.icmp_type()),
+        (ROUTER, HOST_A, 2)
+    );
+    assert_eq!(view.l4()[4..8], 1280u32.to_be_bytes(), "the MTU survives");
+    assert_eq!(view.hop_limit(), 63, "one router hop");
+    assert_eq!(view.eth_dst(), HOST_A_MAC);
+    let quoted = view.quoted();
+    let inner = View6::new(&quoted);
+    assert_eq!(
+        (inner.src(), inner.src_port(), inner.dst(), inner.dst_port()),
+        (HOST_A, 40000, REMOTE, 443)
+    );
+
+    // The same from the remote end, its quote cut to the first 8 bytes of
+    // TCP (the checksum is not in it).
+    let error = frames6::icmp_error(
+        REMOTE,
+        EGRESS_A,
+        Icmpv6Type::PacketTooBig { mtu: 1400 },
+        quote,
+        40 + 8,
+    );
+    let back = translate_back(&h, &error);
+    let view = View6::new(&back);
+    assert_eq!((view.src(), view.dst()), (REMOTE, HOST_A));
+    let quoted = view.quoted();
+    let inner = View6::new(&quoted);
+    assert_eq!((inner.src(), inner.src_port()), (HOST_A, 40000));
+    assert_eq!(h.counter(Counter::InIcmpErrorTranslated), 2);
+}
+
+#[test]
+fn time_exceeded_about_translated_datagrams_and_echoes_comes_back() {
+    let Some(h) = harness() else { return };
+    // Traceroute over UDP, quoted whole: the quoted UDP checksum is checked.
+    let sent = translate_out(
+        &h,
+        &frames6::udp(sock(HOST_B, 5000), sock(REMOTE, 33434), b"probe"),
+    );
+    let quote = frames6::ip_packet(&sent);
+    let error = frames6::icmp_error(ROUTER, EGRESS_B, TIME_EXCEEDED, quote, quote.len());
+    let back = translate_back(&h, &error);
+    let view = View6::new(&back);
+    assert_eq!((view.dst(), view.icmp_type()), (HOST_B, 3));
+    let quoted = view.quoted();
+    let inner = View6::new(&quoted);
+    assert_eq!(
+        (inner.src(), inner.src_port(), inner.dst_port()),
+        (HOST_B, 5000, 33434)
+    );
+
+    // Traceroute over echo: the quoted echo's id and checksum (which
+    // covers the quoted addresses) come back to the host's.
+    let sent = translate_out(&h, &frames6::echo_request(HOST_A, REMOTE, 900, 3));
+    let quote = frames6::ip_packet(&sent);
+    let error = frames6::icmp_error(ROUTER, EGRESS_A, TIME_EXCEEDED, quote, quote.len());
+    let back = translate_back(&h, &error);
+    let view = View6::new(&back);
+    assert_eq!(view.dst(), HOST_A);
+    let quoted = view.quoted();
+    let inner = View6::new(&quoted);
+    assert_eq!((inner.src(), inner.echo_id()), (HOST_A, 900));
+    assert_eq!(h.counter(Counter::InIcmpErrorTranslated), 2);
+}
+
+#[test]
+fn errors_about_no_flow_or_unsupported_quotes_are_dropped() {
+    let Some(h) = harness() else { return };
+    let sent = translate_out(
+        &h,
+        &frames6::udp(sock(HOST_A, 6000), sock(REMOTE, 53), b"q"),
+    );
+    // A packet this egress address never sent.
+    let bogus = frames6::udp(sock(EGRESS_A, 1), sock(REMOTE, 53), b"?");
+    let quote = frames6::ip_packet(&bogus);
+    let error = frames6::icmp_error(ROUTER, EGRESS_A, TIME_EXCEEDED, quote, quote.len());
+    assert_eq!(h.reply(&error).action, XDP_DROP);
+    // A packet of a flow, but quoted as sent from another address than
+    // the one the error goes to.
+    let mut other = sent.clone();
+    other[frames::ETH_LEN + 8..frames::ETH_LEN + 24].copy_from_slice(&EGRESS_B.octets());
+    let quote = frames6::ip_packet(&other);
+    let error = frames6::icmp_error(ROUTER, EGRESS_A, TIME_EXCEEDED, quote, quote.len());
+    assert_eq!(h.reply(&error).action, XDP_DROP);
+    assert_eq!(h.counter(Counter::InDropNoFlow), 2);
+
+    // A quote with extension headers is not one the NAT made.
+    let with_options = frames6::with_dest_options(&sent, 1);
+    let quote = frames6::ip_packet(&with_options);
+    let error = frames6::icmp_error(ROUTER, EGRESS_A, TIME_EXCEEDED, quote, quote.len());
+    assert_eq!(h.reply(&error).action, XDP_DROP);
+    assert_eq!(h.counter(Counter::InDropUnsupported), 1);
+    // Nor one too short to hold the ports.
+    let quote = frames6::ip_packet(&sent);
+    let error = frames6::icmp_error(ROUTER, EGRESS_A, TIME_EXCEEDED, quote, 40 + 4);
+    assert_eq!(h.reply(&error).action, XDP_DROP);
+    assert_eq!(h.counter(Counter::InDropMalformed), 1);
+    assert_eq!(h.counter(Counter::InIcmpErrorTranslated), 0);
+}
+
+#[test]
+fn a_tenant_hosts_error_about_a_reply_goes_out_translated() {
+    let Some(h) = harness() else { return };
+    let out = translate_out(
+        &h,
+        &frames6::udp(sock(HOST_A, 6000), sock(REMOTE, 53), b"q"),
+    );
+    let nat_port = View6::new(&out).src_port();
+    // The remote's late answer, as the tenant host received it...
+    let delivered = translate_back(
+        &h,
+        &frames6::udp(sock(REMOTE, 53), sock(EGRESS_A, nat_port), b"late"),
+    );
+    // ...and the host's port unreachable about it, quoting it whole.
+    let quote = frames6::ip_packet(&delivered);
+    let error = frames6::icmp_error(
+        HOST_A,
+        REMOTE,
+        Icmpv6Type::DestinationUnreachable(DestUnreachableCode::Port),
+        quote,
+        quote.len(),
+    );
+    let sent = translate_out(&h, &error);
+    let view = View6::new(&sent);
+    assert_eq!(
+        (view.src(), view.dst(), view.icmp_type()),
+        (EGRESS_A, REMOTE, 1),
+        "the host's address must not leave"
+    );
+    assert_eq!(view.hop_limit(), 63);
+    assert_eq!(view.eth_dst(), ROUTER_MAC);
+    let quoted = view.quoted();
+    let inner = View6::new(&quoted);
+    assert_eq!(
+        (inner.src(), inner.src_port(), inner.dst(), inner.dst_port()),
+        (REMOTE, 53, EGRESS_A, nat_port)
+    );
+    assert_eq!(h.counter(Counter::OutIcmpErrorTranslated), 1);
+
+    // About a reply no flow of this host had: nothing leaves.
+    let stray = frames6::udp(sock(REMOTE, 53), sock(HOST_A, 6001), b"?");
+    let quote = frames6::ip_packet(&stray);
+    let error = frames6::icmp_error(
+        HOST_A,
+        REMOTE,
+        Icmpv6Type::DestinationUnreachable(DestUnreachableCode::Port),
+        quote,
+        quote.len(),
+    );
+    assert_eq!(h.outbound(&error).action, XDP_DROP);
+    assert_eq!(h.counter(Counter::OutDropInvalid), 1);
 }

@@ -67,7 +67,9 @@ pub struct Attachment {
 /// runs, IPv6 frames pass to the kernel (`*_ipv6_unserved`), which the
 /// leak guard keeps from forwarding tenant sources out.
 fn fill_v6_programs(ebpf: &mut Ebpf) -> anyhow::Result<()> {
-    use egress_common::config::{V6_SLOT_NEW_FLOW, V6_SLOT_OUTBOUND, V6_SLOT_REPLY};
+    use egress_common::config::{
+        V6_SLOT_ICMP_ERR, V6_SLOT_NEW_FLOW, V6_SLOT_OUTBOUND, V6_SLOT_REPLY,
+    };
     for (array, programs) in [
         (
             names::V6_PROGRAMS_XDP,
@@ -75,6 +77,7 @@ fn fill_v6_programs(ebpf: &mut Ebpf) -> anyhow::Result<()> {
                 (V6_SLOT_OUTBOUND, names::PROG_SNAT_OUTBOUND6),
                 (V6_SLOT_REPLY, names::PROG_SNAT_REPLY6),
                 (V6_SLOT_NEW_FLOW, names::PROG_SNAT_NEW_FLOW6),
+                (V6_SLOT_ICMP_ERR, names::PROG_SNAT_ICMP6_ERR),
             ],
         ),
         (
@@ -83,6 +86,7 @@ fn fill_v6_programs(ebpf: &mut Ebpf) -> anyhow::Result<()> {
                 (V6_SLOT_OUTBOUND, names::PROG_TC_OUTBOUND6),
                 (V6_SLOT_REPLY, names::PROG_TC_REPLY6),
                 (V6_SLOT_NEW_FLOW, names::PROG_TC_NEW_FLOW6),
+                (V6_SLOT_ICMP_ERR, names::PROG_TC_ICMP6_ERR),
             ],
         ),
     ] {
@@ -147,6 +151,7 @@ impl Dataplane {
             conntrack_entries,
         )?;
         replace_resized_ring(pin_dir, event_ring_bytes)?;
+        replace_resized_program_arrays(pin_dir)?;
         let mut loader = EbpfLoader::new();
         for name in names::ALL_MAPS {
             loader.map_pin_path(name, pin_dir.join(name));
@@ -161,6 +166,7 @@ impl Dataplane {
             names::PROG_SNAT_OUTBOUND6,
             names::PROG_SNAT_REPLY6,
             names::PROG_SNAT_NEW_FLOW6,
+            names::PROG_SNAT_ICMP6_ERR,
         ] {
             let program: &mut Xdp = program_mut(&mut ebpf, name)?.try_into()?;
             program
@@ -176,6 +182,7 @@ impl Dataplane {
             names::PROG_TC_OUTBOUND6,
             names::PROG_TC_REPLY6,
             names::PROG_TC_NEW_FLOW6,
+            names::PROG_TC_ICMP6_ERR,
         ] {
             let program: &mut SchedClassifier = program_mut(&mut ebpf, name)?.try_into()?;
             program
@@ -551,6 +558,28 @@ fn replace_resized_ring(pin_dir: &Path, bytes: u32) -> anyhow::Result<()> {
         }
         _ => Ok(()),
     }
+}
+
+/// Program arrays pinned by an agent with fewer (or more) IPv6 slots are
+/// unpinned, so this load creates them with `V6_SLOTS`: the programs
+/// attached before keep the old array until they are swapped out.
+fn replace_resized_program_arrays(pin_dir: &Path) -> anyhow::Result<()> {
+    let slots = egress_common::config::V6_SLOTS;
+    for name in [names::V6_PROGRAMS_XDP, names::V6_PROGRAMS_TC] {
+        let path = pin_dir.join(name);
+        if let Ok(info) = aya::maps::MapInfo::from_pin(&path)
+            && info.max_entries() != slots
+        {
+            tracing::info!(
+                map = name,
+                from = info.max_entries(),
+                to = slots,
+                "the IPv6 program array changes size"
+            );
+            std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+        }
+    }
+    Ok(())
 }
 
 /// Removes every pin of an instance, links first (which detaches the
