@@ -5,7 +5,11 @@
 //! leaves from its own egress address; a host in no tenant gets nothing
 //! out in either; nothing from outside reaches a tenant host. Needs root.
 
-use std::net::{Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::{
+    net::{Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
+    process::Stdio,
+    time::{Duration, Instant},
+};
 
 use egress_tests::{
     agent::Agent,
@@ -149,4 +153,46 @@ fn path_mtu_discovery_over_ipv6_works_through_the_gateway() {
         route.contains("mtu 1280"),
         "the tenant host learned the path MTU: {route}"
     );
+}
+
+#[test]
+fn each_ipv6_egress_address_is_announced_when_it_appears() {
+    if !require_root() {
+        return;
+    }
+    let net = Topology::seed();
+    net.add_ipv6();
+    // tcpdump (not ours) on the server's side, listening before the agent
+    // adds its addresses: an unsolicited Neighbor Advertisement each.
+    let mut tcpdump = net
+        .external
+        .command("tcpdump")
+        .args(["-l", "-nn", "-i", "eth0", "icmp6 and ip6[40] == 136"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting tcpdump");
+    // Listening once its packet socket exists.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        let listening = net.external.try_run("ss", &["-H", "-0"]);
+        if !listening.stdout.is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let agent = Agent::start(&net.gateway, &dual_stack_config(4096));
+    std::thread::sleep(Duration::from_secs(1));
+    let _ = tcpdump.kill();
+    let out = tcpdump.wait_with_output().expect("tcpdump output");
+    let seen = String::from_utf8_lossy(&out.stdout);
+    for address in [EGRESS_A_V6, EGRESS_B_V6] {
+        assert!(
+            seen.lines().any(|l| l.contains("neighbor advertisement")
+                && l.contains(&format!("tgt is {address}"))),
+            "no advertisement of {address}; tcpdump saw:\n{seen}\nagent log:\n{}",
+            agent.log()
+        );
+    }
 }
