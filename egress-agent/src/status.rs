@@ -230,6 +230,13 @@ fn render_audit(out: &mut String, status: &Status) {
          write errors: log {}, ipfix {}",
         view.sink_lost, view.follower_lost, view.log_errors, view.ipfix_errors
     );
+    if view.ipfix_skipped > 0 {
+        let _ = writeln!(
+            out,
+            "  not sent over IPFIX: {} (IPv6 flows: no NAT66 session event)",
+            view.ipfix_skipped
+        );
+    }
 }
 
 pub fn render_status(status: &Status) -> String {

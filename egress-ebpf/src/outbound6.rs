@@ -24,6 +24,7 @@ use egress_common::{
 use crate::{
     classify, conntrack,
     conntrack::TranslationV6,
+    events,
     forward::{self, Route},
     hook::{Hook, L4FixV6},
     limits,
@@ -192,6 +193,7 @@ fn new_flow<H: Hook>(
         .map_err(|refused| limits::refused(usage, refused))?;
     if created {
         limits::created(usage);
+        events::flow_created_v6(key, (&nat_addr, nat_port), tenant, now);
     }
     count(Counter::OutNewFlow);
     Ok(send(ctx, frame, transport, (&nat_addr, nat_port), route))

@@ -2,11 +2,13 @@
 //! in network namespaces, recorded in the JSON log, exported over IPFIX to
 //! Debian's nfcapd (an independent decoder) and streamed to `flows
 //! --follow`; `log lookup` then answers for flows already swept, with the
-//! address and port the server saw. Needs root and nfdump.
+//! address and port the server saw; IPv6 flows alike in the log, on
+//! `--follow` and in `log lookup`, and left out of IPFIX, counted. Needs
+//! root and nfdump.
 
 use std::{
     io::{BufRead as _, BufReader},
-    net::{SocketAddr, SocketAddrV4},
+    net::{SocketAddr, SocketAddrV4, SocketAddrV6},
     time::Duration,
 };
 
@@ -16,13 +18,21 @@ use egress_tests::{
     collector::Nfcapd,
     peers::TempDir,
     require_root,
-    topology::{EGRESS_A, EGRESS_B, HOST_A, HOST_B, SERVER, Topology, seed_config},
+    topology::{
+        EGRESS_A, EGRESS_A_V6, EGRESS_B, HOST_A, HOST_B, SERVER, SERVER_V6, Topology,
+        dual_stack_config, ipv6_of, seed_config,
+    },
     traffic::{curl, http_server, udp_echo_server, udp_request},
 };
 
 /// The seed's tenants, short timeouts and sweeps (so flows end within the
 /// test), and the translation log in `dir` plus IPFIX to `collector`.
 fn config(dir: &TempDir, collector: SocketAddr) -> String {
+    config_on(&seed_config(4096), dir, collector)
+}
+
+/// `config` on the tenants of `base` (which ends in its `conntrack`).
+fn config_on(base: &str, dir: &TempDir, collector: SocketAddr) -> String {
     format!(
         "{}  sweepInterval: 1
   timeouts: {{tcpTimeWait: 2, tcpFinWait: 2, tcpClose: 2, udp: 2, udpReplied: 2, icmp: 2}}
@@ -33,7 +43,7 @@ audit:
   ipfix: {collector}
   ipfixObservationDomain: 7
 ",
-        seed_config(4096),
+        base,
         dir.join("translations.jsonl").display()
     )
 }
@@ -355,4 +365,94 @@ fn a_stop_records_the_flows_it_takes_down_and_a_kept_dataplane_ends_none() {
         assert_eq!(end.outbound.map(|t| t.packets), Some(1));
         assert_eq!(end.inbound.map(|t| t.packets), Some(1));
     }
+}
+
+#[test]
+fn an_ipv6_flow_is_logged_followed_and_looked_up_and_left_out_of_ipfix_counted() {
+    if !require_root() {
+        return;
+    }
+    let net = Topology::seed();
+    net.add_ipv6();
+    let dir = TempDir::new("auditlog6");
+    // Nobody listens at the collector: the exporter's sends still go out.
+    let collector = SocketAddr::from((SERVER, 4739));
+    let agent = Agent::start(
+        &net.gateway,
+        &config_on(&dual_stack_config(4096), &dir, collector),
+    );
+    let mut follower = agent.spawn_cli(&["flows", "--follow", "--json"]);
+    wait_until("the follower to connect", Duration::from_secs(5), || {
+        agent.status()["live"]["audit"]["followers"] == 1
+    });
+    let server = SocketAddr::V6(SocketAddrV6::new(SERVER_V6, 8080, 0, 0));
+    let web = http_server(&net.external, server);
+    curl(&net.host(HOST_A).ns, &format!("http://[{SERVER_V6}]:8080/")).expect("GET over IPv6");
+    let peer = web.peers()[0];
+    assert_eq!(peer.ip(), EGRESS_A_V6);
+
+    wait_until(
+        "the IPv6 flow to end in the log",
+        Duration::from_secs(15),
+        || {
+            read_log(&dir)
+                .iter()
+                .any(|e| e.event == EventKind::End && e.outside == peer)
+        },
+    );
+    let events = read_log(&dir);
+    let created = one(&events, EventKind::Create, peer);
+    assert_eq!(
+        (created.tenant.as_str(), created.protocol.as_str()),
+        ("tenant-a", "tcp")
+    );
+    assert_eq!(created.inside.ip(), ipv6_of(HOST_A));
+    assert_eq!(created.destination, Some(server));
+    let ended = one(&events, EventKind::End, peer);
+    assert_eq!(ended.reason, Some(EndReason::Closed));
+    assert_eq!(ended.inside, created.inside);
+
+    let log = dir.join("translations.jsonl");
+    let found = agent.cli(&[
+        "log",
+        "lookup",
+        "--file",
+        &log.to_string_lossy(),
+        "--address",
+        &EGRESS_A_V6.to_string(),
+        "--port",
+        &peer.port().to_string(),
+        "--at",
+        &(created.start + jiff::SignedDuration::from_millis(1)).to_string(),
+    ]);
+    assert!(found.status.success(), "lookup: {}", found.stderr);
+    let lines: Vec<&str> = found.stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "{}", found.stdout);
+    assert!(lines[0].contains("tenant-a"), "{}", lines[0]);
+    assert!(
+        lines[0].contains(&created.inside.to_string()),
+        "{}",
+        lines[0]
+    );
+
+    // IPFIX: both records left out and counted, not errors (the log is
+    // written first, the exporter right after).
+    wait_until("IPFIX to skip both records", Duration::from_secs(5), || {
+        agent.status()["live"]["audit"]["ipfixSkipped"] == 2
+    });
+    let status = agent.status();
+    assert_eq!(status["live"]["audit"]["ipfixErrors"], 0, "{status:#}");
+    assert_eq!(status["counters"]["events_lost"].as_u64().unwrap_or(0), 0);
+    drop(agent);
+    let followed: Vec<TranslationEvent> = BufReader::new(follower.stdout.take().expect("stdout"))
+        .lines()
+        .map(|line| serde_json::from_str(&line.expect("line")).expect("record"))
+        .collect();
+    let _ = follower.wait();
+    assert!(
+        followed
+            .iter()
+            .any(|e| e.event == EventKind::Create && e.outside == peer),
+        "{followed:#?}"
+    );
 }

@@ -3,12 +3,13 @@
 //! with the tuple the packet was translated to; the sweeper's expiry, a
 //! reset connection's close and a configuration change each produce the
 //! end record with their reason and the flow's counters; a ring too small
-//! for a flood counts every event it could not hold. Run for both hooks
-//! (`EGRESS_TEST_HOOK=tc`). Needs root.
+//! for a flood counts every event it could not hold; an IPv6 (NAT66) flow
+//! is reported in a record of its own kind and logged with its IPv6 ends.
+//! Run for both hooks (`EGRESS_TEST_HOOK=tc`). Needs root.
 
 use std::{
     collections::HashMap,
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -17,7 +18,7 @@ use egress_agent::{
     audit::{
         Audit, Sink,
         event::{EndReason, EventKind, TranslationEvent},
-        ring::RingReader,
+        ring::{RawEvent, RingReader},
     },
     config::Timeouts,
     conntrack::{self, now_ns},
@@ -25,11 +26,13 @@ use egress_agent::{
 use egress_common::{
     config::CONFIG_F_FLOW_EVENTS,
     counters::Counter,
-    events::{EVENT_FLOW_CREATED, FlowEventV4},
+    events::{EVENT_FLOW_CREATED, EVENT_FLOW_CREATED_V6},
+    flow::{DIR_OUTBOUND, PROTO_TCP},
 };
 use egress_tests::{
     frames::{self, Tcp, View},
-    harness::{Harness, XDP_REDIRECT},
+    frames6::{self, View6},
+    harness::{CONFIG_DUAL_STACK, Harness, XDP_REDIRECT},
     peers::TempDir,
     require_root,
 };
@@ -38,9 +41,19 @@ const HOST_A: Ipv4Addr = Ipv4Addr::new(172, 20, 10, 10);
 const HOST_B: Ipv4Addr = Ipv4Addr::new(172, 20, 20, 10);
 const EGRESS_A: Ipv4Addr = Ipv4Addr::new(192, 168, 31, 101);
 const REMOTE: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
+// CONFIG_DUAL_STACK's IPv6 side.
+const HOST_A6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x10, 0, 0, 0, 0, 0x10);
+const HOST_B6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x20, 0, 0, 0, 0, 0x10);
+const EGRESS_A6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x31, 0, 0, 0, 0, 0x101);
+const EGRESS_B6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x31, 0, 0, 0, 0, 0x150);
+const REMOTE6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 7);
 
 fn sock(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(ip, port)
+}
+
+fn sock6(ip: Ipv6Addr, port: u16) -> SocketAddrV6 {
+    SocketAddrV6::new(ip, port, 0, 0)
 }
 
 /// Keeps what the pipeline delivers, for the test to look at.
@@ -79,7 +92,18 @@ fn with_pipeline() -> Option<(Harness, Audit, Collected, TempDir)> {
     if !require_root() {
         return None;
     }
-    let h = Harness::new();
+    pipeline_on(Harness::new())
+}
+
+/// `with_pipeline` on a harness of `CONFIG_DUAL_STACK`.
+fn with_pipeline_dual_stack() -> Option<(Harness, Audit, Collected, TempDir)> {
+    if !require_root() {
+        return None;
+    }
+    pipeline_on(Harness::with_config(CONFIG_DUAL_STACK))
+}
+
+fn pipeline_on(h: Harness) -> Option<(Harness, Audit, Collected, TempDir)> {
     let run_dir = TempDir::new("audit");
     let collected = Collected::default();
     let audit = Audit::start(
@@ -290,12 +314,15 @@ audit: {eventRingSize: 64KiB}
         );
     }
     let mut reader = RingReader::open(h.pin_dir()).expect("ring");
-    let mut held: Vec<FlowEventV4> = Vec::new();
+    let mut held: Vec<RawEvent> = Vec::new();
     reader.drain(usize::MAX, &mut held);
     let lost = h.counter(Counter::EventsLost);
     assert!(lost > 0, "a 64 KiB ring cannot hold {flows} events");
     assert_eq!(held.len() as u64 + lost, u64::from(flows));
-    assert!(held.iter().all(|e| e.kind == EVENT_FLOW_CREATED));
+    assert!(
+        held.iter()
+            .all(|e| matches!(e, RawEvent::V4(e) if e.kind == EVENT_FLOW_CREATED))
+    );
     assert_eq!(
         h.flow_count(),
         usize::from(flows),
@@ -316,4 +343,99 @@ fn without_anyone_asking_the_dataplane_reports_nothing() {
         .drain(usize::MAX, &mut held);
     assert!(held.is_empty());
     assert_eq!(h.counter(Counter::EventsLost), 0);
+}
+
+#[test]
+fn an_ipv6_new_flow_is_one_record_of_its_own_kind_in_the_ring() {
+    if !require_root() {
+        return;
+    }
+    let h = Harness::with_config(CONFIG_DUAL_STACK);
+    let mut config = h.maps.config.get(&0, 0).expect("config");
+    config.flags |= CONFIG_F_FLOW_EVENTS;
+    let mut maps = egress_agent::dataplane::maps::Maps::open(h.pin_dir()).expect("maps");
+    maps.config.set(0, config, 0).expect("config");
+    let before = now_ns();
+    // An IPv4 flow, then an IPv6 one of two packets: one record each.
+    out(&h, &frames::udp(sock(HOST_A, 5000), sock(REMOTE, 53), b"q"));
+    let syn = out(
+        &h,
+        &frames6::tcp(sock6(HOST_A6, 41234), sock6(REMOTE6, 443), Tcp::Syn, b""),
+    );
+    out(
+        &h,
+        &frames6::tcp(sock6(HOST_A6, 41234), sock6(REMOTE6, 443), Tcp::Ack, b"x"),
+    );
+    let sent = View6::new(&syn);
+    assert_eq!(sent.src(), EGRESS_A6);
+    let mut held: Vec<RawEvent> = Vec::new();
+    RingReader::open(h.pin_dir())
+        .expect("ring")
+        .drain(usize::MAX, &mut held);
+    assert_eq!(held.len(), 2, "{held:#?}");
+    assert!(matches!(held[0], RawEvent::V4(e) if e.kind == EVENT_FLOW_CREATED));
+    let RawEvent::V6(v6) = held[1] else {
+        panic!("not an IPv6 record: {:?}", held[1]);
+    };
+    assert_eq!(v6.kind, EVENT_FLOW_CREATED_V6);
+    assert_eq!(v6.tenant, h.maps.tenant_ids().expect("ids")["tenant-a"]);
+    assert_eq!(v6.key.src, HOST_A6.octets());
+    assert_eq!(v6.key.dst, REMOTE6.octets());
+    assert_eq!(u16::from_be(v6.key.src_port), 41234);
+    assert_eq!(u16::from_be(v6.key.dst_port), 443);
+    assert_eq!((v6.key.proto, v6.key.direction), (PROTO_TCP, DIR_OUTBOUND));
+    // The tuple the packet left with.
+    assert_eq!(v6.nat_addr, EGRESS_A6.octets());
+    assert_eq!(u16::from_be(v6.nat_port), sent.src_port());
+    assert!(v6.time_ns >= before && v6.time_ns <= now_ns() + 20_000_000);
+    assert_eq!(h.counter(Counter::EventsLost), 0);
+}
+
+#[test]
+fn ipv6_flows_are_logged_with_their_ipv6_ends_created_and_ended() {
+    let Some((mut h, audit, collected, _run)) = with_pipeline_dual_stack() else {
+        return;
+    };
+    let syn = out(
+        &h,
+        &frames6::tcp(sock6(HOST_A6, 41234), sock6(REMOTE6, 443), Tcp::Syn, b""),
+    );
+    let tcp_nat = View6::new(&syn).src_port();
+    let echo = out(&h, &frames6::echo_request(HOST_B6, REMOTE6, 77, 1));
+    let echo_id = View6::new(&echo).echo_id();
+    let events = collected.wait_for(2);
+    let tcp = &events[0];
+    assert_eq!(tcp.event, EventKind::Create);
+    assert_eq!(
+        (tcp.tenant.as_str(), tcp.protocol.as_str()),
+        ("tenant-a", "tcp")
+    );
+    assert_eq!(tcp.inside, SocketAddr::from(sock6(HOST_A6, 41234)));
+    assert_eq!(tcp.outside, SocketAddr::from(sock6(EGRESS_A6, tcp_nat)));
+    assert_eq!(tcp.destination, Some(SocketAddr::from(sock6(REMOTE6, 443))));
+    let icmp = &events[1];
+    assert_eq!(
+        (icmp.tenant.as_str(), icmp.protocol.as_str()),
+        ("tenant-b", "icmpv6")
+    );
+    assert_eq!(icmp.inside, SocketAddr::from(sock6(HOST_B6, 77)));
+    assert_eq!(icmp.outside, SocketAddr::from(sock6(EGRESS_B6, echo_id)));
+
+    // Expired, both end with the same ends.
+    let report = h.sweep(now_ns() + 3_600_000_000_000, &Timeouts::default());
+    assert_eq!(report.ended.len(), 2);
+    audit.handle().ended(&report.ended);
+    let events = collected.wait_for(4);
+    let ended = events
+        .iter()
+        .find(|e| e.event == EventKind::End && e.protocol == "tcp")
+        .expect("the TCP flow's end");
+    assert_eq!(ended.reason, Some(EndReason::Expired));
+    assert_eq!(
+        (ended.inside, ended.outside, ended.destination),
+        (tcp.inside, tcp.outside, tcp.destination)
+    );
+    assert_eq!(ended.outbound.map(|t| t.packets), Some(1));
+    assert_eq!(h.counter(Counter::EventsLost), 0);
+    audit.stop(Duration::from_secs(1));
 }

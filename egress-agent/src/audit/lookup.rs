@@ -60,6 +60,8 @@ pub enum Protocol {
     Tcp,
     Udp,
     Icmp,
+    /// ICMPv6 echo (IPv6 flows).
+    Icmpv6,
 }
 
 impl Protocol {
@@ -68,6 +70,7 @@ impl Protocol {
             Protocol::Tcp => "tcp",
             Protocol::Udp => "udp",
             Protocol::Icmp => "icmp",
+            Protocol::Icmpv6 => "icmpv6",
         }
     }
 }
@@ -448,6 +451,30 @@ mod tests {
             let found = scan(&text, &query(Some(40001), moment, moment));
             assert!(found.held.is_empty(), "{moment}: {:?}", found.held);
         }
+    }
+
+    #[test]
+    fn an_ipv6_flow_is_found_by_its_ipv6_egress_address() {
+        let v6 = |kind| {
+            let mut e = event(kind, 1);
+            e.inside = "[2001:db8:10::10]:30001".parse().expect("addr");
+            e.outside = "[2001:db8:31::101]:40001".parse().expect("addr");
+            e.destination = Some("[2001:db8:100::7]:443".parse().expect("addr"));
+            e
+        };
+        // The IPv4 flow of the same port beside it is not the answer.
+        let text = lines(&[
+            event(EventKind::Create, 1),
+            v6(EventKind::Create),
+            event(EventKind::End, 1),
+            v6(EventKind::End),
+        ]);
+        let (start, _) = times(1);
+        let mut q = query(Some(40001), start, start);
+        q.address = "2001:db8:31::101".parse().expect("ip");
+        let found = scan(&text, &q);
+        assert_eq!(found.held, [Held::new(v6(EventKind::End))]);
+        assert!(found.held[0].line().contains("[2001:db8:10::10]:30001"));
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! `event` is the record every part agrees on (one JSON line each);
 //! `ring` turns the dataplane's creation events into records; `jsonlog`
 //! writes them to a rotated file or stdout; `ipfix` exports them to a
-//! collector as RFC 8158 NAT44 session events; `pipeline` fans events out
+//! collector as RFC 8158 NAT44 session events (IPv6 flows are left out
+//! there, counted); `pipeline` fans events out
 //! to the sinks and live followers and counts every one it could not
 //! deliver; `lookup` answers "who was this address and port at that
 //! moment" from the log files.
@@ -70,6 +71,13 @@ pub fn export(exporter: &Exporter, audit: &AuditHandle) {
              egress_audit_sink_errors_total{{sink=\"log\"}} {}\n\
              egress_audit_sink_errors_total{{sink=\"ipfix\"}} {}",
             view.log_errors, view.ipfix_errors
+        );
+        let _ = writeln!(
+            out,
+            "# HELP egress_audit_events_skipped_total Translation events a sink cannot express and left out: IPv6 flows over IPFIX, which has no NAT66 session event.\n\
+             # TYPE egress_audit_events_skipped_total counter\n\
+             egress_audit_events_skipped_total{{sink=\"ipfix\",reason=\"ipv6\"}} {}",
+            view.ipfix_skipped
         );
     });
 }

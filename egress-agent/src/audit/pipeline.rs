@@ -52,6 +52,11 @@ pub trait Sink: Send {
     /// `log` or `ipfix`: the label of its errors.
     fn name(&self) -> &'static str;
     fn write(&mut self, events: &[TranslationEvent]) -> anyhow::Result<()>;
+    /// Events this sink cannot express and left out since the last call
+    /// (IPFIX: IPv6 flows), counted apart from its errors.
+    fn take_skipped(&mut self) -> u64 {
+        0
+    }
 }
 
 /// What the pipeline counted, for `status` and `/metrics`.
@@ -66,6 +71,8 @@ pub struct AuditStats {
     pub ring_lost: AtomicU64,
     pub log_errors: AtomicU64,
     pub ipfix_errors: AtomicU64,
+    /// Events the IPFIX exporter cannot express (IPv6) and left out.
+    pub ipfix_skipped: AtomicU64,
 }
 
 /// A snapshot of the counts, as `status` shows them.
@@ -82,6 +89,10 @@ pub struct AuditView {
     pub follower_lost: u64,
     pub log_errors: u64,
     pub ipfix_errors: u64,
+    /// IPv6 events the IPFIX exporter left out (no NAT66 session event
+    /// exists to send them as).
+    #[serde(default)]
+    pub ipfix_skipped: u64,
 }
 
 /// Per tenant: what its ended flows add up to.
@@ -201,6 +212,7 @@ impl AuditHandle {
             follower_lost: self.shared.followers.lost.load(Ordering::Relaxed),
             log_errors: stats.log_errors.load(Ordering::Relaxed),
             ipfix_errors: stats.ipfix_errors.load(Ordering::Relaxed),
+            ipfix_skipped: stats.ipfix_skipped.load(Ordering::Relaxed),
         }
     }
 
@@ -346,7 +358,11 @@ fn spawn_writer(
             let mut warned: HashMap<&'static str, Instant> = HashMap::new();
             while let Ok(batch) = batches.recv() {
                 for sink in &mut sinks {
-                    if let Err(err) = sink.write(&batch) {
+                    let result = sink.write(&batch);
+                    stats
+                        .ipfix_skipped
+                        .fetch_add(sink.take_skipped(), Ordering::Relaxed);
+                    if let Err(err) = result {
                         let name = sink.name();
                         let counter = if name == "ipfix" {
                             &stats.ipfix_errors
@@ -442,7 +458,7 @@ fn spawn_reader(
                             .map(|event| {
                                 ring::created(
                                     event,
-                                    &handle.name_of(event.tenant),
+                                    &handle.name_of(event.tenant()),
                                     &clock,
                                     destinations,
                                 )

@@ -8,13 +8,18 @@
 //! coarse clock (one jiffy) however late the agent reads it.
 
 use std::{
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::Path,
 };
 
 use anyhow::Context as _;
 use aya::maps::{Map, MapData, RingBuf};
-use egress_common::{events::FlowEventV4, names};
+use egress_common::{
+    events::{
+        EVENT_FLOW_CREATED, EVENT_FLOW_CREATED_V6, EVENT_KIND_OFFSET, FlowEventV4, FlowEventV6,
+    },
+    names,
+};
 use jiff::{SignedDuration, Timestamp};
 
 use super::event::{EventKind, TranslationEvent, protocol_name};
@@ -35,17 +40,48 @@ impl RingReader {
         Ok(Self { ring })
     }
 
-    /// Takes up to `max` events out of the ring.
-    pub fn drain(&mut self, max: usize, out: &mut Vec<FlowEventV4>) {
+    /// Takes up to `max` events out of the ring. Records of a kind this
+    /// agent does not know, or too short for their kind, are left out.
+    pub fn drain(&mut self, max: usize, out: &mut Vec<RawEvent>) {
         while out.len() < max {
             let Some(item) = self.ring.next() else {
                 break;
             };
-            if item.len() >= size_of::<FlowEventV4>() {
-                out.push(bytemuck::pod_read_unaligned(
-                    &item[..size_of::<FlowEventV4>()],
-                ));
+            if let Some(event) = RawEvent::decode(&item) {
+                out.push(event);
             }
+        }
+    }
+}
+
+/// One record of the ring, as the dataplane wrote it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RawEvent {
+    V4(FlowEventV4),
+    V6(FlowEventV6),
+}
+
+impl RawEvent {
+    /// The record in `bytes`, told apart by its `kind` (at the same offset
+    /// in every record; see egress-common's `events`).
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        let kind = bytes.get(EVENT_KIND_OFFSET..EVENT_KIND_OFFSET + 4)?;
+        let kind = u32::from_ne_bytes(kind.try_into().ok()?);
+        match kind {
+            EVENT_FLOW_CREATED => Some(Self::V4(bytemuck::pod_read_unaligned(
+                bytes.get(..size_of::<FlowEventV4>())?,
+            ))),
+            EVENT_FLOW_CREATED_V6 => Some(Self::V6(bytemuck::pod_read_unaligned(
+                bytes.get(..size_of::<FlowEventV6>())?,
+            ))),
+            _ => None,
+        }
+    }
+
+    pub fn tenant(&self) -> u16 {
+        match self {
+            Self::V4(event) => event.tenant,
+            Self::V6(event) => event.tenant,
         }
     }
 }
@@ -84,6 +120,10 @@ fn endpoint(addr: [u8; 4], port_be: u16) -> SocketAddr {
     SocketAddr::new(IpAddr::V4(Ipv4Addr::from(addr)), u16::from_be(port_be))
 }
 
+fn endpoint_v6(addr: [u8; 16], port_be: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::V6(Ipv6Addr::from(addr)), u16::from_be(port_be))
+}
+
 /// The part of a record both creations and ends share: the protocol and
 /// the (inside, outside, destination) ends.
 fn record(
@@ -110,21 +150,35 @@ fn record(
 
 /// The record of a flow the dataplane created.
 pub fn created(
-    event: &FlowEventV4,
+    event: &RawEvent,
     tenant_name: &str,
     clock: &WallClock,
     record_destinations: bool,
 ) -> TranslationEvent {
-    let key = &event.key;
-    let ends = (
-        endpoint(key.src, key.src_port),
-        endpoint(event.nat_addr, event.nat_port),
-        endpoint(key.dst, key.dst_port),
-    );
+    let (time_ns, proto, ends) = match event {
+        RawEvent::V4(event) => {
+            let key = &event.key;
+            let ends = (
+                endpoint(key.src, key.src_port),
+                endpoint(event.nat_addr, event.nat_port),
+                endpoint(key.dst, key.dst_port),
+            );
+            (event.time_ns, key.proto, ends)
+        }
+        RawEvent::V6(event) => {
+            let key = &event.key;
+            let ends = (
+                endpoint_v6(key.src, key.src_port),
+                endpoint_v6(event.nat_addr, event.nat_port),
+                endpoint_v6(key.dst, key.dst_port),
+            );
+            (event.time_ns, key.proto, ends)
+        }
+    };
     record(
-        (key.proto, ends),
-        (event.tenant, tenant_name),
-        clock.at(event.time_ns),
+        (proto, ends),
+        (event.tenant(), tenant_name),
+        clock.at(time_ns),
         record_destinations,
     )
 }
@@ -172,6 +226,74 @@ mod tests {
             "2026-12-02T14:03:21.5Z"
         );
         assert_eq!(clock.wall(), clock.at(10_000_000_000));
+    }
+
+    #[test]
+    fn ring_records_are_told_apart_by_their_kind() {
+        let v4 = FlowEventV4 {
+            time_ns: 9_000_000_000,
+            kind: EVENT_FLOW_CREATED,
+            tenant: 3,
+            nat_port: 40312u16.to_be(),
+            key: FlowKeyV4 {
+                src: [10, 0, 1, 5],
+                dst: [203, 0, 113, 7],
+                src_port: 41234u16.to_be(),
+                dst_port: 443u16.to_be(),
+                proto: PROTO_TCP,
+                direction: DIR_OUTBOUND,
+                zone: 0,
+            },
+            nat_addr: [192, 168, 31, 101],
+            _pad: 0,
+        };
+        let v6 = FlowEventV6 {
+            time_ns: 9_000_000_000,
+            kind: EVENT_FLOW_CREATED_V6,
+            tenant: 4,
+            nat_port: 40313u16.to_be(),
+            key: FlowKeyV6 {
+                src: "fd00:10::5".parse::<Ipv6Addr>().unwrap().octets(),
+                dst: "2001:db8:113::7".parse::<Ipv6Addr>().unwrap().octets(),
+                src_port: 41235u16.to_be(),
+                dst_port: 443u16.to_be(),
+                proto: PROTO_TCP,
+                direction: DIR_OUTBOUND,
+                zone: 0,
+            },
+            nat_addr: "2001:db8:31::101".parse::<Ipv6Addr>().unwrap().octets(),
+        };
+        let v4_bytes = bytemuck::bytes_of(&v4);
+        let v6_bytes = bytemuck::bytes_of(&v6);
+        assert_eq!(RawEvent::decode(v4_bytes), Some(RawEvent::V4(v4)));
+        assert_eq!(RawEvent::decode(v6_bytes), Some(RawEvent::V6(v6)));
+        // Too short for its kind, or a kind not known: left out.
+        assert_eq!(RawEvent::decode(&v6_bytes[..40]), None);
+        let mut unknown = v4_bytes.to_vec();
+        unknown[8] = 99;
+        assert_eq!(RawEvent::decode(&unknown), None);
+
+        let clock = WallClock {
+            mono_ns: 10_000_000_000,
+            wall: "2026-12-02T14:03:22.500Z".parse().expect("time"),
+        };
+        let event = created(&RawEvent::V6(v6), "tenant-b", &clock, true);
+        assert_eq!(event.event, EventKind::Create);
+        assert_eq!(event.tenant_id, 4);
+        assert_eq!(event.protocol, "tcp");
+        assert_eq!(event.time.to_string(), "2026-12-02T14:03:21.5Z");
+        assert_eq!(event.inside, "[fd00:10::5]:41235".parse().expect("addr"));
+        assert_eq!(
+            event.outside,
+            "[2001:db8:31::101]:40313".parse().expect("addr")
+        );
+        assert_eq!(
+            event.destination,
+            Some("[2001:db8:113::7]:443".parse().expect("addr"))
+        );
+        let event = created(&RawEvent::V4(v4), "tenant-a", &clock, false);
+        assert_eq!(event.outside, "192.168.31.101:40312".parse().expect("addr"));
+        assert_eq!(event.destination, None);
     }
 
     #[test]
