@@ -339,7 +339,7 @@ fn a_stop_records_the_flows_it_takes_down_and_a_kept_dataplane_ends_none() {
     // Kept: the flow lives on in the dataplane, so nothing ends it.
     let mut agent = Agent::start_with(&net.gateway, &yaml, &["--keep-dataplane"]);
     flow(7001);
-    wait_until("the creation record", Duration::from_secs(5), || {
+    wait_until("the creation record", Duration::from_secs(15), || {
         created(&read_log(&dir), 7001)
     });
     assert!(agent.stop().success());
@@ -353,7 +353,7 @@ fn a_stop_records_the_flows_it_takes_down_and_a_kept_dataplane_ends_none() {
     agent.set_run_args(&[]);
     agent.respawn();
     flow(7002);
-    wait_until("the second creation record", Duration::from_secs(5), || {
+    wait_until("the second creation record", Duration::from_secs(15), || {
         created(&read_log(&dir), 7002)
     });
     assert!(agent.stop().success());
