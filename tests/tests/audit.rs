@@ -353,9 +353,11 @@ fn a_stop_records_the_flows_it_takes_down_and_a_kept_dataplane_ends_none() {
     agent.set_run_args(&[]);
     agent.respawn();
     flow(7002);
-    wait_until("the second creation record", Duration::from_secs(15), || {
-        created(&read_log(&dir), 7002)
-    });
+    wait_until(
+        "the second creation record",
+        Duration::from_secs(15),
+        || created(&read_log(&dir), 7002),
+    );
     assert!(agent.stop().success());
     let log = read_log(&dir);
     let ends: Vec<_> = log.iter().filter(|e| e.event == EventKind::End).collect();
