@@ -544,19 +544,25 @@ pub fn sweep_snapshot<K: FlowKey>(
 ) -> anyhow::Result<SweepReport> {
     let mut report = SweepReport::default();
     sweep_table(maps, snapshot, now_ns, timeouts, &mut report)?;
-    let stale: Vec<_> = maps
-        .frags
+    report.fragments_expired += expire_fragments(&mut maps.frags, now_ns, |e| e.created_ns);
+    report.fragments_expired += expire_fragments(&mut maps.frags_v6, now_ns, |e| e.created_ns);
+    Ok(report)
+}
+
+/// Removes the fragment memories of one family older than
+/// `FRAGMENT_LIFETIME`; how many went.
+fn expire_fragments<K: aya::Pod, V: aya::Pod>(
+    frags: &mut aya::maps::HashMap<aya::maps::MapData, K, V>,
+    now_ns: u64,
+    created_ns: impl Fn(&V) -> u64,
+) -> usize {
+    let stale: Vec<K> = frags
         .iter()
         .filter_map(Result::ok)
-        .filter(|(_, entry)| now_ns.saturating_sub(entry.created_ns) >= nanos(FRAGMENT_LIFETIME))
+        .filter(|(_, entry)| now_ns.saturating_sub(created_ns(entry)) >= nanos(FRAGMENT_LIFETIME))
         .map(|(key, _)| key)
         .collect();
-    for key in stale {
-        if maps.frags.remove(&key).is_ok() {
-            report.fragments_expired += 1;
-        }
-    }
-    Ok(report)
+    stale.iter().filter(|key| frags.remove(key).is_ok()).count()
 }
 
 /// Sweeps one family's table from `snapshot`, adding to `report`.

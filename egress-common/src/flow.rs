@@ -297,6 +297,38 @@ shared_layout! {
     }
 }
 
+shared_layout! {
+    /// Key of `FRAGS_V6`: one IPv6 datagram in fragments, as it arrived.
+    /// RFC 8200 4.5 makes (source, destination, identification) unique
+    /// for the datagram's lifetime; the zone keeps tenants apart.
+    pub struct FragKeyV6 {
+        /// Source address, network byte order.
+        pub src: [u8; 16],
+        /// Destination address, network byte order.
+        pub dst: [u8; 16],
+        /// The fragment header's identification, as on the wire.
+        pub id: [u8; 4],
+        /// `DIR_OUTBOUND` or `DIR_REPLY`.
+        pub direction: u8,
+        pub _pad: u8,
+        /// Tenant id for outbound datagrams, `REPLY_ZONE` for replies.
+        pub zone: u16,
+    }
+}
+
+shared_layout! {
+    /// Value of `FRAGS_V6`: what the first fragment was translated to.
+    pub struct FragEntryV6 {
+        /// Outbound: egress address. Reply: tenant host address.
+        pub nat_addr: [u8; 16],
+        /// Tenant id.
+        pub tenant: u16,
+        pub _pad: [u8; 6],
+        /// CLOCK_MONOTONIC_COARSE nanoseconds of the first fragment.
+        pub created_ns: u64,
+    }
+}
+
 /// TCP: SYN sent, nothing back yet.
 pub const STATE_SYN_SENT: usize = 0;
 /// TCP: the peer answered the handshake.

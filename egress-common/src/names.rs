@@ -61,6 +61,10 @@ pub const EGRESS_ADDRS_V6: &str = "EGRESS_ADDR_V6";
 /// Hash `FlowKeyV6` -> `FlowEntryV6`: both directions of every IPv6 flow.
 pub const CONNTRACK_V6: &str = "CONNTRACK_V6";
 
+/// LRU hash `FragKeyV6` -> `FragEntryV6`: IPv6 datagrams whose first
+/// fragment was translated, for the fragments that follow.
+pub const FRAGS_V6: &str = "FRAGS_V6";
+
 /// Program arrays: the IPv6 XDP (TC) programs the IPv4 ones tail-call, at
 /// `config::V6_SLOT_*`. Pinned, so a dataplane left running without its
 /// agent keeps serving IPv6 (a program array empties when nothing holds it).
@@ -68,7 +72,7 @@ pub const V6_PROGRAMS_XDP: &str = "V6_PROGRAMS_XDP";
 pub const V6_PROGRAMS_TC: &str = "V6_PROGRAMS_TC";
 
 /// Every map, in the order the agent pins them.
-pub const ALL_MAPS: [&str; 24] = [
+pub const ALL_MAPS: [&str; 25] = [
     TENANT_SOURCES_V4,
     INGRESS_PORTS,
     TENANTS,
@@ -91,6 +95,7 @@ pub const ALL_MAPS: [&str; 24] = [
     TENANT_ADDRS_V6,
     EGRESS_ADDRS_V6,
     CONNTRACK_V6,
+    FRAGS_V6,
     V6_PROGRAMS_XDP,
     V6_PROGRAMS_TC,
 ];

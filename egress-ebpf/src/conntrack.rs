@@ -439,6 +439,7 @@ pub fn create_outbound_v6(
         reply_key,
         reply: reply_entry,
         outbound: outbound_entry,
+        ..
     } = unsafe { &mut *scratch };
     init_entry_v6(
         reply_entry,

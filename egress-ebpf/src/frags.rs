@@ -7,7 +7,11 @@
 use aya_ebpf::bindings::BPF_ANY;
 use egress_common::flow::{FragEntryV4, FragKeyV4};
 
-use crate::{maps::FRAGS_V4, parse::Ipv4Frame};
+use crate::{
+    maps::{FRAG_SCRATCH_V6, FRAGS_V4, FRAGS_V6, FragScratchV6},
+    parse::Ipv4Frame,
+    parse6::{Fragment, Ipv6Frame},
+};
 
 /// The datagram's key, from the header as it arrived (before translation).
 #[inline(always)]
@@ -52,4 +56,68 @@ pub fn recall(frame: &Ipv4Frame, direction: u8, zone: u16) -> Option<FragEntryV4
     FRAGS_V4
         .get_ptr(key(frame, direction, zone))
         .map(|entry| unsafe { *entry })
+}
+
+/// This CPU's scratch, its key set to the IPv6 datagram's (as it arrived).
+#[inline(always)]
+fn scratch_v6(
+    frame: &Ipv6Frame,
+    fragment: Fragment,
+    direction: u8,
+    zone: u16,
+) -> Option<&'static mut FragScratchV6> {
+    let scratch = FRAG_SCRATCH_V6.get_ptr_mut(0)?;
+    // SAFETY: this CPU's slot; programs do not interrupt each other on a CPU.
+    let scratch = unsafe { &mut *scratch };
+    let ip = frame.ip();
+    scratch.key.src = ip.src_addr;
+    scratch.key.dst = ip.dst_addr;
+    scratch.key.id = fragment.id;
+    scratch.key.direction = direction;
+    scratch.key._pad = 0;
+    scratch.key.zone = zone;
+    Some(scratch)
+}
+
+/// `remember` for an IPv6 first fragment; call before rewriting it.
+#[inline(always)]
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "the key and entry live in map memory; by value they would be copied to the stack"
+)]
+pub fn remember_v6(
+    frame: &Ipv6Frame,
+    fragment: Fragment,
+    (direction, zone): (u8, u16),
+    nat_addr: &[u8; 16],
+    tenant: u16,
+    now: u64,
+) {
+    let Some(scratch) = scratch_v6(frame, fragment, direction, zone) else {
+        return;
+    };
+    scratch.entry.nat_addr = *nat_addr;
+    scratch.entry.tenant = tenant;
+    scratch.entry._pad = [0; 6];
+    scratch.entry.created_ns = now;
+    let _ = FRAGS_V6.insert(&scratch.key, &scratch.entry, u64::from(BPF_ANY));
+}
+
+/// The address a later IPv6 fragment's datagram was translated to.
+#[inline(always)]
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "the key lives in map memory; by value it would be copied to the stack"
+)]
+pub fn recall_v6(
+    frame: &Ipv6Frame,
+    fragment: Fragment,
+    direction: u8,
+    zone: u16,
+) -> Option<[u8; 16]> {
+    let scratch = scratch_v6(frame, fragment, direction, zone)?;
+    // SAFETY: map value pointer returned by the kernel.
+    FRAGS_V6
+        .get_ptr(&scratch.key)
+        .map(|entry| unsafe { (*entry).nat_addr })
 }

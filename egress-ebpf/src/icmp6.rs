@@ -95,7 +95,7 @@ fn from_outside<H: Hook>(ctx: &H, ingress: u32) -> Result<Verdict, Counter> {
         ctx,
         &frame,
         route,
-        fix,
+        Some(fix),
         Counter::InIcmpErrorTranslated,
     ))
 }

@@ -9,7 +9,10 @@ use egress_common::{
     config::{DataplaneConfig, InterfaceInfo},
     counters::COUNTER_COUNT,
     events::{DEFAULT_EVENT_RING_BYTES, FlowEventV4},
-    flow::{FlowEntryV4, FlowEntryV6, FlowKeyV4, FlowKeyV6, FragEntryV4, FragKeyV4},
+    flow::{
+        FlowEntryV4, FlowEntryV6, FlowKeyV4, FlowKeyV6, FragEntryV4, FragEntryV6, FragKeyV4,
+        FragKeyV6,
+    },
     inbound::{FloatingKeyV4, ForwardKeyV4, ForwardV4},
     sweep::SelfSweep,
     tenant::{
@@ -139,6 +142,8 @@ pub static FIB_QUERY_V6: PerCpuArray<aya_ebpf::bindings::bpf_fib_lookup, 1> = Pe
 /// Scratch space for a new IPv6 flow's halves, one per CPU (see
 /// `conntrack::create_outbound_v6`). Only the programs use it.
 pub struct NewFlowV6 {
+    /// The outbound program's parse, for the new-flow program it calls.
+    pub walk: crate::parse6::Walk,
     pub reply_key: FlowKeyV6,
     pub reply: FlowEntryV6,
     pub outbound: FlowEntryV6,
@@ -146,3 +151,17 @@ pub struct NewFlowV6 {
 
 #[btf_map]
 pub static NEW_FLOW_V6: PerCpuArray<NewFlowV6, 1> = PerCpuArray::new();
+
+/// First fragments' translations, for the IPv6 fragments that follow.
+#[btf_map]
+pub static FRAGS_V6: LruHashMap<FragKeyV6, FragEntryV6, 8_192> = LruHashMap::new();
+
+/// Scratch space for an IPv6 fragment's key and entry, one per CPU (see
+/// `frags`): the IPv6 programs' stacks have no room for another 40-byte key.
+pub struct FragScratchV6 {
+    pub key: FragKeyV6,
+    pub entry: FragEntryV6,
+}
+
+#[btf_map]
+pub static FRAG_SCRATCH_V6: PerCpuArray<FragScratchV6, 1> = PerCpuArray::new();

@@ -301,6 +301,19 @@ pub fn rewrite_v6(
     }
 }
 
+/// A later IPv6 fragment: only the address changes (the transport
+/// checksum covering it travelled in the first fragment).
+#[inline(always)]
+pub fn rewrite_address_v6(frame: &Ipv6Frame, side: Side, addr: &[u8; 16]) {
+    // SAFETY: header pointer bounds-checked by the parser.
+    let ip = unsafe { &mut *frame.ip };
+    if side == Side::Source {
+        ip.src_addr = *addr;
+    } else {
+        ip.dst_addr = *addr;
+    }
+}
+
 /// Where the checksum sits in an ICMPv6 header.
 const ICMP_CHECK_AT: usize = 2;
 

@@ -12,8 +12,12 @@
 //! ICMPv6 errors from tenant hosts about replies they received go on in
 //! their own program: see `icmp6`.
 //!
-//! Not yet for IPv6: fragments, port forwards and floating IPs, and flow
-//! events for the translation log.
+//! Fragments as IPv4's: a first fragment is translated as its flow and
+//! remembered (`frags`), later ones follow it. The new-flow program gets
+//! the parse handed over (`parse6::Walk`) rather than walking the
+//! extension headers again.
+//!
+//! Not yet for IPv6: port forwards and floating IPs.
 
 use egress_common::{
     config::{V6_SLOT_ICMP_ERR, V6_SLOT_NEW_FLOW},
@@ -26,13 +30,14 @@ use crate::{
     conntrack::TranslationV6,
     events,
     forward::{self, Route},
+    frags,
     hook::{Hook, L4FixV6},
     limits,
-    maps::TENANTS,
+    maps::{NEW_FLOW_V6, TENANTS},
     nat::{self, Side},
     outbound::parse_error,
     parse::Transport,
-    parse6::{self, ICMPV6_ECHO_REQUEST, Ipv6Frame},
+    parse6::{self, ICMPV6_ECHO_REQUEST, Ipv6Frame, Walk},
     verdict::{Verdict, count},
 };
 
@@ -54,8 +59,13 @@ pub fn run_new_flow<H: Hook>(ctx: &H) -> i32 {
 /// than that), so a flow created by another CPU meanwhile is joined.
 #[inline(always)]
 fn process<H: Hook>(ctx: &H, new_flows: bool) -> Result<Verdict, Counter> {
-    let Some(frame) = parse6::ipv6(ctx).map_err(parse_error)? else {
-        return Ok(Verdict::pass(Counter::OutPassNotIp));
+    let frame = if new_flows {
+        parse6::resume(ctx, handed_over()?).map_err(parse_error)?
+    } else {
+        let Some(frame) = parse6::ipv6(ctx).map_err(parse_error)? else {
+            return Ok(Verdict::pass(Counter::OutPassNotIp));
+        };
+        frame
     };
     if frame.is_link_control() || parse6::is_neighbor_discovery(ctx, &frame) {
         return Ok(Verdict::pass(Counter::OutPassLinkControl));
@@ -79,12 +89,23 @@ fn process<H: Hook>(ctx: &H, new_flows: bool) -> Result<Verdict, Counter> {
                 return expiring;
             }
             if !new_flows {
+                hand_over(&frame)?;
                 ctx.tail_call_v6(V6_SLOT_NEW_FLOW);
                 return Err(Counter::OutDropIpv6Unserved);
             }
             new_flow(ctx, &frame, &transport, &key, tenant)
         }
+        // The new-flow program sees only packets that parsed (it was
+        // called for one): what follows is left out of it.
+        Err(_) if new_flows => Err(Counter::OutDropInvalid),
         Err(err) => match classify::tenant_v6(&frame, port) {
+            // A later fragment follows its first fragment's translation.
+            Some(tenant) if frame.fragment.is_some_and(|f| f.later) => {
+                if let Some(expiring) = expiring(&frame) {
+                    return expiring;
+                }
+                later_fragment(ctx, &frame, tenant, ingress)
+            }
             // A tenant host's error about a reply it received: `icmp6` (a
             // tail call, which returns only if that program is not loaded).
             Some(_) if parse6::is_icmp_error(ctx, &frame) => {
@@ -98,6 +119,25 @@ fn process<H: Hook>(ctx: &H, new_flows: bool) -> Result<Verdict, Counter> {
             None => unclassified(ctx, &frame, ingress),
         },
     }
+}
+
+/// Leaves the parse for the new-flow program in this CPU's scratch.
+#[inline(always)]
+fn hand_over(frame: &Ipv6Frame) -> Result<(), Counter> {
+    let scratch = NEW_FLOW_V6
+        .get_ptr_mut(0)
+        .ok_or(Counter::OutDropIpv6Unserved)?;
+    // SAFETY: this CPU's slot; programs do not interrupt each other on a CPU.
+    unsafe { (*scratch).walk = frame.walk() };
+    Ok(())
+}
+
+/// The parse `hand_over` left.
+#[inline(always)]
+fn handed_over() -> Result<&'static Walk, Counter> {
+    let scratch = NEW_FLOW_V6.get_ptr(0).ok_or(Counter::OutDropIpv6Unserved)?;
+    // SAFETY: this CPU's slot, written by the program that called this one.
+    Ok(unsafe { &(*scratch).walk })
 }
 
 /// A tenant's packet whose hop limit ends here: the kernel answers it with
@@ -119,7 +159,8 @@ fn established<H: Hook>(
     ingress: u32,
 ) -> Result<Verdict, Counter> {
     // SAFETY: map value pointer returned by the kernel.
-    let (nat_addr, nat_port) = unsafe { ((*entry).nat_addr, (*entry).nat_port) };
+    let (nat_addr, nat_port, tenant) =
+        unsafe { ((*entry).nat_addr, (*entry).nat_port, (*entry).tenant) };
     let now = conntrack::now();
     let wire_len = forward::wire_len_v6(ctx, frame, transport);
     let route = forward::flow_route(entry, now, wire_len, || {
@@ -143,6 +184,7 @@ fn established<H: Hook>(
     };
     conntrack::reopen_if_closed_v6(key, entry, transport.tcp_flags);
     conntrack::touch(entry, now, frame.ip_len(), transport.tcp_flags);
+    remember_first_fragment(frame, tenant, &nat_addr, now);
     Ok(send(ctx, frame, transport, (&nat_addr, nat_port), route))
 }
 
@@ -196,6 +238,7 @@ fn new_flow<H: Hook>(
         events::flow_created_v6(key, (&nat_addr, nat_port), tenant, now);
     }
     count(Counter::OutNewFlow);
+    remember_first_fragment(frame, tenant, &nat_addr, now);
     Ok(send(ctx, frame, transport, (&nat_addr, nat_port), route))
 }
 
@@ -226,6 +269,60 @@ fn send<H: Hook>(
 ) -> Verdict {
     let fix = nat::rewrite_v6(frame, transport, Side::Source, nat_addr, nat_port);
     transmit(ctx, frame, route, fix, Counter::OutTranslated)
+}
+
+/// A first fragment's translation, remembered for the fragments that
+/// follow (before the header is rewritten: they arrive as it did).
+#[inline(always)]
+fn remember_first_fragment(frame: &Ipv6Frame, tenant: u16, nat_addr: &[u8; 16], now: u64) {
+    if let Some(fragment) = frame.fragment {
+        frags::remember_v6(
+            frame,
+            fragment,
+            (DIR_OUTBOUND, tenant),
+            nat_addr,
+            tenant,
+            now,
+        );
+    }
+}
+
+/// A fragment after the first: the address its first fragment was
+/// translated to (its ports travelled in the first), or dropped if the
+/// first was never seen.
+#[inline(always)]
+fn later_fragment<H: Hook>(
+    ctx: &H,
+    frame: &Ipv6Frame,
+    tenant: u16,
+    ingress: u32,
+) -> Result<Verdict, Counter> {
+    let fragment = frame.fragment.ok_or(Counter::OutDropFragmentUnknown)?;
+    let nat_addr = frags::recall_v6(frame, fragment, DIR_OUTBOUND, tenant)
+        .ok_or(Counter::OutDropFragmentUnknown)?;
+    let route = forward::route_v6(
+        ctx,
+        frame,
+        ingress,
+        &nat_addr,
+        &frame.ip().dst_addr,
+        (0, 0),
+        frame.ip_len(),
+    );
+    if let Some(verdict) = not_leaving(&route) {
+        return Ok(verdict);
+    }
+    nat::rewrite_address_v6(frame, Side::Source, &nat_addr);
+    forward::decrement_hop_limit(frame);
+    Ok(forward::out(
+        ctx,
+        frame.eth,
+        route,
+        None::<L4FixV6>,
+        Counter::OutFragmentTranslated,
+        Counter::OutNeighRedirected,
+    )
+    .unwrap_or(Verdict::pass(Counter::OutPassNeighFallback)))
 }
 
 /// Sends a packet already translated (`fix` is its checksum update, still

@@ -4,10 +4,12 @@
 //!
 //! Extension headers (hop-by-hop, routing, destination options) are walked
 //! up to `MAX_EXT_HEADERS`; a longer chain gets its own verdict
-//! (`ParseError::ExtHeaders`) rather than a guess. Fragments are not
-//! translated yet: a fragment header is `Unsupported`. Both verdicts come
-//! from `transport`, after classification, so only a tenant's packets
-//! are judged by them. ICMPv6 errors quoting a packet of a flow are
+//! (`ParseError::ExtHeaders`) rather than a guess, and so does a second
+//! fragment header (`Unsupported`). Both verdicts come from `transport`,
+//! after classification, so only a tenant's packets are judged by them.
+//! A fragment header is recorded (`Fragment`): a first fragment carries
+//! the transport header and is translated as its flow, a later one only
+//! payload, translated by the first one's memory (`frags`). ICMPv6 errors quoting a packet of a flow are
 //! recognised by `is_icmp_error` and parsed by `icmp_error`, in their own
 //! program (`icmp6`). Link-local and
 //! multicast traffic (Neighbor Discovery, MLD, router advertisements) never
@@ -46,14 +48,25 @@ const NEXT_DEST_OPTIONS: u8 = 60;
 /// carries at most one or two.
 pub const MAX_EXT_HEADERS: usize = 4;
 
+/// A fragment header's fields (RFC 8200 4.5).
+#[derive(Clone, Copy)]
+pub struct Fragment {
+    /// Identification, as on the wire.
+    pub id: [u8; 4],
+    /// Not the first fragment: no transport header follows.
+    pub later: bool,
+}
+
 /// An IPv6 packet in an Ethernet frame, its extension headers walked.
 pub struct Ipv6Frame {
     pub eth: *mut EthHdr,
     pub ip: *mut Ipv6Hdr,
-    /// Where the transport header starts.
+    /// Where the transport header starts (a later fragment: its payload).
     pub l4_offset: usize,
     /// The transport protocol (the last next-header value).
     pub proto: u8,
+    /// Part of a datagram in fragments.
+    pub fragment: Option<Fragment>,
 }
 
 impl Ipv6Frame {
@@ -129,6 +142,80 @@ pub fn is_ipv6(ctx: &impl Hook) -> bool {
     })
 }
 
+/// What `ipv6` found past the fixed header: handed to the new-flow program
+/// with the packet it tail-calls for, so that program does not walk the
+/// extension headers again (the walk's states, times a new flow's code,
+/// are more than the verifier allows).
+/// Plain integers only: map memory may hold any bytes, and a Rust enum
+/// or bool read from it must be valid.
+#[derive(Clone, Copy)]
+pub struct Walk {
+    pub l4_offset: usize,
+    pub proto: u8,
+    /// `WALK_WHOLE`, `WALK_FIRST_FRAGMENT` or `WALK_LATER_FRAGMENT`.
+    pub fragment: u8,
+    pub fragment_id: [u8; 4],
+}
+
+const WALK_WHOLE: u8 = 0;
+const WALK_FIRST_FRAGMENT: u8 = 1;
+const WALK_LATER_FRAGMENT: u8 = 2;
+
+impl Ipv6Frame {
+    #[inline(always)]
+    pub fn walk(&self) -> Walk {
+        let (fragment, fragment_id) = match self.fragment {
+            None => (WALK_WHOLE, [0; 4]),
+            Some(Fragment { id, later: false }) => (WALK_FIRST_FRAGMENT, id),
+            Some(Fragment { id, later: true }) => (WALK_LATER_FRAGMENT, id),
+        };
+        Walk {
+            l4_offset: self.l4_offset,
+            proto: self.proto,
+            fragment,
+            fragment_id,
+        }
+    }
+}
+
+/// The furthest a walk of `MAX_EXT_HEADERS` can reach (each header at most
+/// 2,048 bytes): a bound the verifier can see on a handed-over offset.
+const MAX_L4_OFFSET: usize = EthHdr::LEN + Ipv6Hdr::LEN + MAX_EXT_HEADERS * 2_048 + 8;
+
+/// The frame `ipv6` parsed before a tail call, its walk taken from `walk`
+/// (this CPU's hand-over; nothing runs on the CPU between the call and
+/// this program). The fixed header and the offset are checked again.
+#[inline(always)]
+pub fn resume(ctx: &impl Hook, walk: &Walk) -> Result<Ipv6Frame, ParseError> {
+    let eth: *mut EthHdr = ptr_at(ctx, 0)?;
+    let ip: *mut Ipv6Hdr = ptr_at(ctx, EthHdr::LEN)?;
+    // SAFETY: bounds checked by ptr_at.
+    let payload = usize::from(u16::from_be_bytes(unsafe { (*ip).payload_len }));
+    let l4_offset = walk.l4_offset;
+    if l4_offset > MAX_L4_OFFSET || l4_offset > EthHdr::LEN + Ipv6Hdr::LEN + payload {
+        return Err(ParseError::Malformed);
+    }
+    let fragment = match walk.fragment {
+        WALK_WHOLE => None,
+        WALK_FIRST_FRAGMENT => Some(Fragment {
+            id: walk.fragment_id,
+            later: false,
+        }),
+        WALK_LATER_FRAGMENT => Some(Fragment {
+            id: walk.fragment_id,
+            later: true,
+        }),
+        _ => return Err(ParseError::Malformed),
+    };
+    Ok(Ipv6Frame {
+        eth,
+        ip,
+        l4_offset,
+        proto: walk.proto,
+        fragment,
+    })
+}
+
 /// `Ok(None)` for frames that do not carry IPv6.
 #[inline(always)]
 pub fn ipv6(ctx: &impl Hook) -> Result<Option<Ipv6Frame>, ParseError> {
@@ -156,6 +243,7 @@ pub fn ipv6(ctx: &impl Hook) -> Result<Option<Ipv6Frame>, ParseError> {
     }
     let mut next = hdr.next_hdr;
     let mut offset = EthHdr::LEN + Ipv6Hdr::LEN;
+    let mut fragment = None;
     for _ in 0..MAX_EXT_HEADERS {
         match next {
             NEXT_HOP_BY_HOP | NEXT_ROUTING | NEXT_DEST_OPTIONS => {
@@ -165,6 +253,25 @@ pub fn ipv6(ctx: &impl Hook) -> Result<Option<Ipv6Frame>, ParseError> {
                 let ext = unsafe { *ext };
                 next = ext[0];
                 offset += (usize::from(ext[1]) + 1) * 8;
+            }
+            // Only one fragment header per packet (RFC 8200 4.1); a second
+            // stays as the protocol, which `transport` refuses.
+            NEXT_FRAGMENT if fragment.is_none() => {
+                // Next header, reserved, offset and flags, identification.
+                let header: *const [u8; 8] = ptr_at(ctx, offset)?;
+                // SAFETY: bounds checked by ptr_at.
+                let header = unsafe { *header };
+                next = header[0];
+                offset += 8;
+                let later = u16::from_be_bytes([header[2], header[3]]) >> 3 != 0;
+                fragment = Some(Fragment {
+                    id: [header[4], header[5], header[6], header[7]],
+                    later,
+                });
+                if later {
+                    // What follows is the datagram's payload, not headers.
+                    break;
+                }
             }
             _ => break,
         }
@@ -180,6 +287,7 @@ pub fn ipv6(ctx: &impl Hook) -> Result<Option<Ipv6Frame>, ParseError> {
         ip,
         l4_offset: offset,
         proto: next,
+        fragment,
     }))
 }
 
@@ -196,9 +304,14 @@ pub fn transport(
 ) -> Result<Transport, ParseError> {
     let l4 = frame.l4_offset;
     let available = frame.transport_len();
+    // A first fragment carries part of the datagram the lengths name.
+    let first_fragment = frame.fragment.is_some();
+    if frame.fragment.is_some_and(|f| f.later) {
+        return Err(ParseError::Unsupported);
+    }
     match frame.proto {
         NEXT_HOP_BY_HOP | NEXT_ROUTING | NEXT_DEST_OPTIONS => Err(ParseError::ExtHeaders),
-        // Fragments are not translated yet.
+        // A second fragment header.
         NEXT_FRAGMENT => Err(ParseError::Unsupported),
         PROTO_TCP => {
             let tcp: *mut TcpHdr = ptr_at(ctx, l4)?;
@@ -224,7 +337,12 @@ pub fn transport(
             // SAFETY: bounds checked by ptr_at.
             let hdr = unsafe { &*udp };
             let udp_len = usize::from(u16::from_be_bytes(hdr.len));
-            if udp_len < UdpHdr::LEN || udp_len > available {
+            let consistent = if first_fragment {
+                udp_len >= available
+            } else {
+                udp_len >= UdpHdr::LEN && udp_len <= available
+            };
+            if available < UdpHdr::LEN || !consistent {
                 return Err(ParseError::Malformed);
             }
             Ok(Transport {
@@ -301,7 +419,9 @@ impl IcmpErrorV6 {
 /// what `icmp_error` parses, in its own program.
 #[inline(always)]
 pub fn is_icmp_error(ctx: &impl Hook, frame: &Ipv6Frame) -> bool {
-    if frame.proto != PROTO_ICMPV6 {
+    // An error is never sent in fragments (RFC 4443 2.4 keeps it within
+    // the minimum MTU); a later fragment's bytes are payload.
+    if frame.proto != PROTO_ICMPV6 || frame.fragment.is_some() {
         return false;
     }
     // The whole header: a one-byte bound compiles to a test the verifier

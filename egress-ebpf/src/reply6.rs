@@ -10,7 +10,10 @@
 //! ICMPv6 errors about translated packets (path-MTU discovery, traceroute)
 //! go on in their own program: see `icmp6`.
 //!
-//! Not yet for IPv6: fragments, port forwards and floating IPs.
+//! Fragments of replies as IPv4's: the first translated as its flow and
+//! remembered, later ones sent to the host it went to.
+//!
+//! Not yet for IPv6: port forwards and floating IPs.
 
 use egress_common::{
     config::{ROLE_INTERNAL, V6_SLOT_ICMP_ERR},
@@ -21,6 +24,7 @@ use egress_common::{
 use crate::{
     conntrack,
     forward::{self, Route},
+    frags,
     hook::{Hook, L4FixV6},
     maps::EGRESS_ADDR_V6,
     nat::{self, Side},
@@ -54,6 +58,7 @@ fn process<H: Hook>(ctx: &H) -> Result<Verdict, Counter> {
             }
         }
         _ if !to_egress_address(&frame) => not_egress(ctx, &frame, ingress),
+        Err(_) if frame.fragment.is_some_and(|f| f.later) => later_fragment(ctx, &frame, ingress),
         // An error about a packet of a flow: `icmp6` (a tail call, which
         // returns only if that program is not loaded).
         Err(_) if parse6::is_icmp_error(ctx, &frame) => {
@@ -95,7 +100,8 @@ fn flow<H: Hook>(
         return Err(Counter::InDropTtlExceeded);
     }
     // SAFETY: map value pointer returned by the kernel.
-    let (host_addr, host_port) = unsafe { ((*entry).nat_addr, (*entry).nat_port) };
+    let (host_addr, host_port, tenant) =
+        unsafe { ((*entry).nat_addr, (*entry).nat_port, (*entry).tenant) };
     let now = conntrack::now();
     let wire_len = forward::wire_len_v6(ctx, frame, transport);
     let route = forward::flow_route(entry, now, wire_len, || {
@@ -111,8 +117,48 @@ fn flow<H: Hook>(
         check_return(&route).map(|()| route)
     })?;
     conntrack::touch(entry, now, frame.ip_len(), transport.tcp_flags);
+    if let Some(fragment) = frame.fragment {
+        frags::remember_v6(
+            frame,
+            fragment,
+            (DIR_REPLY, REPLY_ZONE),
+            &host_addr,
+            tenant,
+            now,
+        );
+    }
     let fix = nat::rewrite_v6(frame, transport, Side::Destination, &host_addr, host_port);
-    Ok(deliver(ctx, frame, route, fix, Counter::InTranslated))
+    Ok(deliver(ctx, frame, route, Some(fix), Counter::InTranslated))
+}
+
+/// A fragment after the first, to an egress address: the tenant host its
+/// first fragment went to, or dropped if the first was never seen.
+#[inline(always)]
+fn later_fragment<H: Hook>(ctx: &H, frame: &Ipv6Frame, ingress: u32) -> Result<Verdict, Counter> {
+    let fragment = frame.fragment.ok_or(Counter::InDropFragmentUnknown)?;
+    let host_addr = frags::recall_v6(frame, fragment, DIR_REPLY, REPLY_ZONE)
+        .ok_or(Counter::InDropFragmentUnknown)?;
+    if frame.ip().hop_limit <= 1 {
+        return Err(Counter::InDropTtlExceeded);
+    }
+    let route = forward::route_v6(
+        ctx,
+        frame,
+        ingress,
+        &frame.ip().src_addr,
+        &host_addr,
+        (0, 0),
+        frame.ip_len(),
+    );
+    check_return(&route)?;
+    nat::rewrite_address_v6(frame, Side::Destination, &host_addr);
+    Ok(deliver(
+        ctx,
+        frame,
+        route,
+        None,
+        Counter::InFragmentTranslated,
+    ))
 }
 
 /// The way back must lead inside, and the packet must fit: the kernel's
@@ -135,7 +181,7 @@ pub fn deliver<H: Hook>(
     ctx: &H,
     frame: &Ipv6Frame,
     route: Route,
-    fix: L4FixV6,
+    fix: Option<L4FixV6>,
     counter: Counter,
 ) -> Verdict {
     if forward::sends_itself::<H>(&route) {
@@ -145,7 +191,7 @@ pub fn deliver<H: Hook>(
         ctx,
         frame.eth,
         route,
-        Some(fix),
+        fix,
         counter,
         Counter::InNeighRedirected,
     )

@@ -149,6 +149,44 @@ pub fn ip_packet(frame: &[u8]) -> &[u8] {
     &frame[ETH_LEN..ETH_LEN + IPV6_LEN + payload]
 }
 
+/// Splits a frame's datagram in two fragments (RFC 8200 4.5): the first
+/// carries `first_payload` bytes (a multiple of 8) of what follows the
+/// IPv6 header, the second the rest; both have identification `id`.
+pub fn fragment(frame: &[u8], first_payload: usize, id: u32) -> (Vec<u8>, Vec<u8>) {
+    assert_eq!(first_payload % 8, 0, "fragments are cut at 8-byte units");
+    let header = &frame[..ETH_LEN + IPV6_LEN];
+    let next = header[ETH_LEN + 6];
+    let payload = &frame[ETH_LEN + IPV6_LEN..];
+    let piece = |bytes: &[u8], offset: usize, more: bool| {
+        let mut out = header.to_vec();
+        out[ETH_LEN + 6] = 44;
+        let field = ((offset / 8) as u16) << 3 | u16::from(more);
+        out.extend_from_slice(&[next, 0]);
+        out.extend_from_slice(&field.to_be_bytes());
+        out.extend_from_slice(&id.to_be_bytes());
+        out.extend_from_slice(bytes);
+        let len = (out.len() - ETH_LEN - IPV6_LEN) as u16;
+        out[ETH_LEN + 4..ETH_LEN + 6].copy_from_slice(&len.to_be_bytes());
+        out
+    };
+    (
+        piece(&payload[..first_payload], 0, true),
+        piece(&payload[first_payload..], first_payload, false),
+    )
+}
+
+/// The datagram two fragments (as `fragment` makes them) carry, as one
+/// frame with the first one's headers: what the receiver reassembles.
+pub fn reassemble(first: &[u8], later: &[u8]) -> Vec<u8> {
+    let mut out = first[..ETH_LEN + IPV6_LEN].to_vec();
+    out[ETH_LEN + 6] = first[ETH_LEN + IPV6_LEN];
+    out.extend_from_slice(&first[ETH_LEN + IPV6_LEN + 8..]);
+    out.extend_from_slice(&later[ETH_LEN + IPV6_LEN + 8..]);
+    let len = (out.len() - ETH_LEN - IPV6_LEN) as u16;
+    out[ETH_LEN + 4..ETH_LEN + 6].copy_from_slice(&len.to_be_bytes());
+    out
+}
+
 /// `frame` with the hop limit set to `limit`.
 pub fn with_hop_limit(frame: &[u8], limit: u8) -> Vec<u8> {
     let mut out = frame.to_vec();

@@ -128,7 +128,8 @@ pub fn udp_echo_server(ns: &Netns, addr: impl Into<SocketAddr>) -> Server {
                 .set_read_timeout(Some(Duration::from_millis(50)))
                 .expect("timeout");
             ready_tx.send(()).expect("ready");
-            let mut buf = [0u8; 2048];
+            // Room for the largest datagram: fragments' tests send 4000 bytes.
+            let mut buf = vec![0u8; 65_536];
             while !stop.load(Ordering::Relaxed) {
                 if let Ok((n, peer)) = socket.recv_from(&mut buf) {
                     peers.lock().expect("peers").push(peer);
@@ -166,7 +167,7 @@ pub fn udp_request(
             .set_read_timeout(Some(Duration::from_secs(2)))
             .expect("timeout");
         socket.send_to(&payload, to).expect("send");
-        let mut buf = [0u8; 2048];
+        let mut buf = vec![0u8; 65_536];
         socket.recv(&mut buf).ok().map(|n| buf[..n].to_vec())
     })
 }

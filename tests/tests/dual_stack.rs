@@ -73,6 +73,37 @@ fn udp_and_ping_over_ipv6_are_translated_both_ways() {
     assert!(agent.counter("in_translated") >= 4);
 }
 
+/// A datagram larger than the links' MTU travels in fragments both ways:
+/// the host's kernel fragments it (IPv6 routers never do), the gateway
+/// translates the first fragment as its flow and the later ones by the
+/// first's memory, and the server's kernel reassembles and echoes it back
+/// in fragments, which find the host the same way.
+#[test]
+fn datagrams_in_fragments_cross_both_ways() {
+    let Some((net, agent)) = start() else { return };
+    let server = udp_echo_server(&net.external, v6(SERVER_V6, 9998));
+    let host_a = &net.host(HOST_A).ns;
+    let payload: Vec<u8> = (0..4000u32).map(|i| (i % 251) as u8).collect();
+    let answer = udp_request(host_a, 0, v6(SERVER_V6, 9998), &payload);
+    let status = || agent.status().to_string();
+    assert_eq!(
+        answer.as_deref(),
+        Some(&payload[..]),
+        "the 4000-byte datagram came back whole\n{}",
+        status()
+    );
+    assert_eq!(server.peer_ips_v6(), [EGRESS_A_V6]);
+    // 4000 bytes over 1500-byte links: a first fragment and two more.
+    assert!(
+        agent.counter("out_fragment_translated") >= 2,
+        "{}",
+        status()
+    );
+    assert!(agent.counter("in_fragment_translated") >= 2, "{}", status());
+    assert_eq!(agent.counter("out_drop_fragment_unknown"), 0);
+    assert_eq!(agent.counter("in_drop_fragment_unknown"), 0);
+}
+
 #[test]
 fn a_host_outside_every_tenant_gets_nothing_out_in_either_family() {
     let Some((net, agent)) = start() else { return };

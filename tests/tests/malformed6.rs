@@ -109,7 +109,7 @@ fn random_frame(rng: &mut StdRng, opened: &[(u8, SocketAddrV6, SocketAddrV6)]) -
         .collect();
     let sock = |ip, rng: &mut StdRng| SocketAddrV6::new(ip, rng.random_range(1..65535), 0, 0);
     let (s, d) = (sock(src, rng), sock(dst, rng));
-    let mut frame = match rng.random_range(0..8) {
+    let mut frame = match rng.random_range(0..9) {
         _ if !outbound && !opened.is_empty() && rng.random_bool(0.6) => {
             let (proto, remote, egress) = opened[rng.random_range(0..opened.len())];
             match proto {
@@ -129,6 +129,14 @@ fn random_frame(rng: &mut StdRng, opened: &[(u8, SocketAddrV6, SocketAddrV6)]) -
         4 => frames6::echo_reply(src, dst, rng.random(), 1),
         5 => frames6::with_dest_options(&frames6::udp(s, d, &payload), rng.random_range(1..7)),
         6 => frames6::as_first_fragment(&frames6::udp(s, d, &payload)),
+        // Either half of a datagram in fragments, from a handful of
+        // identifications, so later fragments sometimes follow a first.
+        7 if payload.len() >= 16 => {
+            let cut = rng.random_range(1..payload.len() / 8) * 8;
+            let id = rng.random_range(0..4);
+            let (first, later) = frames6::fragment(&frames6::udp(s, d, &payload), cut, id);
+            if rng.random_bool(0.5) { first } else { later }
+        }
         _ => frames6::neighbor_solicitation(src, dst),
     };
     let mutations = if rng.random_bool(0.4) {
@@ -242,10 +250,17 @@ fn random_and_mutated_ipv6_frames_keep_every_invariant() {
         h.counter(Counter::InTranslated) > 10,
         "the fuzzer reaches the reply path"
     );
+    let later_fragments = h.counter(Counter::OutFragmentTranslated);
+    assert!(
+        count < 5_000 || later_fragments > 0,
+        "the fuzzer reaches later fragments that follow a first"
+    );
     eprintln!(
-        "{outbound_runs} outbound, {reply_runs} reply frames; {} IPv6 flows; translated {} out, {} back",
+        "{outbound_runs} outbound, {reply_runs} reply frames; {} IPv6 flows; translated {} out, \
+         {} back; later fragments translated {later_fragments} out, {} back",
         h.flow_count_v6(),
         h.counter(Counter::OutTranslated),
-        h.counter(Counter::InTranslated)
+        h.counter(Counter::InTranslated),
+        h.counter(Counter::InFragmentTranslated)
     );
 }

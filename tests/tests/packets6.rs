@@ -234,8 +234,9 @@ fn extension_headers_are_walked_to_a_bound() {
     let five = frames6::with_dest_options(&udp, 5);
     assert_eq!(h.outbound(&five).action, XDP_DROP);
     assert_eq!(h.counter(Counter::OutDropExtHeaders), 1);
-    let fragment = frames6::as_first_fragment(&udp);
-    assert_eq!(h.outbound(&fragment).action, XDP_DROP);
+    // Two fragment headers in one packet (RFC 8200 allows one).
+    let twice = frames6::as_first_fragment(&frames6::as_first_fragment(&udp));
+    assert_eq!(h.outbound(&twice).action, XDP_DROP);
     assert_eq!(h.counter(Counter::OutDropUnsupported), 1);
     // The same from a source in no tenant is judged as unclassified.
     let stranger = frames6::with_dest_options(
@@ -427,4 +428,72 @@ fn a_tenant_hosts_error_about_a_reply_goes_out_translated() {
     );
     assert_eq!(h.outbound(&error).action, XDP_DROP);
     assert_eq!(h.counter(Counter::OutDropInvalid), 1);
+}
+
+#[test]
+fn fragments_follow_their_first_fragment_both_ways() {
+    let Some(h) = harness() else { return };
+    let datagram = frames6::udp(sock(HOST_A, 5300), sock(REMOTE, 53), &[7; 300]);
+    let (first, later) = frames6::fragment(&datagram, 160, 0x0102_0304);
+    let first_out = h.outbound(&first);
+    let later_out = h.outbound(&later);
+    assert_eq!(first_out.action, XDP_REDIRECT, "first fragment");
+    assert_eq!(later_out.action, XDP_REDIRECT, "later fragment");
+    assert_eq!(View6::new(&first_out.frame).src(), EGRESS_A);
+    assert_eq!(View6::new(&later_out.frame).src(), EGRESS_A);
+    assert_eq!(View6::new(&later_out.frame).hop_limit(), 63);
+    // The receiver's view: the reassembled datagram, its checksum right.
+    let whole = frames6::reassemble(&first_out.frame, &later_out.frame);
+    assert_checksums(&whole);
+    let sent = View6::new(&whole);
+    assert_eq!((sent.src(), sent.dst_port()), (EGRESS_A, 53));
+    assert_eq!(h.counter(Counter::OutFragmentTranslated), 1);
+
+    // The answer in fragments comes back to the host.
+    let answer = frames6::udp(sock(REMOTE, 53), sock(EGRESS_A, sent.src_port()), &[9; 400]);
+    let (first, later) = frames6::fragment(&answer, 240, 0x0a0b_0c0d);
+    let first_back = h.reply(&first);
+    let later_back = h.reply(&later);
+    assert_eq!(first_back.action, XDP_REDIRECT, "first fragment back");
+    assert_eq!(later_back.action, XDP_REDIRECT, "later fragment back");
+    let whole = frames6::reassemble(&first_back.frame, &later_back.frame);
+    assert_checksums(&whole);
+    let back = View6::new(&whole);
+    assert_eq!((back.dst(), back.dst_port()), (HOST_A, 5300));
+    assert_eq!(View6::new(&later_back.frame).dst(), HOST_A);
+    assert_eq!(h.counter(Counter::InFragmentTranslated), 1);
+}
+
+#[test]
+fn fragments_without_their_first_are_dropped() {
+    let Some(h) = harness() else { return };
+    let datagram = frames6::udp(sock(HOST_A, 5301), sock(REMOTE, 53), &[7; 300]);
+    let (_, later) = frames6::fragment(&datagram, 160, 77);
+    assert_eq!(h.outbound(&later).action, XDP_DROP);
+    assert_eq!(h.counter(Counter::OutDropFragmentUnknown), 1);
+    let answer = frames6::udp(sock(REMOTE, 53), sock(EGRESS_A, 40000), &[9; 300]);
+    let (_, later) = frames6::fragment(&answer, 160, 78);
+    assert_eq!(h.reply(&later).action, XDP_DROP);
+    assert_eq!(h.counter(Counter::InDropFragmentUnknown), 1);
+    // A stranger's later fragment is judged as unclassified.
+    let stranger = frames6::udp(sock(STRANGER, 1), sock(REMOTE, 53), &[7; 300]);
+    let (_, later) = frames6::fragment(&stranger, 160, 79);
+    assert_eq!(h.outbound(&later).action, XDP_DROP);
+    assert_eq!(h.counter(Counter::OutDropUnclassified), 1);
+    assert_eq!(h.flow_count_v6(), 0);
+}
+
+#[test]
+fn fragment_memories_expire_with_the_kernels_reassembly_time() {
+    let Some(mut h) = harness() else { return };
+    let datagram = frames6::udp(sock(HOST_A, 5302), sock(REMOTE, 53), &[7; 300]);
+    let (first, _) = frames6::fragment(&datagram, 160, 0x0505_0505);
+    assert_eq!(h.outbound(&first).action, XDP_REDIRECT);
+    let now = egress_agent::conntrack::now_ns();
+    let timeouts = egress_agent::config::Timeouts::default();
+    assert_eq!(h.sweep(now, &timeouts).fragments_expired, 0, "young");
+    assert_eq!(h.maps.frags_v6.keys().count(), 1);
+    let report = h.sweep(now + 31_000_000_000, &timeouts);
+    assert_eq!(report.fragments_expired, 1, "after 30 s");
+    assert_eq!(h.maps.frags_v6.keys().count(), 0);
 }

@@ -21,7 +21,10 @@ use egress_common::{
         ROLE_EXTERNAL, ROLE_INTERNAL,
     },
     counters::Counter,
-    flow::{FlowEntryV4, FlowEntryV6, FlowKeyV4, FlowKeyV6, FragEntryV4, FragKeyV4},
+    flow::{
+        FlowEntryV4, FlowEntryV6, FlowKeyV4, FlowKeyV6, FragEntryV4, FragEntryV6, FragKeyV4,
+        FragKeyV6,
+    },
     inbound::{FloatingKeyV4, ForwardKeyV4, ForwardV4},
     names,
     sweep::SelfSweep,
@@ -52,6 +55,8 @@ pub struct Maps {
     pub egress_v6: HashMap<MapData, [u8; 16], u32>,
     /// Both halves of every IPv6 flow, as `conntrack`.
     pub conntrack_v6: HashMap<MapData, FlowKeyV6, FlowEntryV6>,
+    /// IPv6 first fragments' translations, as `frags`.
+    pub frags_v6: HashMap<MapData, FragKeyV6, FragEntryV6>,
     pub interfaces: HashMap<MapData, u32, InterfaceInfo>,
     pub config: Array<MapData, DataplaneConfig>,
     pub counters: PerCpuArray<MapData, u64>,
@@ -101,6 +106,7 @@ impl Maps {
             tenant_egress_v6: typed!(pin_dir, names::TENANT_ADDRS_V6),
             egress_v6: typed!(pin_dir, names::EGRESS_ADDRS_V6),
             conntrack_v6: typed!(pin_dir, names::CONNTRACK_V6),
+            frags_v6: typed!(pin_dir, names::FRAGS_V6),
             interfaces: typed!(pin_dir, names::INTERFACES),
             config: typed!(pin_dir, names::CONFIG),
             counters: typed!(pin_dir, names::COUNTERS),
