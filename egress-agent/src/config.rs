@@ -465,17 +465,18 @@ impl Config {
         &self,
         problems: &mut Problems,
         tenants: &[PlannedTenant],
-    ) -> Vec<Ipv4Net> {
+    ) -> Vec<IpNet> {
         let mut planned = Vec::new();
         for (i, text) in self.routed_sources.iter().enumerate() {
             let field = format!("routedSources[{i}]");
-            match parse_cidr(text) {
+            match parse_prefix(text, "10.16.2.0/24 or fd00:10:16::/112") {
                 Err(message) => problems.add(field, message),
                 Ok(net) => {
+                    let overlaps =
+                        |s: IpNet| s.contains(&net.network()) || net.contains(&s.network());
                     let clash = tenants.iter().enumerate().find(|(_, t)| {
-                        t.sources
-                            .iter()
-                            .any(|s| s.contains(&net.network()) || net.contains(&s.network()))
+                        t.sources.iter().copied().map(IpNet::V4).any(overlaps)
+                            || t.sources_v6.iter().copied().map(IpNet::V6).any(overlaps)
                     });
                     if let Some((index, tenant)) = clash {
                         problems.add(
@@ -994,7 +995,7 @@ pub struct Plan {
     pub return_routes: Vec<PlannedRoute>,
     pub bfd_peers: Vec<PlannedBfdPeer>,
     pub audit: audit::AuditPlan,
-    pub routed_sources: Vec<Ipv4Net>,
+    pub routed_sources: Vec<IpNet>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1171,8 +1172,8 @@ pub struct Resolved {
     /// Macvlan next hops the agent creates, by name.
     pub macvlans: Vec<MacvlanSpec>,
     pub audit: audit::AuditPlan,
-    /// Sources routed out untranslated (`routedSources`).
-    pub routed_sources: Vec<Ipv4Net>,
+    /// Sources routed out untranslated (`routedSources`), both families.
+    pub routed_sources: Vec<IpNet>,
 }
 
 impl Resolved {

@@ -51,6 +51,8 @@ pub const SELF_SWEEP: &str = "SELF_SWEEP";
 /// LPM trie `Key<[u8; 4]>` -> `u32` (unused): sources routed out of the
 /// external interface untranslated (Kube-OVN's `snat: false` policies).
 pub const ROUTED_SOURCES_V4: &str = "ROUTED_SRC_V4";
+/// LPM trie `Key<[u8; 16]>` -> `u32` (unused): the same for IPv6.
+pub const ROUTED_SOURCES_V6: &str = "ROUTED_SRC_V6";
 
 /// LPM trie `Key<SourceKeyV6>` -> tenant id (`u32`): which tenant an IPv6 source belongs to.
 pub const TENANT_SOURCES_V6: &str = "TENANT_SRC_V6";
@@ -72,7 +74,7 @@ pub const V6_PROGRAMS_XDP: &str = "V6_PROGRAMS_XDP";
 pub const V6_PROGRAMS_TC: &str = "V6_PROGRAMS_TC";
 
 /// Every map, in the order the agent pins them.
-pub const ALL_MAPS: [&str; 25] = [
+pub const ALL_MAPS: [&str; 26] = [
     TENANT_SOURCES_V4,
     INGRESS_PORTS,
     TENANTS,
@@ -96,6 +98,7 @@ pub const ALL_MAPS: [&str; 25] = [
     EGRESS_ADDRS_V6,
     CONNTRACK_V6,
     FRAGS_V6,
+    ROUTED_SOURCES_V6,
     V6_PROGRAMS_XDP,
     V6_PROGRAMS_TC,
 ];

@@ -107,6 +107,10 @@ pub static SELF_SWEEP: Array<SelfSweep, 1> = Array::new();
 #[btf_map]
 pub static ROUTED_SRC_V4: LpmTrie<[u8; 4], u32, 4_096> = LpmTrie::new();
 
+/// The same for IPv6 sources.
+#[btf_map]
+pub static ROUTED_SRC_V6: LpmTrie<[u8; 16], u32, 4_096> = LpmTrie::new();
+
 /// IPv6 source prefix (behind an ingress port id) -> tenant id.
 #[btf_map]
 pub static TENANT_SRC_V6: LpmTrie<SourceKeyV6, u32, 65_536> = LpmTrie::new();

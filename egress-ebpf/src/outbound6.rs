@@ -19,6 +19,7 @@
 //!
 //! Not yet for IPv6: port forwards and floating IPs.
 
+use aya_ebpf::btf_maps::lpm_trie::Key;
 use egress_common::{
     config::{V6_SLOT_ICMP_ERR, V6_SLOT_NEW_FLOW},
     counters::Counter,
@@ -33,7 +34,7 @@ use crate::{
     frags,
     hook::{Hook, L4FixV6},
     limits,
-    maps::{NEW_FLOW_V6, TENANTS},
+    maps::{NEW_FLOW_V6, ROUTED_SRC_V6, TENANTS},
     nat::{self, Side},
     outbound::parse_error,
     parse::Transport,
@@ -354,6 +355,14 @@ pub fn transmit<H: Hook>(
 fn unclassified<H: Hook>(ctx: &H, frame: &Ipv6Frame, ingress: u32) -> Result<Verdict, Counter> {
     if !forward::route_as_is_v6(ctx, frame, ingress).leaves_external() {
         return Ok(Verdict::pass(Counter::OutPassNotEgress));
+    }
+    // Routed sources leave as they are, through the kernel (whose
+    // forwarding the leak guard then lets out).
+    if ROUTED_SRC_V6
+        .get(&Key::new(128, frame.ip().src_addr))
+        .is_some()
+    {
+        return Ok(Verdict::pass(Counter::RoutedPassed));
     }
     Err(Counter::OutDropUnclassified)
 }

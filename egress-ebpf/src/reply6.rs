@@ -15,6 +15,7 @@
 //!
 //! Not yet for IPv6: port forwards and floating IPs.
 
+use aya_ebpf::btf_maps::lpm_trie::Key;
 use egress_common::{
     config::{ROLE_INTERNAL, V6_SLOT_ICMP_ERR},
     counters::Counter,
@@ -26,7 +27,7 @@ use crate::{
     forward::{self, Route},
     frags,
     hook::{Hook, L4FixV6},
-    maps::EGRESS_ADDR_V6,
+    maps::{EGRESS_ADDR_V6, ROUTED_SRC_V6},
     nat::{self, Side},
     parse::Transport,
     parse6::{self, ICMPV6_ECHO_REPLY, Ipv6Frame},
@@ -74,6 +75,13 @@ fn process<H: Hook>(ctx: &H) -> Result<Verdict, Counter> {
 #[inline(always)]
 fn not_egress<H: Hook>(ctx: &H, frame: &Ipv6Frame, ingress: u32) -> Result<Verdict, Counter> {
     if forward::route_as_is_v6(ctx, frame, ingress).leaves_through(ROLE_INTERNAL) {
+        // Routed sources are reachable as they are, as they leave.
+        if ROUTED_SRC_V6
+            .get(&Key::new(128, frame.ip().dst_addr))
+            .is_some()
+        {
+            return Ok(Verdict::pass(Counter::RoutedPassed));
+        }
         return Err(Counter::InDropToInternal);
     }
     Ok(Verdict::pass(Counter::InPassNotEgress))

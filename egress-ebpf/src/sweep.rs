@@ -10,21 +10,80 @@
 //! judged from its outbound half, by the state both halves' flags give
 //! (`flow_state`, the agent's rule) and the later of their last packets,
 //! and ends with both halves; the tenant's ended count goes up as the
-//! agent's would, so quotas hold. A walk costs about a nanosecond per
-//! table slot, paid by one packet per interval.
+//! agent's would, so quotas hold. Both families' tables are walked, IPv4
+//! then IPv6, by the same code (`Table`). A walk costs about a nanosecond
+//! per table slot, paid by one packet per interval.
 
 use core::ffi::c_void;
 
 use aya_ebpf::helpers::bpf_for_each_map_elem;
 use egress_common::{
-    flow::{DIR_OUTBOUND, FlowEntryV4, FlowKeyV4, STATE_COUNT, flow_state},
+    flow::{DIR_OUTBOUND, FlowEntryV4, FlowEntryV6, FlowKeyV4, FlowKeyV6, STATE_COUNT, flow_state},
     sweep::{ORPHAN_GRACE_NS, SelfSweep},
 };
 
 use crate::{
     conntrack, limits,
-    maps::{CONNTRACK_V4, SELF_SWEEP, TENANT_ENDED},
+    maps::{CONNTRACK_V4, CONNTRACK_V6, SELF_SWEEP, TENANT_ENDED},
 };
+
+/// One family's conntrack table as the walk sees it: its key, its entry's
+/// fields the judgement reads, and its map.
+trait Table: Sized {
+    type Entry;
+    fn peer_key(&self, entry: &Self::Entry) -> Self;
+    fn direction(&self) -> u8;
+    fn proto(&self) -> u8;
+    /// (last_seen_ns, tcp_flags, packets, tenant)
+    fn facts(entry: &Self::Entry) -> (u64, u8, u64, u16);
+    fn get(&self) -> Option<*const Self::Entry>;
+    fn remove(&self) -> bool;
+    /// The map, as `bpf_for_each_map_elem` takes it.
+    fn map() -> *mut c_void;
+}
+
+macro_rules! table {
+    ($key:ty, $entry:ty, $map:ident) => {
+        impl Table for $key {
+            type Entry = $entry;
+            #[inline(always)]
+            fn peer_key(&self, entry: &$entry) -> Self {
+                <$key>::peer_key(self, entry)
+            }
+            #[inline(always)]
+            fn direction(&self) -> u8 {
+                self.direction
+            }
+            #[inline(always)]
+            fn proto(&self) -> u8 {
+                self.proto
+            }
+            #[inline(always)]
+            fn facts(entry: &$entry) -> (u64, u8, u64, u16) {
+                (
+                    entry.last_seen_ns,
+                    entry.tcp_flags,
+                    entry.packets,
+                    entry.tenant,
+                )
+            }
+            #[inline(always)]
+            fn get(&self) -> Option<*const $entry> {
+                $map.get_ptr(*self)
+            }
+            #[inline(always)]
+            fn remove(&self) -> bool {
+                $map.remove(*self).is_ok()
+            }
+            fn map() -> *mut c_void {
+                core::ptr::from_ref(&$map).cast_mut().cast()
+            }
+        }
+    };
+}
+
+table!(FlowKeyV4, FlowEntryV4, CONNTRACK_V4);
+table!(FlowKeyV6, FlowEntryV6, CONNTRACK_V6);
 
 /// What the walk's callback needs.
 #[repr(C)]
@@ -64,14 +123,20 @@ pub fn maybe_walk() {
         shortest,
         sweep,
     };
+    walk_table::<FlowKeyV4>(&mut walk);
+    walk_table::<FlowKeyV6>(&mut walk);
+}
+
+#[inline(always)]
+fn walk_table<K: Table>(walk: &mut Walk) {
     // SAFETY: the map pointer is the map's definition (what the loader
     // relocates to its fd), the callback a static function of the
     // signature the helper documents, the context on this stack.
     unsafe {
         bpf_for_each_map_elem(
-            core::ptr::from_ref(&CONNTRACK_V4).cast_mut().cast(),
-            expire as *mut c_void,
-            (&raw mut walk).cast(),
+            K::map(),
+            expire::<K> as *mut c_void,
+            core::ptr::from_mut(walk).cast(),
             0,
         );
     }
@@ -80,15 +145,16 @@ pub fn maybe_walk() {
 /// One table entry: ends its flow if idle past its state's timeout.
 /// Returns 0: continue the walk.
 #[inline(never)]
-extern "C" fn expire(
+extern "C" fn expire<K: Table>(
     _map: *mut c_void,
-    key: *mut FlowKeyV4,
-    entry: *mut FlowEntryV4,
+    key: *mut K,
+    entry: *mut K::Entry,
     walk: *mut Walk,
 ) -> i64 {
     // SAFETY: the helper passes this entry's key and value and our context.
     let (key, entry, walk) = unsafe { (&*key, &*entry, &*walk) };
-    let idle = walk.now.wrapping_sub(entry.last_seen_ns);
+    let (last_seen, tcp_flags, _, tenant) = K::facts(entry);
+    let idle = walk.now.wrapping_sub(last_seen);
     // A half that saw a packet more recently than the shortest timeout
     // (and the orphan grace) cannot end now, whatever its peer says: most
     // of a busy table is passed over without a second lookup.
@@ -96,31 +162,30 @@ extern "C" fn expire(
         return 0;
     }
     let peer_key = key.peer_key(entry);
-    let Some(peer) = CONNTRACK_V4.get_ptr(peer_key) else {
-        if idle >= ORPHAN_GRACE_NS && CONNTRACK_V4.remove(key).is_ok() {
+    let Some(peer) = peer_key.get() else {
+        if idle >= ORPHAN_GRACE_NS && key.remove() {
             // SAFETY: map value pointer from the walk's context.
             limits::add(unsafe { &raw mut (*walk.sweep).orphans });
         }
         return 0;
     };
-    if key.direction != DIR_OUTBOUND {
+    if key.direction() != DIR_OUTBOUND {
         // Judged once, from the outbound half.
         return 0;
     }
     // SAFETY: map value pointer returned by the kernel.
-    let peer = unsafe { &*peer };
-    let state = flow_state(key.proto, entry.tcp_flags, peer.tcp_flags, peer.packets > 0);
+    let (peer_last_seen, peer_flags, peer_packets, _) = K::facts(unsafe { &*peer });
+    let state = flow_state(key.proto(), tcp_flags, peer_flags, peer_packets > 0);
     // SAFETY: as above; `state` is below STATE_COUNT, the mask says so to
     // the verifier.
     let timeout = unsafe { (*walk.sweep).timeouts_ns[state & (STATE_COUNT - 1)] };
-    let last = entry.last_seen_ns.max(peer.last_seen_ns);
+    let last = last_seen.max(peer_last_seen);
     if walk.now.wrapping_sub(last) < timeout {
         return 0;
     }
-    let tenant = u32::from(entry.tenant);
-    let _ = CONNTRACK_V4.remove(peer_key);
-    if CONNTRACK_V4.remove(key).is_ok() {
-        if let Some(ended) = TENANT_ENDED.get_ptr_mut(tenant) {
+    let _ = peer_key.remove();
+    if key.remove() {
+        if let Some(ended) = TENANT_ENDED.get_ptr_mut(u32::from(tenant)) {
             limits::add(ended);
         }
         // SAFETY: map value pointer from the walk's context.

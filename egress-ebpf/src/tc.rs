@@ -28,7 +28,7 @@ use network_types::{
 
 use crate::{
     forward::{fib_lookup, fib_query_v4, role_of, words},
-    maps::{EGRESS_ADDR_V4, EGRESS_ADDR_V6, ROUTED_SRC_V4},
+    maps::{EGRESS_ADDR_V4, EGRESS_ADDR_V6, ROUTED_SRC_V4, ROUTED_SRC_V6},
     verdict::count,
     zero,
 };
@@ -111,6 +111,10 @@ pub fn leak_guard(ctx: &TcContext) -> i32 {
     let ip = match network_header(ctx) {
         Some(Network::V4(ip)) => ip,
         Some(Network::V6(ip)) if is_egress_addr_v6(&ip.src_addr) => return TC_ACT_OK,
+        Some(Network::V6(ip)) if ROUTED_SRC_V6.get(&Key::new(128, ip.src_addr)).is_some() => {
+            count(Counter::RoutedPassed);
+            return TC_ACT_OK;
+        }
         _ => {
             count(Counter::TcLeakBlocked);
             return TC_ACT_SHOT;

@@ -113,6 +113,24 @@ impl Netns {
         peer.ip(&["link", "set", peer_name, "up"]);
     }
 
+    /// Waits until duplicate address detection has passed for every IPv6
+    /// address here (left on, as the kernel defaults): a tentative address
+    /// can be neither a source nor a destination.
+    pub fn wait_ipv6_settled(&self, deadline: std::time::Instant) {
+        loop {
+            let out = self.try_run("ip", &["-6", "addr", "show", "tentative"]);
+            if String::from_utf8_lossy(&out.stdout).trim().is_empty() {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "IPv6 addresses still tentative in {}",
+                self.name()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
     pub fn ifindex(&self, interface: &str) -> u32 {
         let name = std::ffi::CString::new(interface).expect("interface name");
         let index = self.within(move || {

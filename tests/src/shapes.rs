@@ -15,7 +15,7 @@
 //! tenant pods are co-located senders whose TSO super-packets with partial
 //! checksums reach the gateway as they would on a real node.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use crate::{netns::Netns, topology::Host};
 
@@ -99,6 +99,12 @@ impl KubeOvnPod {
     pub const EGRESS_B: Ipv4Addr = Ipv4Addr::new(172, 17, 0, 150);
     /// The VPC's pod subnet: everything internal.
     pub const POD_SUBNET: (Ipv4Addr, u8) = (Ipv4Addr::new(10, 16, 0, 0), 16);
+    /// The IPv6 side of a dual-stack VPC (`add_ipv6`): the pod subnet is
+    /// fd00:10:16::/48, the external LAN fd00:172:17::/64.
+    pub const OVN_ROUTER_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x16, 0, 0, 0, 0, 1);
+    pub const GATEWAY_INTERNAL_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x16, 0, 0, 0, 0, 0x12);
+    pub const GATEWAY_EXTERNAL_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x172, 0x17, 0, 0, 0, 0, 0x11);
+    pub const SERVER_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x172, 0x17, 0, 0, 0, 0, 1);
 
     /// Everything at MTU 1500.
     pub fn new() -> Self {
@@ -223,6 +229,81 @@ conntrack:
             .iter()
             .find(|p| p.addr == addr)
             .unwrap_or_else(|| panic!("no pod {addr} in this topology"))
+    }
+
+    /// A pod's IPv6 address in a dual-stack VPC: 10.16.x.y is
+    /// fd00:10:16:x::y (hex digits of the decimal ones).
+    pub fn ipv6_of(addr: Ipv4Addr) -> Ipv6Addr {
+        let [_, _, x, y] = addr.octets();
+        Ipv6Addr::new(0xfd00, 0x10, 0x16, x.into(), 0, 0, 0, y.into())
+    }
+
+    /// Makes the VPC dual-stack, as Kube-OVN's dual-stack subnets are: the
+    /// node's switch routes like OVN's router, pods route IPv6 to the
+    /// gateway pod, the gateway pod's `net1` and the server get addresses
+    /// on the external LAN. Duplicate address detection stays on; this
+    /// waits for it.
+    pub fn add_ipv6(&self) {
+        self.node
+            .run("sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"]);
+        self.node.ip(&[
+            "addr",
+            "add",
+            &format!("{}/48", Self::OVN_ROUTER_V6),
+            "dev",
+            "br0",
+        ]);
+        self.gateway.ip(&[
+            "addr",
+            "add",
+            &format!("{}/48", Self::GATEWAY_INTERNAL_V6),
+            "dev",
+            "eth0",
+        ]);
+        self.gateway.ip(&[
+            "addr",
+            "add",
+            &format!("{}/64", Self::GATEWAY_EXTERNAL_V6),
+            "dev",
+            "net1",
+        ]);
+        self.gateway.ip(&[
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &Self::SERVER_V6.to_string(),
+            "dev",
+            "net1",
+        ]);
+        self.server.ip(&[
+            "addr",
+            "add",
+            &format!("{}/64", Self::SERVER_V6),
+            "dev",
+            "eth0",
+        ]);
+        for pod in &self.pods {
+            let addr = Self::ipv6_of(pod.addr);
+            pod.ns
+                .ip(&["addr", "add", &format!("{addr}/48"), "dev", "eth0"]);
+            pod.ns.ip(&[
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &Self::GATEWAY_INTERNAL_V6.to_string(),
+            ]);
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        for ns in [&self.node, &self.gateway, &self.server]
+            .into_iter()
+            .chain(self.pods.iter().map(|p| &p.ns))
+        {
+            ns.wait_ipv6_settled(deadline);
+        }
     }
 }
 

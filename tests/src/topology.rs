@@ -231,18 +231,7 @@ impl Topology {
             .chain(self.far.iter())
             .chain(self.hosts.iter().map(|h| &h.ns))
         {
-            loop {
-                let out = ns.try_run("ip", &["-6", "addr", "show", "tentative"]);
-                if String::from_utf8_lossy(&out.stdout).trim().is_empty() {
-                    break;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "IPv6 addresses still tentative in {}",
-                    ns.name()
-                );
-                std::thread::sleep(Duration::from_millis(100));
-            }
+            ns.wait_ipv6_settled(deadline);
         }
     }
 

@@ -6,9 +6,10 @@
 //! everything from the internal interface to the pod's external address,
 //! except the no-SNAT sources, which leave (and come back) as they are; the
 //! gateway is no way in; a second run (a restarted init container)
-//! replaces the programs and traffic goes on. Needs root.
+//! replaces the programs and traffic goes on; a dual-stack gateway serves
+//! both families in one attach. Needs root.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 
 use egress_tests::{
     kube_ovn::PodScripts,
@@ -54,11 +55,13 @@ fn scripts(pod: &KubeOvnPod) -> PodScripts {
     )
 }
 
-fn attach_processes() -> usize {
-    let out = std::process::Command::new("pgrep")
-        .args(["-f", "attach-egress-gateway"])
+/// Processes left in the gateway pod's network namespace (the tests run
+/// side by side: a machine-wide look would see the other's init script).
+fn pod_processes(pod: &KubeOvnPod) -> usize {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "pids", pod.gateway.name()])
         .output()
-        .expect("pgrep");
+        .expect("ip netns pids");
     String::from_utf8_lossy(&out.stdout).lines().count()
 }
 
@@ -82,7 +85,7 @@ fn the_init_script_leaves_a_dataplane_that_serves_without_any_process() {
         "{}",
         said.stdout
     );
-    assert_eq!(attach_processes(), 0, "nothing of the init container stays");
+    assert_eq!(pod_processes(&pod), 0, "nothing of the init container stays");
     let rules =
         String::from_utf8_lossy(&pod.gateway.ip(&["-4", "rule", "show"]).stdout).into_owned();
     for priority in ["1001:", "1002:", "1003:", "1004:"] {
@@ -159,28 +162,114 @@ fn the_init_script_leaves_a_dataplane_that_serves_without_any_process() {
     );
 }
 
+/// A dual-stack VpcEgressGateway (Kube-OVN sets both families' gateways
+/// and no-SNAT sources): one attach serves both, each family leaving with
+/// the pod's own external address of that family, the no-SNAT IPv6 pods
+/// as they are, and the outside reaching no translated pod over IPv6.
 #[test]
-fn ipv6_gateways_are_refused_rather_than_left_untranslated() {
+fn a_dual_stack_gateway_translates_each_family_to_the_pods_address() {
     if !require_root() {
         return;
     }
     let pod = pod_with_router();
+    pod.add_ipv6();
+    let no_snat_v6 = "fd00:10:16:2::/64";
+    pod.server.ip(&[
+        "-6",
+        "route",
+        "add",
+        no_snat_v6,
+        "via",
+        &KubeOvnPod::GATEWAY_EXTERNAL_V6.to_string(),
+    ]);
     let internal = INTERNAL_GATEWAY.to_string();
     let external = KubeOvnPod::SERVER.to_string();
+    let internal_v6 = KubeOvnPod::OVN_ROUTER_V6.to_string();
+    let external_v6 = KubeOvnPod::SERVER_V6.to_string();
     let scripts = PodScripts::new(
         &pod.gateway,
         &[
             ("INTERNAL_GATEWAY_IPV4", internal.as_str()),
             ("EXTERNAL_GATEWAY_IPV4", external.as_str()),
-            ("INTERNAL_GATEWAY_IPV6", "fd00:10:16::1"),
-            ("EXTERNAL_GATEWAY_IPV6", "fd00:172:17::1"),
+            ("NO_SNAT_SOURCES_IPV4", NO_SNAT),
+            ("INTERNAL_GATEWAY_IPV6", internal_v6.as_str()),
+            ("EXTERNAL_GATEWAY_IPV6", external_v6.as_str()),
+            ("NO_SNAT_SOURCES_IPV6", no_snat_v6),
         ],
     );
     let said = scripts.run(SCRIPT, &[]);
-    assert!(!said.status.success());
     assert!(
-        said.stderr.contains("IPv6 egress is not served"),
-        "{}",
+        said.status.success(),
+        "{SCRIPT}: {:?}\n{}{}",
+        said.status,
+        said.stdout,
         said.stderr
+    );
+    assert!(
+        said.stdout
+            .contains(&KubeOvnPod::GATEWAY_EXTERNAL_V6.to_string()),
+        "the attach names both egress addresses: {}",
+        said.stdout
+    );
+    assert_eq!(pod_processes(&pod), 0, "nothing of the init container stays");
+    let rules =
+        String::from_utf8_lossy(&pod.gateway.ip(&["-6", "rule", "show"]).stdout).into_owned();
+    for priority in ["1001:", "1002:", "1003:", "1004:"] {
+        assert!(
+            rules.contains(priority),
+            "Kube-OVN's IPv6 policy routing: {rules}"
+        );
+    }
+
+    let server6 = SocketAddr::new(KubeOvnPod::SERVER_V6.into(), 8080);
+    let outside6 = http_server(&pod.server, server6);
+    let outside4 = http_server(&pod.server, SocketAddrV4::new(KubeOvnPod::SERVER, 8080));
+    let url6 = format!("http://[{}]:8080/", KubeOvnPod::SERVER_V6);
+    let url4 = format!("http://{}:8080/", KubeOvnPod::SERVER);
+    let pod_a = &pod.pod(KubeOvnPod::POD_A).ns;
+    let status = || scripts.status().to_string();
+    let body = curl(pod_a, &url6).unwrap_or_else(|err| panic!("IPv6 out: {err}\n{}", status()));
+    assert_eq!(
+        body,
+        format!("you are {}\n", KubeOvnPod::GATEWAY_EXTERNAL_V6)
+    );
+    let body = curl(pod_a, &url4).expect("IPv4 out of a dual-stack gateway");
+    assert_eq!(body, format!("you are {}\n", KubeOvnPod::GATEWAY_EXTERNAL));
+    let pod_b_v6 = KubeOvnPod::ipv6_of(KubeOvnPod::POD_B);
+    let body = curl(&pod.pod(KubeOvnPod::POD_B).ns, &url6).expect("no-SNAT IPv6 source out");
+    assert_eq!(
+        body,
+        format!("you are {pod_b_v6}\n"),
+        "a no-SNAT source leaves as it is"
+    );
+    assert_eq!(
+        outside6.peer_ips_v6(),
+        [KubeOvnPod::GATEWAY_EXTERNAL_V6, pod_b_v6]
+    );
+    assert_eq!(outside4.peer_ips(), [KubeOvnPod::GATEWAY_EXTERNAL]);
+
+    // No way in over IPv6: the outside, routing to a translated pod
+    // through the gateway, reaches nothing.
+    let pod_a_v6 = KubeOvnPod::ipv6_of(KubeOvnPod::POD_A);
+    let inside = http_server(pod_a, SocketAddr::new(pod_a_v6.into(), 80));
+    pod.server.ip(&[
+        "-6",
+        "route",
+        "add",
+        "fd00:10:16:1::/64",
+        "via",
+        &KubeOvnPod::GATEWAY_EXTERNAL_V6.to_string(),
+    ]);
+    assert!(curl(&pod.server, &format!("http://[{pod_a_v6}]/")).is_err());
+    assert!(inside.peer_ips_v6().is_empty());
+    let status = scripts.status();
+    let counters = &status["counters"];
+    assert!(
+        counters["routed_passed"].as_u64().unwrap_or(0) >= 2,
+        "{status}"
+    );
+    assert!(
+        counters["in_drop_to_internal"].as_u64().unwrap_or(0) >= 1,
+        "{status}"
     );
 }

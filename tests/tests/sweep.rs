@@ -7,7 +7,7 @@
 //! under test (`EGRESS_TEST_HOOK=tc` for TC). Needs root.
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6},
     time::Duration,
 };
 
@@ -22,7 +22,8 @@ use egress_common::{
 };
 use egress_tests::{
     frames::{self, Tcp, View},
-    harness::{Harness, XDP_REDIRECT},
+    frames6::{self, View6},
+    harness::{CONFIG_DUAL_STACK, Harness, XDP_REDIRECT},
     require_root,
 };
 
@@ -31,6 +32,8 @@ const HOST_B: Ipv4Addr = Ipv4Addr::new(172, 20, 20, 10);
 const EGRESS_A: Ipv4Addr = Ipv4Addr::new(192, 168, 31, 101);
 const EGRESS_B: Ipv4Addr = Ipv4Addr::new(192, 168, 31, 150);
 const REMOTE: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
+const HOST_A_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x10, 0, 0, 0, 0, 0x10);
+const REMOTE_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 7);
 /// TC_ACT_UNSPEC: the next filter (the outbound program) runs.
 const HAND_ON: i32 = -1;
 const HOUR: Duration = Duration::from_secs(3600);
@@ -233,4 +236,42 @@ fn a_lone_half_goes_only_after_its_grace_time() {
         [fresh_key],
         "a half just inserted may be a new flow's first"
     );
+}
+
+/// IPv6 flows are walked as IPv4's are, in the same walk.
+#[test]
+fn ipv6_flows_are_walked_too() {
+    if !require_root() {
+        return;
+    }
+    let mut h = Harness::with_config(CONFIG_DUAL_STACK);
+    let host = SocketAddrV6::new(HOST_A_V6, 7000, 0, 0);
+    let remote = SocketAddrV6::new(REMOTE_V6, 7000, 0, 0);
+    let udp = h.outbound(&frames6::udp(host, remote, b"x"));
+    assert_eq!(udp.action, XDP_REDIRECT);
+    // A replied UDP flow (kept: its timeout is an hour here).
+    let kept = h.outbound(&frames6::udp(
+        SocketAddrV6::new(HOST_A_V6, 7001, 0, 0),
+        remote,
+        b"x",
+    ));
+    let nat = View6::new(&kept.frame);
+    let answer = frames6::udp(
+        remote,
+        SocketAddrV6::new(nat.src(), nat.src_port(), 0, 0),
+        b"a",
+    );
+    assert_eq!(h.reply(&answer).action, XDP_REDIRECT);
+    assert_eq!(h.flow_count_v6(), 2);
+    let ended_before = ended(&h, "tenant-a");
+
+    let mut sweep = conntrack::self_sweep(Duration::from_nanos(1), &timeouts());
+    sweep.last_ns = 0;
+    set_sweep(&mut h, sweep);
+    sweep_packet(&h);
+
+    assert_eq!(sweep_state(&h).ended, 1, "the unreplied IPv6 flow ended");
+    assert_eq!(h.flow_count_v6(), 1, "the replied one stays");
+    assert_eq!(h.maps.conntrack_v6.keys().count(), 2, "with both halves");
+    assert_eq!(ended(&h, "tenant-a"), ended_before + 1);
 }

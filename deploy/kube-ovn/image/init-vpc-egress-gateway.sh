@@ -10,8 +10,8 @@
 # for everything entering from the internal interface except the no-SNAT
 # sources, this attaches the dataplane with that translation: it keeps
 # serving after this container exits, with no process (netlink TC filters;
-# flows expire in the dataplane). IPv6 translation is not served yet: with
-# IPv6 gateways set the script refuses rather than let IPv6 out untranslated.
+# flows expire in the dataplane). IPv4, IPv6 and dual-stack gateways are
+# served; a dual-stack one is one attach with an egress address per family.
 
 set -ex
 
@@ -33,11 +33,9 @@ egress-agent --version
 internal_iface="eth0"
 external_iface="net1"
 
+attach_args=()
+
 if [ "${ENABLE_BGP}" != "true" ]; then
-  if [ -n "${INTERNAL_GATEWAY_IPV6}" ] && [ -n "${EXTERNAL_GATEWAY_IPV6}" ]; then
-    echo "IPv6 egress is not served by the egress image yet: use Kube-OVN's own image for IPv6 or dual-stack VpcEgressGateways" >&2
-    exit 1
-  fi
   if [ -n "${INTERNAL_GATEWAY_IPV4}" ] && [ -n "${EXTERNAL_GATEWAY_IPV4}" ]; then
     internal_ipv4=`ip -o route get "${INTERNAL_GATEWAY_IPV4}" | grep -o 'src [^ ]*' | awk '{print $2}'`
     external_ipv4=`ip -o route get "${EXTERNAL_GATEWAY_IPV4}" | grep -o 'src [^ ]*' | awk '{print $2}'`
@@ -53,14 +51,35 @@ if [ "${ENABLE_BGP}" != "true" ]; then
     ip -4 rule add priority 1002 iif "${external_iface}" lookup 1000
     ip -4 rule add priority 1003 iif lo from "${internal_ipv4}" lookup 1000
     ip -4 rule add priority 1004 iif lo from "${external_ipv4}" lookup default
+    attach_args+=(--egress-ip "${external_ipv4}" --no-snat "${NO_SNAT_SOURCES_IPV4}")
+  fi
 
-    # Kube-OVN: MASQUERADE --random-fully of everything from the internal
-    # interface, RETURN for the no-SNAT sources. Here: the dataplane.
+  if [ -n "${INTERNAL_GATEWAY_IPV6}" ] && [ -n "${EXTERNAL_GATEWAY_IPV6}" ]; then
+    internal_ipv6=`ip -o route get "${INTERNAL_GATEWAY_IPV6}" | grep -o 'src [^ ]*' | awk '{print $2}'`
+    external_ipv6=`ip -o route get "${EXTERNAL_GATEWAY_IPV6}" | grep -o 'src [^ ]*' | awk '{print $2}'`
+    internal_iface=`ip -o route get "${INTERNAL_GATEWAY_IPV6}" | grep -o 'dev [^ ]*' | awk '{print $2}'`
+    external_iface=`ip -o route get "${EXTERNAL_GATEWAY_IPV6}" | grep -o 'dev [^ ]*' | awk '{print $2}'`
+    ip -6 route replace default via "${INTERNAL_GATEWAY_IPV6}" table 1000
+    for priority in 1001 1002 1003 1004; do
+      if [ -n "`ip -6 rule show priority ${priority}`" ]; then
+        ip -6 rule del priority "${priority}"
+      fi
+    done
+    ip -6 rule add priority 1001 iif "${internal_iface}" lookup default
+    ip -6 rule add priority 1002 iif "${external_iface}" lookup 1000
+    ip -6 rule add priority 1003 iif lo from "${internal_ipv6}" lookup 1000
+    ip -6 rule add priority 1004 iif lo from "${external_ipv6}" lookup default
+    attach_args+=(--egress-ip "${external_ipv6}" --no-snat "$(echo ${NO_SNAT_SOURCES_IPV6[*]} | tr ' ' ',')")
+  fi
+
+  # Kube-OVN: MASQUERADE --random-fully (ip6tables' too) of everything
+  # from the internal interface, RETURN for the no-SNAT sources. Here: the
+  # dataplane, both families in one attach.
+  if [ ${#attach_args[@]} -gt 0 ]; then
     egress-agent kube-ovn attach-egress-gateway \
       --internal "${internal_iface}" \
       --external "${external_iface}" \
-      --egress-ip "${external_ipv4}" \
-      --no-snat "${NO_SNAT_SOURCES_IPV4}"
+      "${attach_args[@]}"
   fi
 fi
 

@@ -70,6 +70,8 @@ pub struct Maps {
     pub floating: HashMap<MapData, FloatingKeyV4, [u8; 4]>,
     /// Sources the leak guard lets out untranslated.
     pub routed: LpmTrie<MapData, [u8; 4], u32>,
+    /// The same for IPv6.
+    pub routed_v6: LpmTrie<MapData, [u8; 16], u32>,
     /// Flow expiry by the programs (idle while an agent sweeps).
     pub self_sweep: Array<MapData, SelfSweep>,
     /// Entries each family's conntrack map can hold (two per flow; both
@@ -115,6 +117,7 @@ impl Maps {
             forwards: typed!(pin_dir, names::PORT_FORWARDS_V4),
             floating: typed!(pin_dir, names::FLOATING_V4),
             routed: typed!(pin_dir, names::ROUTED_SOURCES_V4),
+            routed_v6: typed!(pin_dir, names::ROUTED_SOURCES_V6),
             self_sweep: typed!(pin_dir, names::SELF_SWEEP),
             conntrack_capacity: aya::maps::MapInfo::from_pin(pin_dir.join(names::CONNTRACK_V4))
                 .context("inspecting the conntrack map")?
@@ -309,6 +312,15 @@ impl Maps {
                 )
                 .context("writing ROUTED_SRC_V4")?;
         }
+        for net in &desired.routed_v6 {
+            self.routed_v6
+                .insert(
+                    &Key::new(u32::from(net.prefix_len()), net.addr().octets()),
+                    1,
+                    0,
+                )
+                .context("writing ROUTED_SRC_V6")?;
+        }
         // 3. Remove what is no longer wanted, classifier first.
         prune_trie(
             &mut self.sources,
@@ -327,6 +339,14 @@ impl Maps {
                 .iter()
                 .map(|net| (u32::from(net.prefix_len()), net.addr().octets())),
             "ROUTED_SRC_V4",
+        )?;
+        prune_trie(
+            &mut self.routed_v6,
+            desired
+                .routed_v6
+                .iter()
+                .map(|net| (u32::from(net.prefix_len()), net.addr().octets())),
+            "ROUTED_SRC_V6",
         )?;
         prune(
             &mut self.ingress_ports,
@@ -468,6 +488,7 @@ pub struct DesiredState {
     pub floating: Vec<(FloatingKeyV4, [u8; 4])>,
     /// Sources routed out untranslated.
     pub routed: Vec<ipnet::Ipv4Net>,
+    pub routed_v6: Vec<ipnet::Ipv6Net>,
     /// Tenant id of each tenant of the plan, in plan order.
     pub ids: Vec<u16>,
     /// Conntrack zones (ingress port ids) of each tenant, in plan order.
@@ -509,7 +530,12 @@ impl DesiredState {
             },
         ));
         state.interfaces = interfaces;
-        state.routed.clone_from(&resolved.routed_sources);
+        for net in &resolved.routed_sources {
+            match net {
+                ipnet::IpNet::V4(net) => state.routed.push(*net),
+                ipnet::IpNet::V6(net) => state.routed_v6.push(*net),
+            }
+        }
         state.ingress_ports = port_ids.iter().map(|(k, v)| (*k, *v)).collect();
         if !state.ingress_ports.is_empty() {
             state.config.flags |= CONFIG_F_INGRESS_PORTS;
