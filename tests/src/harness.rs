@@ -203,6 +203,12 @@ impl Harness {
         Self::with_config(CONFIG)
     }
 
+    /// The namespace the programs' interfaces and routes live in, for a
+    /// test that needs one more route.
+    pub fn ns(&self) -> &Netns {
+        &self._ns
+    }
+
     pub fn with_config(yaml: &str) -> Self {
         let ns = Netns::new("pkt");
         for (a, b) in [(INTERNAL, "int0p"), (EXTERNAL, "ext0p")] {

@@ -85,7 +85,11 @@ fn the_init_script_leaves_a_dataplane_that_serves_without_any_process() {
         "{}",
         said.stdout
     );
-    assert_eq!(pod_processes(&pod), 0, "nothing of the init container stays");
+    assert_eq!(
+        pod_processes(&pod),
+        0,
+        "nothing of the init container stays"
+    );
     let rules =
         String::from_utf8_lossy(&pod.gateway.ip(&["-4", "rule", "show"]).stdout).into_owned();
     for priority in ["1001:", "1002:", "1003:", "1004:"] {
@@ -211,7 +215,11 @@ fn a_dual_stack_gateway_translates_each_family_to_the_pods_address() {
         "the attach names both egress addresses: {}",
         said.stdout
     );
-    assert_eq!(pod_processes(&pod), 0, "nothing of the init container stays");
+    assert_eq!(
+        pod_processes(&pod),
+        0,
+        "nothing of the init container stays"
+    );
     let rules =
         String::from_utf8_lossy(&pod.gateway.ip(&["-6", "rule", "show"]).stdout).into_owned();
     for priority in ["1001:", "1002:", "1003:", "1004:"] {

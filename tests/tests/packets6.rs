@@ -258,6 +258,39 @@ fn the_leak_guard_covers_ipv6() {
     assert_eq!(h.counter(Counter::TcLeakBlocked), 1);
 }
 
+/// `routedSources` in IPv6 (a VpcEgressGateway's no-SNAT sources): out
+/// and back untranslated through the kernel, let out by the leak guard;
+/// every other stranger still gets nothing out.
+#[test]
+fn routed_ipv6_sources_leave_and_return_as_they_are() {
+    if !require_root() {
+        return;
+    }
+    let h = Harness::with_config(&format!(
+        "{CONFIG_DUAL_STACK}routedSources: [2001:db8:10:1::/64]\n"
+    ));
+    h.ns()
+        .ip(&["-6", "route", "add", "2001:db8:10:1::/64", "dev", "int0"]);
+    let out = frames6::udp(sock(STRANGER, 5000), sock(REMOTE, 53), b"q");
+    let verdict = h.outbound(&out);
+    assert_eq!(verdict.action, XDP_PASS);
+    assert_eq!(verdict.frame, out, "untouched");
+    assert_eq!(h.counter(Counter::RoutedPassed), 1);
+    assert_eq!(h.tc("leak_guard", &out, h.internal), TC_ACT_OK);
+    assert_eq!(h.counter(Counter::RoutedPassed), 2);
+    let back = frames6::udp(sock(REMOTE, 53), sock(STRANGER, 5000), b"a");
+    let verdict = h.reply(&back);
+    assert_eq!(verdict.action, XDP_PASS);
+    assert_eq!(verdict.frame, back, "untouched");
+    assert_eq!(h.counter(Counter::RoutedPassed), 3);
+    assert_eq!(h.counter(Counter::InDropToInternal), 0);
+
+    let other = Ipv6Addr::new(0x2001, 0xdb8, 0x10, 2, 0, 0, 0, 0x99);
+    let stray = frames6::udp(sock(other, 5000), sock(REMOTE, 53), b"q");
+    assert_eq!(h.tc("leak_guard", &stray, h.internal), TC_ACT_SHOT);
+    assert_eq!(h.flow_count_v6(), 0, "nothing translated");
+}
+
 #[test]
 fn packet_too_big_about_a_translated_segment_comes_back_to_the_host() {
     let Some(h) = harness() else { return };
