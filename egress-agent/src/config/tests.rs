@@ -1584,7 +1584,6 @@ returnRoutes:
   - {{destination: 10.16.1.0/24, via: 'fd00:10::2'}}
 bfd:
   peers: [{{address: 'fe80::1'}}]
-routedSources: ['fd00:77::/64']
 ",
         DUAL_STACK.split("  - name: tenant-b").next().unwrap()
     );
@@ -1597,10 +1596,29 @@ routedSources: ['fd00:77::/64']
         "returnRoutes[0].destination",
         "returnRoutes[1].via",
         "bfd.peers[0].address",
-        "routedSources[0]",
     ] {
         assert_problem(&found, field, "IPv6 is not supported here yet");
     }
+}
+
+#[test]
+fn routed_sources_take_both_families_but_no_tenants_sources() {
+    let text = format!("{DUAL_STACK}routedSources: ['fd00:77::/64', 10.16.2.0/24]\n");
+    let plan = Config::parse(&text).unwrap().plan().expect("both families");
+    assert_eq!(
+        plan.routed_sources,
+        [
+            "fd00:77::/64".parse::<IpNet>().unwrap(),
+            "10.16.2.0/24".parse().unwrap()
+        ]
+    );
+    // Inside tenant-a's fd00:10::/64.
+    let found = problems(&format!("{DUAL_STACK}routedSources: ['fd00:10::/112']\n"));
+    assert_problem(
+        &found,
+        "routedSources[0]",
+        "overlaps the sources of tenants[0]",
+    );
 }
 
 #[test]
