@@ -12,6 +12,7 @@
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 
 use egress_tests::{
+    agent::Finished,
     kube_ovn::PodScripts,
     require_root,
     shapes::KubeOvnPod,
@@ -65,14 +66,10 @@ fn pod_processes(pod: &KubeOvnPod) -> usize {
     String::from_utf8_lossy(&out.stdout).lines().count()
 }
 
-#[test]
-fn the_init_script_leaves_a_dataplane_that_serves_without_any_process() {
-    if !require_root() {
-        return;
-    }
-    let pod = pod_with_router();
-    let scripts = scripts(&pod);
-    let said = scripts.run(SCRIPT, &[]);
+/// The script succeeded, attached the dataplane, left no process behind,
+/// and set Kube-OVN's policy routing for each of `families` (`-4`, `-6`).
+#[track_caller]
+fn assert_attached(pod: &KubeOvnPod, said: &Finished, families: &[&str]) {
     assert!(
         said.status.success(),
         "{SCRIPT}: {:?}\n{}{}",
@@ -85,19 +82,28 @@ fn the_init_script_leaves_a_dataplane_that_serves_without_any_process() {
         "{}",
         said.stdout
     );
-    assert_eq!(
-        pod_processes(&pod),
-        0,
-        "nothing of the init container stays"
-    );
-    let rules =
-        String::from_utf8_lossy(&pod.gateway.ip(&["-4", "rule", "show"]).stdout).into_owned();
-    for priority in ["1001:", "1002:", "1003:", "1004:"] {
-        assert!(
-            rules.contains(priority),
-            "Kube-OVN's policy routing: {rules}"
-        );
+    assert_eq!(pod_processes(pod), 0, "nothing of the init container stays");
+    for family in families {
+        let rules =
+            String::from_utf8_lossy(&pod.gateway.ip(&[family, "rule", "show"]).stdout).into_owned();
+        for priority in ["1001:", "1002:", "1003:", "1004:"] {
+            assert!(
+                rules.contains(priority),
+                "Kube-OVN's policy routing ({family}): {rules}"
+            );
+        }
     }
+}
+
+#[test]
+fn the_init_script_leaves_a_dataplane_that_serves_without_any_process() {
+    if !require_root() {
+        return;
+    }
+    let pod = pod_with_router();
+    let scripts = scripts(&pod);
+    let said = scripts.run(SCRIPT, &[]);
+    assert_attached(&pod, &said, &["-4"]);
 
     let outside = http_server(&pod.server, SocketAddrV4::new(KubeOvnPod::SERVER, 8080));
     let url = format!("http://{}:8080/", KubeOvnPod::SERVER);
@@ -202,32 +208,13 @@ fn a_dual_stack_gateway_translates_each_family_to_the_pods_address() {
         ],
     );
     let said = scripts.run(SCRIPT, &[]);
-    assert!(
-        said.status.success(),
-        "{SCRIPT}: {:?}\n{}{}",
-        said.status,
-        said.stdout,
-        said.stderr
-    );
+    assert_attached(&pod, &said, &["-4", "-6"]);
     assert!(
         said.stdout
             .contains(&KubeOvnPod::GATEWAY_EXTERNAL_V6.to_string()),
         "the attach names both egress addresses: {}",
         said.stdout
     );
-    assert_eq!(
-        pod_processes(&pod),
-        0,
-        "nothing of the init container stays"
-    );
-    let rules =
-        String::from_utf8_lossy(&pod.gateway.ip(&["-6", "rule", "show"]).stdout).into_owned();
-    for priority in ["1001:", "1002:", "1003:", "1004:"] {
-        assert!(
-            rules.contains(priority),
-            "Kube-OVN's IPv6 policy routing: {rules}"
-        );
-    }
 
     let server6 = SocketAddr::new(KubeOvnPod::SERVER_V6.into(), 8080);
     let outside6 = http_server(&pod.server, server6);

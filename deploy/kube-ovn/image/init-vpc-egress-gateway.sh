@@ -35,41 +35,37 @@ external_iface="net1"
 
 attach_args=()
 
+# Kube-OVN's policy routing for one family (-4 or -6): replies to the
+# internal side through table 1000, the pod's own traffic by its source.
+# Sets internal_iface/external_iface and adds the family's egress address
+# and no-SNAT sources to attach_args.
+policy_routing() {
+  local family=$1 internal_gateway=$2 external_gateway=$3 no_snat=$4
+  local internal_ip external_ip
+  internal_ip=`ip -o route get "${internal_gateway}" | grep -o 'src [^ ]*' | awk '{print $2}'`
+  external_ip=`ip -o route get "${external_gateway}" | grep -o 'src [^ ]*' | awk '{print $2}'`
+  internal_iface=`ip -o route get "${internal_gateway}" | grep -o 'dev [^ ]*' | awk '{print $2}'`
+  external_iface=`ip -o route get "${external_gateway}" | grep -o 'dev [^ ]*' | awk '{print $2}'`
+  ip "${family}" route replace default via "${internal_gateway}" table 1000
+  for priority in 1001 1002 1003 1004; do
+    if [ -n "`ip "${family}" rule show priority ${priority}`" ]; then
+      ip "${family}" rule del priority "${priority}"
+    fi
+  done
+  ip "${family}" rule add priority 1001 iif "${internal_iface}" lookup default
+  ip "${family}" rule add priority 1002 iif "${external_iface}" lookup 1000
+  ip "${family}" rule add priority 1003 iif lo from "${internal_ip}" lookup 1000
+  ip "${family}" rule add priority 1004 iif lo from "${external_ip}" lookup default
+  attach_args+=(--egress-ip "${external_ip}" --no-snat "${no_snat}")
+}
+
 if [ "${ENABLE_BGP}" != "true" ]; then
   if [ -n "${INTERNAL_GATEWAY_IPV4}" ] && [ -n "${EXTERNAL_GATEWAY_IPV4}" ]; then
-    internal_ipv4=`ip -o route get "${INTERNAL_GATEWAY_IPV4}" | grep -o 'src [^ ]*' | awk '{print $2}'`
-    external_ipv4=`ip -o route get "${EXTERNAL_GATEWAY_IPV4}" | grep -o 'src [^ ]*' | awk '{print $2}'`
-    internal_iface=`ip -o route get "${INTERNAL_GATEWAY_IPV4}" | grep -o 'dev [^ ]*' | awk '{print $2}'`
-    external_iface=`ip -o route get "${EXTERNAL_GATEWAY_IPV4}" | grep -o 'dev [^ ]*' | awk '{print $2}'`
-    ip -4 route replace default via "${INTERNAL_GATEWAY_IPV4}" table 1000
-    for priority in 1001 1002 1003 1004; do
-      if [ -n "`ip -4 rule show priority ${priority}`" ]; then
-        ip -4 rule del priority "${priority}"
-      fi
-    done
-    ip -4 rule add priority 1001 iif "${internal_iface}" lookup default
-    ip -4 rule add priority 1002 iif "${external_iface}" lookup 1000
-    ip -4 rule add priority 1003 iif lo from "${internal_ipv4}" lookup 1000
-    ip -4 rule add priority 1004 iif lo from "${external_ipv4}" lookup default
-    attach_args+=(--egress-ip "${external_ipv4}" --no-snat "${NO_SNAT_SOURCES_IPV4}")
+    policy_routing -4 "${INTERNAL_GATEWAY_IPV4}" "${EXTERNAL_GATEWAY_IPV4}" "${NO_SNAT_SOURCES_IPV4}"
   fi
-
   if [ -n "${INTERNAL_GATEWAY_IPV6}" ] && [ -n "${EXTERNAL_GATEWAY_IPV6}" ]; then
-    internal_ipv6=`ip -o route get "${INTERNAL_GATEWAY_IPV6}" | grep -o 'src [^ ]*' | awk '{print $2}'`
-    external_ipv6=`ip -o route get "${EXTERNAL_GATEWAY_IPV6}" | grep -o 'src [^ ]*' | awk '{print $2}'`
-    internal_iface=`ip -o route get "${INTERNAL_GATEWAY_IPV6}" | grep -o 'dev [^ ]*' | awk '{print $2}'`
-    external_iface=`ip -o route get "${EXTERNAL_GATEWAY_IPV6}" | grep -o 'dev [^ ]*' | awk '{print $2}'`
-    ip -6 route replace default via "${INTERNAL_GATEWAY_IPV6}" table 1000
-    for priority in 1001 1002 1003 1004; do
-      if [ -n "`ip -6 rule show priority ${priority}`" ]; then
-        ip -6 rule del priority "${priority}"
-      fi
-    done
-    ip -6 rule add priority 1001 iif "${internal_iface}" lookup default
-    ip -6 rule add priority 1002 iif "${external_iface}" lookup 1000
-    ip -6 rule add priority 1003 iif lo from "${internal_ipv6}" lookup 1000
-    ip -6 rule add priority 1004 iif lo from "${external_ipv6}" lookup default
-    attach_args+=(--egress-ip "${external_ipv6}" --no-snat "$(echo ${NO_SNAT_SOURCES_IPV6[*]} | tr ' ' ',')")
+    policy_routing -6 "${INTERNAL_GATEWAY_IPV6}" "${EXTERNAL_GATEWAY_IPV6}" \
+      "$(echo ${NO_SNAT_SOURCES_IPV6[*]} | tr ' ' ',')"
   fi
 
   # Kube-OVN: MASQUERADE --random-fully (ip6tables' too) of everything
