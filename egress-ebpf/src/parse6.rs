@@ -9,11 +9,15 @@
 //! after classification, so only a tenant's packets are judged by them.
 //! A fragment header is recorded (`Fragment`): a first fragment carries
 //! the transport header and is translated as its flow, a later one only
-//! payload, translated by the first one's memory (`frags`). ICMPv6 errors quoting a packet of a flow are
-//! recognised by `is_icmp_error` and parsed by `icmp_error`, in their own
-//! program (`icmp6`). Link-local and
-//! multicast traffic (Neighbor Discovery, MLD, router advertisements) never
-//! reaches the NAT: `is_link_control` sends it to the kernel first.
+//! payload, translated by the first one's memory (`frags`). The new-flow
+//! program takes the walk's result from the program that called it
+//! (`Walk`, `resume`) instead of walking again.
+//!
+//! ICMPv6 errors quoting a packet of a flow are recognised by
+//! `is_icmp_error` and parsed by `icmp_error`, in their own program
+//! (`icmp6`). Link-local and multicast traffic (Neighbor Discovery, MLD,
+//! router advertisements) never reaches the NAT: `is_link_control` sends
+//! it to the kernel first.
 
 use egress_common::flow::{PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
 use network_types::{
