@@ -524,46 +524,57 @@ impl Config {
         let mut planned: Vec<PlannedRoute> = Vec::new();
         for (i, route) in self.return_routes.iter().enumerate() {
             let field = format!("returnRoutes[{i}]");
-            let destination = match route.destination.parse::<IpNet>() {
-                Ok(IpNet::V4(net)) if net.trunc() == net => Some(net),
-                Ok(IpNet::V4(net)) => {
+            let destination = match route.destination.trim().parse::<IpNet>() {
+                Ok(net) if net.trunc() == net => Some(net),
+                Ok(net) => {
                     problems.add(
                         format!("{field}.destination"),
                         format!("{net} has host bits set; did you mean {}?", net.trunc()),
                     );
                     None
                 }
-                Ok(IpNet::V6(net)) => {
-                    problems.add(format!("{field}.destination"), ipv6_not_here(net));
-                    None
-                }
                 Err(_) => {
                     problems.add(
                         format!("{field}.destination"),
-                        format!("{:?} is not an IPv4 CIDR", route.destination),
+                        format!("{:?} is not an IPv4 or IPv6 CIDR", route.destination),
                     );
                     None
                 }
             };
-            let via = parse_ipv4(&route.via)
-                .map_err(|message| problems.add(format!("{field}.via"), message))
-                .ok();
+            let via = match route.via.trim().parse::<IpAddr>() {
+                Ok(via) => Some(via),
+                Err(_) => {
+                    problems.add(
+                        format!("{field}.via"),
+                        format!("{:?} is not an IPv4 or IPv6 address", route.via),
+                    );
+                    None
+                }
+            };
             if let Some(interface) = &route.interface {
                 check_ifname(problems, &format!("{field}.interface"), interface);
             }
-            if let (Some(destination), Some(via)) = (destination, via) {
-                if planned.iter().any(|p| p.destination == destination) {
-                    problems.add(
-                        format!("{field}.destination"),
-                        format!("{destination} is routed twice"),
-                    );
-                }
-                planned.push(PlannedRoute {
-                    destination,
-                    via,
-                    interface: route.interface.clone(),
-                });
+            let (Some(destination), Some(via)) = (destination, via) else {
+                continue;
+            };
+            if destination.addr().is_ipv4() != via.is_ipv4() {
+                problems.add(
+                    format!("{field}.via"),
+                    format!("{via} is not of the same family as the destination {destination}"),
+                );
+                continue;
             }
+            if planned.iter().any(|p| p.destination == destination) {
+                problems.add(
+                    format!("{field}.destination"),
+                    format!("{destination} is routed twice"),
+                );
+            }
+            planned.push(PlannedRoute {
+                destination,
+                via,
+                interface: route.interface.clone(),
+            });
         }
         planned
     }
@@ -1000,8 +1011,9 @@ pub struct Plan {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlannedRoute {
-    pub destination: Ipv4Net,
-    pub via: Ipv4Addr,
+    pub destination: IpNet,
+    /// Of the destination's family.
+    pub via: IpAddr,
     pub interface: Option<String>,
 }
 

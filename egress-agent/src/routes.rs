@@ -1,20 +1,25 @@
 //! Return routes: replies translated back to a tenant address must reach the
 //! node that hosts it, so the gateway keeps one route per node pod CIDR via
 //! that node's address (what the seeds' Python daemon did with `ip route`).
+//! Both families: a dual-stack node has an IPv4 and an IPv6 pod CIDR, each
+//! routed via the node's address of the same family.
 //!
 //! Routes the agent creates carry their own routing protocol number
 //! ([`RTPROT_EGRESS`], shown as `proto 234` by `ip route`): that is how the
 //! agent knows them for its own, so it never changes or removes a route it
 //! did not create, even one to the same prefix.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::Context as _;
 use futures::TryStreamExt as _;
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use rtnetlink::{
     Handle, RouteMessageBuilder,
-    packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol},
+    packet_route::{
+        AddressFamily,
+        route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol},
+    },
 };
 
 /// Marks routes this agent owns.
@@ -23,8 +28,9 @@ const MAIN_TABLE: u8 = 254;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
 pub struct ReturnRoute {
-    pub destination: Ipv4Net,
-    pub via: Ipv4Addr,
+    pub destination: IpNet,
+    /// Of the same family as `destination` (the configuration checks it).
+    pub via: IpAddr,
     pub ifindex: u32,
 }
 
@@ -39,8 +45,8 @@ pub struct RouteReport {
 /// One route of the main table, as far as this module cares.
 #[derive(Debug, Clone)]
 struct Existing {
-    destination: Ipv4Net,
-    via: Option<Ipv4Addr>,
+    destination: IpNet,
+    via: Option<IpAddr>,
     ifindex: Option<u32>,
     ours: bool,
     message: RouteMessage,
@@ -48,37 +54,56 @@ struct Existing {
 
 async fn main_table(handle: &Handle) -> anyhow::Result<Vec<Existing>> {
     let mut routes = Vec::new();
-    let mut stream = handle
-        .route()
-        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-        .execute();
-    while let Some(message) = stream.try_next().await.context("listing routes")? {
-        if message.header.table != MAIN_TABLE {
-            continue;
-        }
-        let mut destination = Ipv4Addr::UNSPECIFIED;
-        let (mut via, mut ifindex) = (None, None);
-        for attribute in &message.attributes {
-            match attribute {
-                RouteAttribute::Destination(RouteAddress::Inet(addr)) => destination = *addr,
-                RouteAttribute::Gateway(RouteAddress::Inet(addr)) => via = Some(*addr),
-                RouteAttribute::Oif(index) => ifindex = Some(*index),
-                _ => {}
+    for query in [
+        RouteMessageBuilder::<Ipv4Addr>::new().build(),
+        RouteMessageBuilder::<Ipv6Addr>::new().build(),
+    ] {
+        let mut stream = handle.route().get(query).execute();
+        while let Some(message) = stream.try_next().await.context("listing routes")? {
+            if message.header.table != MAIN_TABLE {
+                continue;
+            }
+            if let Some(existing) = existing(message) {
+                routes.push(existing);
             }
         }
-        let Ok(destination) = Ipv4Net::new(destination, message.header.destination_prefix_length)
-        else {
-            continue;
-        };
-        routes.push(Existing {
-            destination,
-            via,
-            ifindex,
-            ours: message.header.protocol == RouteProtocol::Other(RTPROT_EGRESS),
-            message,
-        });
     }
     Ok(routes)
+}
+
+/// The parts of a route this module compares; `None` for a route without a
+/// destination of its own family (multicast, MPLS and the like).
+fn existing(message: RouteMessage) -> Option<Existing> {
+    let mut destination = match message.header.address_family {
+        AddressFamily::Inet => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        AddressFamily::Inet6 => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        _ => return None,
+    };
+    let (mut via, mut ifindex) = (None, None);
+    for attribute in &message.attributes {
+        match attribute {
+            RouteAttribute::Destination(address) => destination = ip_of(address)?,
+            RouteAttribute::Gateway(address) => via = ip_of(address),
+            RouteAttribute::Oif(index) => ifindex = Some(*index),
+            _ => {}
+        }
+    }
+    let destination = IpNet::new(destination, message.header.destination_prefix_length).ok()?;
+    Some(Existing {
+        destination,
+        via,
+        ifindex,
+        ours: message.header.protocol == RouteProtocol::Other(RTPROT_EGRESS),
+        message,
+    })
+}
+
+fn ip_of(address: &RouteAddress) -> Option<IpAddr> {
+    match address {
+        RouteAddress::Inet(addr) => Some(IpAddr::V4(*addr)),
+        RouteAddress::Inet6(addr) => Some(IpAddr::V6(*addr)),
+        _ => None,
+    }
 }
 
 /// Makes the agent's routes exactly `wanted`: adds what is missing, moves
@@ -101,9 +126,10 @@ pub async fn sync(handle: &Handle, wanted: &[ReturnRoute]) -> anyhow::Result<Rou
         if current {
             continue;
         }
-        let message = RouteMessageBuilder::<Ipv4Addr>::new()
+        let message = RouteMessageBuilder::<IpAddr>::new()
             .destination_prefix(route.destination.addr(), route.destination.prefix_len())
-            .gateway(route.via)
+            .and_then(|builder| builder.gateway(route.via))
+            .with_context(|| format!("a route to {} via {}", route.destination, route.via))?
             .output_interface(route.ifindex)
             .protocol(RouteProtocol::Other(RTPROT_EGRESS))
             .build();
@@ -125,7 +151,10 @@ pub async fn sync(handle: &Handle, wanted: &[ReturnRoute]) -> anyhow::Result<Rou
         delete(handle, stale).await?;
         report.removed.push(ReturnRoute {
             destination: stale.destination,
-            via: stale.via.unwrap_or(Ipv4Addr::UNSPECIFIED),
+            via: stale.via.unwrap_or(match stale.destination {
+                IpNet::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                IpNet::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+            }),
             ifindex: stale.ifindex.unwrap_or(0),
         });
     }

@@ -12,7 +12,10 @@ use egress_tests::{
     agent::{Agent, http_get, wait_until},
     netns::Netns,
     require_root,
-    topology::{EGRESS_A, EGRESS_B, HOST_A, HOST_B, SERVER, Topology, seed_config},
+    topology::{
+        EGRESS_A, EGRESS_A_V6, EGRESS_B, HOST_A, HOST_B, SERVER, SERVER_V6, Topology, ipv6_of,
+        seed_config,
+    },
     traffic::{udp_echo_server, udp_request},
 };
 
@@ -219,6 +222,68 @@ fn return_routes_are_kept_and_only_ours_are_ever_removed() {
         table.contains("10.16.9.0/24 via 172.20.10.10"),
         "theirs stays: {table}"
     );
+}
+
+/// A node's IPv6 pod CIDR behind it: replies translated back to a pod
+/// reach it only through the return route the agent keeps, via the node's
+/// IPv6 address; the route goes when the agent stops.
+#[test]
+fn ipv6_return_routes_carry_replies_to_a_nodes_pods() {
+    if !require_root() {
+        return;
+    }
+    let net = Topology::seed();
+    net.add_ipv6();
+    let node = ipv6_of(HOST_A);
+    let pod = "2001:db8:77::5";
+    let host_a = &net.host(HOST_A).ns;
+    host_a.ip(&["addr", "add", &format!("{pod}/128"), "dev", "lo"]);
+    let config = format!(
+        "\
+interfaces:
+  internal: [eth0]
+  external: eth1
+tenants:
+  - name: tenant-a
+    sources: [172.20.10.0/24, 2001:db8:10::/64, 2001:db8:77::/64]
+    egressIPs: [{EGRESS_A}, {EGRESS_A_V6}]
+returnRoutes:
+  - {{destination: 2001:db8:77::/64, via: '{node}'}}
+"
+    );
+    let ping_from_pod = || {
+        host_a
+            .try_run(
+                "ping",
+                &[
+                    "-6",
+                    "-c",
+                    "2",
+                    "-i",
+                    "0.2",
+                    "-W",
+                    "2",
+                    "-n",
+                    "-I",
+                    pod,
+                    &SERVER_V6.to_string(),
+                ],
+            )
+            .status
+            .success()
+    };
+    let mut agent = Agent::start(&net.gateway, &config);
+    let table = String::from_utf8_lossy(&net.gateway.run("ip", &["-6", "route", "show"]).stdout)
+        .into_owned();
+    assert!(
+        table.contains(&format!("2001:db8:77::/64 via {node} dev eth0 proto 234")),
+        "{table}"
+    );
+    assert!(ping_from_pod(), "the pod's ping6 comes back by the route");
+    assert!(agent.stop().success());
+    let table = String::from_utf8_lossy(&net.gateway.run("ip", &["-6", "route", "show"]).stdout)
+        .into_owned();
+    assert!(!table.contains("proto 234"), "ours are gone: {table}");
 }
 
 /// XDP chosen where it is safe stays safe only while its redirect targets

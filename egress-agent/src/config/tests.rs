@@ -674,6 +674,48 @@ bfd:
 }
 
 #[test]
+fn return_routes_take_both_families_each_via_its_own() {
+    let text = format!(
+        "{SEED}returnRoutes:
+  - {{destination: 10.16.1.0/24, via: 172.20.10.2}}
+  - {{destination: 'fd00:16:1::/64', via: 'fd00:20::2'}}
+  - {{destination: 'fd00:16:2::/64', via: 'fe80::2', interface: eth1}}
+"
+    );
+    let resolved = plan(&text)
+        .expect("valid")
+        .resolve(&machine())
+        .expect("resolves");
+    let routes: Vec<String> = resolved
+        .return_routes
+        .iter()
+        .map(|r| format!("{} via {} dev {}", r.destination, r.via, r.ifindex))
+        .collect();
+    assert_eq!(
+        routes,
+        [
+            "10.16.1.0/24 via 172.20.10.2 dev 2",
+            "fd00:16:1::/64 via fd00:20::2 dev 2",
+            "fd00:16:2::/64 via fe80::2 dev 3"
+        ]
+    );
+    let found = problems(&format!(
+        "{SEED}returnRoutes:
+  - {{destination: 'fd00:99::/64', via: 172.20.10.2}}
+  - {{destination: 10.16.1.0/24, via: 'fd00:10::2'}}
+  - {{destination: 'fd00:99::1/64', via: 'fd00:10::2'}}
+"
+    ));
+    assert_problem(&found, "returnRoutes[0].via", "not of the same family");
+    assert_problem(&found, "returnRoutes[1].via", "not of the same family");
+    assert_problem(
+        &found,
+        "returnRoutes[2].destination",
+        "did you mean fd00:99::/64",
+    );
+}
+
+#[test]
 fn bad_return_routes_and_bfd_peers_name_their_fields() {
     let text = format!(
         "{SEED}returnRoutes:
@@ -689,7 +731,7 @@ bfd:
     );
     let found = problems(&text);
     assert_problem(&found, "returnRoutes[0].destination", "host bits");
-    assert_problem(&found, "returnRoutes[1].via", "not an IPv4 address");
+    assert_problem(&found, "returnRoutes[1].via", "not an IPv4 or IPv6 address");
     assert_problem(&found, "bfd.peers[0].minTxMs", "outside 10..=60000");
     assert_problem(&found, "bfd.peers[0].multiplier", "at least 1");
     assert_problem(&found, "bfd.peers[1].address", "configured twice");
@@ -1579,9 +1621,6 @@ fn everything_else_that_takes_addresses_refuses_ipv6_by_field() {
         "{}    portForwards:
       - {{egressIP: '2001:db8:31::101', protocol: tcp, port: 80, to: '[fd00:10::2]:80'}}
     floatingIPs: [{{address: '2001:db8:31::160', host: 'fd00:10::5'}}]
-returnRoutes:
-  - {{destination: 'fd00:99::/64', via: 172.20.10.2}}
-  - {{destination: 10.16.1.0/24, via: 'fd00:10::2'}}
 bfd:
   peers: [{{address: 'fe80::1'}}]
 ",
@@ -1593,8 +1632,6 @@ bfd:
         "tenants[0] (tenant-a).portForwards[0].to",
         "tenants[0] (tenant-a).floatingIPs[0].address",
         "tenants[0] (tenant-a).floatingIPs[0].host",
-        "returnRoutes[0].destination",
-        "returnRoutes[1].via",
         "bfd.peers[0].address",
     ] {
         assert_problem(&found, field, "IPv6 is not supported here yet");

@@ -98,8 +98,9 @@ impl Resolved {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ReturnRoute {
-    pub destination: Ipv4Net,
-    pub via: Ipv4Addr,
+    pub destination: IpNet,
+    /// The node's InternalIP of the destination's family.
+    pub via: IpAddr,
 }
 
 impl ReturnRoute {
@@ -1169,28 +1170,35 @@ fn add_bfd_peers(peers: &mut Vec<BfdPeer>, wanted: &BfdWanted, report: &mut Repo
 }
 
 fn return_routes(snapshot: &Snapshot, warnings: &mut Vec<String>) -> Vec<ReturnRoute> {
-    let mut by_destination: BTreeMap<Ipv4Net, (Ipv4Addr, &str)> = BTreeMap::new();
+    let mut by_destination: BTreeMap<IpNet, (IpAddr, &str)> = BTreeMap::new();
     for node in &snapshot.nodes {
         if node.name == snapshot.local.name {
             continue;
         }
-        let Some(via) = node.internal_ip else {
-            if !node.pod_cidrs.is_empty() {
+        for cidr in &node.pod_cidrs {
+            let family = if cidr.addr().is_ipv4() {
+                "IPv4"
+            } else {
+                "IPv6"
+            };
+            let Some(via) = node
+                .internal_ips
+                .iter()
+                .find(|ip| ip.is_ipv4() == cidr.addr().is_ipv4())
+            else {
                 warnings.push(format!(
-                    "node {} has pod CIDRs but no IPv4 InternalIP",
+                    "node {} has the {family} pod CIDR {cidr} but no {family} InternalIP",
                     node.name
                 ));
-            }
-            continue;
-        };
-        for cidr in &node.pod_cidrs {
+                continue;
+            };
             match by_destination.get(cidr) {
                 Some((_, first)) => warnings.push(format!(
                     "pod CIDR {cidr} is claimed by nodes {first} and {}; routing it to {first}",
                     node.name
                 )),
                 None => {
-                    by_destination.insert(*cidr, (via, &node.name));
+                    by_destination.insert(*cidr, (*via, &node.name));
                 }
             }
         }

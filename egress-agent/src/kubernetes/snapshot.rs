@@ -12,7 +12,7 @@ use std::{
     net::{IpAddr, Ipv4Addr},
 };
 
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 
 use super::{
@@ -71,11 +71,12 @@ pub struct NodeView {
     pub labels: Labels,
     /// The node's Ready condition is True.
     pub ready: bool,
-    /// First IPv4 InternalIP.
-    pub internal_ip: Option<Ipv4Addr>,
-    /// IPv4 pod CIDRs: `spec.podCIDRs`, else `spec.podCIDR`, else the
-    /// OVN-Kubernetes annotation.
-    pub pod_cidrs: Vec<Ipv4Net>,
+    /// The first InternalIP of each family, IPv4 first: a pod CIDR is
+    /// routed via the node's address of its own family.
+    pub internal_ips: Vec<IpAddr>,
+    /// Pod CIDRs of both families: `spec.podCIDRs`, else `spec.podCIDR`,
+    /// else the OVN-Kubernetes annotation.
+    pub pod_cidrs: Vec<IpNet>,
 }
 
 impl NamespaceView {
@@ -157,12 +158,21 @@ impl NodeView {
                     .iter()
                     .any(|c| c.type_ == "Ready" && c.status == "True")
             });
-        let internal_ip = status
+        let internal: Vec<IpAddr> = status
             .and_then(|s| s.addresses.as_ref())
             .into_iter()
             .flatten()
             .filter(|a| a.type_ == "InternalIP")
-            .find_map(|a| a.address.parse::<Ipv4Addr>().ok());
+            .filter_map(|a| a.address.trim().parse::<IpAddr>().ok())
+            .collect();
+        let internal_ips: Vec<IpAddr> = [
+            internal.iter().find(|a| a.is_ipv4()),
+            internal.iter().find(|a| a.is_ipv6()),
+        ]
+        .into_iter()
+        .flatten()
+        .copied()
+        .collect();
         let spec = node.spec.as_ref();
         let mut written: Vec<String> = spec.and_then(|s| s.pod_cidrs.clone()).unwrap_or_default();
         if written.is_empty() {
@@ -177,12 +187,10 @@ impl NodeView {
         {
             written = ovn_k8s_node_subnets(annotation);
         }
-        let mut pod_cidrs: Vec<Ipv4Net> = written
+        let mut pod_cidrs: Vec<IpNet> = written
             .iter()
-            .filter_map(|text| match text.trim().parse::<IpNet>() {
-                Ok(IpNet::V4(net)) => Some(net.trunc()),
-                _ => None,
-            })
+            .filter_map(|text| text.trim().parse::<IpNet>().ok())
+            .map(|net| net.trunc())
             .collect();
         pod_cidrs.sort_unstable();
         pod_cidrs.dedup();
@@ -190,7 +198,7 @@ impl NodeView {
             name,
             labels: node.metadata.labels.clone().unwrap_or_default(),
             ready,
-            internal_ip,
+            internal_ips,
             pod_cidrs,
         })
     }
@@ -347,7 +355,7 @@ mod tests {
     }
 
     #[test]
-    fn node_pod_cidrs_prefer_the_list_and_keep_ipv4() {
+    fn node_pod_cidrs_prefer_the_list_and_keep_both_families() {
         let view = NodeView::from_node(&node(
             NodeSpec {
                 pod_cidr: Some("10.244.9.0/24".into()),
@@ -358,10 +366,16 @@ mod tests {
         ))
         .expect("view");
         assert!(view.ready);
-        assert_eq!(view.internal_ip, Some(Ipv4Addr::new(192, 168, 99, 21)));
+        assert_eq!(
+            view.internal_ips,
+            [
+                IpAddr::V4(Ipv4Addr::new(192, 168, 99, 21)),
+                "fd00::21".parse::<IpAddr>().expect("ip")
+            ]
+        );
         assert_eq!(
             view.pod_cidrs,
-            ["10.244.1.0/24".parse::<Ipv4Net>().expect("net")]
+            ["10.244.1.0/24", "fd00:244:1::/64"].map(|c| c.parse::<IpNet>().expect("net"))
         );
     }
 
@@ -377,7 +391,7 @@ mod tests {
         .expect("view");
         assert_eq!(
             single.pod_cidrs,
-            ["10.244.9.0/24".parse::<Ipv4Net>().expect("net")]
+            ["10.244.9.0/24".parse::<IpNet>().expect("net")]
         );
         for annotation in [
             r#"{"default":["10.132.0.0/23"]}"#,
@@ -390,7 +404,7 @@ mod tests {
             .expect("view");
             assert_eq!(
                 ovn.pod_cidrs,
-                ["10.132.0.0/23".parse::<Ipv4Net>().expect("net")]
+                ["10.132.0.0/23".parse::<IpNet>().expect("net")]
             );
         }
         let garbage = NodeView::from_node(&node(

@@ -74,7 +74,7 @@ fn node(name: &str, pairs: &[(&str, &str)], ip: &str, cidrs: &[&str]) -> NodeVie
         name: name.into(),
         labels,
         ready: true,
-        internal_ip: Some(ip.parse().expect("ip")),
+        internal_ips: vec![ip.parse().expect("ip")],
         pod_cidrs: cidrs.iter().map(|c| c.parse().expect("cidr")).collect(),
     }
 }
@@ -242,11 +242,11 @@ fn gateway_vm_seed_serves_both_tenants_with_their_own_ip() {
         [
             ReturnRoute {
                 destination: "10.132.0.0/23".parse().expect("net"),
-                via: Ipv4Addr::new(192, 168, 99, 21)
+                via: IpAddr::V4(Ipv4Addr::new(192, 168, 99, 21))
             },
             ReturnRoute {
                 destination: "10.132.2.0/23".parse().expect("net"),
-                via: Ipv4Addr::new(192, 168, 99, 22)
+                via: IpAddr::V4(Ipv4Addr::new(192, 168, 99, 22))
             },
         ]
     );
@@ -960,19 +960,53 @@ fn return_routes_skip_this_node_and_report_oddities() {
         node("worker-1", &[], "192.168.99.21", &["10.132.0.0/23"]),
         node("worker-2", &[], "192.168.99.22", &["10.132.0.0/23"]),
         NodeView {
-            internal_ip: None,
+            internal_ips: Vec::new(),
             ..node("worker-3", &[], "192.168.99.23", &["10.132.6.0/23"])
         },
+        // Dual-stack: each pod CIDR via the node's address of its family;
+        // an IPv6 CIDR on a node with no IPv6 address is reported.
+        NodeView {
+            internal_ips: vec![
+                "192.168.99.24".parse().expect("ip"),
+                "fd00:99::24".parse().expect("ip"),
+            ],
+            ..node(
+                "worker-4",
+                &[],
+                "192.168.99.24",
+                &["10.132.8.0/23", "fd00:132:8::/64"],
+            )
+        },
+        node("worker-5", &[], "192.168.99.25", &["fd00:132:a::/64"]),
     ];
     let resolved = resolve(&snapshot);
     assert_eq!(
         resolved.return_routes,
-        [ReturnRoute {
-            destination: "10.132.0.0/23".parse().expect("net"),
-            via: Ipv4Addr::new(192, 168, 99, 21)
-        }]
+        [
+            ReturnRoute {
+                destination: "10.132.0.0/23".parse().expect("net"),
+                via: "192.168.99.21".parse().expect("ip")
+            },
+            ReturnRoute {
+                destination: "10.132.8.0/23".parse().expect("net"),
+                via: "192.168.99.24".parse().expect("ip")
+            },
+            ReturnRoute {
+                destination: "fd00:132:8::/64".parse().expect("net"),
+                via: "fd00:99::24".parse().expect("ip")
+            },
+        ]
     );
-    assert_eq!(resolved.warnings.len(), 2, "{:?}", resolved.warnings);
+    assert_eq!(resolved.warnings.len(), 3, "{:?}", resolved.warnings);
+    assert!(
+        resolved
+            .warnings
+            .iter()
+            .any(|w| w
+                == "node worker-5 has the IPv6 pod CIDR fd00:132:a::/64 but no IPv6 InternalIP"),
+        "{:?}",
+        resolved.warnings
+    );
 }
 
 #[test]
