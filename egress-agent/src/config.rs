@@ -583,10 +583,20 @@ impl Config {
         let mut planned: Vec<PlannedBfdPeer> = Vec::new();
         for (i, peer) in self.bfd.peers.iter().enumerate() {
             let field = format!("bfd.peers[{i}]");
-            let address = match parse_ipv4(&peer.address) {
+            let address = match peer.address.trim().parse::<IpAddr>() {
+                Ok(IpAddr::V6(v6)) if v6.is_unicast_link_local() && peer.interface.is_none() => {
+                    problems.add(
+                        format!("{field}.interface"),
+                        format!("{v6} is link-local: name the interface the peer is on"),
+                    );
+                    continue;
+                }
                 Ok(address) => address,
-                Err(message) => {
-                    problems.add(format!("{field}.address"), message);
+                Err(_) => {
+                    problems.add(
+                        format!("{field}.address"),
+                        format!("{:?} is not an IPv4 or IPv6 address", peer.address),
+                    );
                     continue;
                 }
             };
@@ -608,7 +618,10 @@ impl Config {
             if let Some(interface) = &peer.interface {
                 check_ifname(problems, &format!("{field}.interface"), interface);
             }
-            if planned.iter().any(|p| p.address == address) {
+            if planned
+                .iter()
+                .any(|p| p.address == address && p.interface == peer.interface)
+            {
                 problems.add(
                     format!("{field}.address"),
                     format!("{address} is configured twice"),
@@ -1019,7 +1032,7 @@ pub struct PlannedRoute {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlannedBfdPeer {
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub interface: Option<String>,
     pub min_tx: Duration,
     pub min_rx: Duration,
@@ -1029,7 +1042,7 @@ pub struct PlannedBfdPeer {
 /// A BFD peer checked against the machine.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResolvedBfdPeer {
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub interface: Option<LinkRef>,
     pub min_tx: Duration,
     pub min_rx: Duration,
@@ -2198,7 +2211,9 @@ pub fn parse_ipv4(text: &str) -> Result<Ipv4Addr, String> {
 
 /// The refusal of an IPv6 value where only IPv4 is supported.
 pub fn ipv6_not_here(value: impl fmt::Display) -> String {
-    format!("{value}: IPv6 is not supported here yet (only in tenants' sources and egressIPs)")
+    format!(
+        "{value}: IPv6 is not supported here yet (port forwards, floating IPs and ingress next hops are IPv4 only)"
+    )
 }
 
 pub fn parse_mac(text: &str) -> Option<[u8; 6]> {

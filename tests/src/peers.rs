@@ -7,7 +7,7 @@
 //! well: without it a peer configured on an interface never starts.
 
 use std::{
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     os::unix::{fs::PermissionsExt as _, process::CommandExt as _},
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
@@ -226,15 +226,21 @@ pub struct Frr {
     bfdd: Daemon,
     zebra: Daemon,
     ns_path: String,
-    peer: Ipv4Addr,
+    peer: IpAddr,
     configure: Vec<String>,
     dir: TempDir,
 }
 
 impl Frr {
     /// Starts zebra and bfdd in `ns` and configures a single-hop session
-    /// with `peer` on `interface`.
-    pub fn start(ns: &Netns, peer: Ipv4Addr, interface: &str, timers: RouterTimers) -> Self {
+    /// with `peer` (either family) on `interface`.
+    pub fn start(
+        ns: &Netns,
+        peer: impl Into<IpAddr>,
+        interface: &str,
+        timers: RouterTimers,
+    ) -> Self {
+        let peer = peer.into();
         require_program(BFDD, "frr");
         require_program(ZEBRA, "frr");
         require_program(VTYSH, "frr");
@@ -386,7 +392,7 @@ impl BfdRouter for Frr {
 pub struct Bird {
     bird: Daemon,
     ns_path: String,
-    peer: Ipv4Addr,
+    peer: IpAddr,
     dir: TempDir,
 }
 
@@ -394,10 +400,11 @@ impl Bird {
     pub fn start(
         ns: &Netns,
         router_id: Ipv4Addr,
-        peer: Ipv4Addr,
+        peer: impl Into<IpAddr>,
         interface: &str,
         timers: RouterTimers,
     ) -> Self {
+        let peer = peer.into();
         require_program(BIRD, "bird2");
         require_program(BIRDC, "bird2");
         let dir = TempDir::new("bird");

@@ -5,11 +5,13 @@
 //! goodbye takes it down after the router's detection time; a fresh start
 //! brings it back; a shutdown takes it down again with diag 7. A third test
 //! checks what we send and the RFC 5881 TTL rule and drop counters through
-//! the real sockets.
+//! the real sockets. IPv6 single hop (RFC 5881 covers it) goes through the
+//! same scenario and checks, with the hop limit in place of the TTL.
 //! Needs root, FRR and BIRD 2.
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket},
+    os::fd::AsRawFd as _,
     time::{Duration, Instant},
 };
 
@@ -26,6 +28,8 @@ use tokio::{runtime::Runtime, sync::watch};
 
 const GW: Ipv4Addr = Ipv4Addr::new(10, 255, 255, 2);
 const ROUTER: Ipv4Addr = Ipv4Addr::new(10, 255, 255, 1);
+const GW_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x255, 0, 0, 0, 0, 0, 2);
+const ROUTER_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x255, 0, 0, 0, 0, 0, 1);
 const GW_LINK: &str = "bfd-gw";
 const ROUTER_LINK: &str = "bfd-rt";
 const INTERVAL: Duration = Duration::from_millis(100);
@@ -46,6 +50,24 @@ fn link() -> (Netns, Netns) {
     (gw, router)
 }
 
+/// `link` with an IPv6 /64 beside the IPv4 /30, once duplicate address
+/// detection lets both addresses serve.
+fn link_v6() -> (Netns, Netns) {
+    let (gw, router) = link();
+    gw.ip(&["addr", "add", &format!("{GW_V6}/64"), "dev", GW_LINK]);
+    router.ip(&[
+        "addr",
+        "add",
+        &format!("{ROUTER_V6}/64"),
+        "dev",
+        ROUTER_LINK,
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    gw.wait_ipv6_settled(deadline);
+    router.wait_ipv6_settled(deadline);
+    (gw, router)
+}
+
 fn router_timers() -> RouterTimers {
     RouterTimers {
         interval_ms: u32::try_from(INTERVAL.as_millis()).expect("small interval"),
@@ -53,13 +75,13 @@ fn router_timers() -> RouterTimers {
     }
 }
 
-fn our_peer() -> PeerConfig {
+fn our_peer(router: impl Into<IpAddr>) -> PeerConfig {
     PeerConfig {
         interface: Some(GW_LINK.to_owned()),
         min_tx: INTERVAL,
         min_rx: INTERVAL,
         multiplier: MULTIPLIER,
-        ..PeerConfig::new(ROUTER)
+        ..PeerConfig::new(router)
     }
 }
 
@@ -73,9 +95,15 @@ fn runtime() -> Runtime {
 
 /// Starts our side: `start` runs on a thread inside `gw`, so the sockets
 /// are made there; the runtime's workers then drive them from anywhere.
-fn start_ours(gw: &Netns, runtime: &Runtime, health: watch::Receiver<Health>) -> Bfd {
+fn start_ours(
+    gw: &Netns,
+    runtime: &Runtime,
+    peer: &PeerConfig,
+    health: watch::Receiver<Health>,
+) -> Bfd {
     let handle = runtime.handle().clone();
-    gw.within(move || handle.block_on(Bfd::start(vec![our_peer()], health)))
+    let peer = peer.clone();
+    gw.within(move || handle.block_on(Bfd::start(vec![peer], health)))
         .expect("starting our BFD")
 }
 
@@ -114,8 +142,8 @@ impl Drop for LogsOnFailure<'_> {
     }
 }
 
-/// The scenario every router goes through.
-fn interop(gw: &Netns, router: &dyn BfdRouter) {
+/// The scenario every router goes through, with our session to `peer`.
+fn interop(gw: &Netns, router: &dyn BfdRouter, peer: &PeerConfig) {
     let _logs = LogsOnFailure(router);
     let name = router.name();
     println!("{name} started with:");
@@ -125,7 +153,7 @@ fn interop(gw: &Netns, router: &dyn BfdRouter) {
     let runtime = runtime();
     let (health, health_rx) = watch::channel(Health::Serving);
 
-    let bfd = start_ours(gw, &runtime, health_rx);
+    let bfd = start_ours(gw, &runtime, peer, health_rx);
     let took = wait_for_peer(router, "Up", COME_UP, is_up);
     wait_for_ours(&bfd, State::Up, Duration::from_secs(2));
     println!("{name}: session Up {took:?} after our start");
@@ -175,7 +203,7 @@ fn interop(gw: &Netns, router: &dyn BfdRouter) {
         );
     }
 
-    let bfd = start_ours(gw, &runtime, health.subscribe());
+    let bfd = start_ours(gw, &runtime, peer, health.subscribe());
     let took = wait_for_peer(router, "Up after our restart", COME_UP, is_up);
     wait_for_ours(&bfd, State::Up, Duration::from_secs(2));
     println!("{name}: Up {took:?} after a fresh start");
@@ -198,7 +226,49 @@ fn frr_bfdd_follows_health_abort_and_restart() {
     }
     let (gw, router) = link();
     let frr = Frr::start(&router, GW, ROUTER_LINK, router_timers());
-    interop(&gw, &frr);
+    interop(&gw, &frr, &our_peer(ROUTER));
+}
+
+#[test]
+fn frr_bfdd_over_ipv6_follows_health_abort_and_restart() {
+    if !require_root() {
+        return;
+    }
+    let (gw, router) = link_v6();
+    let frr = Frr::start(&router, GW_V6, ROUTER_LINK, router_timers());
+    interop(&gw, &frr, &our_peer(ROUTER_V6));
+}
+
+/// The address the kernel gave `link` in `ns` for its link.
+fn link_local(ns: &Netns, link: &str) -> Ipv6Addr {
+    let out = ns.run(
+        "ip",
+        &["-6", "-o", "addr", "show", "dev", link, "scope", "link"],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .skip_while(|word| *word != "inet6")
+        .nth(1)
+        .and_then(|cidr| cidr.split('/').next())
+        .and_then(|addr| addr.parse().ok())
+        .unwrap_or_else(|| panic!("no link-local address on {link}: {text}"))
+}
+
+/// Routers often peer on link-local addresses: the session is reached
+/// through its interface (the scope), as `interface` names it.
+#[test]
+fn frr_bfdd_over_ipv6_link_local_follows_health_abort_and_restart() {
+    if !require_root() {
+        return;
+    }
+    let (gw, router) = link_v6();
+    let frr = Frr::start(
+        &router,
+        link_local(&gw, GW_LINK),
+        ROUTER_LINK,
+        router_timers(),
+    );
+    interop(&gw, &frr, &our_peer(link_local(&router, ROUTER_LINK)));
 }
 
 #[test]
@@ -208,20 +278,54 @@ fn bird_follows_health_abort_and_restart() {
     }
     let (gw, router) = link();
     let bird = Bird::start(&router, ROUTER, GW, ROUTER_LINK, router_timers());
-    interop(&gw, &bird);
+    interop(&gw, &bird, &our_peer(ROUTER));
 }
 
-/// Sends one datagram to our control port from `router` with the given TTL.
-fn send_from_router(router: &Netns, payload: Vec<u8>, ttl: u32) {
+#[test]
+fn bird_over_ipv6_follows_health_abort_and_restart() {
+    if !require_root() {
+        return;
+    }
+    let (gw, router) = link_v6();
+    let bird = Bird::start(&router, ROUTER, GW_V6, ROUTER_LINK, router_timers());
+    interop(&gw, &bird, &our_peer(ROUTER_V6));
+}
+
+/// Sends one datagram from `from` in `router` to our control port at `to`,
+/// with the given TTL or hop limit.
+fn send_from_router(router: &Netns, from: IpAddr, to: IpAddr, payload: Vec<u8>, hops: u32) {
     router.within(move || {
-        let socket = UdpSocket::bind(SocketAddrV4::new(ROUTER, 0)).expect("binding in router");
-        socket.set_ttl(ttl).expect("setting the TTL");
+        let socket = UdpSocket::bind(SocketAddr::new(from, 0)).expect("binding in router");
+        match from {
+            IpAddr::V4(_) => socket.set_ttl(hops).expect("setting the TTL"),
+            IpAddr::V6(_) => set_unicast_hops(&socket, hops),
+        }
         socket
-            .send_to(&payload, SocketAddrV4::new(GW, 3784))
+            .send_to(&payload, SocketAddr::new(to, 3784))
             .expect("sending to our control port");
     });
 }
 
+/// std has no stable setter for IPV6_UNICAST_HOPS.
+fn set_unicast_hops(socket: &UdpSocket, hops: u32) {
+    let value = libc::c_int::try_from(hops).expect("a hop limit");
+    // SAFETY: a live socket and a c_int option value of its exact size.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IPV6,
+            libc::IPV6_UNICAST_HOPS,
+            (&raw const value).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "IPV6_UNICAST_HOPS: {}",
+        std::io::Error::last_os_error()
+    );
+}
 fn wait_for_status(bfd: &Bfd, what: &str, done: impl Fn(&PeerStatus) -> bool) -> PeerStatus {
     let start = Instant::now();
     loop {
@@ -243,9 +347,25 @@ fn the_real_sockets_use_rfc_5881_ports_and_enforce_ttl_255() {
         return;
     }
     let (gw, router) = link();
+    rfc_5881_on_the_wire(&gw, &router, GW.into(), ROUTER.into());
+}
+
+#[test]
+fn the_real_ipv6_sockets_use_rfc_5881_ports_and_enforce_hop_limit_255() {
+    if !require_root() {
+        return;
+    }
+    let (gw, router) = link_v6();
+    rfc_5881_on_the_wire(&gw, &router, GW_V6.into(), ROUTER_V6.into());
+}
+
+/// What we send (from a port of the RFC 5881 range, slow until Up), and
+/// what we refuse: a TTL or hop limit below 255, a version other than 1.
+fn rfc_5881_on_the_wire(gw: &Netns, router: &Netns, gw_addr: IpAddr, router_addr: IpAddr) {
     // Stands in for the router's control port, to see what we send.
-    let listener = router.within(|| {
-        let socket = UdpSocket::bind(SocketAddrV4::new(ROUTER, 3784)).expect("binding in router");
+    let listener = router.within(move || {
+        let socket =
+            UdpSocket::bind(SocketAddr::new(router_addr, 3784)).expect("binding in router");
         socket
             .set_read_timeout(Some(Duration::from_secs(3)))
             .expect("read timeout");
@@ -253,12 +373,12 @@ fn the_real_sockets_use_rfc_5881_ports_and_enforce_ttl_255() {
     });
     let runtime = runtime();
     let (_health, health_rx) = watch::channel(Health::Serving);
-    let bfd = start_ours(&gw, &runtime, health_rx);
+    let bfd = start_ours(gw, &runtime, &our_peer(router_addr), health_rx);
 
     let mut buffer = [0u8; 64];
     let (length, from) = listener.recv_from(&mut buffer).expect("our first packet");
     let first = ControlPacket::decode(&buffer[..length]).expect("a valid control packet");
-    assert_eq!(from.ip(), std::net::IpAddr::V4(GW));
+    assert_eq!(from.ip(), gw_addr);
     assert!(
         from.port() >= 49152,
         "RFC 5881 §4 source port, got {}",
@@ -283,19 +403,22 @@ fn the_real_sockets_use_rfc_5881_ports_and_enforce_ttl_255() {
         required_min_echo_rx_us: 0,
     };
 
-    send_from_router(&router, hello.encode().to_vec(), 254);
+    let send = |payload: Vec<u8>, hops: u32| {
+        send_from_router(router, router_addr, gw_addr, payload, hops);
+    };
+    send(hello.encode().to_vec(), 254);
     let status = wait_for_status(&bfd, "a TTL 254 packet counted", |s| s.dropped.bad_ttl == 1);
     assert_eq!(status.local_state, State::Down);
     assert_eq!(status.packets_in, 0);
 
     let mut version_2 = hello.encode().to_vec();
     version_2[0] = (version_2[0] & 0x1f) | 0x40;
-    send_from_router(&router, version_2, 255);
+    send(version_2, 255);
     wait_for_status(&bfd, "a version 2 packet counted", |s| {
         s.dropped.bad_version == 1
     });
 
-    send_from_router(&router, hello.encode().to_vec(), 255);
+    send(hello.encode().to_vec(), 255);
     let status = wait_for_status(&bfd, "a valid packet accepted", |s| s.packets_in == 1);
     assert_eq!(status.local_state, State::Init);
     assert_eq!(status.remote_discriminator, 0x1234_5678);

@@ -17,7 +17,7 @@
 //! Needs root and FRR.
 
 use std::{
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::PathBuf,
     process::{Child, Command, Output},
     time::{Duration, Instant},
@@ -34,6 +34,8 @@ use egress_tests::{
 
 const POD: Ipv4Addr = Ipv4Addr::new(10, 255, 254, 2);
 const OVN: Ipv4Addr = Ipv4Addr::new(10, 255, 254, 1);
+const POD_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x254, 0, 0, 0, 0, 0, 2);
+const OVN_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x254, 0, 0, 0, 0, 0, 1);
 const POD_LINK: &str = "rsp-pod";
 const OVN_LINK: &str = "rsp-ovn";
 const INTERVAL_MS: u32 = 100;
@@ -127,9 +129,24 @@ fn detach_dataplane(pod: &Netns) {
     pod.run("tc", &["filter", "del", "dev", POD_LINK, "ingress"]);
 }
 
+/// Kube-OVN's `POD_IPS` and `BFD_PEER_IPS` for an IPv4 pod.
+fn ipv4_pod() -> Vec<(&'static str, String)> {
+    vec![
+        ("POD_IPS", POD.to_string()),
+        ("BFD_PEER_IPS", OVN.to_string()),
+    ]
+}
+
 /// A command as the bfdd container runs it: inside `pod`, UID/GID 65534,
-/// only Kube-OVN's capabilities, Kube-OVN's environment.
-fn as_container(pod: &Netns, dir: &TempDir, program: &str, args: &[&str]) -> Command {
+/// only Kube-OVN's capabilities, Kube-OVN's environment (`addresses` its
+/// `POD_IPS` and `BFD_PEER_IPS`).
+fn as_container(
+    pod: &Netns,
+    dir: &TempDir,
+    addresses: &[(&str, String)],
+    program: &str,
+    args: &[&str],
+) -> Command {
     let mut command = command_in(&pod.path(), "setpriv");
     let agent_dir = agent_binary()
         .parent()
@@ -154,8 +171,7 @@ fn as_container(pod: &Netns, dir: &TempDir, program: &str, args: &[&str]) -> Com
         .args(args)
         .env_clear()
         .env("PATH", path)
-        .env("POD_IPS", format!("{POD}"))
-        .env("BFD_PEER_IPS", format!("{OVN}"))
+        .envs(addresses.iter().map(|(name, value)| (name, value)))
         .env("BFD_MIN_TX", INTERVAL_MS.to_string())
         .env("BFD_MIN_RX", INTERVAL_MS.to_string())
         .env("BFD_MULTI", MULTIPLIER.to_string())
@@ -164,8 +180,14 @@ fn as_container(pod: &Netns, dir: &TempDir, program: &str, args: &[&str]) -> Com
     command
 }
 
-fn run_in_container(pod: &Netns, dir: &TempDir, program: &str, args: &[&str]) -> Output {
-    as_container(pod, dir, program, args)
+fn run_in_container(
+    pod: &Netns,
+    dir: &TempDir,
+    addresses: &[(&str, String)],
+    program: &str,
+    args: &[&str],
+) -> Output {
+    as_container(pod, dir, addresses, program, args)
         .stdin(std::process::Stdio::null())
         .output()
         .unwrap_or_else(|err| panic!("running {program}: {err}"))
@@ -185,21 +207,31 @@ fn text(output: &Output) -> String {
 struct Responder {
     child: Child,
     dir: TempDir,
+    addresses: Vec<(&'static str, String)>,
 }
 
 impl Responder {
     /// Starts it as the container command `command` (Kube-OVN's
     /// supervisor or its older start script) and waits for the socket.
     fn start(pod: &Netns, command: &[&str]) -> Self {
+        Self::start_with(pod, command, ipv4_pod())
+    }
+
+    /// `start` with the pod's and peers' addresses given.
+    fn start_with(pod: &Netns, command: &[&str], addresses: Vec<(&'static str, String)>) -> Self {
         let dir = TempDir::new("bfdr");
         let image = image_dir();
         let program = image.join(command[0]);
         let program = program.to_str().expect("utf-8 path");
         let (child, _) = spawn_tied(
-            as_container(pod, &dir, program, &command[1..]),
+            as_container(pod, &dir, &addresses, program, &command[1..]),
             &dir.join("responder.log"),
         );
-        let mut responder = Self { child, dir };
+        let mut responder = Self {
+            child,
+            dir,
+            addresses,
+        };
         let started = Instant::now();
         while !responder.dir.join("control.sock").exists() {
             assert!(
@@ -248,7 +280,7 @@ impl Responder {
         } else {
             program.to_owned()
         };
-        run_in_container(pod, &self.dir, &program, args)
+        run_in_container(pod, &self.dir, &self.addresses, &program, args)
     }
 
     /// `kube-ovn-bfdd-supervisor status`, parsed.
@@ -280,9 +312,13 @@ impl Drop for Responder {
 }
 
 fn start_ovn(ovn: &Netns) -> Frr {
+    start_ovn_towards(ovn, POD.into())
+}
+
+fn start_ovn_towards(ovn: &Netns, pod: std::net::IpAddr) -> Frr {
     Frr::start(
         ovn,
-        POD,
+        pod,
         OVN_LINK,
         RouterTimers {
             interval_ms: INTERVAL_MS,
@@ -401,6 +437,58 @@ fn sessions_follow_the_dataplane_and_probes_answer_as_kube_ovn_expects() {
     let _dataplane = attach_dataplane(&pod);
     wait_for_peer(&frr, "session Up again", COME_UP, |s| *s == PeerState::Up);
     assert_eq!(responder.status(&pod)["Sessions"][0]["State"], "Up");
+}
+
+/// A dual-stack pod (Kube-OVN's `POD_IPS` and `BFD_PEER_IPS` then hold
+/// both families): OVN's IPv6 BFD port gets its session, answered from
+/// the pod's IPv6 address, and it follows the dataplane as IPv4's does.
+#[test]
+fn a_dual_stack_pod_answers_ovn_over_ipv6() {
+    if !require_root() {
+        return;
+    }
+    let (pod, ovn) = link();
+    pod.ip(&["addr", "add", &format!("{POD_V6}/64"), "dev", POD_LINK]);
+    ovn.ip(&["addr", "add", &format!("{OVN_V6}/64"), "dev", OVN_LINK]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    pod.wait_ipv6_settled(deadline);
+    ovn.wait_ipv6_settled(deadline);
+    let _dataplane = attach_dataplane(&pod);
+    let responder = Responder::start_with(
+        &pod,
+        &["kube-ovn-bfdd-supervisor", "run"],
+        vec![
+            ("POD_IPS", format!("{POD},{POD_V6}")),
+            ("BFD_PEER_IPS", format!("{OVN},{OVN_V6}")),
+        ],
+    );
+    let frr = start_ovn_towards(&ovn, POD_V6.into());
+    wait_for_peer(&frr, "IPv6 session Up", COME_UP, |s| *s == PeerState::Up);
+    let status = responder.status(&pod);
+    let sessions = status["Sessions"].as_array().expect("sessions");
+    let ipv6 = sessions
+        .iter()
+        .find(|s| s["Pair"]["Remote"] == OVN_V6.to_string())
+        .unwrap_or_else(|| panic!("no session with {OVN_V6}: {status}"));
+    assert_eq!(ipv6["Pair"]["Local"], POD_V6.to_string(), "{status}");
+    assert_eq!(ipv6["State"], "Up", "{status}");
+    let listing =
+        String::from_utf8_lossy(&responder.probe(&pod, "bfdd-control", &["status"]).stdout)
+            .into_owned();
+    assert!(
+        listing.contains(&format!("local={POD_V6} (p) remote={OVN_V6} state=Up")),
+        "{listing}"
+    );
+    detach_dataplane(&pod);
+    wait_for_peer(
+        &frr,
+        "IPv6 session down",
+        DETECTION + MARGIN + CHECK_INTERVAL,
+        |s| *s != PeerState::Up,
+    );
+    if let Some(diag) = frr.remote_diag() {
+        assert_eq!(diag, "concatenated path down", "the diag FRR saw");
+    }
 }
 
 #[test]

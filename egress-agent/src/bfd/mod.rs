@@ -1,5 +1,5 @@
 //! BFD towards the routers that steer tenant traffic to this gateway: RFC
-//! 5880 asynchronous mode over RFC 5881 single-hop IPv4, without echo,
+//! 5880 asynchronous mode over RFC 5881 single hop, IPv4 and IPv6, without echo,
 //! demand mode or authentication. Routers withdraw the gateway as soon as
 //! its sessions go down, so the sessions follow the dataplane: with
 //! `Health::NotServing` they are held in AdminDown (diag 6, concatenated
@@ -12,7 +12,7 @@ pub mod packet;
 mod runtime;
 pub mod session;
 
-use std::{net::Ipv4Addr, time::Duration};
+use std::{net::IpAddr, time::Duration};
 
 use serde::Serialize;
 
@@ -22,7 +22,8 @@ pub use runtime::Bfd;
 /// One BFD peer: a router on a directly connected link.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerConfig {
-    pub address: Ipv4Addr,
+    /// IPv4 or IPv6; an IPv6 link-local address needs `interface`.
+    pub address: IpAddr,
     /// Send through (and accept only from) this interface.
     pub interface: Option<String>,
     /// Desired minimum transmit interval once the session is Up.
@@ -43,7 +44,8 @@ impl PeerConfig {
     pub const DEFAULT_MULTIPLIER: u8 = 3;
 
     /// A peer with the default timers: 1 s intervals, multiplier 3.
-    pub fn new(address: Ipv4Addr) -> Self {
+    pub fn new(address: impl Into<IpAddr>) -> Self {
+        let address = address.into();
         Self {
             address,
             interface: None,
@@ -86,7 +88,7 @@ pub enum Health {
 /// One session as `Bfd::snapshot` sees it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct PeerStatus {
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub interface: Option<String>,
     pub local_state: State,
     pub remote_state: State,

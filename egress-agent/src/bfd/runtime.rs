@@ -1,19 +1,21 @@
 //! Sockets and timers for the sessions of `session::Sessions`.
 //!
-//! One socket receives on 3784 (of 0.0.0.0, or of one local address) for
-//! every peer: tokio's UdpSocket
-//! cannot return control messages, and the TTL (RFC 5881 §5) and arrival
-//! interface are control messages, so it is a nonblocking libc socket read
-//! with recvmsg under `AsyncFd`. Each peer sends from its own socket, with
-//! TTL 255, from a port in 49152..=65535 (RFC 5881 §4), and bound to the
-//! peer's interface when one is configured. One task runs all sessions;
-//! the table sits behind a mutex so that `snapshot` is a short lock.
+//! One socket per address family receives on 3784 (of the unspecified
+//! address, or of one local address) for every peer of that family:
+//! tokio's UdpSocket cannot return control messages, and the TTL or hop
+//! limit (RFC 5881 §5) and the arrival interface are control messages, so
+//! it is a nonblocking libc socket read with recvmsg under `AsyncFd`. Each
+//! peer sends from its own socket, with TTL or hop limit 255, from a port
+//! in 49152..=65535 (RFC 5881 §4), and bound to the peer's interface when
+//! one is configured (an IPv6 link-local peer needs one). One task runs
+//! all sessions; the table sits behind a mutex so that `snapshot` is a
+//! short lock.
 
 use std::{
     ffi::CString,
     io,
     mem::{size_of, size_of_val},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     sync::{Arc, Mutex, MutexGuard, PoisonError},
     time::{Duration, Instant, SystemTime},
@@ -64,15 +66,16 @@ impl Bfd {
         peers: Vec<PeerConfig>,
         health: watch::Receiver<Health>,
     ) -> anyhow::Result<Bfd> {
-        Self::start_on(Ipv4Addr::UNSPECIFIED, peers, health).await
+        Self::start_on(&[], peers, health).await
     }
 
     /// [`Bfd::start`], receiving only what is addressed to `listen` (a
-    /// gateway pod answers on its own address, as Kube-OVN's bfdd does
-    /// with `--listen`). Binding port 3784 needs CAP_NET_BIND_SERVICE and
-    /// nothing else.
+    /// gateway pod answers on its own addresses, as Kube-OVN's bfdd does
+    /// with `--listen`): per family its first address there, or every
+    /// address of the family when it has none. Binding port 3784 needs
+    /// CAP_NET_BIND_SERVICE and nothing else.
     pub async fn start_on(
-        listen: Ipv4Addr,
+        listen: &[IpAddr],
         peers: Vec<PeerConfig>,
         mut health: watch::Receiver<Health>,
     ) -> anyhow::Result<Bfd> {
@@ -87,11 +90,12 @@ impl Bfd {
                 bail!("BFD peer {} is configured twice", peer.address);
             }
             let ifindex = peer.interface.as_deref().map(interface_index).transpose()?;
-            let sender = sender_socket(listen, peer.interface.as_deref())
+            let local = local_of(listen, peer.address);
+            let sender = sender_socket(local, peer.interface.as_deref())
                 .with_context(|| format!("opening the BFD socket towards {}", peer.address))?;
             senders.push((
                 UdpSocket::from_std(sender)?,
-                SocketAddrV4::new(peer.address, CONTROL_PORT),
+                destination(peer.address, ifindex)?,
             ));
             let key = PeerKey {
                 address: peer.address,
@@ -100,10 +104,26 @@ impl Bfd {
             };
             keys.push((key, peer.clone()));
         }
-        let receiver = register(
-            receive_socket(listen)
-                .with_context(|| format!("opening the BFD control port {listen}:3784"))?,
-        )?;
+        // IPv4 alone without peers, as before there were two families.
+        let mut families: Vec<IpAddr> = Vec::new();
+        for probe in [Ipv4Addr::UNSPECIFIED.into(), Ipv6Addr::UNSPECIFIED.into()] {
+            let wanted = peers
+                .iter()
+                .any(|p| p.address.is_ipv4() == IpAddr::is_ipv4(&probe));
+            if wanted || (peers.is_empty() && IpAddr::is_ipv4(&probe)) {
+                families.push(local_of(listen, probe));
+            }
+        }
+        let mut receivers = Vec::with_capacity(families.len());
+        for local in families {
+            let socket = receive_socket(local).with_context(|| {
+                format!(
+                    "opening the BFD control port {}",
+                    SocketAddr::new(local, CONTROL_PORT)
+                )
+            })?;
+            receivers.push(register(socket)?);
+        }
         let initial = *health.borrow_and_update();
         let sessions = Arc::new(Mutex::new(Sessions::new(
             keys,
@@ -114,7 +134,7 @@ impl Bfd {
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(run(
             Arc::clone(&sessions),
-            receiver,
+            receivers,
             senders,
             health,
             stopped,
@@ -176,8 +196,8 @@ fn lock(sessions: &Mutex<Sessions>) -> MutexGuard<'_, Sessions> {
 
 async fn run(
     sessions: Arc<Mutex<Sessions>>,
-    receiver: AsyncFd<OwnedFd>,
-    senders: Vec<(UdpSocket, SocketAddrV4)>,
+    receivers: Vec<AsyncFd<OwnedFd>>,
+    senders: Vec<(UdpSocket, SocketAddr)>,
     mut health: watch::Receiver<Health>,
     mut stop: oneshot::Receiver<()>,
 ) {
@@ -199,7 +219,7 @@ async fn run(
         };
         tokio::select! {
             _ = &mut stop => break,
-            readable = receiver.readable() => {
+            readable = any_readable(&receivers) => {
                 let mut guard = match readable {
                     Ok(guard) => guard,
                     Err(err) => {
@@ -253,13 +273,53 @@ async fn run(
     }
 }
 
-fn send(senders: &[(UdpSocket, SocketAddrV4)], index: usize, packet: &ControlPacket) {
+/// Waits until one of the receive sockets is readable.
+async fn any_readable(
+    receivers: &[AsyncFd<OwnedFd>],
+) -> io::Result<tokio::io::unix::AsyncFdReadyGuard<'_, OwnedFd>> {
+    let waits = receivers.iter().map(|r| Box::pin(r.readable()));
+    match waits.len() {
+        0 => std::future::pending().await,
+        _ => futures::future::select_all(waits).await.0,
+    }
+}
+
+/// Where a peer listens; a link-local IPv6 peer is reached through its
+/// interface (configuration makes sure it has one).
+fn destination(address: IpAddr, ifindex: Option<u32>) -> anyhow::Result<SocketAddr> {
+    match address {
+        IpAddr::V4(_) => Ok(SocketAddr::new(address, CONTROL_PORT)),
+        IpAddr::V6(v6) if v6.is_unicast_link_local() => {
+            let Some(scope) = ifindex else {
+                bail!("BFD peer {v6} is link-local: name the interface it is on");
+            };
+            Ok(SocketAddrV6::new(v6, CONTROL_PORT, 0, scope).into())
+        }
+        IpAddr::V6(v6) => Ok(SocketAddrV6::new(v6, CONTROL_PORT, 0, 0).into()),
+    }
+}
+
+/// The address of `peer`'s family in `listen`, else that family's
+/// unspecified address.
+fn local_of(listen: &[IpAddr], peer: IpAddr) -> IpAddr {
+    let unspecified = match peer {
+        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+    };
+    listen
+        .iter()
+        .copied()
+        .find(|l| l.is_ipv4() == peer.is_ipv4())
+        .unwrap_or(unspecified)
+}
+
+fn send(senders: &[(UdpSocket, SocketAddr)], index: usize, packet: &ControlPacket) {
     let Some((socket, peer)) = senders.get(index) else {
         return;
     };
     // A full socket buffer or a missing route loses this packet only; BFD
     // tolerates lost packets up to the detection multiplier.
-    if let Err(err) = socket.try_send_to(&packet.encode(), SocketAddr::V4(*peer)) {
+    if let Err(err) = socket.try_send_to(&packet.encode(), *peer) {
         tracing::debug!("BFD send to {peer}: {err}");
     }
 }
@@ -297,11 +357,11 @@ fn interface_index(name: &str) -> anyhow::Result<u32> {
     Ok(index)
 }
 
-fn udp_socket() -> io::Result<OwnedFd> {
+fn udp_socket(family: libc::c_int) -> io::Result<OwnedFd> {
     // SAFETY: plain socket(2); the descriptor is owned from here on.
     let fd = unsafe {
         libc::socket(
-            libc::AF_INET,
+            family,
             libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
             0,
         )
@@ -311,6 +371,13 @@ fn udp_socket() -> io::Result<OwnedFd> {
     }
     // SAFETY: fd is a fresh descriptor nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn family_of(local: IpAddr) -> libc::c_int {
+    match local {
+        IpAddr::V4(_) => libc::AF_INET,
+        IpAddr::V6(_) => libc::AF_INET6,
+    }
 }
 
 fn set_option(fd: &OwnedFd, level: libc::c_int, name: libc::c_int, value: &[u8]) -> io::Result<()> {
@@ -333,21 +400,53 @@ fn set_int_option(
     set_option(fd, level, name, &value.to_ne_bytes())
 }
 
-fn bind(fd: &OwnedFd, local: Ipv4Addr, port: u16) -> io::Result<()> {
-    let address = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: port.to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(local).to_be(),
-        },
-        sin_zero: [0; 8],
+fn bind(fd: &OwnedFd, local: IpAddr, port: u16) -> io::Result<()> {
+    // SAFETY: all-zero is a valid sockaddr_storage, large enough for both
+    // families; the family's fields are written below.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let length = match local {
+        IpAddr::V4(v4) => {
+            let address = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: port.to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from(v4).to_be(),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage has room and alignment for it.
+            unsafe {
+                (&raw mut storage)
+                    .cast::<libc::sockaddr_in>()
+                    .write(address)
+            };
+            size_of::<libc::sockaddr_in>()
+        }
+        IpAddr::V6(v6) => {
+            let address = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: port.to_be(),
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr {
+                    s6_addr: v6.octets(),
+                },
+                sin6_scope_id: 0,
+            };
+            // SAFETY: sockaddr_storage has room and alignment for it.
+            unsafe {
+                (&raw mut storage)
+                    .cast::<libc::sockaddr_in6>()
+                    .write(address)
+            };
+            size_of::<libc::sockaddr_in6>()
+        }
     };
-    // SAFETY: a fully initialised sockaddr_in and its exact size.
+    // SAFETY: a fully initialised socket address and its exact size.
     let rc = unsafe {
         libc::bind(
             fd.as_raw_fd(),
-            (&raw const address).cast(),
-            size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            (&raw const storage).cast(),
+            length as libc::socklen_t,
         )
     };
     if rc != 0 {
@@ -365,27 +464,41 @@ fn register(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
     Ok(unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }?)
 }
 
-fn receive_socket(local: Ipv4Addr) -> io::Result<OwnedFd> {
-    let fd = udp_socket()?;
+fn receive_socket(local: IpAddr) -> io::Result<OwnedFd> {
+    let fd = udp_socket(family_of(local))?;
     set_int_option(&fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
-    set_int_option(&fd, libc::IPPROTO_IP, libc::IP_RECVTTL, 1)?;
-    set_int_option(&fd, libc::IPPROTO_IP, libc::IP_PKTINFO, 1)?;
+    if local.is_ipv4() {
+        set_int_option(&fd, libc::IPPROTO_IP, libc::IP_RECVTTL, 1)?;
+        set_int_option(&fd, libc::IPPROTO_IP, libc::IP_PKTINFO, 1)?;
+    } else {
+        // IPv4 has its own socket: no mapped addresses here.
+        set_int_option(&fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 1)?;
+        set_int_option(&fd, libc::IPPROTO_IPV6, libc::IPV6_RECVHOPLIMIT, 1)?;
+        set_int_option(&fd, libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO, 1)?;
+    }
     bind(&fd, local, CONTROL_PORT)?;
     Ok(fd)
 }
 
-/// A socket towards one peer: TTL 255, from `local` (the peer expects
-/// answers from the address it calls), a random port of the RFC 5881
-/// range, and bound to the peer's interface if it has one.
-fn sender_socket(local: Ipv4Addr, interface: Option<&str>) -> io::Result<std::net::UdpSocket> {
-    let fd = udp_socket()?;
-    set_int_option(
-        &fd,
-        libc::IPPROTO_IP,
-        libc::IP_TTL,
-        libc::c_int::from(REQUIRED_TTL),
-    )?;
-    set_int_option(&fd, libc::IPPROTO_IP, libc::IP_TOS, TOS_NETWORK_CONTROL)?;
+/// A socket towards one peer: TTL or hop limit 255, from `local` (the peer
+/// expects answers from the address it calls), a random port of the RFC
+/// 5881 range, and bound to the peer's interface if it has one.
+fn sender_socket(local: IpAddr, interface: Option<&str>) -> io::Result<std::net::UdpSocket> {
+    let fd = udp_socket(family_of(local))?;
+    let hops = libc::c_int::from(REQUIRED_TTL);
+    if local.is_ipv4() {
+        set_int_option(&fd, libc::IPPROTO_IP, libc::IP_TTL, hops)?;
+        set_int_option(&fd, libc::IPPROTO_IP, libc::IP_TOS, TOS_NETWORK_CONTROL)?;
+    } else {
+        set_int_option(&fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 1)?;
+        set_int_option(&fd, libc::IPPROTO_IPV6, libc::IPV6_UNICAST_HOPS, hops)?;
+        set_int_option(
+            &fd,
+            libc::IPPROTO_IPV6,
+            libc::IPV6_TCLASS,
+            TOS_NETWORK_CONTROL,
+        )?;
+    }
     if let Some(interface) = interface {
         set_option(
             &fd,
@@ -406,12 +519,12 @@ fn sender_socket(local: Ipv4Addr, interface: Option<&str>) -> io::Result<std::ne
     Err(last_error)
 }
 
-/// One datagram from the receive socket, with where it came from.
+/// One datagram from a receive socket, with where it came from.
 fn receive(fd: &OwnedFd, buffer: &mut [u8]) -> io::Result<(usize, Arrival)> {
     // u64 elements keep the control buffer aligned for cmsghdr.
     let mut control = [0u64; 16];
-    // SAFETY: all-zero is a valid sockaddr_in.
-    let mut source: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    // SAFETY: all-zero is a valid sockaddr_storage.
+    let mut source: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     let mut iov = libc::iovec {
         iov_base: buffer.as_mut_ptr().cast(),
         iov_len: buffer.len(),
@@ -419,7 +532,7 @@ fn receive(fd: &OwnedFd, buffer: &mut [u8]) -> io::Result<(usize, Arrival)> {
     // SAFETY: all-zero is a valid msghdr; the pointers are set below.
     let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
     header.msg_name = (&raw mut source).cast();
-    header.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    header.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
     header.msg_iov = &raw mut iov;
     header.msg_iovlen = 1;
     header.msg_control = control.as_mut_ptr().cast();
@@ -427,26 +540,45 @@ fn receive(fd: &OwnedFd, buffer: &mut [u8]) -> io::Result<(usize, Arrival)> {
     // SAFETY: every pointer in header refers to a live local of the stated size.
     let received = unsafe { libc::recvmsg(fd.as_raw_fd(), &raw mut header, 0) };
     let length = usize::try_from(received).map_err(|_| io::Error::last_os_error())?;
+    // SAFETY: the kernel wrote a socket address of the family it names,
+    // which the storage has room and alignment for.
+    let source = unsafe {
+        match i32::from(source.ss_family) {
+            libc::AF_INET6 => {
+                let v6 = (&raw const source).cast::<libc::sockaddr_in6>().read();
+                IpAddr::V6(Ipv6Addr::from(v6.sin6_addr.s6_addr))
+            }
+            _ => {
+                let v4 = (&raw const source).cast::<libc::sockaddr_in>().read();
+                IpAddr::V4(Ipv4Addr::from(u32::from_be(v4.sin_addr.s_addr)))
+            }
+        }
+    };
     let mut arrival = Arrival {
-        source: Ipv4Addr::from(u32::from_be(source.sin_addr.s_addr)),
+        source,
         ttl: None,
         ifindex: None,
     };
     // SAFETY: the kernel filled msg_control with msg_controllen bytes of
     // well-formed cmsgs; CMSG_* walk within them, and the payloads are read
-    // unaligned at the types the kernel documents for IP_TTL/IP_PKTINFO.
+    // unaligned at the types the kernel documents for IP_TTL, IP_PKTINFO,
+    // IPV6_HOPLIMIT and IPV6_PKTINFO.
     unsafe {
         let mut cmsg = libc::CMSG_FIRSTHDR(&raw const header);
         while !cmsg.is_null() {
             let data = libc::CMSG_DATA(cmsg);
             match ((*cmsg).cmsg_level, (*cmsg).cmsg_type) {
-                (libc::IPPROTO_IP, libc::IP_TTL) => {
+                (libc::IPPROTO_IP, libc::IP_TTL) | (libc::IPPROTO_IPV6, libc::IPV6_HOPLIMIT) => {
                     let ttl = data.cast::<libc::c_int>().read_unaligned();
                     arrival.ttl = u8::try_from(ttl).ok();
                 }
                 (libc::IPPROTO_IP, libc::IP_PKTINFO) => {
                     let info = data.cast::<libc::in_pktinfo>().read_unaligned();
                     arrival.ifindex = u32::try_from(info.ipi_ifindex).ok();
+                }
+                (libc::IPPROTO_IPV6, libc::IPV6_PKTINFO) => {
+                    let info = data.cast::<libc::in6_pktinfo>().read_unaligned();
+                    arrival.ifindex = Some(info.ipi6_ifindex);
                 }
                 _ => {}
             }

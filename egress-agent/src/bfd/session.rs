@@ -9,7 +9,7 @@
 //! counts every dropped datagram by reason.
 
 use std::{
-    net::Ipv4Addr,
+    net::IpAddr,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -418,8 +418,8 @@ impl Session {
 /// Where a datagram came from, as the receive socket saw it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Arrival {
-    pub source: Ipv4Addr,
-    /// The IP TTL, None when the kernel did not report it.
+    pub source: IpAddr,
+    /// The IPv4 TTL or IPv6 hop limit, None when the kernel did not report it.
     pub ttl: Option<u8>,
     /// The interface it arrived on, None when unknown.
     pub ifindex: Option<u32>,
@@ -428,7 +428,7 @@ pub struct Arrival {
 /// Which peer a session is for.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerKey {
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub interface: Option<String>,
     /// Index of `interface`, resolved when the sockets were made.
     pub ifindex: Option<u32>,
@@ -618,6 +618,7 @@ impl Sessions {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::Ipv4Addr;
 
     const MS: Duration = Duration::from_millis(1);
     const LOCAL: u32 = 0x1111;
@@ -1131,7 +1132,7 @@ mod tests {
 
     fn table(now: Instant) -> Sessions {
         let config = PeerConfig {
-            address: PEER,
+            address: PEER.into(),
             interface: Some("veth0".into()),
             min_tx: 100 * MS,
             min_rx: 100 * MS,
@@ -1139,7 +1140,7 @@ mod tests {
             passive: false,
         };
         let key = PeerKey {
-            address: PEER,
+            address: PEER.into(),
             interface: Some("veth0".into()),
             ifindex: Some(7),
         };
@@ -1148,7 +1149,7 @@ mod tests {
 
     fn arrival() -> Arrival {
         Arrival {
-            source: PEER,
+            source: PEER.into(),
             ttl: Some(255),
             ifindex: Some(7),
         }
@@ -1239,7 +1240,7 @@ mod tests {
             Err(DropReason::WrongSource)
         );
         let elsewhere = Arrival {
-            source: Ipv4Addr::new(10, 9, 9, 9),
+            source: Ipv4Addr::new(10, 9, 9, 9).into(),
             ..arrival()
         };
         assert_eq!(

@@ -716,6 +716,45 @@ fn return_routes_take_both_families_each_via_its_own() {
 }
 
 #[test]
+fn bfd_peers_take_both_families_and_link_local_ones_name_their_interface() {
+    let text = format!(
+        "{SEED}bfd:
+  peers:
+    - {{address: 10.255.255.1}}
+    - {{address: 'fd00:255::1'}}
+    - {{address: 'fe80::1', interface: eth0}}
+    - {{address: 'fe80::1', interface: eth1}}
+"
+    );
+    let resolved = plan(&text)
+        .expect("valid")
+        .resolve(&machine())
+        .expect("resolves");
+    let peers: Vec<String> = resolved
+        .bfd_peers
+        .iter()
+        .map(|p| match &p.interface {
+            Some(link) => format!("{}%{}", p.address, link.name),
+            None => p.address.to_string(),
+        })
+        .collect();
+    assert_eq!(
+        peers,
+        [
+            "10.255.255.1",
+            "fd00:255::1",
+            "fe80::1%eth0",
+            "fe80::1%eth1"
+        ]
+    );
+    let found = problems(&format!(
+        "{SEED}bfd:\n  peers: [{{address: 'fe80::1'}}, {{address: 'fd00::1'}}, {{address: 'fd00::1'}}]\n"
+    ));
+    assert_problem(&found, "bfd.peers[0].interface", "fe80::1 is link-local");
+    assert_problem(&found, "bfd.peers[2].address", "configured twice");
+}
+
+#[test]
 fn bad_return_routes_and_bfd_peers_name_their_fields() {
     let text = format!(
         "{SEED}returnRoutes:
@@ -735,7 +774,11 @@ bfd:
     assert_problem(&found, "bfd.peers[0].minTxMs", "outside 10..=60000");
     assert_problem(&found, "bfd.peers[0].multiplier", "at least 1");
     assert_problem(&found, "bfd.peers[1].address", "configured twice");
-    assert_problem(&found, "bfd.peers[2].address", "not an IPv4 address");
+    assert_problem(
+        &found,
+        "bfd.peers[2].address",
+        "not an IPv4 or IPv6 address",
+    );
     let resolved = plan(&format!(
         "{SEED}returnRoutes:\n  - {{destination: 10.16.4.0/24, via: 172.20.10.2, interface: eth9}}\n"
     ))
@@ -1621,8 +1664,6 @@ fn everything_else_that_takes_addresses_refuses_ipv6_by_field() {
         "{}    portForwards:
       - {{egressIP: '2001:db8:31::101', protocol: tcp, port: 80, to: '[fd00:10::2]:80'}}
     floatingIPs: [{{address: '2001:db8:31::160', host: 'fd00:10::5'}}]
-bfd:
-  peers: [{{address: 'fe80::1'}}]
 ",
         DUAL_STACK.split("  - name: tenant-b").next().unwrap()
     );
@@ -1632,7 +1673,6 @@ bfd:
         "tenants[0] (tenant-a).portForwards[0].to",
         "tenants[0] (tenant-a).floatingIPs[0].address",
         "tenants[0] (tenant-a).floatingIPs[0].host",
-        "bfd.peers[0].address",
     ] {
         assert_problem(&found, field, "IPv6 is not supported here yet");
     }

@@ -7,10 +7,7 @@
 //! carries the subset of OpenBFDD's `bfdd-control` that Kube-OVN's scripts
 //! use and answers with OpenBFDD's text, which those scripts match on.
 
-use std::{
-    fmt::Write as _,
-    net::{IpAddr, Ipv4Addr},
-};
+use std::{fmt::Write as _, net::IpAddr};
 
 use serde::{Deserialize, Serialize};
 
@@ -147,10 +144,10 @@ impl ControlReply {
     }
 }
 
-/// Builds the status from the sessions: one per expected (IPv4) peer.
+/// Builds the status from the sessions: one per expected peer.
 pub fn supervisor_status(
     live: bool,
-    local: Ipv4Addr,
+    local: &[IpAddr],
     sessions: &[PeerStatus],
     dataplane: DataplaneStatus,
 ) -> SupervisorStatus {
@@ -160,7 +157,7 @@ pub fn supervisor_status(
             let up = session.local_state == State::Up;
             SessionStatus {
                 pair: Pair {
-                    local: local.to_string(),
+                    local: local_for(local, session.address),
                     remote: session.address.to_string(),
                 },
                 state: if heard(session) {
@@ -321,7 +318,7 @@ pub fn apply(command: &Command, sessions: &mut Sessions) -> ControlReply {
 /// a session when an allowed peer's first packet arrives, so one never
 /// heard is not listed, and "There are 0 sessions:" is what Kube-OVN's
 /// liveness script restarts on). `(p)` marks the passive role.
-pub fn render_status(local: Ipv4Addr, sessions: &[PeerStatus]) -> String {
+pub fn render_status(local: &[IpAddr], sessions: &[PeerStatus]) -> String {
     let listed: Vec<&PeerStatus> = sessions.iter().filter(|s| heard(s)).collect();
     let mut out = format!("There are {} sessions:\n", listed.len());
     for (index, session) in listed.iter().enumerate() {
@@ -329,11 +326,23 @@ pub fn render_status(local: Ipv4Addr, sessions: &[PeerStatus]) -> String {
         let _ = writeln!(out, "Session {id}");
         let _ = writeln!(
             out,
-            " id={id} local={local} (p) remote={} state={}",
-            session.address, session.local_state
+            " id={id} local={} (p) remote={} state={}",
+            local_for(local, session.address),
+            session.address,
+            session.local_state
         );
     }
     out
+}
+
+/// The pod's address a session with `peer` runs from: the one of its
+/// family.
+fn local_for(local: &[IpAddr], peer: IpAddr) -> String {
+    local
+        .iter()
+        .find(|l| l.is_ipv4() == peer.is_ipv4())
+        .map(IpAddr::to_string)
+        .unwrap_or_default()
 }
 
 fn heard(session: &PeerStatus) -> bool {
@@ -357,6 +366,7 @@ fn thousands(value: u64) -> String {
 mod tests {
     use super::*;
     use crate::bfd::{Diag, DropCounts};
+    use std::net::Ipv4Addr;
 
     fn args(line: &str) -> Vec<String> {
         line.split_whitespace().map(str::to_owned).collect()
@@ -373,7 +383,7 @@ mod tests {
 
     fn peer(state: State, packets_in: u64) -> PeerStatus {
         PeerStatus {
-            address: Ipv4Addr::new(10, 0, 1, 254),
+            address: Ipv4Addr::new(10, 0, 1, 254).into(),
             interface: None,
             local_state: state,
             remote_state: State::Down,
@@ -392,7 +402,7 @@ mod tests {
         }
     }
 
-    const LOCAL: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 5);
+    const LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 0, 1, 5));
 
     #[test]
     fn parses_requests() {
@@ -480,11 +490,11 @@ mod tests {
     #[test]
     fn status_lists_sessions_once_the_peer_was_heard() {
         assert_eq!(
-            render_status(LOCAL, &[peer(State::AdminDown, 0)]),
+            render_status(&[LOCAL], &[peer(State::AdminDown, 0)]),
             "There are 0 sessions:\n"
         );
         assert_eq!(
-            render_status(LOCAL, &[peer(State::Up, 4)]),
+            render_status(&[LOCAL], &[peer(State::Up, 4)]),
             "There are 1 sessions:\nSession 1\n id=1 local=10.0.1.5 (p) remote=10.0.1.254 state=Up\n"
         );
     }
@@ -493,7 +503,7 @@ mod tests {
     fn probes_answer_as_kube_ovns_supervisor() {
         let up = supervisor_status(
             true,
-            LOCAL,
+            &[LOCAL],
             &[peer(State::Up, 1)],
             DataplaneStatus::default(),
         );
@@ -501,7 +511,7 @@ mod tests {
         assert!(probe_reply(&Request::Ready, up.clone()).error.is_empty());
         let down = supervisor_status(
             true,
-            LOCAL,
+            &[LOCAL],
             &[peer(State::AdminDown, 1)],
             DataplaneStatus::default(),
         );
@@ -525,7 +535,7 @@ mod tests {
             "concatenated_path_down"
         );
         assert!(json.get("error").is_none());
-        let not_live = supervisor_status(false, LOCAL, &[], DataplaneStatus::default());
+        let not_live = supervisor_status(false, &[LOCAL], &[], DataplaneStatus::default());
         assert_eq!(
             probe_reply(&Request::Live, not_live.clone()).error,
             "BFD supervisor is not live"

@@ -20,7 +20,7 @@ pub mod dataplane;
 mod http;
 
 use std::{
-    net::{IpAddr, Ipv4Addr},
+    net::IpAddr,
     path::Path,
     sync::{Arc, Mutex, PoisonError},
     time::Duration,
@@ -49,7 +49,9 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the control socket and `/livez` read.
 struct Shared {
-    local: Ipv4Addr,
+    /// The pod's addresses, at most one per family: sessions of each
+    /// family answer from its own.
+    local: Vec<IpAddr>,
     sessions: Sessions,
     bfd: Option<Bfd>,
     dataplane: DataplaneStatus,
@@ -67,21 +69,22 @@ fn status(shared: &SharedState) -> SupervisorStatus {
         Some(bfd) => (true, bfd.snapshot()),
         None => (false, Vec::new()),
     };
-    control::supervisor_status(live, state.local, &sessions, state.dataplane.clone())
+    control::supervisor_status(live, &state.local, &sessions, state.dataplane.clone())
 }
 
 /// `bfdd-supervisor run`: serves until SIGTERM or SIGINT, then tells the
 /// peers AdminDown (diag 7) so they drain the pod at once.
 pub async fn run() -> anyhow::Result<()> {
     let config = Config::from_env(|name| std::env::var(name).ok())?;
-    let local = config
-        .pod_ips
-        .iter()
-        .find_map(|ip| match ip {
-            IpAddr::V4(v4) => Some(*v4),
-            IpAddr::V6(_) => None,
-        })
-        .context("POD_IPS holds no IPv4 address: the BFD responder speaks IPv4 only")?;
+    let local: Vec<IpAddr> = [
+        config.pod_ips.iter().find(|ip| ip.is_ipv4()),
+        config.pod_ips.iter().find(|ip| ip.is_ipv6()),
+    ]
+    .into_iter()
+    .flatten()
+    .copied()
+    .collect();
+    let listening: Vec<String> = local.iter().map(|ip| format!("{ip}")).collect();
     let internal = match &config.interface {
         Some(name) => Internal::Named(name.clone()),
         // Kube-OVN's first pod IP is the one on the internal subnet.
@@ -94,19 +97,20 @@ pub async fn run() -> anyhow::Result<()> {
     let (health_tx, health) = watch::channel(health_of(&first));
     log_dataplane(None, &first);
     let shared: SharedState = Arc::new(Mutex::new(Shared {
-        local,
+        local: local.clone(),
         sessions: config.sessions.clone(),
         bfd: None,
         dataplane: first,
     }));
-    let bfd = Bfd::start_on(local, peer_configs(&config.sessions), health.clone()).await?;
+    let bfd = Bfd::start_on(&local, peer_configs(&config.sessions), health.clone()).await?;
     tracing::info!(
-        %local,
+        local = ?listening,
         peers = ?config.sessions.allowed,
         min_tx_ms = config.sessions.min_tx_ms,
         min_rx_ms = config.sessions.min_rx_ms,
         multiplier = config.sessions.multiplier,
-        "BFD responder listening on {local}:3784"
+        "BFD responder listening on port 3784 of {}",
+        listening.join(" and ")
     );
     lock(&shared).bfd = Some(bfd);
 
@@ -148,24 +152,17 @@ pub async fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Sessions with the allowed peers, answering only. IPv6 peers (a
-/// dual-stack pod's second family) get none: the runtime is IPv4.
+/// Sessions with the allowed peers of either family, answering only.
 fn peer_configs(sessions: &Sessions) -> Vec<PeerConfig> {
     sessions
         .allowed
         .iter()
-        .filter_map(|peer| match peer {
-            IpAddr::V4(address) => Some(PeerConfig {
-                min_tx: sessions.min_tx(),
-                min_rx: sessions.min_rx(),
-                multiplier: sessions.multiplier,
-                passive: true,
-                ..PeerConfig::new(*address)
-            }),
-            IpAddr::V6(address) => {
-                tracing::warn!("BFD peer {address}: IPv6 is not supported, no session");
-                None
-            }
+        .map(|peer| PeerConfig {
+            min_tx: sessions.min_tx(),
+            min_rx: sessions.min_rx(),
+            multiplier: sessions.multiplier,
+            passive: true,
+            ..PeerConfig::new(*peer)
         })
         .collect()
 }
@@ -180,13 +177,17 @@ async fn restart(
 ) -> anyhow::Result<()> {
     let (old, sessions, local) = {
         let mut state = lock(shared);
-        (state.bfd.take(), state.sessions.clone(), state.local)
+        (
+            state.bfd.take(),
+            state.sessions.clone(),
+            state.local.clone(),
+        )
     };
     if let Some(old) = old {
         old.shutdown().await;
     }
     tracing::info!(?sessions, "BFD settings changed: sessions restart");
-    let bfd = Bfd::start_on(local, peer_configs(&sessions), health.clone()).await?;
+    let bfd = Bfd::start_on(&local, peer_configs(&sessions), health.clone()).await?;
     lock(shared).bfd = Some(bfd);
     Ok(())
 }
@@ -303,7 +304,7 @@ fn bfdd_control(
     if command == Command::Status {
         let sessions = state.bfd.as_ref().map(Bfd::snapshot).unwrap_or_default();
         return ControlReply {
-            output: control::render_status(state.local, &sessions),
+            output: control::render_status(&state.local, &sessions),
             ok: true,
         };
     }
@@ -391,7 +392,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sessions_answer_the_ipv4_peers_with_the_configured_timers() {
+    fn sessions_answer_the_peers_of_both_families_with_the_configured_timers() {
         let sessions = Sessions {
             min_tx_ms: 100,
             min_rx_ms: 200,
@@ -399,17 +400,15 @@ mod tests {
             allowed: vec!["10.0.1.254".parse().unwrap(), "fd00::1".parse().unwrap()],
         };
         let peers = peer_configs(&sessions);
-        assert_eq!(
-            peers,
-            vec![PeerConfig {
-                address: Ipv4Addr::new(10, 0, 1, 254),
-                interface: None,
-                min_tx: Duration::from_millis(100),
-                min_rx: Duration::from_millis(200),
-                multiplier: 5,
-                passive: true,
-            }]
-        );
+        let answering = |address: &str| PeerConfig {
+            address: address.parse().unwrap(),
+            interface: None,
+            min_tx: Duration::from_millis(100),
+            min_rx: Duration::from_millis(200),
+            multiplier: 5,
+            passive: true,
+        };
+        assert_eq!(peers, vec![answering("10.0.1.254"), answering("fd00::1")]);
     }
 
     #[test]
