@@ -833,6 +833,11 @@ async fn apply(
     applied
         .sysctls
         .extend(sysctl::enable_forwarding(interfaces)?);
+    let forwards_ipv6 = resolved.tenants.iter().any(|t| !t.egress_v6.is_empty())
+        || resolved.routed_sources.iter().any(|n| n.addr().is_ipv6());
+    if forwards_ipv6 {
+        applied.sysctls.extend(sysctl::enable_ipv6_forwarding()?);
+    }
     // With the programs attached and the maps filled, so a created next
     // hop's first frame is classified.
     sync_macvlans(applied, resolved, system).await?;

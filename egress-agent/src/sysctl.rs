@@ -77,6 +77,17 @@ pub fn enable_forwarding<'a>(
         .collect())
 }
 
+/// Turns IPv6 forwarding on. Unlike IPv4's, the kernel (and the FIB lookup
+/// the dataplane makes, which answers "forwarding disabled" otherwise)
+/// reads only `net.ipv6.conf.all.forwarding`; switching it on also stops
+/// router advertisements being accepted where `accept_ra` is 1.
+pub fn enable_ipv6_forwarding() -> anyhow::Result<Vec<Changed>> {
+    set(vec![(
+        PathBuf::from("/proc/sys/net/ipv6/conf/all/forwarding"),
+        "1",
+    )])
+}
+
 /// Makes each interface answer ARP only for its own addresses, and ask
 /// with them; returns what it changed.
 pub fn isolate_arp<'a>(

@@ -182,8 +182,8 @@ impl Topology {
     /// them, and waits until duplicate address detection let every address
     /// serve. Interfaces keep their defaults otherwise.
     pub fn add_ipv6(&self) {
-        self.gateway
-            .run("sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"]);
+        // IPv6 forwarding on the gateway is left off, the kernel's default:
+        // the agent switches it on for IPv6 tenants.
         self.gateway.ip(&[
             "addr",
             "add",

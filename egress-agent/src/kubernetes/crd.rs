@@ -91,14 +91,17 @@ pub struct EgressGatewaySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub external_interface: Option<String>,
 
-    /// IPv4 addresses the tenant's traffic leaves with (1 to 8); a flow picks
-    /// one by hashing its source and destination.
+    /// Addresses the tenant's traffic leaves with, IPv4 and IPv6 (at least
+    /// one, at most 8 of each family); each family's sources leave with
+    /// that family's, and a flow picks one by hashing its source and
+    /// destination.
     #[serde(rename = "egressIPs")]
     #[schemars(schema_with = "egress_ips_schema")]
     pub egress_ips: Vec<String>,
 
-    /// Source CIDRs (or bare addresses) that belong to the tenant, in
-    /// addition to the selected pods.
+    /// Source CIDRs (or bare addresses) of either family that belong to
+    /// the tenant, in addition to the selected pods (whose addresses count
+    /// for the families the tenant has egress IPs of).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "ip_blocks_schema")]
     pub ip_blocks: Vec<String>,
@@ -210,9 +213,9 @@ pub struct BfdSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "bfd_multiplier_schema")]
     pub multiplier: Option<u8>,
-    /// IPv4 addresses of the BFD neighbours.
+    /// Addresses (IPv4 or IPv6, not link-local) of the BFD neighbours.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(schema_with = "ipv4_list_schema")]
+    #[schemars(schema_with = "ip_list_schema")]
     pub peers: Vec<String>,
 }
 
@@ -271,8 +274,8 @@ fn egress_ips_schema(_: &mut SchemaGenerator) -> Schema {
     json_schema!({
         "type": "array",
         "minItems": 1,
-        "maxItems": egress_common::tenant::MAX_EGRESS_ADDRS,
-        "items": { "type": "string", "format": "ipv4" },
+        "maxItems": 2 * egress_common::tenant::MAX_EGRESS_ADDRS,
+        "items": { "type": "string", "anyOf": [{ "format": "ipv4" }, { "format": "ipv6" }] },
         "x-kubernetes-list-type": "set",
     })
 }
@@ -293,10 +296,10 @@ fn bfd_multiplier_schema(_: &mut SchemaGenerator) -> Schema {
     json_schema!({ "type": "integer", "minimum": 1, "maximum": 255, "nullable": true })
 }
 
-fn ipv4_list_schema(_: &mut SchemaGenerator) -> Schema {
+fn ip_list_schema(_: &mut SchemaGenerator) -> Schema {
     json_schema!({
         "type": "array",
-        "items": { "type": "string", "format": "ipv4" },
+        "items": { "type": "string", "anyOf": [{ "format": "ipv4" }, { "format": "ipv6" }] },
         "x-kubernetes-list-type": "set",
     })
 }
@@ -306,7 +309,7 @@ fn ip_blocks_schema(_: &mut SchemaGenerator) -> Schema {
         "type": "array",
         "items": {
             "type": "string",
-            "anyOf": [{ "format": "ipv4" }, { "format": "cidr" }],
+            "anyOf": [{ "format": "ipv4" }, { "format": "ipv6" }, { "format": "cidr" }],
         },
         "x-kubernetes-list-type": "set",
     })
@@ -377,8 +380,11 @@ mod tests {
         let spec = &schema["openAPIV3Schema"]["properties"]["spec"];
         assert_eq!(spec["required"], serde_json::json!(["egressIPs"]));
         let egress = &spec["properties"]["egressIPs"];
-        assert_eq!(egress["items"]["format"], "ipv4");
-        assert_eq!(egress["maxItems"], 8);
+        assert_eq!(
+            egress["items"]["anyOf"],
+            serde_json::json!([{"format": "ipv4"}, {"format": "ipv6"}])
+        );
+        assert_eq!(egress["maxItems"], 16, "8 of each family");
         let conditions =
             &schema["openAPIV3Schema"]["properties"]["status"]["properties"]["conditions"];
         assert_eq!(conditions["x-kubernetes-list-type"], "map");

@@ -24,11 +24,11 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
-    net::{IpAddr, Ipv4Addr},
+    net::IpAddr,
 };
 
 use egress_common::tenant::{MAX_EGRESS_ADDRS, TENANT_NAME_LEN};
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::IpNet;
 use k8s_openapi::{apimachinery::pkg::apis::meta::v1::LabelSelector, jiff::Timestamp};
 use kube::api::ObjectMeta;
 
@@ -117,7 +117,7 @@ impl ReturnRoute {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BfdPeer {
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub min_rx_ms: u32,
     pub min_tx_ms: u32,
     pub multiplier: u8,
@@ -184,8 +184,8 @@ pub struct Report {
     pub message: String,
     /// Parts of the spec that are not honoured, one condition each.
     pub notes: Vec<ReportCondition>,
-    pub egress_ips: Vec<Ipv4Addr>,
-    pub sources: Vec<Ipv4Net>,
+    pub egress_ips: Vec<IpAddr>,
+    pub sources: Vec<IpNet>,
     pub matched_pods: usize,
 }
 
@@ -241,7 +241,9 @@ pub mod note {
     pub const INTERNAL_IPS_IGNORED: (&str, &str) = ("InternalIPsIgnored", "NoGatewayPod");
     pub const BFD_IGNORED: (&str, &str) = ("BfdIgnored", "NoPeers");
     pub const BFD_TIMERS_IGNORED: (&str, &str) = ("BfdTimersIgnored", "PeerSharedWithOlderGateway");
-    pub const IPV6_IGNORED: (&str, &str) = ("IPv6Ignored", "IPv4Only");
+    /// Sources of a family the object has no egress IP of (a dual-stack
+    /// subnet or pod behind IPv4 externalIPs only): not translated.
+    pub const SOURCES_IGNORED: (&str, &str) = ("SourcesIgnored", "NoEgressIPOfTheirFamily");
 }
 
 /// Resolves a snapshot into this node's configuration and a report per object.
@@ -475,8 +477,8 @@ fn serving_node(
 /// What an accepted object asks of the dataplane.
 #[derive(Debug, Clone, Default)]
 struct Admitted {
-    egress: Vec<Ipv4Addr>,
-    sources: Vec<Ipv4Net>,
+    egress: Vec<IpAddr>,
+    sources: Vec<IpNet>,
     ports: Option<PortRange>,
     /// `maxFlows`, `newFlowsPerSecond`, `newFlowBurst`, as written.
     limits: (Option<u32>, Option<u32>, Option<u32>),
@@ -507,7 +509,7 @@ impl Admitted {
 
 #[derive(Debug, Clone)]
 struct BfdWanted {
-    peers: Vec<Ipv4Addr>,
+    peers: Vec<IpAddr>,
     min_rx_ms: u32,
     min_tx_ms: u32,
     multiplier: u8,
@@ -566,6 +568,44 @@ impl<'a> Candidate<'a> {
         });
     }
 
+    /// The sources of a family `egress` has an address of; the others are
+    /// left out with a note (`what` names them: pod addresses, sources).
+    fn translatable(
+        &mut self,
+        sources: impl Iterator<Item = IpNet>,
+        egress: &[IpAddr],
+        what: &str,
+    ) -> Vec<IpNet> {
+        let has = |v4: bool| egress.iter().any(|a| a.is_ipv4() == v4);
+        let (kept, left): (Vec<IpNet>, Vec<IpNet>) =
+            sources.partition(|net| has(net.addr().is_ipv4()));
+        if !left.is_empty() {
+            let family = |v4: bool| if v4 { "IPv4" } else { "IPv6" };
+            let families: Vec<&str> = [true, false]
+                .into_iter()
+                .filter(|v4| left.iter().any(|n| n.addr().is_ipv4() == *v4))
+                .map(family)
+                .collect();
+            let shown: Vec<String> = left.iter().take(4).map(ToString::to_string).collect();
+            self.note(
+                note::SOURCES_IGNORED,
+                format!(
+                    "{} {what} {} ({}{}) not translated: no {} egress IP",
+                    left.len(),
+                    if left.len() == 1 {
+                        "prefix is"
+                    } else {
+                        "prefixes are"
+                    },
+                    shown.join(", "),
+                    if left.len() > 4 { ", ..." } else { "" },
+                    families.join(" or ")
+                ),
+            );
+        }
+        kept
+    }
+
     fn from_egress_gateway(object: &'a EgressGateway, snapshot: &Snapshot) -> Self {
         let spec = &object.spec;
         let mut candidate = Candidate::new(
@@ -587,14 +627,14 @@ impl<'a> Candidate<'a> {
         let mut problems = Vec::new();
         let mut sources = Vec::new();
         for (i, text) in spec.ip_blocks.iter().enumerate() {
-            match config::parse_cidr(text) {
+            match config::parse_source(text) {
                 Ok(net) => sources.push(net),
                 Err(message) => problems.push(format!("spec.ipBlocks[{i}]: {message}")),
             }
         }
         let mut egress = Vec::new();
         for (i, text) in spec.egress_ips.iter().enumerate() {
-            match config::parse_ipv4(text) {
+            match parse_ip(text) {
                 Ok(addr) => egress.push(addr),
                 Err(message) => problems.push(format!("spec.egressIPs[{i}]: {message}")),
             }
@@ -613,7 +653,11 @@ impl<'a> Candidate<'a> {
         let bfd = spec.bfd.as_ref().filter(|b| b.enabled).and_then(|bfd| {
             let mut peers = Vec::new();
             for text in &bfd.peers {
-                match config::parse_ipv4(text) {
+                match parse_ip(text) {
+                    Ok(IpAddr::V6(addr)) if addr.is_unicast_link_local() => problems.push(format!(
+                        "spec.bfd.peers: {addr} is link-local, which needs an interface; \
+                         name the router by a global address"
+                    )),
                     Ok(addr) => peers.push(addr),
                     Err(message) => problems.push(format!("spec.bfd.peers: {message}")),
                 }
@@ -644,10 +688,8 @@ impl<'a> Candidate<'a> {
             let pods = select_pods(snapshot, &namespaces, spec.pod_selector.as_ref())
                 .map_err(|m| Failure::new(reason::INVALID_SELECTOR, m))?;
             self.matched_pods = pods.len();
-            sources.extend(
-                pods.iter()
-                    .flat_map(|p| p.addresses.iter().copied().map(Ipv4Net::from)),
-            );
+            let pod_sources = pods.iter().flat_map(|p| p.addresses.iter().copied());
+            sources.extend(self.translatable(pod_sources.map(IpNet::from), &egress, "pod"));
         }
         let admitted = Admitted {
             egress,
@@ -706,25 +748,33 @@ impl<'a> Candidate<'a> {
                 format!("replicas is {replicas}: the gateway is switched off"),
             ));
         }
-        let mut ipv6 = Vec::new();
         let mut problems = Vec::new();
 
+        // Dual-stack entries are "IPv4,IPv6" pairs, as Kube-OVN writes them.
         let mut external = Vec::new();
         for entry in &spec.external_ips {
             for part in entry.split(',').map(str::trim).filter(|p| !p.is_empty()) {
                 match part.parse::<IpAddr>() {
-                    Ok(IpAddr::V4(addr)) => external.push(addr),
-                    Ok(IpAddr::V6(_)) => ipv6.push(format!("externalIPs {part}")),
+                    Ok(addr) => external.push(addr),
                     Err(_) => {
                         problems.push(format!("spec.externalIPs: {part:?} is not an IP address"))
                     }
                 }
             }
         }
-        // One external IP per replica, as Kube-OVN gives each gateway pod
-        // one; the rest are its spares for pods being replaced.
+        // One external IP of each family per replica, as Kube-OVN gives
+        // each gateway pod one; the rest are spares for pods being replaced.
         let wanted = usize::try_from(replicas).unwrap_or(1).min(MAX_EGRESS_ADDRS);
-        let egress: Vec<Ipv4Addr> = external.iter().copied().take(wanted).collect();
+        let egress: Vec<IpAddr> = [true, false]
+            .into_iter()
+            .flat_map(|v4| {
+                external
+                    .iter()
+                    .copied()
+                    .filter(move |a| a.is_ipv4() == v4)
+                    .take(wanted)
+            })
+            .collect();
         if replicas > 1 {
             self.note(
                 note::REPLICAS_IGNORED,
@@ -775,8 +825,7 @@ impl<'a> Candidate<'a> {
             }
             for block in &policy.ip_blocks {
                 match parse_lenient_cidr(block) {
-                    Ok(Some(net)) => sources.push(net),
-                    Ok(None) => ipv6.push(format!("ipBlocks {block}")),
+                    Ok(net) => sources.push(net),
                     Err(message) => {
                         problems.push(format!("spec.policies[{i}].ipBlocks: {message}"))
                     }
@@ -794,16 +843,16 @@ impl<'a> Candidate<'a> {
                     });
                     continue;
                 };
+                // A dual-stack subnet's cidrBlock is "IPv4,IPv6".
                 let before = sources.len();
                 for part in cidr.split(',').map(str::trim).filter(|p| !p.is_empty()) {
                     match parse_lenient_cidr(part) {
-                        Ok(Some(net)) => sources.push(net),
-                        Ok(None) => {}
+                        Ok(net) => sources.push(net),
                         Err(message) => unresolved.push(format!("subnet {name}: {message}")),
                     }
                 }
                 if sources.len() == before {
-                    unresolved.push(format!("subnet {name} ({cidr}) has no IPv4 range"));
+                    unresolved.push(format!("subnet {name} ({cidr}) has no range"));
                 }
             }
         }
@@ -814,12 +863,6 @@ impl<'a> Candidate<'a> {
                     "{} without snat: the dataplane only translates, so their sources are not served",
                     unsnatted.join(", ")
                 ),
-            );
-        }
-        if !ipv6.is_empty() {
-            self.note(
-                note::IPV6_IGNORED,
-                format!("IPv6 is not served yet: {}", ipv6.join(", ")),
             );
         }
         if !problems.is_empty() {
@@ -849,16 +892,17 @@ impl<'a> Candidate<'a> {
             sources.extend(
                 selected
                     .values()
-                    .flat_map(|p| p.addresses.iter().copied().map(Ipv4Net::from)),
+                    .flat_map(|p| p.addresses.iter().copied().map(IpNet::from)),
             );
         }
         if egress.is_empty() {
             return Err(Failure::new(
                 reason::NO_EGRESS_IPS,
-                "externalIPs names no IPv4 address; Kube-OVN would allocate one from the external \
+                "externalIPs names no address; Kube-OVN would allocate one from the external \
                  subnet, this agent needs it written in externalIPs",
             ));
         }
+        let sources = self.translatable(sources.into_iter(), &egress, "source");
         let admitted = Admitted {
             egress,
             sources: normalize_sources(sources),
@@ -919,29 +963,32 @@ fn select_pods<'s>(
     Ok(selected)
 }
 
-/// A Kube-OVN block: an address or a CIDR, host bits masked as OVN and
-/// iptables mask them; `None` for IPv6.
-fn parse_lenient_cidr(text: &str) -> Result<Option<Ipv4Net>, String> {
+/// A Kube-OVN block of either family: an address or a CIDR, host bits
+/// masked as OVN and iptables mask them.
+fn parse_lenient_cidr(text: &str) -> Result<IpNet, String> {
     let text = text.trim();
     if let Ok(net) = text.parse::<IpNet>() {
-        return Ok(match net {
-            IpNet::V4(net) => Some(net.trunc()),
-            IpNet::V6(_) => None,
-        });
+        return Ok(net.trunc());
     }
     match text.parse::<IpAddr>() {
-        Ok(IpAddr::V4(addr)) => Ok(Some(Ipv4Net::from(addr))),
-        Ok(IpAddr::V6(_)) => Ok(None),
+        Ok(addr) => Ok(IpNet::from(addr)),
         Err(_) => Err(format!("{text:?} is not an address or CIDR")),
     }
 }
 
-/// Sorted, without duplicates or prefixes inside a wider one of the same
-/// object: the configuration refuses a tenant overlapping itself, and a
-/// pod inside the object's own block is simply covered twice.
-fn normalize_sources(mut sources: Vec<Ipv4Net>) -> Vec<Ipv4Net> {
-    sources.sort_by_key(|net| (u32::from(net.network()), net.prefix_len()));
-    let mut kept: Vec<Ipv4Net> = Vec::with_capacity(sources.len());
+/// An egress IP or BFD peer of an EgressGateway, either family.
+fn parse_ip(text: &str) -> Result<IpAddr, String> {
+    text.trim()
+        .parse::<IpAddr>()
+        .map_err(|_| format!("{text:?} is not an IPv4 or IPv6 address"))
+}
+
+/// Sorted (IPv4 first), without duplicates or prefixes inside a wider one
+/// of the same object: the configuration refuses a tenant overlapping
+/// itself, and a pod inside the object's own block is simply covered twice.
+fn normalize_sources(mut sources: Vec<IpNet>) -> Vec<IpNet> {
+    sources.sort_by_key(|net| (span(net).0, net.prefix_len()));
+    let mut kept: Vec<IpNet> = Vec::with_capacity(sources.len());
     for net in sources {
         match kept.last() {
             Some(last) if last.contains(&net) => {}
@@ -1069,13 +1116,29 @@ fn check_against_config(served: &mut Vec<(Admitted, usize)>, reports: &mut [Repo
 /// Egress IPs and sources held by accepted objects, cluster-wide.
 #[derive(Default)]
 struct Claims {
-    egress: BTreeMap<Ipv4Addr, usize>,
+    egress: BTreeMap<Point, (IpAddr, usize)>,
     /// Disjoint ranges (first, last address) by first address.
-    sources: BTreeMap<u32, (u32, Ipv4Net, usize)>,
+    sources: BTreeMap<Point, (Point, IpNet, usize)>,
+}
+
+/// An address as a point of one line holding both families, IPv4 first,
+/// so that ranges of the two never meet.
+type Point = (bool, u128);
+
+fn point(addr: IpAddr) -> Point {
+    match addr {
+        IpAddr::V4(v4) => (false, u128::from(u32::from(v4))),
+        IpAddr::V6(v6) => (true, u128::from(v6)),
+    }
+}
+
+/// A prefix's first and last address.
+fn span(net: &IpNet) -> (Point, Point) {
+    (point(net.network()), point(net.broadcast()))
 }
 
 impl Claims {
-    fn source_holding(&self, first: u32, last: u32) -> Option<(Ipv4Net, usize)> {
+    fn source_holding(&self, first: Point, last: Point) -> Option<(IpNet, usize)> {
         // Claimed ranges are disjoint, so the one starting last at or
         // before `last` is the only one that can reach into [first, last].
         let (_, (end, net, owner)) = self.sources.range(..=last).next_back()?;
@@ -1084,13 +1147,13 @@ impl Claims {
 
     fn conflict(&self, admitted: &Admitted, owner_of: impl Fn(usize) -> String) -> Option<Failure> {
         for addr in &admitted.egress {
-            if let Some(owner) = self.egress.get(addr) {
+            if let Some((_, owner)) = self.egress.get(&point(*addr)) {
                 return Some(Failure::new(
                     reason::EGRESS_IP_CONFLICT,
                     format!("{addr} is already an egress IP of {}", owner_of(*owner)),
                 ));
             }
-            let value = u32::from(*addr);
+            let value = point(*addr);
             if let Some((net, owner)) = self.source_holding(value, value) {
                 return Some(Failure::new(
                     reason::EGRESS_IP_CONFLICT,
@@ -1099,14 +1162,14 @@ impl Claims {
             }
         }
         for net in &admitted.sources {
-            let (first, last) = (u32::from(net.network()), u32::from(net.broadcast()));
+            let (first, last) = span(net);
             if let Some((theirs, owner)) = self.source_holding(first, last) {
                 return Some(Failure::new(
                     reason::SOURCE_CONFLICT,
                     format!("{net} overlaps {theirs}, a source of {}", owner_of(owner)),
                 ));
             }
-            if let Some((addr, owner)) = self.egress.range(net.network()..=net.broadcast()).next() {
+            if let Some((_, (addr, owner))) = self.egress.range(first..=last).next() {
                 return Some(Failure::new(
                     reason::SOURCE_CONFLICT,
                     format!(
@@ -1121,13 +1184,11 @@ impl Claims {
 
     fn claim(&mut self, admitted: &Admitted, owner: usize) {
         for addr in &admitted.egress {
-            self.egress.insert(*addr, owner);
+            self.egress.insert(point(*addr), (*addr, owner));
         }
         for net in &admitted.sources {
-            self.sources.insert(
-                u32::from(net.network()),
-                (u32::from(net.broadcast()), *net, owner),
-            );
+            let (first, last) = span(net);
+            self.sources.insert(first, (last, *net, owner));
         }
     }
 }
@@ -1213,7 +1274,7 @@ fn count(n: usize, one: &str, many: &str) -> String {
     format!("{n} {}", if n == 1 { one } else { many })
 }
 
-fn join(addresses: &[Ipv4Addr]) -> String {
+fn join(addresses: &[IpAddr]) -> String {
     addresses
         .iter()
         .map(ToString::to_string)

@@ -9,7 +9,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr},
+    net::IpAddr,
 };
 
 use ipnet::IpNet;
@@ -62,7 +62,9 @@ pub struct PodView {
     pub namespace: String,
     pub name: String,
     pub labels: Labels,
-    pub addresses: Vec<Ipv4Addr>,
+    /// Both families: a dual-stack pod leaves from its tenant's egress IP
+    /// of each.
+    pub addresses: Vec<IpAddr>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -104,16 +106,13 @@ impl PodView {
         if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
             return None;
         }
-        let mut addresses: Vec<Ipv4Addr> = status
+        let mut addresses: Vec<IpAddr> = status
             .pod_ips
             .iter()
             .flatten()
             .map(|ip| ip.ip.as_str())
             .chain(status.pod_ip.as_deref())
-            .filter_map(|text| match text.parse::<IpAddr>() {
-                Ok(IpAddr::V4(addr)) => Some(addr),
-                _ => None,
-            })
+            .filter_map(|text| text.trim().parse::<IpAddr>().ok())
             .collect();
         addresses.sort_unstable();
         addresses.dedup();
@@ -253,6 +252,7 @@ mod tests {
     use kube::api::ObjectMeta;
 
     use super::*;
+    use std::net::Ipv4Addr;
 
     fn pod(phase: &str, ips: &[&str], host_network: bool) -> Pod {
         Pod {
@@ -283,12 +283,22 @@ mod tests {
     }
 
     #[test]
-    fn running_and_pending_pods_with_an_ipv4_address_are_sources() {
+    fn running_and_pending_pods_with_an_address_are_sources() {
         let view =
             PodView::from_pod(&pod("Running", &["10.16.0.5", "fd00::5"], false)).expect("source");
-        assert_eq!(view.addresses, [Ipv4Addr::new(10, 16, 0, 5)]);
+        assert_eq!(
+            view.addresses,
+            [
+                IpAddr::V4(Ipv4Addr::new(10, 16, 0, 5)),
+                "fd00::5".parse::<IpAddr>().expect("ip")
+            ]
+        );
         assert_eq!(view.labels["app"], "web");
         assert!(PodView::from_pod(&pod("Pending", &["10.16.0.6"], false)).is_some());
+        assert!(
+            PodView::from_pod(&pod("Running", &["fd00::5"], false)).is_some(),
+            "IPv6-only pods too"
+        );
     }
 
     #[test]
@@ -297,7 +307,6 @@ mod tests {
         assert!(PodView::from_pod(&pod("Failed", &["10.16.0.5"], false)).is_none());
         assert!(PodView::from_pod(&pod("Running", &["192.168.99.21"], true)).is_none());
         assert!(PodView::from_pod(&pod("Pending", &[], false)).is_none());
-        assert!(PodView::from_pod(&pod("Running", &["fd00::5"], false)).is_none());
     }
 
     #[test]

@@ -266,7 +266,7 @@ mod tests {
             .to_owned(),
             message: "words".into(),
             notes: Vec::new(),
-            egress_ips: vec![Ipv4Addr::new(192, 168, 31, 101)],
+            egress_ips: vec![Ipv4Addr::new(192, 168, 31, 101).into()],
             sources: vec!["172.20.10.0/24".parse().expect("net")],
             matched_pods: 2,
         }

@@ -1,4 +1,4 @@
-use std::collections::BTreeSet;
+use std::{collections::BTreeSet, net::Ipv4Addr};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelectorRequirement, Time};
 
@@ -686,12 +686,21 @@ fn unresolvable_subnets_are_reported() {
         "{}",
         missing.message
     );
+    // An IPv6 subnet behind IPv4 externalIPs only: nothing to translate
+    // it with, and the report says why.
     let v6 = veg(&resolved, "tenant-b", "egress-tenant-b");
-    assert_eq!(v6.reason, reason::UNRESOLVED_SUBNET);
-    assert!(v6.message.contains("no IPv4 range"), "{}", v6.message);
+    assert_eq!(v6.reason, reason::NO_SOURCES);
+    assert_eq!(note_types(v6), ["SourcesIgnored"]);
+    assert!(
+        v6.notes[0]
+            .message
+            .contains("fd00:20::/64) not translated: no IPv6 egress IP"),
+        "{}",
+        v6.notes[0].message
+    );
 
-    // Once the subnet exists the gateway is served; dual-stack subnets give
-    // their IPv4 part.
+    // Once the subnet exists the gateway is served; a dual-stack subnet
+    // behind IPv4 externalIPs gives its IPv4 part.
     snapshot.subnets.push(Subnet::new(
         "missing",
         crate::kubernetes::kubeovn::SubnetSpec {
@@ -701,6 +710,10 @@ fn unresolvable_subnets_are_reported() {
     ));
     let resolved = resolve(&snapshot);
     assert_eq!(resolved.tenants[0].sources, ["172.30.0.0/16"]);
+    assert_eq!(
+        note_types(veg(&resolved, "tenant-a", "egress-tenant-a")),
+        ["SourcesIgnored"]
+    );
 }
 
 #[test]
@@ -735,7 +748,6 @@ fn what_the_dataplane_cannot_honour_is_reported_as_conditions() {
             "TrafficPolicyIgnored",
             "BfdIgnored",
             "PoliciesIgnored",
-            "IPv6Ignored"
         ]
     );
     let policies = &report.notes[3];
@@ -745,12 +757,16 @@ fn what_the_dataplane_cannot_honour_is_reported_as_conditions() {
         "{}",
         policies.message
     );
-    // Host bits of a Kube-OVN block are masked, as OVN does.
+    // Host bits of a Kube-OVN block are masked, as OVN does; the
+    // "IPv4,IPv6" external IP pair serves both families.
     assert_eq!(
         resolved.tenants[0].sources,
-        ["172.20.10.0/24", "172.22.0.0/16"]
+        ["172.20.10.0/24", "172.22.0.0/16", "fd00:22::/64"]
     );
-    assert_eq!(resolved.tenants[0].egress_ips, ["192.168.31.101"]);
+    assert_eq!(
+        resolved.tenants[0].egress_ips,
+        ["192.168.31.101", "fd00:31::101"]
+    );
     let conditions = report.conditions();
     assert_eq!(conditions[0].type_, "Ready");
     assert!(conditions[1..].iter().all(|c| c.status));
@@ -778,7 +794,8 @@ fn invalid_specs_are_refused_with_the_field_named() {
         egress_gateway("a", "multicast", blocks("224.0.0.5", &["10.0.0.0/16"])),
         egress_gateway("a", "host-bits", blocks("192.168.31.2", &["10.3.0.1/16"])),
         egress_gateway("a", "too-many", too_many),
-        egress_gateway("a", "ipv6", blocks("fd00::1", &["10.4.0.0/16"])),
+        egress_gateway("a", "wrong-family", blocks("fd00::1", &["10.4.0.0/16"])),
+        egress_gateway("a", "not-an-ip", blocks("gateway", &["10.7.0.0/16"])),
         egress_gateway(
             "a",
             "ports",
@@ -805,7 +822,11 @@ fn invalid_specs_are_refused_with_the_field_named() {
         ("multicast", "spec.egressIPs[0]"),
         ("host-bits", "spec.ipBlocks[0]"),
         ("too-many", "spec.egressIPs"),
-        ("ipv6", "spec.egressIPs[0]"),
+        ("wrong-family", "spec.egressIPs: the IPv4 sources need"),
+        (
+            "not-an-ip",
+            "spec.egressIPs[0]: \"gateway\" is not an IPv4 or IPv6",
+        ),
         ("ports", "spec.ports"),
         ("burst", "spec.newFlowBurst"),
     ] {
@@ -822,6 +843,96 @@ fn invalid_specs_are_refused_with_the_field_named() {
             .message
             .contains("did you mean 10.3.0.0/16"),
         "the configuration's own message"
+    );
+}
+
+/// Dual-stack pods and blocks: each family leaves from the gateway's
+/// egress IP of that family; a gateway with IPv4 egress IPs only serves
+/// its pods' IPv4 addresses and says what it leaves out.
+#[test]
+fn dual_stack_gateways_translate_each_family_and_say_what_they_cannot() {
+    let mut snapshot = namespace_cluster("gw-1");
+    for pod in &mut snapshot.pods {
+        let v4: std::net::Ipv4Addr = pod.addresses[0].to_string().parse().expect("v4");
+        let [_, _, c, d] = v4.octets();
+        pod.addresses
+            .push(format!("fd00:128:{c}::{d:x}").parse().expect("v6"));
+    }
+    // Blue gets an IPv6 egress IP and block; red keeps IPv4 only.
+    let blue = &mut snapshot.egress_gateways[0].spec;
+    blue.egress_ips.push("2001:db8:55::113".into());
+    blue.ip_blocks.push("fd00:129::/64".into());
+    let resolved = resolve(&snapshot);
+    assert_eq!(
+        summary(&resolved),
+        [
+            (
+                "ns-blue.blue".into(),
+                strings(&[
+                    "10.128.0.10/32",
+                    "10.128.1.11/32",
+                    "fd00:128:0::a/128",
+                    "fd00:128:1::b/128",
+                    "fd00:129::/64"
+                ])
+                .into_iter()
+                .map(|s| s.parse::<IpNet>().expect("net").to_string())
+                .collect(),
+                strings(&["192.168.55.113", "2001:db8:55::113"])
+            ),
+            (
+                "ns-red.red".into(),
+                strings(&["10.128.0.20/32"]),
+                strings(&["192.168.55.114"])
+            ),
+        ]
+    );
+    let red = eg(&resolved, "ns-red", "red");
+    assert!(red.ready, "{red:?}");
+    assert_eq!(note_types(red), ["SourcesIgnored"]);
+    assert_eq!(
+        red.notes[0].message,
+        "1 pod prefix is (fd00:128::14/128) not translated: no IPv6 egress IP"
+    );
+    assert_eq!(
+        eg(&resolved, "ns-blue", "blue").egress_ips,
+        [
+            "192.168.55.113".parse::<IpAddr>().expect("ip"),
+            "2001:db8:55::113".parse().expect("ip")
+        ]
+    );
+    assert_config_accepts(resolved);
+
+    // A later object (by name: neither has a creation time) claiming blue's IPv6 egress IP, or a prefix inside
+    // its IPv6 block, is refused as for IPv4.
+    snapshot.egress_gateways.push(egress_gateway(
+        "zz-later",
+        "copy-ip",
+        blocks("2001:db8:55::113", &["fd00:77::/64"]),
+    ));
+    snapshot.egress_gateways.push(egress_gateway(
+        "zz-later",
+        "copy-block",
+        blocks("2001:db8:55::200", &["fd00:129::/80"]),
+    ));
+    let resolved = resolve(&snapshot);
+    let copy_ip = eg(&resolved, "zz-later", "copy-ip");
+    assert_eq!(copy_ip.reason, reason::EGRESS_IP_CONFLICT);
+    assert!(
+        copy_ip
+            .message
+            .contains("2001:db8:55::113 is already an egress IP of"),
+        "{}",
+        copy_ip.message
+    );
+    let copy_block = eg(&resolved, "zz-later", "copy-block");
+    assert_eq!(copy_block.reason, reason::SOURCE_CONFLICT);
+    assert!(
+        copy_block
+            .message
+            .contains("fd00:129::/80 overlaps fd00:129::/64"),
+        "{}",
+        copy_block.message
     );
 }
 
@@ -875,7 +986,7 @@ fn bfd_peers_come_from_served_gateways() {
     assert_eq!(
         resolved.bfd_peers,
         [BfdPeer {
-            address: Ipv4Addr::new(192, 168, 99, 1),
+            address: Ipv4Addr::new(192, 168, 99, 1).into(),
             min_rx_ms: 300,
             min_tx_ms: 300,
             multiplier: 3,
