@@ -6,7 +6,7 @@
 //! after it. Needs root.
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6},
     path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
@@ -17,7 +17,7 @@ use egress_tests::{
     apiserver::FakeApiServer,
     netns::Netns,
     require_root,
-    topology::{EGRESS_A, EGRESS_B, HOST_A, HOST_B, SERVER, Topology},
+    topology::{EGRESS_A, EGRESS_A_V6, EGRESS_B, HOST_A, HOST_B, SERVER, SERVER_V6, Topology},
     traffic::{udp_echo_server, udp_request},
 };
 use serde_json::{Value, json};
@@ -355,5 +355,99 @@ fn kube_ovn_vpc_egress_gateways_are_served_through_their_subnets() {
     assert!(
         object.get("status").is_none_or(Value::is_null),
         "{object:#}"
+    );
+}
+
+/// Which IPv6 address a datagram from `host`'s IPv6 address reaches the
+/// echo server with.
+fn leaves_as_v6(net: &Topology, host: Ipv4Addr, port: u16) -> Option<Ipv6Addr> {
+    let echo = SocketAddrV6::new(SERVER_V6, 5500 + port % 100, 0, 0);
+    let server = udp_echo_server(&net.external, echo);
+    udp_request(&net.host(host).ns, port, echo, b"k8s6")?;
+    server.peer_ips_v6().last().copied()
+}
+
+/// Kube-OVN's dual-stack shapes: a subnet whose cidrBlock is "IPv4,IPv6"
+/// and externalIPs written as "IPv4,IPv6" pairs. Each family of the
+/// tenant's hosts leaves with its own external IP; tenant B, whose
+/// externalIPs stay IPv4, gets nothing out over IPv6.
+#[test]
+fn a_dual_stack_vpc_egress_gateway_translates_each_family() {
+    if !require_root() {
+        return;
+    }
+    let net = Topology::seed();
+    net.add_ipv6();
+    let cluster = Cluster::start(&net.gateway);
+    cluster.server.register(
+        "kubeovn.io",
+        "v1",
+        "VpcEgressGateway",
+        "vpc-egress-gateways",
+        true,
+    );
+    cluster
+        .server
+        .register("kubeovn.io", "v1", "Subnet", "subnets", false);
+    cluster.apply_fixture("kubeovn-subnets.yaml");
+    for (subnet, v6) in [
+        ("egress-internal-a", "2001:db8:10::/64"),
+        ("egress-internal-b", "2001:db8:20::/64"),
+    ] {
+        let mut object = cluster
+            .server
+            .get("kubeovn.io/v1", "Subnet", None, subnet)
+            .expect("the subnet");
+        let v4 = object["spec"]["cidrBlock"]
+            .as_str()
+            .expect("cidr")
+            .to_owned();
+        object["spec"]["cidrBlock"] = json!(format!("{v4},{v6}"));
+        object["spec"]["protocol"] = json!("Dual");
+        cluster.server.apply(object);
+    }
+    for namespace in ["tenant-a", "tenant-b"] {
+        cluster.server.apply(json!({
+            "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}
+        }));
+    }
+    cluster.apply_fixture("vpcegressgateway-harvester.yaml");
+    let mut gateway = cluster
+        .server
+        .get(
+            "kubeovn.io/v1",
+            "VpcEgressGateway",
+            Some("tenant-a"),
+            "egress-tenant-a",
+        )
+        .expect("the object");
+    gateway["spec"]["externalIPs"] = json!([format!("{EGRESS_A},{EGRESS_A_V6}")]);
+    cluster.server.apply(gateway);
+    let agent = Agent::start_with(
+        &net.gateway,
+        "interfaces: {internal: [eth0], external: eth1}\n",
+        &[
+            "--kubernetes",
+            "--kube-ovn",
+            "--kubeconfig",
+            cluster.kubeconfig.to_str().expect("utf-8"),
+            "--node-name",
+            "gateway-vm",
+        ],
+    );
+    eventually("tenant A's IPv6 egress IP", || {
+        leaves_as_v6(&net, HOST_A, 36001) == Some(EGRESS_A_V6)
+    });
+    assert_eq!(leaves_as(&net, HOST_A, 35001), Some(EGRESS_A));
+    assert_eq!(leaves_as(&net, HOST_B, 35002), Some(EGRESS_B));
+    assert_eq!(
+        leaves_as_v6(&net, HOST_B, 36002),
+        None,
+        "tenant B has no IPv6 external IP: its IPv6 hosts get nothing out"
+    );
+    let log = agent.log();
+    assert!(
+        log.contains("SourcesIgnored") && log.contains("not translated: no IPv6 egress IP"),
+        "the agent says why tenant B's IPv6 subnet is not served: {log}"
     );
 }

@@ -168,5 +168,18 @@ fn log_resolution(resolved: &Resolved) {
                 "gateway not ready"
             );
         }
+        // A VpcEgressGateway's status is Kube-OVN's: the log is where what
+        // is not honoured shows.
+        if report.served_here {
+            for note in &report.notes {
+                tracing::warn!(
+                    object = ?report.object,
+                    condition = %note.type_,
+                    reason = %note.reason,
+                    message = %note.message,
+                    "not honoured"
+                );
+            }
+        }
     }
 }
