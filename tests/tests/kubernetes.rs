@@ -6,7 +6,7 @@
 //! after it. Needs root.
 
 use std::{
-    net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
     path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
@@ -134,12 +134,85 @@ fn has_address(gateway: &Netns, addr: Ipv4Addr) -> bool {
     String::from_utf8_lossy(&out.stdout).contains(&format!(" {addr}/32"))
 }
 
-/// Which address a datagram from `host` reaches the echo server with.
-fn leaves_as(net: &Topology, host: Ipv4Addr, port: u16) -> Option<Ipv4Addr> {
-    let echo = SocketAddrV4::new(SERVER, 5400 + port % 100);
+/// Which address a datagram from `host` reaches the echo server at `echo`
+/// with (from the host's address of `echo`'s family).
+fn leaves_from(net: &Topology, host: Ipv4Addr, port: u16, echo: SocketAddr) -> Option<IpAddr> {
     let server = udp_echo_server(&net.external, echo);
     udp_request(&net.host(host).ns, port, echo, b"k8s")?;
-    server.peer_ips().last().copied()
+    server.peers().last().map(SocketAddr::ip)
+}
+
+fn leaves_as(net: &Topology, host: Ipv4Addr, port: u16) -> Option<Ipv4Addr> {
+    let echo = SocketAddrV4::new(SERVER, 5400 + port % 100);
+    match leaves_from(net, host, port, echo.into())? {
+        IpAddr::V4(addr) => Some(addr),
+        IpAddr::V6(_) => None,
+    }
+}
+
+fn leaves_as_v6(net: &Topology, host: Ipv4Addr, port: u16) -> Option<Ipv6Addr> {
+    let echo = SocketAddrV6::new(SERVER_V6, 5500 + port % 100, 0, 0);
+    match leaves_from(net, host, port, echo.into())? {
+        IpAddr::V6(addr) => Some(addr),
+        IpAddr::V4(_) => None,
+    }
+}
+
+/// A cluster with Kube-OVN's kinds, its subnets (`dual_stack`: the tenant
+/// subnets with an IPv6 /64 beside their IPv4 range, as Kube-OVN writes a
+/// dual-stack cidrBlock) and the tenants' namespaces.
+fn kube_ovn_cluster(net: &Topology, dual_stack: bool) -> Cluster {
+    let cluster = Cluster::start(&net.gateway);
+    cluster.server.register(
+        "kubeovn.io",
+        "v1",
+        "VpcEgressGateway",
+        "vpc-egress-gateways",
+        true,
+    );
+    cluster
+        .server
+        .register("kubeovn.io", "v1", "Subnet", "subnets", false);
+    cluster.apply_fixture("kubeovn-subnets.yaml");
+    let dual = [
+        ("egress-internal-a", "2001:db8:10::/64"),
+        ("egress-internal-b", "2001:db8:20::/64"),
+    ];
+    for (subnet, v6) in dual.iter().filter(|_| dual_stack) {
+        let mut object = cluster
+            .server
+            .get("kubeovn.io/v1", "Subnet", None, subnet)
+            .expect("the subnet");
+        let v4 = object["spec"]["cidrBlock"]
+            .as_str()
+            .expect("cidr")
+            .to_owned();
+        object["spec"]["cidrBlock"] = json!(format!("{v4},{v6}"));
+        object["spec"]["protocol"] = json!("Dual");
+        cluster.server.apply(object);
+    }
+    for namespace in ["tenant-a", "tenant-b"] {
+        cluster.server.apply(json!({
+            "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}
+        }));
+    }
+    cluster
+}
+
+/// The agent serving Kube-OVN's gateways of `cluster`.
+fn start_kube_ovn_agent(net: &Topology, cluster: &Cluster) -> Agent {
+    Agent::start_with(
+        &net.gateway,
+        "interfaces: {internal: [eth0], external: eth1}\n",
+        &[
+            "--kubernetes",
+            "--kube-ovn",
+            "--kubeconfig",
+            cluster.kubeconfig.to_str().expect("utf-8"),
+            "--node-name",
+            "gateway-vm",
+        ],
+    )
 }
 
 #[test]
@@ -300,36 +373,9 @@ fn kube_ovn_vpc_egress_gateways_are_served_through_their_subnets() {
         return;
     }
     let net = Topology::seed();
-    let cluster = Cluster::start(&net.gateway);
-    cluster.server.register(
-        "kubeovn.io",
-        "v1",
-        "VpcEgressGateway",
-        "vpc-egress-gateways",
-        true,
-    );
-    cluster
-        .server
-        .register("kubeovn.io", "v1", "Subnet", "subnets", false);
-    cluster.apply_fixture("kubeovn-subnets.yaml");
-    for namespace in ["tenant-a", "tenant-b"] {
-        cluster.server.apply(json!({
-            "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}
-        }));
-    }
+    let cluster = kube_ovn_cluster(&net, false);
     cluster.apply_fixture("vpcegressgateway-harvester.yaml");
-    let agent = Agent::start_with(
-        &net.gateway,
-        "interfaces: {internal: [eth0], external: eth1}\n",
-        &[
-            "--kubernetes",
-            "--kube-ovn",
-            "--kubeconfig",
-            cluster.kubeconfig.to_str().expect("utf-8"),
-            "--node-name",
-            "gateway-vm",
-        ],
-    );
+    let agent = start_kube_ovn_agent(&net, &cluster);
     assert_eq!(leaves_as(&net, HOST_A, 35001), Some(EGRESS_A));
     assert_eq!(leaves_as(&net, HOST_B, 35002), Some(EGRESS_B));
     let tenants: Vec<String> = agent.status()["tenants"]
@@ -358,15 +404,6 @@ fn kube_ovn_vpc_egress_gateways_are_served_through_their_subnets() {
     );
 }
 
-/// Which IPv6 address a datagram from `host`'s IPv6 address reaches the
-/// echo server with.
-fn leaves_as_v6(net: &Topology, host: Ipv4Addr, port: u16) -> Option<Ipv6Addr> {
-    let echo = SocketAddrV6::new(SERVER_V6, 5500 + port % 100, 0, 0);
-    let server = udp_echo_server(&net.external, echo);
-    udp_request(&net.host(host).ns, port, echo, b"k8s6")?;
-    server.peer_ips_v6().last().copied()
-}
-
 /// Kube-OVN's dual-stack shapes: a subnet whose cidrBlock is "IPv4,IPv6"
 /// and externalIPs written as "IPv4,IPv6" pairs. Each family of the
 /// tenant's hosts leaves with its own external IP; tenant B, whose
@@ -378,39 +415,7 @@ fn a_dual_stack_vpc_egress_gateway_translates_each_family() {
     }
     let net = Topology::seed();
     net.add_ipv6();
-    let cluster = Cluster::start(&net.gateway);
-    cluster.server.register(
-        "kubeovn.io",
-        "v1",
-        "VpcEgressGateway",
-        "vpc-egress-gateways",
-        true,
-    );
-    cluster
-        .server
-        .register("kubeovn.io", "v1", "Subnet", "subnets", false);
-    cluster.apply_fixture("kubeovn-subnets.yaml");
-    for (subnet, v6) in [
-        ("egress-internal-a", "2001:db8:10::/64"),
-        ("egress-internal-b", "2001:db8:20::/64"),
-    ] {
-        let mut object = cluster
-            .server
-            .get("kubeovn.io/v1", "Subnet", None, subnet)
-            .expect("the subnet");
-        let v4 = object["spec"]["cidrBlock"]
-            .as_str()
-            .expect("cidr")
-            .to_owned();
-        object["spec"]["cidrBlock"] = json!(format!("{v4},{v6}"));
-        object["spec"]["protocol"] = json!("Dual");
-        cluster.server.apply(object);
-    }
-    for namespace in ["tenant-a", "tenant-b"] {
-        cluster.server.apply(json!({
-            "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}
-        }));
-    }
+    let cluster = kube_ovn_cluster(&net, true);
     cluster.apply_fixture("vpcegressgateway-harvester.yaml");
     let mut gateway = cluster
         .server
@@ -423,18 +428,7 @@ fn a_dual_stack_vpc_egress_gateway_translates_each_family() {
         .expect("the object");
     gateway["spec"]["externalIPs"] = json!([format!("{EGRESS_A},{EGRESS_A_V6}")]);
     cluster.server.apply(gateway);
-    let agent = Agent::start_with(
-        &net.gateway,
-        "interfaces: {internal: [eth0], external: eth1}\n",
-        &[
-            "--kubernetes",
-            "--kube-ovn",
-            "--kubeconfig",
-            cluster.kubeconfig.to_str().expect("utf-8"),
-            "--node-name",
-            "gateway-vm",
-        ],
-    );
+    let agent = start_kube_ovn_agent(&net, &cluster);
     eventually("tenant A's IPv6 egress IP", || {
         leaves_as_v6(&net, HOST_A, 36001) == Some(EGRESS_A_V6)
     });
