@@ -199,6 +199,19 @@ fn kube_ovn_cluster(net: &Topology, dual_stack: bool) -> Cluster {
     cluster
 }
 
+/// Tenant A's VpcEgressGateway, as the API server holds it.
+fn tenant_a_gateway(cluster: &Cluster) -> Value {
+    cluster
+        .server
+        .get(
+            "kubeovn.io/v1",
+            "VpcEgressGateway",
+            Some("tenant-a"),
+            "egress-tenant-a",
+        )
+        .expect("the object")
+}
+
 /// The agent serving Kube-OVN's gateways of `cluster`.
 fn start_kube_ovn_agent(net: &Topology, cluster: &Cluster) -> Agent {
     Agent::start_with(
@@ -389,15 +402,7 @@ fn kube_ovn_vpc_egress_gateways_are_served_through_their_subnets() {
         "served as Kube-OVN gateways: {tenants:?}"
     );
     // Kube-OVN owns these objects' status: the agent never writes it.
-    let object = cluster
-        .server
-        .get(
-            "kubeovn.io/v1",
-            "VpcEgressGateway",
-            Some("tenant-a"),
-            "egress-tenant-a",
-        )
-        .expect("the object");
+    let object = tenant_a_gateway(&cluster);
     assert!(
         object.get("status").is_none_or(Value::is_null),
         "{object:#}"
@@ -417,15 +422,7 @@ fn a_dual_stack_vpc_egress_gateway_translates_each_family() {
     net.add_ipv6();
     let cluster = kube_ovn_cluster(&net, true);
     cluster.apply_fixture("vpcegressgateway-harvester.yaml");
-    let mut gateway = cluster
-        .server
-        .get(
-            "kubeovn.io/v1",
-            "VpcEgressGateway",
-            Some("tenant-a"),
-            "egress-tenant-a",
-        )
-        .expect("the object");
+    let mut gateway = tenant_a_gateway(&cluster);
     gateway["spec"]["externalIPs"] = json!([format!("{EGRESS_A},{EGRESS_A_V6}")]);
     cluster.server.apply(gateway);
     let agent = start_kube_ovn_agent(&net, &cluster);
