@@ -761,12 +761,18 @@ impl Config {
                 });
             }
             let limits = plan_limits(problems, &at, tenant, self.conntrack.max_flows);
+            let all_egress: Vec<IpAddr> = egress
+                .iter()
+                .copied()
+                .map(IpAddr::V4)
+                .chain(egress_v6.iter().copied().map(IpAddr::V6))
+                .collect();
             let (forwards, floating) = inbound::plan(
                 problems,
                 &at,
                 (&tenant.port_forwards, &tenant.floating_ips),
-                &egress,
-                &sources,
+                &all_egress,
+                (&sources, &sources_v6),
             );
             if ingress.len() > 1 && !(forwards.is_empty() && floating.is_empty()) {
                 problems.add(
@@ -1214,11 +1220,9 @@ impl Resolved {
     /// IPs (both families) and floating IPs.
     pub fn egress_addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {
         self.tenants.iter().flat_map(|t| {
-            let v4 = t.egress.iter().copied();
-            let floating = t.floating.iter().map(|f| f.address);
-            v4.chain(floating)
-                .map(IpAddr::V4)
-                .chain(t.egress_v6.iter().copied().map(IpAddr::V6))
+            let v4 = t.egress.iter().copied().map(IpAddr::V4);
+            let v6 = t.egress_v6.iter().copied().map(IpAddr::V6);
+            v4.chain(v6).chain(t.floating.iter().map(|f| f.address))
         })
     }
 }
@@ -1345,7 +1349,7 @@ impl Plan {
             for (i, float) in tenant.floating.iter().enumerate() {
                 let addr = float.address;
                 let holder = holders
-                    .get(&IpAddr::V4(addr))
+                    .get(&addr)
                     .and_then(|index| system.link_by_index(*index));
                 let refusal = match holder {
                     Some(holder) if Some(holder.index) != external.as_ref().map(|e| e.index) => {
@@ -1354,9 +1358,7 @@ impl Plan {
                             holder.name
                         ))
                     }
-                    _ => gateway_own
-                        .as_ref()
-                        .and_then(|g| g.refusal(IpAddr::V4(addr))),
+                    _ => gateway_own.as_ref().and_then(|g| g.refusal(addr)),
                 };
                 if let Some(message) = refusal {
                     problems.add(at.field(&format!("floatingIPs[{i}].address")), message);
@@ -2009,7 +2011,7 @@ fn parse_egress(
 }
 
 /// Why an IPv6 address cannot be an egress IP, if it cannot.
-fn unusable_v6_egress(addr: Ipv6Addr) -> Option<&'static str> {
+pub(crate) fn unusable_v6_egress(addr: Ipv6Addr) -> Option<&'static str> {
     if addr.is_unspecified() || addr.is_loopback() || addr.is_multicast() {
         Some("cannot be a source address")
     } else if addr.is_unicast_link_local() {
@@ -2023,9 +2025,9 @@ fn unusable_v6_egress(addr: Ipv6Addr) -> Option<&'static str> {
 
 /// Packets are translated within their family (NAT44, NAT66), never
 /// across: each family of sources needs egress IPs of its own family.
-/// Floating IPs stand in for IPv4 egress IPs (a NAT gateway's host with
-/// only a floating IP: its hosts with one leave from it, the others get
-/// nothing out); they are IPv4 only, so never for IPv6 sources.
+/// Floating IPs stand in for egress IPs of their family (a NAT gateway's
+/// host with only a floating IP: its hosts with one leave from it, the
+/// others get nothing out).
 fn check_families(
     problems: &mut Problems,
     at: &TenantField<'_>,
@@ -2033,37 +2035,38 @@ fn check_families(
     (sources, sources_v6): (&[Ipv4Net], &[Ipv6Net]),
     (egress, egress_v6): (&[Ipv4Addr], &[Ipv6Addr]),
 ) {
-    let has_floating = !tenant.floating_ips.is_empty();
-    if tenant.egress_ips.is_empty() {
-        if !has_floating {
-            problems.add(
-                at.field("egressIPs"),
-                "must list at least one egress address (or the tenant's floatingIPs)",
-            );
-        } else if !sources_v6.is_empty() {
-            problems.add(
-                at.field("egressIPs"),
-                "the IPv6 sources need at least one IPv6 egress address (floatingIPs are IPv4 only)",
-            );
-        }
+    let floating: Vec<IpAddr> = tenant
+        .floating_ips
+        .iter()
+        .filter_map(|f| f.address.trim().parse().ok())
+        .collect();
+    let (floating_v4, floating_v6) = (
+        floating.iter().any(IpAddr::is_ipv4),
+        floating.iter().any(IpAddr::is_ipv6),
+    );
+    if tenant.egress_ips.is_empty() && tenant.floating_ips.is_empty() {
+        problems.add(
+            at.field("egressIPs"),
+            "must list at least one egress address (or the tenant's floatingIPs)",
+        );
         return;
     }
     // Only when some address parsed: a list of typos is reported entry by entry.
-    if egress.is_empty() && egress_v6.is_empty() {
+    if !tenant.egress_ips.is_empty() && egress.is_empty() && egress_v6.is_empty() {
         return;
     }
-    if !sources.is_empty() && egress.is_empty() && !has_floating {
+    if !sources.is_empty() && egress.is_empty() && !floating_v4 {
         problems.add(
             at.field("egressIPs"),
             "the IPv4 sources need at least one IPv4 egress address (or the tenant's \
              floatingIPs): IPv6 addresses translate only IPv6 sources",
         );
     }
-    if !sources_v6.is_empty() && egress_v6.is_empty() {
+    if !sources_v6.is_empty() && egress_v6.is_empty() && !floating_v6 {
         problems.add(
             at.field("egressIPs"),
-            "the IPv6 sources need at least one IPv6 egress address: IPv4 addresses \
-             translate only IPv4 sources",
+            "the IPv6 sources need at least one IPv6 egress address (or the tenant's \
+             floatingIPs): IPv4 addresses translate only IPv4 sources",
         );
     }
 }

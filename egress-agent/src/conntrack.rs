@@ -665,16 +665,16 @@ impl Allowed {
         let floating = self
             .floating
             .iter()
-            .any(|f| IpAddr::V4(f.address) == egress && IpAddr::V4(f.host) == source);
+            .any(|f| f.address == egress && f.host == source);
         if flow.outbound.flags() & FLOW_F_INBOUND != 0 {
             let port = u16::from_be(flow.outbound.nat_port());
             let host_port = u16::from_be(flow.outbound_key.src_port());
             return floating
                 || self.forwards.iter().any(|f| {
-                    IpAddr::V4(f.egress) == egress
+                    f.egress == egress
                         && f.port == port
                         && f.proto == flow.outbound_key.proto()
-                        && IpAddr::V4(f.host) == source
+                        && f.host == source
                         && f.host_port == host_port
                 });
         }

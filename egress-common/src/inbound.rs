@@ -10,6 +10,9 @@
 //! sweeper as any other), marked `FLOW_F_INBOUND`; from then on its packets
 //! are translated like every flow's. A floating IP's host also leaves from
 //! it: `FLOATING_V4` names the address its new outbound flows take.
+//!
+//! IPv6 has the same rules in maps of its own (`PORT_FORWARDS_V6`,
+//! `FLOATING_V6`), keyed and valued with IPv6 addresses.
 
 use crate::shared_layout;
 
@@ -48,6 +51,46 @@ shared_layout! {
     pub struct FloatingKeyV4 {
         /// Internal host, network byte order.
         pub host: [u8; 4],
+        /// Conntrack zone of the host's packets.
+        pub zone: u16,
+        pub _pad: u16,
+    }
+}
+
+shared_layout! {
+    /// Key of `PORT_FORWARDS_V6`.
+    pub struct ForwardKeyV6 {
+        /// Egress (or floating) address.
+        pub addr: [u8; 16],
+        /// External port, network byte order; 0 for a floating IP.
+        pub port: u16,
+        /// IP protocol; 0 for a floating IP.
+        pub proto: u8,
+        pub _pad: u8,
+    }
+}
+
+shared_layout! {
+    /// Value of `PORT_FORWARDS_V6`: where the traffic goes.
+    pub struct ForwardV6 {
+        /// Internal host.
+        pub host: [u8; 16],
+        /// Internal port, network byte order; 0 keeps the external port
+        /// (a floating IP).
+        pub host_port: u16,
+        /// Tenant the host's flows are counted under.
+        pub tenant: u16,
+        /// Conntrack zone of the host's own packets.
+        pub zone: u16,
+        pub _pad: u16,
+    }
+}
+
+shared_layout! {
+    /// Key of `FLOATING_V6`: a host with a floating IP, in its zone.
+    pub struct FloatingKeyV6 {
+        /// Internal host.
+        pub host: [u8; 16],
         /// Conntrack zone of the host's packets.
         pub zone: u16,
         pub _pad: u16,

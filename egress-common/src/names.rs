@@ -63,6 +63,11 @@ pub const EGRESS_ADDRS_V6: &str = "EGRESS_ADDR_V6";
 /// Hash `FlowKeyV6` -> `FlowEntryV6`: both directions of every IPv6 flow.
 pub const CONNTRACK_V6: &str = "CONNTRACK_V6";
 
+/// Hash `ForwardKeyV6` -> `ForwardV6`: IPv6 port forwards and floating IPs.
+pub const PORT_FORWARDS_V6: &str = "PORT_FWD_V6";
+/// Hash `FloatingKeyV6` -> floating address (`[u8; 16]`).
+pub const FLOATING_V6: &str = "FLOATING_V6";
+
 /// LRU hash `FragKeyV6` -> `FragEntryV6`: IPv6 datagrams whose first
 /// fragment was translated, for the fragments that follow.
 pub const FRAGS_V6: &str = "FRAGS_V6";
@@ -74,7 +79,7 @@ pub const V6_PROGRAMS_XDP: &str = "V6_PROGRAMS_XDP";
 pub const V6_PROGRAMS_TC: &str = "V6_PROGRAMS_TC";
 
 /// Every map, in the order the agent pins them.
-pub const ALL_MAPS: [&str; 26] = [
+pub const ALL_MAPS: [&str; 28] = [
     TENANT_SOURCES_V4,
     INGRESS_PORTS,
     TENANTS,
@@ -98,6 +103,8 @@ pub const ALL_MAPS: [&str; 26] = [
     EGRESS_ADDRS_V6,
     CONNTRACK_V6,
     FRAGS_V6,
+    PORT_FORWARDS_V6,
+    FLOATING_V6,
     ROUTED_SOURCES_V6,
     V6_PROGRAMS_XDP,
     V6_PROGRAMS_TC,

@@ -16,7 +16,7 @@ use egress_common::{
         DIR_OUTBOUND, DIR_REPLY, FlowEntryV4, FlowEntryV6, FlowKeyV4, FlowKeyV6, REPLY_ZONE,
         TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, seconds_of,
     },
-    inbound::{FLOW_F_INBOUND, ForwardKeyV4, ForwardV4},
+    inbound::{FLOW_F_INBOUND, ForwardKeyV4, ForwardV4, ForwardV6},
 };
 
 use crate::{
@@ -417,8 +417,10 @@ fn record_first(entry: *mut FlowEntryV6, translation: &TranslationV6) {
 }
 
 /// `create_outbound` for IPv6: the same claim of a port by inserting the
-/// reply half first, in `CONNTRACK_V6`. IPv6 egress addresses carry no
-/// port forwards, so no port is skipped.
+/// reply half first, in `CONNTRACK_V6`. Forwarded ports are not skipped
+/// (a lookup per probe is more than the verifier takes in this program):
+/// as in the kernel's NAT, the reply half's whole tuple is what must be
+/// unique, and an outbound flow and an inbound one never share it.
 #[inline(always)]
 #[expect(
     clippy::needless_borrows_for_generic_args,
@@ -512,4 +514,74 @@ pub fn create_outbound_v6(
             Ok((unsafe { ((*winner).nat_addr, (*winner).nat_port) }, false))
         }
     }
+}
+
+/// `create_inbound` for IPv6: both halves in `CONNTRACK_V6`, built in this
+/// CPU's new-flow scratch (two 80-byte entries do not fit beside the reply
+/// program's own stack).
+#[inline(always)]
+#[expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "the keys and entries live in map memory; passed by value they would be copied to the stack, which has no room for them"
+)]
+pub fn create_inbound_v6(
+    key: &FlowKeyV6,
+    forward: &ForwardV6,
+    now: u64,
+) -> Result<Option<&'static FlowKeyV6>, Counter> {
+    let host_port = if forward.host_port == 0 {
+        key.dst_port
+    } else {
+        forward.host_port
+    };
+    let scratch = NEW_FLOW_V6
+        .get_ptr_mut(0)
+        .ok_or(Counter::InDropConntrackFull)?;
+    // SAFETY: this CPU's slot; programs do not interrupt each other on a CPU.
+    let NewFlowV6 {
+        reply_key: outbound_key,
+        reply: reply_entry,
+        outbound: outbound_entry,
+        ..
+    } = unsafe { &mut *scratch };
+    init_entry_v6(
+        reply_entry,
+        now,
+        forward.host,
+        host_port,
+        forward.tenant,
+        forward.zone,
+    );
+    reply_entry.flags = FLOW_F_INBOUND;
+    match CONNTRACK_V6.insert(key, &*reply_entry, u64::from(BPF_NOEXIST)) {
+        Ok(()) => {}
+        Err(err) if err == -EEXIST => return Ok(None),
+        Err(_) => return Err(Counter::InDropConntrackFull),
+    }
+    *outbound_key = FlowKeyV6 {
+        src: forward.host,
+        dst: key.src,
+        src_port: host_port,
+        dst_port: key.src_port,
+        proto: key.proto,
+        direction: DIR_OUTBOUND,
+        zone: forward.zone,
+    };
+    init_entry_v6(
+        outbound_entry,
+        now,
+        key.dst,
+        key.dst_port,
+        forward.tenant,
+        forward.zone,
+    );
+    outbound_entry.flags = FLOW_F_INBOUND;
+    if CONNTRACK_V6
+        .insert(&*outbound_key, &*outbound_entry, u64::from(BPF_NOEXIST))
+        .is_err()
+    {
+        let _ = CONNTRACK_V6.remove(key);
+        return Err(Counter::InDropForwardBusy);
+    }
+    Ok(Some(outbound_key))
 }

@@ -13,7 +13,7 @@ use egress_common::{
         FlowEntryV4, FlowEntryV6, FlowKeyV4, FlowKeyV6, FragEntryV4, FragEntryV6, FragKeyV4,
         FragKeyV6,
     },
-    inbound::{FloatingKeyV4, ForwardKeyV4, ForwardV4},
+    inbound::{FloatingKeyV4, FloatingKeyV6, ForwardKeyV4, ForwardKeyV6, ForwardV4, ForwardV6},
     sweep::SelfSweep,
     tenant::{
         IngressPortKey, MAX_TENANTS, SourceKeyV4, SourceKeyV6, TenantEgressV6, TenantInfo,
@@ -96,6 +96,13 @@ pub static PORT_FWD_V4: HashMap<ForwardKeyV4, ForwardV4, 65_536> = HashMap::new(
 /// Hosts with a floating IP -> the address their new flows leave from.
 #[btf_map]
 pub static FLOATING_V4: HashMap<FloatingKeyV4, [u8; 4], 16_384> = HashMap::new();
+
+/// `PORT_FWD_V4` and `FLOATING_V4` for IPv6.
+#[btf_map]
+pub static PORT_FWD_V6: HashMap<ForwardKeyV6, ForwardV6, 65_536> = HashMap::new();
+
+#[btf_map]
+pub static FLOATING_V6: HashMap<FloatingKeyV6, [u8; 16], 16_384> = HashMap::new();
 
 /// Flow expiry by the programs themselves (`sweep`); idle unless the agent
 /// set an interval because no agent process will stay.

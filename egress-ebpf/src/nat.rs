@@ -5,14 +5,14 @@
 
 use egress_common::{
     flow::{FlowKeyV4, FlowKeyV6},
-    inbound::FloatingKeyV4,
+    inbound::{FloatingKeyV4, FloatingKeyV6},
     tenant::{MAX_EGRESS_ADDRS, TENANT_F_FLOATING, TenantInfo},
 };
 
 use crate::{
     csum,
     hook::{L4Fix, L4FixV6},
-    maps::{FLOATING_V4, TENANT_ADDR_V6},
+    maps::{FLOATING_V4, FLOATING_V6, TENANT_ADDR_V6},
     parse::{IcmpError, Ipv4Frame, L4, QuotedL4, Transport},
     parse6::{IcmpErrorV6, Ipv6Frame},
 };
@@ -63,6 +63,23 @@ pub fn floating(tenant: &TenantInfo, key: &FlowKeyV4) -> Option<[u8; 4]> {
         _pad: 0,
     };
     FLOATING_V4.get_ptr(host).map(|addr| {
+        // SAFETY: map value pointer returned by the kernel.
+        unsafe { *addr }
+    })
+}
+
+/// `floating` for an IPv6 host.
+#[inline(always)]
+pub fn floating_v6(tenant: &TenantInfo, key: &FlowKeyV6) -> Option<[u8; 16]> {
+    if tenant.flags & TENANT_F_FLOATING == 0 {
+        return None;
+    }
+    let host = FloatingKeyV6 {
+        host: key.src,
+        zone: key.zone,
+        _pad: 0,
+    };
+    FLOATING_V6.get_ptr(host).map(|addr| {
         // SAFETY: map value pointer returned by the kernel.
         unsafe { *addr }
     })

@@ -17,7 +17,8 @@
 //! the parse handed over (`parse6::Walk`) rather than walking the
 //! extension headers again.
 //!
-//! Not yet for IPv6: port forwards and floating IPs.
+//! A host with a floating IP leaves from it, keeping its port (1:1), as
+//! for IPv4.
 
 use aya_ebpf::btf_maps::lpm_trie::Key;
 use egress_common::{
@@ -207,7 +208,19 @@ fn new_flow<H: Hook>(
     let info = TENANTS
         .get(u32::from(tenant))
         .ok_or(Counter::OutDropNoEgressAddr)?;
-    let addr = nat::pick_egress_v6(tenant, info, key).ok_or(Counter::OutDropNoEgressAddr)?;
+    // A host with a floating IP leaves from it, keeping its port (1:1 NAT);
+    // every other host from one of its tenant's egress addresses.
+    let (addr, port_min, port_max) = match nat::floating_v6(info, key) {
+        Some(addr) => {
+            let port = u16::from_be(key.src_port);
+            (addr, port, port)
+        }
+        None => (
+            nat::pick_egress_v6(tenant, info, key).ok_or(Counter::OutDropNoEgressAddr)?,
+            info.port_min,
+            info.port_max,
+        ),
+    };
     let route = forward::route_v6(
         ctx,
         frame,
@@ -225,8 +238,8 @@ fn new_flow<H: Hook>(
     let translation = TranslationV6 {
         addr,
         tenant,
-        port_min: info.port_min,
-        port_max: info.port_max,
+        port_min,
+        port_max,
         now,
         ip_len: frame.ip_len(),
         tcp_flags: transport.tcp_flags,

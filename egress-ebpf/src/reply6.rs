@@ -3,7 +3,8 @@
 //!
 //! parse -> (link control to the kernel) -> conntrack -> route ->
 //! translate -> forward. A packet to an IPv6 egress address is a reply of
-//! a tracked flow or nothing (dropped and counted); one the kernel would
+//! a tracked flow, the opening packet of a port forward or floating IP
+//! (`inbound`), or nothing (dropped and counted); one the kernel would
 //! forward inside is dropped (the gateway is not a way in); the rest (the
 //! gateway's own addresses, routes to other places) is the kernel's.
 //!
@@ -12,8 +13,6 @@
 //!
 //! Fragments of replies as IPv4's: the first translated as its flow and
 //! remembered, later ones sent to the host it went to.
-//!
-//! Not yet for IPv6: port forwards and floating IPs.
 
 use aya_ebpf::btf_maps::lpm_trie::Key;
 use egress_common::{
@@ -27,6 +26,7 @@ use crate::{
     forward::{self, Route},
     frags,
     hook::{Hook, L4FixV6},
+    inbound,
     maps::{EGRESS_ADDR_V6, ROUTED_SRC_V6},
     nat::{self, Side},
     parse::Transport,
@@ -52,11 +52,14 @@ fn process<H: Hook>(ctx: &H) -> Result<Verdict, Counter> {
     match parse6::transport(ctx, &frame, ICMPV6_ECHO_REPLY) {
         Ok(transport) => {
             let key = conntrack::key_of_v6(&frame, &transport, DIR_REPLY, REPLY_ZONE);
-            match conntrack::lookup_v6(&key) {
-                Some(entry) => flow(ctx, &frame, &transport, &key, entry, ingress),
-                None if to_egress_address(&frame) => Err(Counter::InDropNoFlow),
-                None => not_egress(ctx, &frame, ingress),
-            }
+            let entry = match conntrack::lookup_v6(&key) {
+                Some(entry) => entry,
+                None if to_egress_address(&frame) => {
+                    inbound::open_v6(&key, &transport)?.ok_or(Counter::InDropNoFlow)?
+                }
+                None => return not_egress(ctx, &frame, ingress),
+            };
+            flow(ctx, &frame, &transport, &key, entry, ingress)
         }
         _ if !to_egress_address(&frame) => not_egress(ctx, &frame, ingress),
         Err(_) if frame.fragment.is_some_and(|f| f.later) => later_fragment(ctx, &frame, ingress),

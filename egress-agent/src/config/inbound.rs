@@ -5,17 +5,18 @@
 //! to one of the tenant's hosts; a floating IP (an address of its own, not
 //! an egress IP) maps one host 1:1, every port, both ways, and the host's
 //! own flows leave from it. Rules are per tenant: the host's flows are the
-//! tenant's, counted against its quota.
+//! tenant's, counted against its quota. Either family, each rule within
+//! one: an IPv6 egress IP forwards to an IPv6 host, `[fd00::2]:80`.
 
 use std::{
     collections::{BTreeMap, HashMap},
-    net::{Ipv4Addr, SocketAddrV4, SocketAddrV6},
+    net::{IpAddr, SocketAddr},
 };
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use serde::Deserialize;
 
-use super::{PlannedTenant, Problems, TenantField, ipv6_not_here, parse_ipv4};
+use super::{PlannedTenant, Problems, TenantField, unusable_v6_egress};
 
 /// A port forward as written.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -28,7 +29,7 @@ pub struct PortForward {
     pub protocol: String,
     /// The port outside.
     pub port: u16,
-    /// The host and port inside, `172.20.10.2:80`.
+    /// The host and port inside, `172.20.10.2:80` or `[fd00:10::2]:80`.
     pub to: String,
 }
 
@@ -45,18 +46,20 @@ pub struct FloatingIp {
 /// A port forward, checked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct PlannedForward {
-    pub egress: Ipv4Addr,
+    pub egress: IpAddr,
     pub proto: u8,
     pub port: u16,
-    pub host: Ipv4Addr,
+    /// Of `egress`'s family.
+    pub host: IpAddr,
     pub host_port: u16,
 }
 
 /// A floating IP, checked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct PlannedFloating {
-    pub address: Ipv4Addr,
-    pub host: Ipv4Addr,
+    pub address: IpAddr,
+    /// Of `address`'s family.
+    pub host: IpAddr,
 }
 
 /// The protocol number of a forward's `protocol`.
@@ -68,8 +71,26 @@ pub fn protocol_number(name: &str) -> Option<u8> {
     }
 }
 
-fn inside(sources: &[Ipv4Net], host: Ipv4Addr) -> bool {
-    sources.is_empty() || sources.iter().any(|net| net.contains(&host))
+/// Whether `host` is one of the tenant's sources of its family (any is,
+/// for a tenant chosen by ingress port, which has none).
+fn inside((v4, v6): (&[Ipv4Net], &[Ipv6Net]), host: IpAddr) -> bool {
+    if v4.is_empty() && v6.is_empty() {
+        return true;
+    }
+    match host {
+        IpAddr::V4(host) => v4.iter().any(|net| net.contains(&host)),
+        IpAddr::V6(host) => v6.iter().any(|net| net.contains(&host)),
+    }
+}
+
+fn parse_ip(text: &str) -> Result<IpAddr, String> {
+    text.trim()
+        .parse::<IpAddr>()
+        .map_err(|_| format!("{text:?} is not an IPv4 or IPv6 address"))
+}
+
+fn family(addr: IpAddr) -> &'static str {
+    if addr.is_ipv4() { "IPv4" } else { "IPv6" }
 }
 
 /// One tenant's rules, each checked on its own.
@@ -77,13 +98,13 @@ pub(super) fn plan(
     problems: &mut Problems,
     at: &TenantField<'_>,
     (forwards, floating): (&[PortForward], &[FloatingIp]),
-    egress: &[Ipv4Addr],
-    sources: &[Ipv4Net],
+    egress: &[IpAddr],
+    sources: (&[Ipv4Net], &[Ipv6Net]),
 ) -> (Vec<PlannedForward>, Vec<PlannedFloating>) {
     let mut planned = Vec::with_capacity(forwards.len());
     for (i, forward) in forwards.iter().enumerate() {
         let here = at.field(&format!("portForwards[{i}]"));
-        let egress_ip = parse_ipv4(&forward.egress_ip);
+        let egress_ip = parse_ip(&forward.egress_ip);
         match &egress_ip {
             Ok(addr) if !egress.contains(addr) => problems.add(
                 format!("{here}.egressIP"),
@@ -102,43 +123,71 @@ pub(super) fn plan(
         if forward.port == 0 {
             problems.add(format!("{here}.port"), "port 0 cannot be forwarded");
         }
-        let to = forward.to.parse::<SocketAddrV4>();
-        match &to {
-            Ok(to) if to.port() == 0 => {
+        let to = forward.to.trim().parse::<SocketAddr>();
+        match (&to, &egress_ip) {
+            (Ok(to), _) if to.port() == 0 => {
                 problems.add(format!("{here}.to"), "the inside port cannot be 0");
             }
-            Ok(to) if !inside(sources, *to.ip()) => problems.add(
+            (Ok(to), Ok(egress)) if to.is_ipv4() != egress.is_ipv4() => problems.add(
+                format!("{here}.to"),
+                format!(
+                    "{} is {} and egressIP {egress} {}: a forward stays within its family",
+                    to.ip(),
+                    family(to.ip()),
+                    family(*egress)
+                ),
+            ),
+            (Ok(to), _) if !inside(sources, to.ip()) => problems.add(
                 format!("{here}.to"),
                 format!("{} is not in this tenant's sources", to.ip()),
             ),
-            Ok(_) => {}
-            Err(_) if forward.to.trim().parse::<SocketAddrV6>().is_ok() => {
-                problems.add(format!("{here}.to"), ipv6_not_here(&forward.to));
-            }
-            Err(_) => problems.add(
+            (Ok(_), _) => {}
+            (Err(_), _) => problems.add(
                 format!("{here}.to"),
-                format!("{:?} is not host:port like 172.20.10.2:80", forward.to),
+                format!(
+                    "{:?} is not host:port like 172.20.10.2:80 or [fd00:10::2]:80",
+                    forward.to
+                ),
             ),
         }
-        if let (Ok(egress), Some(proto), Ok(to)) = (egress_ip, proto, to) {
+        if let (Ok(egress), Some(proto), Ok(to)) = (egress_ip, proto, to)
+            && egress.is_ipv4() == to.is_ipv4()
+        {
             planned.push(PlannedForward {
                 egress,
                 proto,
                 port: forward.port,
-                host: *to.ip(),
+                host: to.ip(),
                 host_port: to.port(),
             });
         }
     }
-    let mut hosts: HashMap<Ipv4Addr, usize> = HashMap::new();
+    let mut hosts: HashMap<IpAddr, usize> = HashMap::new();
     let mut floats = Vec::with_capacity(floating.len());
     for (i, float) in floating.iter().enumerate() {
         let here = at.field(&format!("floatingIPs[{i}]"));
-        let address = parse_ipv4(&float.address);
+        let address = parse_ip(&float.address).and_then(|address| match address {
+            IpAddr::V6(v6) => match unusable_v6_egress(v6) {
+                Some(why) => Err(format!("{v6} {why}")),
+                None => Ok(address),
+            },
+            IpAddr::V4(_) => Ok(address),
+        });
         if let Err(message) = &address {
             problems.add(format!("{here}.address"), message);
         }
-        let host = parse_ipv4(&float.host);
+        let host = parse_ip(&float.host);
+        match (&host, &address) {
+            (Ok(host), Ok(address)) if host.is_ipv4() != address.is_ipv4() => problems.add(
+                format!("{here}.host"),
+                format!(
+                    "{host} is {} and the address {address} {}: a floating IP stays within its family",
+                    family(*host),
+                    family(*address)
+                ),
+            ),
+            _ => {}
+        }
         match &host {
             Ok(host) if !inside(sources, *host) => problems.add(
                 format!("{here}.host"),
@@ -154,7 +203,9 @@ pub(super) fn plan(
             }
             Err(message) => problems.add(format!("{here}.host"), message),
         }
-        if let (Ok(address), Ok(host)) = (address, host) {
+        if let (Ok(address), Ok(host)) = (address, host)
+            && address.is_ipv4() == host.is_ipv4()
+        {
             floats.push(PlannedFloating { address, host });
         }
     }
@@ -165,12 +216,16 @@ pub(super) fn plan(
 /// port) goes to one host; a floating IP belongs to one host and is no
 /// tenant's egress IP.
 pub(super) fn check_across(problems: &mut Problems, tenants: &[PlannedTenant]) {
-    let egress: BTreeMap<Ipv4Addr, &str> = tenants
+    let egress: BTreeMap<IpAddr, &str> = tenants
         .iter()
-        .flat_map(|t| t.egress.iter().map(move |a| (*a, t.name.as_str())))
+        .flat_map(|t| {
+            let v4 = t.egress.iter().copied().map(IpAddr::V4);
+            let v6 = t.egress_v6.iter().copied().map(IpAddr::V6);
+            v4.chain(v6).map(move |a| (a, t.name.as_str()))
+        })
         .collect();
-    let mut forwards: BTreeMap<(Ipv4Addr, u8, u16), String> = BTreeMap::new();
-    let mut floating: BTreeMap<Ipv4Addr, String> = BTreeMap::new();
+    let mut forwards: BTreeMap<(IpAddr, u8, u16), String> = BTreeMap::new();
+    let mut floating: BTreeMap<IpAddr, String> = BTreeMap::new();
     for (index, tenant) in tenants.iter().enumerate() {
         let at = TenantField::new(index, &tenant.name);
         for (i, forward) in tenant.forwards.iter().enumerate() {
@@ -180,8 +235,8 @@ pub(super) fn check_across(problems: &mut Problems, tenants: &[PlannedTenant]) {
                 problems.add(
                     here,
                     format!(
-                        "{}:{} is already forwarded by {first}",
-                        forward.egress, forward.port
+                        "{} is already forwarded by {first}",
+                        SocketAddr::new(forward.egress, forward.port)
                     ),
                 );
             }

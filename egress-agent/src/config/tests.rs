@@ -1566,22 +1566,28 @@ fn each_family_of_sources_needs_egress_ips_of_its_own_family() {
 }
 
 #[test]
-fn floating_ips_stand_in_for_ipv4_egress_ips_only() {
-    let floating_only = |sources: &str| {
+fn floating_ips_stand_in_for_egress_ips_of_their_family() {
+    let floating_only = |sources: &str, floats: &str| {
         format!(
             "interfaces: {{internal: [eth0], external: eth1}}
 tenants:
   - name: nat
     sources: {sources}
-    floatingIPs: [{{address: 192.168.31.160, host: 172.20.10.5}}]
+    floatingIPs: {floats}
 "
         )
     };
-    plan(&floating_only("[172.20.10.0/24]")).expect("an IPv4 tenant may have floating IPs only");
+    let v4 = "[{address: 192.168.31.160, host: 172.20.10.5}]";
+    let both = "[{address: 192.168.31.160, host: 172.20.10.5}, \
+                {address: '2001:db8:31::160', host: 'fd00:10::5'}]";
+    plan(&floating_only("[172.20.10.0/24]", v4))
+        .expect("an IPv4 tenant may have floating IPs only");
+    plan(&floating_only("[172.20.10.0/24, 'fd00:10::/64']", both))
+        .expect("so may a dual-stack one, with one of each family");
     assert_problem(
-        &problems(&floating_only("[172.20.10.0/24, 'fd00:10::/64']")),
+        &problems(&floating_only("[172.20.10.0/24, 'fd00:10::/64']", v4)),
         "tenants[0] (nat).egressIPs",
-        "the IPv6 sources need at least one IPv6 egress address (floatingIPs are IPv4 only)",
+        "the IPv6 sources need at least one IPv6 egress address (or the tenant's floatingIPs)",
     );
 }
 
@@ -1659,23 +1665,59 @@ fn tenants_on_the_same_ingress_port_must_not_overlap_in_ipv6_either() {
 }
 
 #[test]
-fn everything_else_that_takes_addresses_refuses_ipv6_by_field() {
+fn ipv6_port_forwards_and_floating_ips_stay_within_their_family() {
+    let tenant_a = DUAL_STACK.split("  - name: tenant-b").next().unwrap();
     let text = format!(
-        "{}    portForwards:
+        "{tenant_a}    portForwards:
       - {{egressIP: '2001:db8:31::101', protocol: tcp, port: 80, to: '[fd00:10::2]:80'}}
     floatingIPs: [{{address: '2001:db8:31::160', host: 'fd00:10::5'}}]
-",
-        DUAL_STACK.split("  - name: tenant-b").next().unwrap()
+"
     );
-    let found = problems(&text);
-    for field in [
-        "tenants[0] (tenant-a).portForwards[0].egressIP",
+    let plan = plan(&text).expect("IPv6 rules");
+    let tenant = &plan.tenants[0];
+    assert_eq!(
+        tenant.forwards[0].host,
+        "fd00:10::2".parse::<IpAddr>().unwrap()
+    );
+    assert_eq!(
+        tenant.floating[0].address,
+        "2001:db8:31::160".parse::<IpAddr>().unwrap()
+    );
+    let found = problems(&format!(
+        "{tenant_a}    portForwards:
+      - {{egressIP: '2001:db8:31::101', protocol: tcp, port: 80, to: '172.20.10.2:80'}}
+      - {{egressIP: 192.168.31.101, protocol: tcp, port: 80, to: '[fd00:10::2]:80'}}
+      - {{egressIP: '2001:db8:31::101', protocol: tcp, port: 81, to: '[fd00:99::2]:80'}}
+    floatingIPs:
+      - {{address: '2001:db8:31::160', host: 172.20.10.5}}
+      - {{address: 'fe80::160', host: 'fd00:10::6'}}
+"
+    ));
+    assert_problem(
+        &found,
         "tenants[0] (tenant-a).portForwards[0].to",
-        "tenants[0] (tenant-a).floatingIPs[0].address",
+        "172.20.10.2 is IPv4 and egressIP 2001:db8:31::101 IPv6",
+    );
+    assert_problem(
+        &found,
+        "tenants[0] (tenant-a).portForwards[1].to",
+        "a forward stays within its family",
+    );
+    assert_problem(
+        &found,
+        "tenants[0] (tenant-a).portForwards[2].to",
+        "fd00:99::2 is not in this tenant's sources",
+    );
+    assert_problem(
+        &found,
         "tenants[0] (tenant-a).floatingIPs[0].host",
-    ] {
-        assert_problem(&found, field, "IPv6 is not supported here yet");
-    }
+        "a floating IP stays within its family",
+    );
+    assert_problem(
+        &found,
+        "tenants[0] (tenant-a).floatingIPs[1].address",
+        "link-local",
+    );
 }
 
 #[test]

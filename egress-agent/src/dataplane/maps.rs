@@ -8,6 +8,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
     path::Path,
 };
 
@@ -25,7 +26,7 @@ use egress_common::{
         FlowEntryV4, FlowEntryV6, FlowKeyV4, FlowKeyV6, FragEntryV4, FragEntryV6, FragKeyV4,
         FragKeyV6,
     },
-    inbound::{FloatingKeyV4, ForwardKeyV4, ForwardV4},
+    inbound::{FloatingKeyV4, FloatingKeyV6, ForwardKeyV4, ForwardKeyV6, ForwardV4, ForwardV6},
     names,
     sweep::SelfSweep,
     tenant::{
@@ -68,6 +69,9 @@ pub struct Maps {
     pub forwards: HashMap<MapData, ForwardKeyV4, ForwardV4>,
     /// Hosts with a floating IP -> that address.
     pub floating: HashMap<MapData, FloatingKeyV4, [u8; 4]>,
+    /// The same for IPv6.
+    pub forwards_v6: HashMap<MapData, ForwardKeyV6, ForwardV6>,
+    pub floating_v6: HashMap<MapData, FloatingKeyV6, [u8; 16]>,
     /// Sources the leak guard lets out untranslated.
     pub routed: LpmTrie<MapData, [u8; 4], u32>,
     /// The same for IPv6.
@@ -116,6 +120,8 @@ impl Maps {
             ended: typed!(pin_dir, names::TENANT_ENDED),
             forwards: typed!(pin_dir, names::PORT_FORWARDS_V4),
             floating: typed!(pin_dir, names::FLOATING_V4),
+            forwards_v6: typed!(pin_dir, names::PORT_FORWARDS_V6),
+            floating_v6: typed!(pin_dir, names::FLOATING_V6),
             routed: typed!(pin_dir, names::ROUTED_SOURCES_V4),
             routed_v6: typed!(pin_dir, names::ROUTED_SOURCES_V6),
             self_sweep: typed!(pin_dir, names::SELF_SWEEP),
@@ -283,6 +289,16 @@ impl Maps {
                 .insert(key, addr, 0)
                 .context("writing FLOATING_V4")?;
         }
+        for (key, forward) in &desired.forwards_v6 {
+            self.forwards_v6
+                .insert(key, forward, 0)
+                .context("writing PORT_FWD_V6")?;
+        }
+        for (key, addr) in &desired.floating_v6 {
+            self.floating_v6
+                .insert(key, addr, 0)
+                .context("writing FLOATING_V6")?;
+        }
         // The flow-events bit belongs to the translation log's pipeline,
         // which sets it while anyone wants records.
         let events = self
@@ -364,6 +380,16 @@ impl Maps {
             &mut self.floating,
             desired.floating.iter().map(|(k, _)| *k),
             "FLOATING_V4",
+        )?;
+        prune(
+            &mut self.forwards_v6,
+            desired.forwards_v6.iter().map(|(k, _)| *k),
+            "PORT_FWD_V6",
+        )?;
+        prune(
+            &mut self.floating_v6,
+            desired.floating_v6.iter().map(|(k, _)| *k),
+            "FLOATING_V6",
         )?;
         prune(
             &mut self.egress,
@@ -486,6 +512,8 @@ pub struct DesiredState {
     pub tenant_egress_v6: Vec<(u16, TenantEgressV6)>,
     pub forwards: Vec<(ForwardKeyV4, ForwardV4)>,
     pub floating: Vec<(FloatingKeyV4, [u8; 4])>,
+    pub forwards_v6: Vec<(ForwardKeyV6, ForwardV6)>,
+    pub floating_v6: Vec<(FloatingKeyV6, [u8; 16])>,
     /// Sources routed out untranslated.
     pub routed: Vec<ipnet::Ipv4Net>,
     pub routed_v6: Vec<ipnet::Ipv6Net>,
@@ -627,45 +655,85 @@ impl DesiredState {
         info: &mut TenantInfo,
     ) {
         for forward in &tenant.forwards {
-            let key = ForwardKeyV4 {
-                addr: forward.egress.octets(),
-                port: forward.port.to_be(),
-                proto: forward.proto,
-                _pad: 0,
-            };
-            let value = ForwardV4 {
-                host: forward.host.octets(),
-                host_port: forward.host_port.to_be(),
-                tenant: id,
+            self.add_forward(
+                (forward.egress, forward.port, forward.proto),
+                (forward.host, forward.host_port),
+                id,
                 zone,
-                _pad: 0,
-            };
-            self.forwards.push((key, value));
+            );
             info.flags |= TENANT_F_FORWARDS;
         }
         for float in &tenant.floating {
-            let key = ForwardKeyV4 {
-                addr: float.address.octets(),
-                port: 0,
-                proto: 0,
-                _pad: 0,
-            };
-            let value = ForwardV4 {
-                host: float.host.octets(),
-                host_port: 0,
-                tenant: id,
-                zone,
-                _pad: 0,
-            };
-            self.forwards.push((key, value));
-            let host = FloatingKeyV4 {
-                host: float.host.octets(),
-                zone,
-                _pad: 0,
-            };
-            self.floating.push((host, float.address.octets()));
-            self.egress.push((float.address.octets(), u32::from(id)));
+            // A floating IP is a forward of every port, under port and
+            // protocol 0.
+            self.add_forward((float.address, 0, 0), (float.host, 0), id, zone);
+            match (float.address, float.host) {
+                (IpAddr::V4(address), IpAddr::V4(host)) => {
+                    let host = FloatingKeyV4 {
+                        host: host.octets(),
+                        zone,
+                        _pad: 0,
+                    };
+                    self.floating.push((host, address.octets()));
+                    self.egress.push((address.octets(), u32::from(id)));
+                }
+                (IpAddr::V6(address), IpAddr::V6(host)) => {
+                    let host = FloatingKeyV6 {
+                        host: host.octets(),
+                        zone,
+                        _pad: 0,
+                    };
+                    self.floating_v6.push((host, address.octets()));
+                    self.egress_v6.push((address.octets(), u32::from(id)));
+                }
+                // The configuration keeps a rule within one family.
+                _ => continue,
+            }
             info.flags |= TENANT_F_FLOATING;
+        }
+    }
+
+    /// One rule: `(address, port, protocol)` outside to `(host, port)`
+    /// inside, ports in host order (0: every port, kept as it is).
+    fn add_forward(
+        &mut self,
+        (addr, port, proto): (IpAddr, u16, u8),
+        (host, host_port): (IpAddr, u16),
+        tenant: u16,
+        zone: u16,
+    ) {
+        match (addr, host) {
+            (IpAddr::V4(addr), IpAddr::V4(host)) => self.forwards.push((
+                ForwardKeyV4 {
+                    addr: addr.octets(),
+                    port: port.to_be(),
+                    proto,
+                    _pad: 0,
+                },
+                ForwardV4 {
+                    host: host.octets(),
+                    host_port: host_port.to_be(),
+                    tenant,
+                    zone,
+                    _pad: 0,
+                },
+            )),
+            (IpAddr::V6(addr), IpAddr::V6(host)) => self.forwards_v6.push((
+                ForwardKeyV6 {
+                    addr: addr.octets(),
+                    port: port.to_be(),
+                    proto,
+                    _pad: 0,
+                },
+                ForwardV6 {
+                    host: host.octets(),
+                    host_port: host_port.to_be(),
+                    tenant,
+                    zone,
+                    _pad: 0,
+                },
+            )),
+            _ => {}
         }
     }
 }
