@@ -816,7 +816,12 @@ fn parse_next_hop(text: &str) -> Result<Ipv4Addr, String> {
     let not_an_address = || format!("{text:?} is not an IPv4 address like 172.18.0.201/32");
     let addr = match addr.parse::<IpAddr>() {
         Ok(IpAddr::V4(addr)) => addr,
-        Ok(IpAddr::V6(addr)) => return Err(ipv6_not_here(addr)),
+        Ok(IpAddr::V6(addr)) => {
+            return Err(format!(
+                "{addr}: a next hop is an IPv4 address (the router's next hop for the \
+                 tenant's IPv4 traffic)"
+            ));
+        }
         Err(_) => return Err(not_an_address()),
     };
     match prefix.map(str::parse::<u8>) {
@@ -2191,32 +2196,6 @@ fn parse_prefix(text: &str, example: &str) -> Result<IpNet, String> {
         ));
     }
     Ok(net)
-}
-
-/// An IPv4 prefix, where IPv6 is not supported yet (everything but a
-/// tenant's sources): an IPv6 one is refused as such.
-pub fn parse_cidr(text: &str) -> Result<Ipv4Net, String> {
-    match parse_prefix(text, "172.20.10.0/24")? {
-        IpNet::V4(net) => Ok(net),
-        IpNet::V6(net) => Err(ipv6_not_here(net)),
-    }
-}
-
-/// An IPv4 address, where IPv6 is not supported yet (everything but a
-/// tenant's egressIPs): an IPv6 one is refused as such.
-pub fn parse_ipv4(text: &str) -> Result<Ipv4Addr, String> {
-    match text.trim().parse::<IpAddr>() {
-        Ok(IpAddr::V4(addr)) => Ok(addr),
-        Ok(IpAddr::V6(addr)) => Err(ipv6_not_here(addr)),
-        Err(_) => Err(format!("{text:?} is not an IPv4 address")),
-    }
-}
-
-/// The refusal of an IPv6 value where only IPv4 is supported.
-pub fn ipv6_not_here(value: impl fmt::Display) -> String {
-    format!(
-        "{value}: IPv6 is not supported here yet (port forwards, floating IPs and ingress next hops are IPv4 only)"
-    )
 }
 
 pub fn parse_mac(text: &str) -> Option<[u8; 6]> {

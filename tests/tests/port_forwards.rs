@@ -3,17 +3,21 @@
 //! floating IP for tenant-b's host. From outside, the forwarded port
 //! reaches the internal web server (which sees the real client), the
 //! floating IP reaches its host both ways and the host leaves from it;
-//! other ports reach nothing. Needs root.
+//! other ports reach nothing; the same over IPv6 on a dual-stack seed.
+//! Needs root.
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6},
     time::Duration,
 };
 
 use egress_tests::{
     agent::Agent,
     require_root,
-    topology::{EGRESS_A, HOST_A, HOST_B, SERVER, Topology, seed_config},
+    topology::{
+        EGRESS_A, EGRESS_A_V6, HOST_A, HOST_B, SERVER, SERVER_V6, Topology, dual_stack_config,
+        ipv6_of, seed_config,
+    },
     traffic::{curl, http_server, udp_echo_server, udp_request},
 };
 
@@ -126,4 +130,59 @@ fn rules_change_live_and_a_removed_rule_ends_only_its_flows() {
     );
     assert_eq!(ask(6003), None, "the port is closed again");
     assert!(agent.stop().success());
+}
+
+const FLOATING_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x31, 0, 0, 0, 0, 0x200);
+
+fn v6(ip: Ipv6Addr, port: u16) -> SocketAddrV6 {
+    SocketAddrV6::new(ip, port, 0, 0)
+}
+
+/// The same rules on IPv6 addresses, with kernel-default interfaces: an
+/// IPv6 port forward reaches the web server (which sees the real client),
+/// an IPv6 floating IP its host both ways, and the host leaves from it.
+#[test]
+fn ipv6_forwarded_ports_and_floating_ips_reach_their_hosts_and_nothing_else_gets_in() {
+    if !require_root() {
+        return;
+    }
+    let net = Topology::seed();
+    net.add_ipv6();
+    let (host_a, host_b) = (ipv6_of(HOST_A), ipv6_of(HOST_B));
+    let config = dual_stack_config(4096)
+        .replacen(
+            &format!("    egressIPs: [{EGRESS_A}, {EGRESS_A_V6}]\n"),
+            &format!(
+                "    egressIPs: [{EGRESS_A}, {EGRESS_A_V6}]\n    portForwards:\n      \
+                 - {{egressIP: '{EGRESS_A_V6}', protocol: tcp, port: 8888, to: '[{host_a}]:80'}}\n"
+            ),
+            1,
+        )
+        .replacen(
+            "conntrack:",
+            &format!(
+                "    floatingIPs:\n      - {{address: '{FLOATING_V6}', host: '{host_b}'}}\nconntrack:"
+            ),
+            1,
+        );
+    let agent = Agent::start(&net.gateway, &config);
+    let web = http_server(&net.host(HOST_A).ns, v6(host_a, 80));
+
+    let body = curl(&net.external, &format!("http://[{EGRESS_A_V6}]:8888/"))
+        .expect("forwarded GET over IPv6");
+    assert_eq!(body, format!("you are {SERVER_V6}\n"));
+    assert_eq!(web.peer_ips_v6(), [SERVER_V6]);
+    assert!(curl(&net.external, &format!("http://[{EGRESS_A_V6}]:8889/")).is_err());
+
+    let _echo = udp_echo_server(&net.host(HOST_B).ns, v6(host_b, 7777));
+    let echoed = udp_request(&net.external, 0, v6(FLOATING_V6, 7777), b"hi");
+    assert_eq!(echoed.as_deref(), Some(&b"hi"[..]));
+    let outside = http_server(&net.external, v6(SERVER_V6, 8080));
+    let body = curl(&net.host(HOST_B).ns, &format!("http://[{SERVER_V6}]:8080/"))
+        .expect("GET out over IPv6");
+    assert_eq!(body, format!("you are {FLOATING_V6}\n"));
+    assert_eq!(outside.peer_ips_v6(), [FLOATING_V6]);
+
+    let status = agent.status();
+    assert!(status["counters"]["in_new_flow"].as_u64().unwrap_or(0) >= 2);
 }
