@@ -3,11 +3,12 @@
 //!
 //! - `ceiling`: plain XDP forwarding, no NAT: what the topology can carry.
 //! - `iptables`: one SNAT rule per tenant, as the seeds' gateways write it
-//!   (`-s <cidr> -j SNAT --to-source <egress> --random-fully`).
-//! - `nftables`: the same rules in nft.
+//!   (`-s <cidr> -j SNAT --to-source <egress> --random-fully`), and the
+//!   same in ip6tables for the tenant's IPv6 prefix.
+//! - `nftables`: the same rules in nft (an `ip` and an `ip6` table).
 //! - `nft-flowtable`: the same, plus a flowtable fast path for established
 //!   flows.
-//! - `xdp`: this project's agent with one tenant per prefix, its packet path
+//! - `xdp`: this project's agent with one dual-stack tenant per prefix pair, its packet path
 //!   forced to XDP (`hook: xdp`), on a topology tuned for it.
 //! - `tc`: the same agent and tenants with the packet path at TC ingress
 //!   (`hook: tc`), on the kernel's default offloads.
@@ -29,7 +30,7 @@ use serde::Serialize;
 
 use crate::{
     programs::Programs,
-    topology::{Topology, egress_ip, tenant_prefix},
+    topology::{Topology, egress_ip, egress_ip_v6, tenant_prefix, tenant_prefix_v6},
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -145,7 +146,8 @@ pub fn start(
                     Active::Ceiling
                 }
                 Kind::Iptables => {
-                    feed(gw, "iptables-restore", &iptables_rules(tenants))?;
+                    feed(gw, "iptables-restore", &iptables_rules(tenants, false))?;
+                    feed(gw, "ip6tables-restore", &iptables_rules(tenants, true))?;
                     Active::Netfilter
                 }
                 Kind::Nftables | Kind::NftFlowtable => {
@@ -185,6 +187,7 @@ pub fn stop(active: Active, topology: &Topology, programs: &mut Programs) -> any
         Active::Ceiling => programs.stop_forwarding(),
         Active::Netfilter => {
             gw.try_run("iptables", &["-t", "nat", "-F"]);
+            gw.try_run("ip6tables", &["-t", "nat", "-F"]);
             gw.try_run("nft", &["flush", "ruleset"]);
             gw.try_run("conntrack", &["-F"]);
             // Any netfilter kind: they prepare the topology alike.
@@ -265,16 +268,26 @@ fn feed(ns: &Netns, program: &str, input: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn iptables_rules(tenants: u32) -> String {
+/// iptables-restore's input, or ip6tables-restore's (`ipv6`).
+fn iptables_rules(tenants: u32, ipv6: bool) -> String {
     let mut rules = String::from(
         "*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n",
     );
     for tenant in 0..tenants {
+        let (source, egress) = if ipv6 {
+            (
+                format!("{}/48", tenant_prefix_v6(tenant)),
+                egress_ip_v6(tenant).to_string(),
+            )
+        } else {
+            (
+                format!("{}/24", tenant_prefix(tenant)),
+                egress_ip(tenant).to_string(),
+            )
+        };
         let _ = writeln!(
             rules,
-            "-A POSTROUTING -s {}/24 -o g1 -j SNAT --to-source {} --random-fully",
-            tenant_prefix(tenant),
-            egress_ip(tenant)
+            "-A POSTROUTING -s {source} -o g1 -j SNAT --to-source {egress} --random-fully"
         );
     }
     rules.push_str("COMMIT\n");
@@ -293,10 +306,21 @@ fn nft_rules(tenants: u32, flowtable: bool) -> String {
             egress_ip(tenant)
         );
     }
+    rules.push_str(
+        "  }\n}\ntable ip6 nat {\n  chain postrouting {\n    type nat hook postrouting priority srcnat; policy accept;\n",
+    );
+    for tenant in 0..tenants {
+        let _ = writeln!(
+            rules,
+            "    ip6 saddr {}/48 oifname \"g1\" snat to {} fully-random",
+            tenant_prefix_v6(tenant),
+            egress_ip_v6(tenant)
+        );
+    }
     rules.push_str("  }\n}\n");
     if flowtable {
         rules.push_str(
-            "table ip fast {\n  flowtable ft {\n    hook ingress priority 0; devices = { g0, g1 };\n  }\n  \
+            "table inet fast {\n  flowtable ft {\n    hook ingress priority 0; devices = { g0, g1 };\n  }\n  \
              chain forward {\n    type filter hook forward priority 0; policy accept;\n    \
              meta l4proto { tcp, udp } flow add @ft\n  }\n}\n",
         );
@@ -350,9 +374,11 @@ fn agent_config(tenants: u32, max_flows: u32, hook: &str) -> String {
     for tenant in 0..tenants {
         let _ = writeln!(
             config,
-            "  - {{name: t{tenant}, sources: [{}/24], egressIPs: [{}]}}",
+            "  - {{name: t{tenant}, sources: [{}/24, '{}/48'], egressIPs: [{}, '{}']}}",
             tenant_prefix(tenant),
-            egress_ip(tenant)
+            tenant_prefix_v6(tenant),
+            egress_ip(tenant),
+            egress_ip_v6(tenant)
         );
     }
     config

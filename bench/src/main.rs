@@ -199,7 +199,10 @@ fn main() -> anyhow::Result<()> {
     // agent's table evicts nothing, and each tenant's default quota is an
     // equal share of it, so a table sized for one run would measure quota
     // refusals in the later tries instead of flow creation.
-    let new_flow_total = u64::from(plan.new_flows) * (3 * measure::TRIES as u64 + 2);
+    // The IPv6 rows add one more new-flow run and the first flow count's
+    // established flows.
+    let new_flow_total =
+        u64::from(plan.new_flows) * (4 * measure::TRIES as u64 + 2) + u64::from(plan.flows[0]);
     let capacity = ((u64::from(max_flows) + new_flow_total) * 5 / 4).max(65_536);
     let _limits = ConntrackLimits::raise(capacity * 2);
 
@@ -345,6 +348,13 @@ fn main() -> anyhow::Result<()> {
                 n.loss * 100.0
             );
             results.push(kind, tenants, first_flows, "new_flows_per_s", n.pps);
+            new_flow_start = measure_ipv6(
+                (&topology, &mut programs),
+                (kind, tenants, first_flows),
+                (&plan, new_flow_start),
+                &label,
+                &mut results,
+            )?;
             if kind.has_quotas() && tenants >= 2 {
                 // The first tenant's equal share of the table.
                 let quota = (capacity / u64::from(tenants)) as u32;
@@ -462,6 +472,52 @@ fn main() -> anyhow::Result<()> {
         eprintln!("  {line}");
     }
     Ok(())
+}
+
+/// The IPv6 rows beside IPv4's, on the same gateway in the same run:
+/// established flows at the first flow count and new flows, from the
+/// tenants' IPv6 prefixes to their IPv6 egress IPs. Returns the next
+/// new-flow number.
+fn measure_ipv6(
+    (topology, programs): (&Topology, &mut Programs),
+    (kind, tenants, flows): (Kind, u32, u32),
+    (plan, new_flow_start): (&Plan, u32),
+    label: &str,
+    results: &mut Results,
+) -> anyhow::Result<u32> {
+    programs.set_ipv6(true);
+    let measured = (|| -> anyhow::Result<(measure::Throughput, measure::Throughput)> {
+        let t = measure::established(topology, programs, tenants, flows, plan.burst)?;
+        let n = measure::new_flows(topology, programs, tenants, new_flow_start, plan.new_flows)?;
+        Ok((t, n))
+    })();
+    programs.set_ipv6(false);
+    let (t, n) = measured?;
+    eprintln!(
+        "{label}, IPv6, {flows} flows: {:.2} Mpps, loss {:.1}%, {:.0} ns/packet; {:.0} new flows/s",
+        t.pps / 1e6,
+        t.loss * 100.0,
+        t.cpu_ns_per_packet,
+        n.pps
+    );
+    if kind.translates() && t.translated < t.received {
+        results.notes.push(format!(
+            "{label}, IPv6, {flows} flows: {} of {} packets arrived untranslated",
+            t.received - t.translated,
+            t.received
+        ));
+    }
+    results.push(kind, tenants, flows, "established_v6_pps", t.pps);
+    results.push(kind, tenants, flows, "established_v6_loss", t.loss);
+    results.push(
+        kind,
+        tenants,
+        flows,
+        "cpu_ns_per_packet_v6",
+        t.cpu_ns_per_packet,
+    );
+    results.push(kind, tenants, flows, "new_flows_v6_per_s", n.pps);
+    Ok(new_flow_start.wrapping_add(plan.new_flows))
 }
 
 /// Most a machine's speed may drift within one tenant group before the

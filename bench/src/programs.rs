@@ -21,8 +21,8 @@ use egress_common::bench::{
 use egress_tests::netns::Netns;
 
 use crate::topology::{
-    BLAST_PORT, EGRESS_BASE, HOSTS, PROBE_PORT, SINK_ADDR, TENANT_BASE, TENANT_STRIDE, Topology,
-    pin,
+    BLAST_PORT, EGRESS_BASE, EGRESS_BASE_V6, HOSTS, PROBE_PORT, SINK_ADDR, SINK_ADDR_V6,
+    TENANT_BASE, TENANT_STRIDE, Topology, pin, tenant_prefix_v6,
 };
 
 /// Runs `f` with the calling thread inside `ns`, then returns it home.
@@ -48,6 +48,9 @@ pub struct Counts {
 pub struct Programs {
     ebpf: Ebpf,
     frame: Vec<u8>,
+    frame_v6: Vec<u8>,
+    /// The generator sends IPv6 (`set_ipv6`).
+    ipv6: bool,
     s0: u32,
     /// The sink's and the sender's attachments, for the whole run.
     _links: Vec<FdLink>,
@@ -75,6 +78,9 @@ impl Programs {
                 egress_mask: 0xffff_0000,
                 probe_port: PROBE_PORT,
                 _pad: 0,
+                egress_v6_prefix: EGRESS_BASE_V6.octets()[..8]
+                    .try_into()
+                    .expect("eight bytes"),
             },
             0,
         )?;
@@ -92,6 +98,8 @@ impl Programs {
         let mut programs = Self {
             ebpf,
             frame: template_frame(topology),
+            frame_v6: template_frame_v6(topology),
+            ipv6: false,
             s0: topology.s0,
             _links: Vec::new(),
             forward_link: None,
@@ -121,6 +129,12 @@ impl Programs {
 
     pub fn stop_forwarding(&mut self) {
         self.forward_link = None;
+    }
+
+    /// Whether the generator sends IPv6 (from the tenants' IPv6 prefixes to
+    /// the sink's IPv6 address) or IPv4 from now on.
+    pub fn set_ipv6(&mut self, on: bool) {
+        self.ipv6 = on;
     }
 
     /// Established traffic: cycle through `flows` flows over `tenants`
@@ -172,6 +186,9 @@ impl Programs {
                 dst_addr: u32::from(SINK_ADDR),
                 eth_src: topology.s0_mac,
                 eth_dst: topology.g0_mac,
+                ipv6: u32::from(self.ipv6),
+                src_base_v6: tenant_prefix_v6(tenants.start).octets(),
+                dst_addr_v6: SINK_ADDR_V6.octets(),
             },
             0,
         )?;
@@ -183,9 +200,14 @@ impl Programs {
     /// took.
     pub fn send(&self, topology: &Topology, packets: u32, cpu: usize) -> anyhow::Result<Duration> {
         let xdp: &Xdp = self.ebpf.program("pktgen").context("pktgen")?.try_into()?;
+        let frame = if self.ipv6 {
+            &self.frame_v6
+        } else {
+            &self.frame
+        };
         let md = XdpMd {
             data: 0,
-            data_end: self.frame.len() as u32,
+            data_end: frame.len() as u32,
             data_meta: 0,
             ingress_ifindex: self.s0,
             rx_queue_index: 0,
@@ -202,7 +224,7 @@ impl Programs {
             let round = left.min(1 << 24);
             inside(&topology.src, || {
                 xdp.test_run(TestRunOptions {
-                    data_in: Some(&self.frame),
+                    data_in: Some(frame),
                     ctx_in: Some(ctx),
                     repeat: round,
                     attrs: TestRunAttrs::new().xdp_live_frames(64),
@@ -245,6 +267,18 @@ fn template_frame(topology: &Topology) -> Vec<u8> {
         .ipv4(src.octets(), SINK_ADDR.octets(), 64)
         .udp(1024, BLAST_PORT)
         .write(&mut frame, &[0u8; 18])
+        .expect("template frame");
+    frame
+}
+
+/// The IPv6 template: the same UDP datagram, from tenant 0's first host.
+fn template_frame_v6(topology: &Topology) -> Vec<u8> {
+    let mut frame = Vec::new();
+    let src = std::net::Ipv6Addr::from(u128::from(tenant_prefix_v6(0)) + 1);
+    etherparse::PacketBuilder::ethernet2(topology.s0_mac, topology.g0_mac)
+        .ipv6(src.octets(), SINK_ADDR_V6.octets(), 64)
+        .udp(1024, BLAST_PORT)
+        .write(&mut frame, &[0u8; 4])
         .expect("template frame");
     frame
 }

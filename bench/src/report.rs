@@ -309,6 +309,8 @@ impl Results {
             let _ = writeln!(md, "{row}");
         }
 
+        self.ipv6_table(&mut md, &gateways, &tenants, &flows);
+
         let logged_rows: Vec<(u32, &str, f64, f64, f64)> = tenants
             .iter()
             .flat_map(|&t| ["xdp", "tc"].map(move |g| (t, g)))
@@ -481,6 +483,74 @@ impl Results {
             .map(|f| format!("{} {:.0} ns", f.function, f.ns_per_packet))
             .collect();
         format!("; profiled ({}): {}", profile.path, top.join(", "))
+    }
+
+    /// IPv6 (NAT66) beside IPv4 (NAT44): each gateway's established and
+    /// new-flow figures for both families from the same run, with the
+    /// IPv6/IPv4 ratio.
+    fn ipv6_table(&self, md: &mut String, gateways: &[&str], tenants: &[u32], flows: &[u32]) {
+        let rows = [
+            ("established", "established_pps", "established_v6_pps", true),
+            (
+                "new flows/s",
+                "new_flows_per_s",
+                "new_flows_v6_per_s",
+                false,
+            ),
+        ];
+        let mut lines = Vec::new();
+        for &t in tenants {
+            for &f in flows {
+                for (what, v4_metric, v6_metric, per_flows) in rows {
+                    let at = |g: &str, metric: &str| {
+                        self.value(g, t, if per_flows { Some(f) } else { None }, metric, None)
+                    };
+                    if !gateways
+                        .iter()
+                        .any(|g| self.value(g, t, Some(f), v6_metric, None).is_some())
+                    {
+                        continue;
+                    }
+                    let mut row = format!("| {t} | {f} | {what} |");
+                    for g in gateways {
+                        match (at(g, v4_metric), at(g, v6_metric)) {
+                            (Some(v4), Some(v6)) => {
+                                let _ = write!(
+                                    row,
+                                    " {:.2} / {:.2} ({:.2}) |",
+                                    v4 / 1e6,
+                                    v6 / 1e6,
+                                    v6 / v4
+                                );
+                            }
+                            _ => row.push_str(" - |"),
+                        }
+                    }
+                    lines.push(row);
+                }
+            }
+        }
+        if lines.is_empty() {
+            return;
+        }
+        let _ = writeln!(
+            md,
+            "\n## IPv6 (NAT66) beside IPv4 (NAT44)\n\n\
+             The same gateways in the same run, each tenant dual-stack: its IPv4 prefix \
+             leaves from its IPv4 egress IP, its IPv6 /48 from its IPv6 one (iptables and \
+             ip6tables, nft `ip` and `ip6` tables, one agent tenant with both). 70-byte IPv6 \
+             UDP frames (with FCS) against 64-byte IPv4 ones. Cells: IPv4 / IPv6 in millions per second, \
+             and IPv6/IPv4.\n"
+        );
+        let _ = writeln!(
+            md,
+            "| tenants | flows | measure | {} |",
+            gateways.join(" | ")
+        );
+        let _ = writeln!(md, "|---|---|---|{}", "---|".repeat(gateways.len()));
+        for line in lines {
+            let _ = writeln!(md, "{line}");
+        }
     }
 
     #[expect(

@@ -8,6 +8,9 @@
 //!
 //! Tenant t's hosts are 10.64.0.0 + 256·t + 1.. (a /24 each), its egress IP
 //! 10.201.0.0 + t + 1; the sink routes 10.201.0.0/16 back to the gateway.
+//! IPv6 beside it, for the IPv6 rows: s0 fd55::2, g0 fd55::1, g1 fd20::1,
+//! k0 fd20::2; tenant t's hosts in fd64:0:t::/48, its egress IP
+//! fd20:0:0:1::(t + 1), the sink routing fd20:0:0:1::/64 back.
 //! The gateway's receive side runs as a threaded NAPI kthread pinned to the
 //! gateway core and the sender on the other core, so a figure is what one
 //! core of gateway forwards. The sink's XDP_DROP runs inline wherever its
@@ -15,7 +18,12 @@
 //! every gateway alike, where a sink thread on the sender's busy core would
 //! starve and lose packets the gateway did forward.
 
-use std::{collections::BTreeSet, net::Ipv4Addr, process::Command, time::Duration};
+use std::{
+    collections::BTreeSet,
+    net::{Ipv4Addr, Ipv6Addr},
+    process::Command,
+    time::Duration,
+};
 
 use anyhow::{Context as _, bail};
 use egress_tests::netns::Netns;
@@ -34,6 +42,22 @@ pub const PROBE_PORT: u16 = 7777;
 pub const BLAST_PORT: u16 = 9;
 /// Generator hosts per tenant prefix.
 pub const HOSTS: u32 = 250;
+
+pub const TENANT_BASE_V6: Ipv6Addr = Ipv6Addr::new(0xfd64, 0, 0, 0, 0, 0, 0, 0);
+pub const EGRESS_BASE_V6: Ipv6Addr = Ipv6Addr::new(0xfd20, 0, 0, 1, 0, 0, 0, 0);
+pub const SINK_ADDR_V6: Ipv6Addr = Ipv6Addr::new(0xfd20, 0, 0, 0, 0, 0, 0, 2);
+pub const GW_EXTERNAL_V6: Ipv6Addr = Ipv6Addr::new(0xfd20, 0, 0, 0, 0, 0, 0, 1);
+pub const GW_INTERNAL_V6: Ipv6Addr = Ipv6Addr::new(0xfd55, 0, 0, 0, 0, 0, 0, 1);
+pub const SRC_ADDR_V6: Ipv6Addr = Ipv6Addr::new(0xfd55, 0, 0, 0, 0, 0, 0, 2);
+
+/// Tenant `tenant`'s IPv6 hosts: a /48 each.
+pub fn tenant_prefix_v6(tenant: u32) -> Ipv6Addr {
+    Ipv6Addr::from(u128::from(TENANT_BASE_V6) + (u128::from(tenant) << 80))
+}
+
+pub fn egress_ip_v6(tenant: u32) -> Ipv6Addr {
+    Ipv6Addr::from(u128::from(EGRESS_BASE_V6) + u128::from(tenant) + 1)
+}
 
 pub fn tenant_prefix(tenant: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(TENANT_BASE) + tenant * TENANT_STRIDE)
@@ -89,6 +113,41 @@ impl Topology {
             "10.201.0.0/16",
             "via",
             &GW_EXTERNAL.to_string(),
+        ]);
+        // IPv6 beside it, without duplicate address detection, which
+        // would hold the addresses back for a second and more.
+        gw.run("sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"]);
+        for (ns, addr, dev) in [
+            (&src, format!("{SRC_ADDR_V6}/64"), "s0"),
+            (&gw, format!("{GW_INTERNAL_V6}/64"), "g0"),
+            (&gw, format!("{GW_EXTERNAL_V6}/64"), "g1"),
+            (&sink, format!("{SINK_ADDR_V6}/64"), "k0"),
+        ] {
+            ns.ip(&["addr", "add", &addr, "dev", dev, "nodad"]);
+        }
+        src.ip(&[
+            "-6",
+            "route",
+            "add",
+            "fd20::/16",
+            "via",
+            &GW_INTERNAL_V6.to_string(),
+        ]);
+        gw.ip(&[
+            "-6",
+            "route",
+            "add",
+            "fd64::/16",
+            "via",
+            &SRC_ADDR_V6.to_string(),
+        ]);
+        sink.ip(&[
+            "-6",
+            "route",
+            "add",
+            "fd20:0:0:1::/64",
+            "via",
+            &GW_EXTERNAL_V6.to_string(),
         ]);
         // Offloads stay the kernel's defaults here: only the xdp gateway
         // turns TX checksum offload off, for its own run (gateways.rs).
@@ -153,6 +212,25 @@ impl Topology {
             "nud",
             "permanent",
         ]);
+        for (ns, addr, lladdr, dev) in [
+            (&topology.gw, SINK_ADDR_V6, topology.k0_mac, "g1"),
+            (&topology.gw, SRC_ADDR_V6, topology.s0_mac, "g0"),
+            (&topology.src, GW_INTERNAL_V6, topology.g0_mac, "s0"),
+            (&topology.sink, GW_EXTERNAL_V6, topology.g1_mac, "k0"),
+        ] {
+            ns.ip(&[
+                "-6",
+                "neigh",
+                "replace",
+                &addr.to_string(),
+                "lladdr",
+                &mac(lladdr),
+                "dev",
+                dev,
+                "nud",
+                "permanent",
+            ]);
+        }
         Ok(topology)
     }
 

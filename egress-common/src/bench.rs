@@ -43,6 +43,12 @@ shared_layout! {
         /// Ethernet addresses of every frame.
         pub eth_src: [u8; 6],
         pub eth_dst: [u8; 6],
+        /// Nonzero: IPv6 frames. Tenant t's hosts are then
+        /// `src_base_v6` with t added to bytes 4..6 (a /48 each) and the
+        /// host number in the last bytes; the destination `dst_addr_v6`.
+        pub ipv6: u32,
+        pub src_base_v6: [u8; 16],
+        pub dst_addr_v6: [u8; 16],
     }
 }
 
@@ -63,6 +69,8 @@ shared_layout! {
         /// UDP destination port of latency probes, passed to the stack.
         pub probe_port: u16,
         pub _pad: u16,
+        /// IPv6 egress range: a /64, the first eight bytes of its addresses.
+        pub egress_v6_prefix: [u8; 8],
     }
 }
 
