@@ -169,16 +169,17 @@ pub struct PortForwardSpec {
     /// The port outside.
     #[schemars(schema_with = "port_schema")]
     pub port: u16,
-    /// The host and port inside, `10.16.0.5:80`.
+    /// The host and port inside, of the egress IP's family: `10.16.0.5:80`
+    /// or `[fd00:10::5]:80`.
     pub to: String,
 }
 
 /// One floating IP: `address` maps `host`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct FloatingIpSpec {
-    /// The address outside (not one of the egress IPs).
+    /// The address outside (not one of the egress IPs), either family.
     pub address: String,
-    /// The host inside.
+    /// The host inside, of the address's family.
     pub host: String,
 }
 
