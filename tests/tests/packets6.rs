@@ -9,7 +9,7 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
 
 use etherparse::{
     Icmpv6Type,
-    icmpv6::{DestUnreachableCode, TimeExceededCode},
+    icmpv6::{DestUnreachableCode, ParameterProblemCode, ParameterProblemHeader, TimeExceededCode},
 };
 
 use egress_common::counters::Counter;
@@ -372,6 +372,60 @@ fn time_exceeded_about_translated_datagrams_and_echoes_comes_back() {
     let quoted = view.quoted();
     let inner = View6::new(&quoted);
     assert_eq!((inner.src(), inner.echo_id()), (HOST_A, 900));
+    assert_eq!(h.counter(Counter::InIcmpErrorTranslated), 2);
+}
+
+#[test]
+fn unreachable_and_parameter_problem_about_translated_packets_come_back() {
+    let Some(h) = harness() else { return };
+    // A router with no route to the remote: the host's connect fails at
+    // once instead of waiting out its retries.
+    let sent = translate_out(
+        &h,
+        &frames6::tcp(sock(HOST_A, 41000), sock(REMOTE, 22), Tcp::Syn, &[]),
+    );
+    let quote = frames6::ip_packet(&sent);
+    let unreachable = Icmpv6Type::DestinationUnreachable(DestUnreachableCode::Address);
+    let error = frames6::icmp_error(ROUTER, EGRESS_A, unreachable, quote, quote.len());
+    let back = translate_back(&h, &error);
+    let view = View6::new(&back);
+    assert_eq!(
+        (view.src(), view.dst(), view.icmp_type(), view.l4()[1]),
+        (ROUTER, HOST_A, 1, 3),
+        "type and code kept"
+    );
+    let quoted = view.quoted();
+    let inner = View6::new(&quoted);
+    assert_eq!(
+        (inner.src(), inner.src_port(), inner.dst(), inner.dst_port()),
+        (HOST_A, 41000, REMOTE, 22)
+    );
+
+    // The remote refusing a header field: the pointer names an offset in
+    // the quoted packet, which the translation does not move.
+    let sent = translate_out(
+        &h,
+        &frames6::udp(sock(HOST_B, 7000), sock(REMOTE, 4789), b"x"),
+    );
+    let quote = frames6::ip_packet(&sent);
+    let problem = Icmpv6Type::ParameterProblem(ParameterProblemHeader {
+        code: ParameterProblemCode::ErroneousHeaderField,
+        pointer: 6,
+    });
+    let error = frames6::icmp_error(REMOTE, EGRESS_B, problem, quote, quote.len());
+    let back = translate_back(&h, &error);
+    let view = View6::new(&back);
+    assert_eq!(
+        (view.src(), view.dst(), view.icmp_type()),
+        (REMOTE, HOST_B, 4)
+    );
+    assert_eq!(view.l4()[4..8], 6u32.to_be_bytes(), "the pointer survives");
+    let quoted = view.quoted();
+    let inner = View6::new(&quoted);
+    assert_eq!(
+        (inner.src(), inner.src_port(), inner.dst_port()),
+        (HOST_B, 7000, 4789)
+    );
     assert_eq!(h.counter(Counter::InIcmpErrorTranslated), 2);
 }
 
