@@ -43,9 +43,6 @@ static COUNTERS: PerCpuArray<u64, { BENCH_COUNTERS as usize }> = PerCpuArray::ne
 #[btf_map]
 static SEQUENCE: PerCpuArray<u64, 1> = PerCpuArray::new();
 
-const HEADERS: usize = EthHdr::LEN + Ipv4Hdr::LEN + UdpHdr::LEN;
-const HEADERS_V6: usize = EthHdr::LEN + Ipv6Hdr::LEN + UdpHdr::LEN;
-
 #[inline(always)]
 fn count(index: u32) {
     if let Some(slot) = COUNTERS.get_ptr_mut(index) {
@@ -54,25 +51,17 @@ fn count(index: u32) {
     }
 }
 
+/// The frame's Ethernet, IP (`Ipv4Hdr` or `Ipv6Hdr`, no options or
+/// extension headers) and UDP headers, if the frame holds them all.
 #[inline(always)]
-fn headers(ctx: &XdpContext) -> Option<(*mut EthHdr, *mut Ipv4Hdr, *mut UdpHdr)> {
-    if ctx.data() + HEADERS > ctx.data_end() {
+fn headers<Ip>(ctx: &XdpContext) -> Option<(*mut EthHdr, *mut Ip, *mut UdpHdr)> {
+    let ip_len = core::mem::size_of::<Ip>();
+    if ctx.data() + EthHdr::LEN + ip_len + UdpHdr::LEN > ctx.data_end() {
         return None;
     }
     let eth = ctx.data() as *mut EthHdr;
-    let ip = (ctx.data() + EthHdr::LEN) as *mut Ipv4Hdr;
-    let udp = (ctx.data() + EthHdr::LEN + Ipv4Hdr::LEN) as *mut UdpHdr;
-    Some((eth, ip, udp))
-}
-
-#[inline(always)]
-fn headers_v6(ctx: &XdpContext) -> Option<(*mut EthHdr, *mut Ipv6Hdr, *mut UdpHdr)> {
-    if ctx.data() + HEADERS_V6 > ctx.data_end() {
-        return None;
-    }
-    let eth = ctx.data() as *mut EthHdr;
-    let ip = (ctx.data() + EthHdr::LEN) as *mut Ipv6Hdr;
-    let udp = (ctx.data() + EthHdr::LEN + Ipv6Hdr::LEN) as *mut UdpHdr;
+    let ip = (ctx.data() + EthHdr::LEN) as *mut Ip;
+    let udp = (ctx.data() + EthHdr::LEN + ip_len) as *mut UdpHdr;
     Some((eth, ip, udp))
 }
 
@@ -125,7 +114,7 @@ pub fn pktgen(ctx: XdpContext) -> u32 {
     if config.ipv6 != 0 {
         return pktgen_v6(&ctx, config);
     }
-    let Some((eth, ip, udp)) = headers(&ctx) else {
+    let Some((eth, ip, udp)) = headers::<Ipv4Hdr>(&ctx) else {
         return XDP_ABORTED;
     };
     let Some(n) = next_sequence() else {
@@ -204,7 +193,7 @@ fn next_sequence() -> Option<u32> {
 /// `pktgen` for an IPv6 template.
 #[inline(always)]
 fn pktgen_v6(ctx: &XdpContext, config: &PktgenConfig) -> u32 {
-    let Some((eth, ip, udp)) = headers_v6(ctx) else {
+    let Some((eth, ip, udp)) = headers::<Ipv6Hdr>(ctx) else {
         return XDP_ABORTED;
     };
     let Some(n) = next_sequence() else {
@@ -224,7 +213,7 @@ fn pktgen_v6(ctx: &XdpContext, config: &PktgenConfig) -> u32 {
     let [_, _, hi, lo] = (host + 1).to_be_bytes();
     src[14] = hi;
     src[15] = lo;
-    // SAFETY: bounds checked by `headers_v6`.
+    // SAFETY: bounds checked by `headers`.
     unsafe {
         (*eth).dst_addr = config.eth_dst;
         (*eth).src_addr = config.eth_src;
@@ -241,8 +230,8 @@ fn pktgen_v6(ctx: &XdpContext, config: &PktgenConfig) -> u32 {
 
 #[xdp]
 pub fn sink(ctx: XdpContext) -> u32 {
-    if let Some((eth, ip, udp)) = headers_v6(&ctx)
-        // SAFETY: bounds checked by `headers_v6`.
+    if let Some((eth, ip, udp)) = headers::<Ipv6Hdr>(&ctx)
+        // SAFETY: bounds checked by `headers`.
         && unsafe { (*eth).ether_type } == EtherType::Ipv6 as u16
     {
         // SAFETY: as above.
@@ -270,7 +259,7 @@ pub fn sink(ctx: XdpContext) -> u32 {
 
 #[inline(always)]
 fn sink_v4(ctx: &XdpContext) -> u32 {
-    let Some((eth, ip, udp)) = headers(ctx) else {
+    let Some((eth, ip, udp)) = headers::<Ipv4Hdr>(ctx) else {
         return XDP_PASS;
     };
     // SAFETY: bounds checked by `headers`.
