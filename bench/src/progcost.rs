@@ -52,6 +52,8 @@ pub struct Cost {
 const REMOTE: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
 /// The identity flow's address and port: an egress address routed inside.
 const LOOP_ADDR: Ipv4Addr = Ipv4Addr::new(192, 168, 31, 201);
+/// The link-layer address pinned for the identity flow's next hop.
+const LOOP_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x02, 0x01];
 const LOOP_PORT: u16 = 40000;
 const REPEAT: u32 = 250;
 /// Each timed call with a repeat count flips a kernel static key on entry
@@ -88,17 +90,7 @@ fn config(tenants: u32) -> String {
 fn identity_flow(h: &mut Harness, tenants: u32) -> (Vec<u8>, Vec<u8>) {
     let ns = h.netns();
     ns.ip(&["route", "add", &format!("{LOOP_ADDR}/32"), "dev", "int0"]);
-    ns.ip(&[
-        "neigh",
-        "replace",
-        &LOOP_ADDR.to_string(),
-        "lladdr",
-        "02:00:00:00:02:01",
-        "dev",
-        "int0",
-        "nud",
-        "permanent",
-    ]);
+    ns.static_neighbour(LOOP_ADDR, LOOP_MAC, "int0");
     let ids = h.maps.tenant_ids().expect("tenant ids");
     let tenant = ids[&format!("t{}", tenants - 1)];
     let source = Key::new(
@@ -302,18 +294,7 @@ fn identity_flow_v6(h: &mut Harness) -> (Vec<u8>, Vec<u8>) {
         "dev",
         "int0",
     ]);
-    ns.ip(&[
-        "-6",
-        "neigh",
-        "replace",
-        &LOOP_ADDR_V6.to_string(),
-        "lladdr",
-        "02:00:00:00:02:01",
-        "dev",
-        "int0",
-        "nud",
-        "permanent",
-    ]);
+    ns.static_neighbour(LOOP_ADDR_V6, LOOP_MAC, "int0");
     let tenant = h.maps.tenant_ids().expect("tenant ids")["tenant-a"];
     let source = Key::new(
         PORT_PREFIX_BITS + 128,

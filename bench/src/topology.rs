@@ -20,7 +20,7 @@
 
 use std::{
     collections::BTreeSet,
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     process::Command,
     time::Duration,
 };
@@ -166,70 +166,50 @@ impl Topology {
             gw,
             sink,
         };
-        // Static neighbours: ARP has no place in a throughput figure.
-        let mac = egress_agent::config::format_mac;
-        topology.gw.ip(&[
-            "neigh",
-            "replace",
-            &SINK_ADDR.to_string(),
-            "lladdr",
-            &mac(topology.k0_mac),
-            "dev",
-            "g1",
-            "nud",
-            "permanent",
-        ]);
-        topology.gw.ip(&[
-            "neigh",
-            "replace",
-            &SRC_ADDR.to_string(),
-            "lladdr",
-            &mac(topology.s0_mac),
-            "dev",
-            "g0",
-            "nud",
-            "permanent",
-        ]);
-        topology.src.ip(&[
-            "neigh",
-            "replace",
-            &GW_INTERNAL.to_string(),
-            "lladdr",
-            &mac(topology.g0_mac),
-            "dev",
-            "s0",
-            "nud",
-            "permanent",
-        ]);
-        topology.sink.ip(&[
-            "neigh",
-            "replace",
-            &GW_EXTERNAL.to_string(),
-            "lladdr",
-            &mac(topology.g1_mac),
-            "dev",
-            "k0",
-            "nud",
-            "permanent",
-        ]);
-        for (ns, addr, lladdr, dev) in [
-            (&topology.gw, SINK_ADDR_V6, topology.k0_mac, "g1"),
-            (&topology.gw, SRC_ADDR_V6, topology.s0_mac, "g0"),
-            (&topology.src, GW_INTERNAL_V6, topology.g0_mac, "s0"),
-            (&topology.sink, GW_EXTERNAL_V6, topology.g1_mac, "k0"),
-        ] {
-            ns.ip(&[
-                "-6",
-                "neigh",
-                "replace",
-                &addr.to_string(),
-                "lladdr",
-                &mac(lladdr),
-                "dev",
-                dev,
-                "nud",
-                "permanent",
-            ]);
+        // Static neighbours: ARP and neighbour discovery have no place in
+        // a throughput figure.
+        let neighbours = [
+            (&topology.gw, IpAddr::from(SINK_ADDR), topology.k0_mac, "g1"),
+            (&topology.gw, IpAddr::from(SRC_ADDR), topology.s0_mac, "g0"),
+            (
+                &topology.src,
+                IpAddr::from(GW_INTERNAL),
+                topology.g0_mac,
+                "s0",
+            ),
+            (
+                &topology.sink,
+                IpAddr::from(GW_EXTERNAL),
+                topology.g1_mac,
+                "k0",
+            ),
+            (
+                &topology.gw,
+                IpAddr::from(SINK_ADDR_V6),
+                topology.k0_mac,
+                "g1",
+            ),
+            (
+                &topology.gw,
+                IpAddr::from(SRC_ADDR_V6),
+                topology.s0_mac,
+                "g0",
+            ),
+            (
+                &topology.src,
+                IpAddr::from(GW_INTERNAL_V6),
+                topology.g0_mac,
+                "s0",
+            ),
+            (
+                &topology.sink,
+                IpAddr::from(GW_EXTERNAL_V6),
+                topology.g1_mac,
+                "k0",
+            ),
+        ];
+        for (ns, addr, lladdr, dev) in neighbours {
+            ns.static_neighbour(addr, lladdr, dev);
         }
         Ok(topology)
     }

@@ -105,24 +105,12 @@ fn ipv6_routes(ns: &Netns) {
         "lock",
         "1280",
     ]);
-    let mac = |m: [u8; 6]| egress_agent::config::format_mac(m);
     for (addr, lladdr, dev) in [
         ("2001:db8:31::1", ROUTER_MAC, EXTERNAL),
         ("2001:db8:10::10", HOST_A_MAC, INTERNAL),
         ("2001:db8:20::10", HOST_B_MAC, INTERNAL),
     ] {
-        ns.ip(&[
-            "-6",
-            "neigh",
-            "replace",
-            addr,
-            "lladdr",
-            &mac(lladdr),
-            "dev",
-            dev,
-            "nud",
-            "permanent",
-        ]);
+        ns.static_neighbour(addr, lladdr, dev);
     }
 }
 
@@ -239,7 +227,6 @@ impl Harness {
             "576",
         ]);
         ns.ip(&["route", "add", "unreachable", "100.64.0.0/10"]);
-        let mac = |m: [u8; 6]| egress_agent::config::format_mac(m);
         let neighbours = [
             ("192.168.31.1", ROUTER_MAC, EXTERNAL),
             ("172.20.10.10", HOST_A_MAC, INTERNAL),
@@ -247,17 +234,7 @@ impl Harness {
             ("10.128.0.10", HOST_A_MAC, INTERNAL),
         ];
         for (addr, lladdr, dev) in neighbours {
-            ns.ip(&[
-                "neigh",
-                "replace",
-                addr,
-                "lladdr",
-                &mac(lladdr),
-                "dev",
-                dev,
-                "nud",
-                "permanent",
-            ]);
+            ns.static_neighbour(addr, lladdr, dev);
         }
         for interface in [INTERNAL, EXTERNAL] {
             ns.run(

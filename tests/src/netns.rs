@@ -75,6 +75,23 @@ impl Netns {
         self.run("ip", args)
     }
 
+    /// Pins `addr`'s link-layer address on `dev` (either family: `ip`
+    /// infers it from the address), so no ARP or neighbour discovery
+    /// stands between a test or a measurement and its packets.
+    pub fn static_neighbour(&self, addr: impl std::fmt::Display, mac: [u8; 6], dev: &str) {
+        self.ip(&[
+            "neigh",
+            "replace",
+            &addr.to_string(),
+            "lladdr",
+            &egress_agent::config::format_mac(mac),
+            "dev",
+            dev,
+            "nud",
+            "permanent",
+        ]);
+    }
+
     /// Runs `f` on a thread that has entered this namespace.
     pub fn enter<T: Send + 'static>(
         &self,

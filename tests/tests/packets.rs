@@ -610,17 +610,7 @@ fn a_flow_remembers_its_next_hop_for_at_most_a_second() {
     let Some(h) = harness() else { return };
     let moved = [0x02, 0, 0, 0, 0x0e, 0x0e];
     let router_mac = |mac: [u8; 6]| {
-        h.netns().ip(&[
-            "neigh",
-            "replace",
-            "192.168.31.1",
-            "lladdr",
-            &egress_agent::config::format_mac(mac),
-            "dev",
-            "ext0",
-            "nud",
-            "permanent",
-        ]);
+        h.netns().static_neighbour("192.168.31.1", mac, "ext0");
     };
     // The cache's second is measured from the flow's first packet: on a
     // busy machine (parallel tests, `ip` taking its time) the second packet
